@@ -1,0 +1,171 @@
+"""The NumPy backend: evaluates each kernel's AST with NumPy; matmuls go to BLAS.
+
+Loads are strided views of the input buffers (no copies, pads become np.pad); temporaries
+made inside a kernel are reused in place where the shape and dtype allow it.
+"""
+import time
+import numpy as np
+from numpy.lib.stride_tricks import as_strided
+from minift.device import Buffer
+from minift.dtype import dtypes
+from minift.lazy import Op
+from minift.schedule import matmul_axes
+from minift.helpers import prod
+
+
+def erf(x):
+  """Abramowitz and Stegun 7.1.26 (absolute error < 1.5e-7), vectorised."""
+  t = 1.0 / (1.0 + 0.3275911 * np.abs(x))
+  poly = t * (0.254829592 + t * (-0.284496736 + t * (1.421413741 + t * (-1.453152027 + t * 1.061405429))))
+  return (np.sign(x) * (1.0 - poly * np.exp(-x * x))).astype(x.dtype, copy=False)
+
+
+def rand_uniform(n, seed, counter):
+  """The counter-based generator shared by all backends: murmur3's finalizer over
+  (counter + i) * golden ratio, xor a seed word; 24 random bits per float32 in [0, 1)."""
+  key = np.uint32((seed * 0x9E3779B1 + (counter >> 32) * 0x85EBCA77) & 0xFFFFFFFF)
+  x = np.arange(n, dtype=np.uint32) + np.uint32(counter & 0xFFFFFFFF)
+  x = x * np.uint32(0x9E3779B9) ^ key
+  x ^= x >> np.uint32(16); x *= np.uint32(0x85EBCA6B)
+  x ^= x >> np.uint32(13); x *= np.uint32(0xC2B2AE35)
+  x ^= x >> np.uint32(16)
+  return (x >> np.uint32(8)).astype(np.float32) * np.float32(1.0 / (1 << 24))
+
+
+UNARY = {Op.NEG: np.negative, Op.EXP: np.exp, Op.LOG: np.log, Op.SQRT: np.sqrt, Op.RECIP: np.reciprocal,
+         Op.TANH: np.tanh, Op.SIN: np.sin}
+BINARY = {Op.ADD: np.add, Op.SUB: np.subtract, Op.MUL: np.multiply, Op.DIV: np.true_divide,
+          Op.MAX: np.maximum, Op.POW: np.power, Op.CMPLT: np.less, Op.CMPEQ: np.equal}
+
+
+def view_array(flat, view):
+  """The NumPy array a View describes over a flat array (zeros where masked)."""
+  if prod(view.shape) == 0: return np.empty(view.shape, flat.dtype)
+  item = flat.itemsize
+  if view.mask is None:
+    return as_strided(flat[view.offset:], view.shape, tuple(s * item for s in view.strides), writeable=False)
+  if any(lo >= hi for lo, hi in view.mask): return np.zeros(view.shape, flat.dtype)
+  inner_offset = view.offset + sum(lo * st for (lo, _), st in zip(view.mask, view.strides))
+  inner_shape = tuple(hi - lo for lo, hi in view.mask)
+  inner = as_strided(flat[inner_offset:], inner_shape, tuple(s * item for s in view.strides), writeable=False)
+  return np.pad(inner, [(lo, n - hi) for (lo, hi), n in zip(view.mask, view.shape)])
+
+
+class NumpyDevice:
+  name = "numpy"
+
+  def alloc_from(self, arr):
+    arr = np.ascontiguousarray(arr).reshape(-1)
+    return Buffer(self, arr.size, dtypes.from_any(arr.dtype), arr)
+
+  def from_numpy(self, arr, dtype):
+    return self.alloc_from(np.asarray(arr, dtype=dtype.np))
+
+  def to_numpy(self, buf):
+    return buf.data
+
+  def copy_in(self, buf, arr):
+    buf.data[...] = np.asarray(arr, dtype=buf.dtype.np).reshape(-1)
+
+  def free(self, buf): pass
+
+  def synchronize_time(self, start): return time.perf_counter() - start
+
+  def run(self, kernel, ins, assign_out=None, rand_key=None):
+    flats = [b.data for b in ins]
+    with np.errstate(all="ignore"):
+      if kernel.kind == "rand":
+        seed, counter = rand_key
+        res = rand_uniform(prod(kernel.shape), seed, counter)
+      else:
+        res, _ = self.eval(kernel.ast, flats, kernel.shape, {}, kernel.shared)
+    res = np.asarray(res)
+    if res.dtype != kernel.dtype.np: res = res.astype(kernel.dtype.np)
+    if res.shape != kernel.shape: res = np.broadcast_to(res, kernel.shape)
+    if assign_out is not None:
+      assign_out.data[...] = res.reshape(-1)
+      return assign_out
+    return self.alloc_from(res)
+
+  def eval(self, node, flats, shape, memo, shared):
+    """(array of `shape` or broadcastable scalar, owned) for a KNode; owned arrays may be
+    overwritten by the caller. Nodes used twice in the AST are computed once."""
+    if id(node) in shared:
+      if id(node) not in memo: memo[id(node)] = self._eval(node, flats, shape, memo, shared)[0]
+      return memo[id(node)], False
+    return self._eval(node, flats, shape, memo, shared)
+
+  def _eval(self, node, flats, shape, memo, shared):
+    op = node.op
+    if op is Op.BUFFER:
+      return view_array(flats[node.arg[0]], node.arg[1]), False
+    if op is Op.CONST:
+      return node.dtype.np(node.arg), False
+    if op in UNARY or op in (Op.ERF, Op.CAST):
+      x, owned = self.eval(node.srcs[0], flats, shape, memo, shared)
+      if op is Op.CAST: return np.asarray(x).astype(node.arg.np), True
+      if op is Op.ERF: return erf(np.asarray(x)), True
+      if op is Op.RECIP and not np.issubdtype(np.asarray(x).dtype, np.floating): return 1 / x, True
+      out = x if owned and isinstance(x, np.ndarray) else None
+      return UNARY[op](x, out=out), True
+    if op in BINARY:
+      (a, ao), (b, bo) = self.eval(node.srcs[0], flats, shape, memo, shared), self.eval(node.srcs[1], flats, shape, memo, shared)
+      out = None
+      if op not in (Op.CMPLT, Op.CMPEQ):
+        if ao and isinstance(a, np.ndarray) and a.shape == np.broadcast_shapes(np.shape(a), np.shape(b)) and a.dtype == node.dtype.np: out = a
+        elif bo and isinstance(b, np.ndarray) and b.shape == np.broadcast_shapes(np.shape(a), np.shape(b)) and b.dtype == node.dtype.np: out = b
+      res = BINARY[op](a, b, out=out)
+      if op is Op.POW and res.dtype != node.dtype.np: res = res.astype(node.dtype.np)
+      return res, True
+    if op is Op.WHERE:
+      c, _ = self.eval(node.srcs[0], flats, shape, memo, shared)
+      x, _ = self.eval(node.srcs[1], flats, shape, memo, shared)
+      y, _ = self.eval(node.srcs[2], flats, shape, memo, shared)
+      return np.where(c, x, y), True
+    if op in (Op.SUM, Op.RMAX):
+      axes, in_shape, is_matmul = node.arg
+      if is_matmul: return self.matmul(node, flats, shape), True
+      x, _ = self.eval(node.srcs[0], flats, in_shape, memo, shared)
+      x = np.broadcast_to(x, in_shape)
+      if op is Op.SUM:
+        acc = np.float32 if node.dtype is dtypes.float16 else None
+        r = np.sum(x, axis=axes, keepdims=True, dtype=acc)
+      else:
+        r = np.max(x, axis=axes, keepdims=True) if prod(in_shape) else np.full([1 if i in axes else s for i, s in enumerate(in_shape)], -np.inf, x.dtype)
+      return np.asarray(r, dtype=node.dtype.np).reshape(shape), True
+    if op is Op.GATHER:
+      table, _ = self.eval(node.srcs[0], flats, None, memo, shared)
+      idx, _ = self.eval(node.srcs[1], flats, None, memo, shared)
+      if idx.size and (idx.min() < 0 or idx.max() >= table.shape[0]):
+        raise IndexError(f"embedding index out of range: indices span [{idx.min()}, {idx.max()}] but the table has {table.shape[0]} rows")
+      return table[idx], True
+    if op is Op.SCATTER_ADD:
+      g, _ = self.eval(node.srcs[0], flats, None, memo, shared)
+      idx, _ = self.eval(node.srcs[1], flats, None, memo, shared)
+      out = np.zeros((node.arg, g.shape[-1]), g.dtype)
+      np.add.at(out, idx.reshape(-1), g.reshape(-1, g.shape[-1]))
+      return out, True
+    if op is Op.COPY:
+      return self.eval(node.srcs[0], flats, shape, memo, shared)
+    raise NotImplementedError(f"NumPy backend cannot run {op}")
+
+  def matmul(self, node, flats, shape):
+    """sum(a * b) over k axes as one BLAS call: (batch, m, k) @ (batch, k, n)."""
+    axes, in_shape, _ = node.arg
+    la, lb = node.srcs[0].srcs
+    batch, m, n, k = matmul_axes(la.arg[1], lb.arg[1], axes)
+    a = view_array(flats[la.arg[0]], la.arg[1])
+    b = view_array(flats[lb.arg[0]], lb.arg[1])
+    size = lambda axs: prod(in_shape[i] for i in axs)
+    def operand(x, drop, order, rows, cols):
+      x = x[tuple(0 if i in drop else slice(None) for i in range(len(in_shape)))]
+      kept = [i for i in range(len(in_shape)) if i not in drop]
+      x = x.transpose([kept.index(i) for i in order]).reshape(size(batch), rows, cols)
+      return x.astype(np.float32) if x.dtype == np.float16 else x
+    a3 = operand(a, n, batch + m + k, size(m), size(k))
+    b3 = operand(b, m, batch + k + n, size(k), size(n))
+    out = np.matmul(a3[0], b3[0])[None] if a3.shape[0] == 1 else np.matmul(a3, b3)
+    out = out.reshape([in_shape[i] for i in batch + m + n])
+    order = batch + m + n
+    out = out.transpose([order.index(i) for i in sorted(order)])
+    return out.astype(node.dtype.np, copy=False).reshape(shape)

@@ -1,0 +1,266 @@
+"""Gradient rules on the primitive ops. Each forward and backward works on LazyBuffers, so the
+backward pass is more lazy graph that is scheduled and fused like the forward."""
+import math
+from minift.lazy import Op
+from minift.dtype import dtypes
+
+
+class Function:
+  def __init__(self, *tensors):
+    self.needs_input_grad = [t.requires_grad for t in tensors]
+    self.requires_grad = any(self.needs_input_grad)
+
+  def forward(self, *args, **kwargs): raise NotImplementedError
+
+  def backward(self, grad): raise NotImplementedError
+
+  @classmethod
+  def apply(cls, *tensors, **kwargs):
+    from minift.tensor import Tensor
+    ctx = cls(*tensors)
+    lb = ctx.forward(*[t.lazydata for t in tensors], **kwargs)
+    out = Tensor(lb, requires_grad=ctx.requires_grad and not Tensor.no_grad and lb.dtype.is_float)
+    if out.requires_grad: out._ctx, ctx.parents = ctx, tensors
+    return out
+
+
+
+# ---- unary
+
+class Contiguous(Function):
+  def forward(self, x): return x.contiguous()
+  def backward(self, g): return (g,)
+
+
+class Cast(Function):
+  def forward(self, x, dtype):
+    self.in_dtype = x.dtype
+    return x.alu(Op.CAST, arg=dtype)
+  def backward(self, g): return (g.alu(Op.CAST, arg=self.in_dtype),)
+
+
+class Neg(Function):
+  def forward(self, x): return x.alu(Op.NEG)
+  def backward(self, g): return (g.alu(Op.NEG),)
+
+
+class Exp(Function):
+  def forward(self, x):
+    self.out = x.alu(Op.EXP)
+    return self.out
+  def backward(self, g): return (g.alu(Op.MUL, self.out),)
+
+
+class Log(Function):
+  def forward(self, x):
+    self.x = x
+    return x.alu(Op.LOG)
+  def backward(self, g): return (g.alu(Op.DIV, self.x),)
+
+
+class Sqrt(Function):
+  def forward(self, x):
+    self.out = x.alu(Op.SQRT)
+    return self.out
+  def backward(self, g): return (g.alu(Op.DIV, self.out.alu(Op.MUL, self.out.const_like(2.0))),)
+
+
+class Recip(Function):
+  def forward(self, x):
+    self.out = x.alu(Op.RECIP)
+    return self.out
+  def backward(self, g): return (g.alu(Op.MUL, self.out.alu(Op.MUL, self.out)).alu(Op.NEG),)
+
+
+class Tanh(Function):
+  def forward(self, x):
+    self.out = x.alu(Op.TANH)
+    return self.out
+  def backward(self, g):
+    one = self.out.const_like(1.0)
+    return (g.alu(Op.MUL, one.alu(Op.SUB, self.out.alu(Op.MUL, self.out))),)
+
+
+class Sin(Function):
+  def forward(self, x):
+    self.x = x
+    return x.alu(Op.SIN)
+  def backward(self, g):
+    cos = self.x.alu(Op.ADD, self.x.const_like(math.pi / 2)).alu(Op.SIN)
+    return (g.alu(Op.MUL, cos),)
+
+
+class Erf(Function):
+  def forward(self, x):
+    self.x = x
+    return x.alu(Op.ERF)
+  def backward(self, g):
+    x = self.x
+    d = x.alu(Op.MUL, x).alu(Op.NEG).alu(Op.EXP).alu(Op.MUL, x.const_like(2.0 / math.sqrt(math.pi)))
+    return (g.alu(Op.MUL, d),)
+
+
+# ---- binary (inputs already broadcast to one shape)
+
+class Add(Function):
+  def forward(self, x, y): return x.alu(Op.ADD, y)
+  def backward(self, g): return (g if self.needs_input_grad[0] else None, g if self.needs_input_grad[1] else None)
+
+
+class Sub(Function):
+  def forward(self, x, y): return x.alu(Op.SUB, y)
+  def backward(self, g): return (g if self.needs_input_grad[0] else None, g.alu(Op.NEG) if self.needs_input_grad[1] else None)
+
+
+class Mul(Function):
+  def forward(self, x, y):
+    self.x, self.y = x, y
+    return x.alu(Op.MUL, y)
+  def backward(self, g):
+    return (g.alu(Op.MUL, self.y) if self.needs_input_grad[0] else None,
+            self.x.alu(Op.MUL, g) if self.needs_input_grad[1] else None)
+
+
+class Div(Function):
+  def forward(self, x, y):
+    self.x, self.y = x, y
+    return x.alu(Op.DIV, y)
+  def backward(self, g):
+    gx = g.alu(Op.DIV, self.y) if self.needs_input_grad[0] else None
+    gy = g.alu(Op.MUL, self.x).alu(Op.DIV, self.y.alu(Op.MUL, self.y)).alu(Op.NEG) if self.needs_input_grad[1] else None
+    return gx, gy
+
+
+class Pow(Function):
+  def forward(self, x, y):
+    self.x, self.y = x, y
+    self.out = x.alu(Op.POW, y)
+    return self.out
+  def backward(self, g):
+    gx = gy = None
+    if self.needs_input_grad[0]:
+      ym1 = self.y.alu(Op.SUB, self.y.const_like(1.0))
+      gx = g.alu(Op.MUL, self.y.alu(Op.MUL, self.x.alu(Op.POW, ym1)))
+    if self.needs_input_grad[1]:
+      gy = g.alu(Op.MUL, self.out.alu(Op.MUL, self.x.alu(Op.LOG)))
+    return gx, gy
+
+
+class Maximum(Function):
+  """max(x, y); at ties the gradient is split in half, as torch.maximum does."""
+  def forward(self, x, y):
+    self.x, self.y = x, y
+    return x.alu(Op.MAX, y)
+  def backward(self, g):
+    x, y = self.x, self.y
+    half = x.const_like(0.5)
+    wx = x.alu(Op.CMPLT, y).alu(Op.WHERE, x.const_like(0.0), x.alu(Op.CMPEQ, y).alu(Op.WHERE, half, x.const_like(1.0)))
+    gx = g.alu(Op.MUL, wx) if self.needs_input_grad[0] else None
+    gy = g.alu(Op.MUL, x.const_like(1.0).alu(Op.SUB, wx)) if self.needs_input_grad[1] else None
+    return gx, gy
+
+
+class Where(Function):
+  def forward(self, cond, x, y):
+    self.cond = cond
+    return cond.alu(Op.WHERE, x, y)
+  def backward(self, g):
+    zero = g.const_like(0.0)
+    return (None, self.cond.alu(Op.WHERE, g, zero) if self.needs_input_grad[1] else None,
+            self.cond.alu(Op.WHERE, zero, g) if self.needs_input_grad[2] else None)
+
+
+class Compare(Function):
+  def forward(self, x, y, op): return x.alu(op, y)
+  def backward(self, g): return (None, None)
+
+
+# ---- reduce
+
+class Sum(Function):
+  def forward(self, x, axes):
+    self.in_shape = x.shape
+    return x.reduce(Op.SUM, axes)
+  def backward(self, g): return (g.expand(self.in_shape),)
+
+
+class Max(Function):
+  """Gradient shared equally by all maxima, as torch.amax does."""
+  def forward(self, x, axes):
+    self.x, self.axes = x, axes
+    self.out = x.reduce(Op.RMAX, axes)
+    return self.out
+  def backward(self, g):
+    hit = self.x.alu(Op.CMPEQ, self.out.expand(self.x.shape)).alu(Op.CAST, arg=self.x.dtype)
+    count = hit.reduce(Op.SUM, self.axes)
+    return (hit.alu(Op.MUL, g.alu(Op.DIV, count).expand(self.x.shape)),)
+
+
+# ---- movement
+
+class Reshape(Function):
+  def forward(self, x, shape):
+    self.in_shape = x.shape
+    return x.reshape(shape)
+  def backward(self, g): return (g.reshape(self.in_shape),)
+
+
+class Permute(Function):
+  def forward(self, x, order):
+    self.order = order
+    return x.permute(order)
+  def backward(self, g):
+    inv = [0] * len(self.order)
+    for i, o in enumerate(self.order): inv[o] = i
+    return (g.permute(inv),)
+
+
+class Expand(Function):
+  def forward(self, x, shape):
+    self.axes = tuple(i for i, (a, b) in enumerate(zip(x.shape, shape)) if a != b)
+    return x.expand(shape)
+  def backward(self, g): return (g.reduce(Op.SUM, self.axes),)
+
+
+class Pad(Function):
+  def forward(self, x, pads):
+    self.narg = tuple((b, b + s) for (b, _), s in zip(pads, x.shape))
+    return x.pad(pads)
+  def backward(self, g): return (g.shrink(self.narg),)
+
+
+class Shrink(Function):
+  def forward(self, x, arg):
+    self.pads = tuple((b, s - e) for (b, e), s in zip(arg, x.shape))
+    return x.shrink(arg)
+  def backward(self, g): return (g.pad(self.pads),)
+
+
+class Flip(Function):
+  def forward(self, x, axes):
+    self.axes = axes
+    return x.flip(axes)
+  def backward(self, g): return (g.flip(self.axes),)
+
+
+# ---- embedding
+
+class Gather(Function):
+  """rows of a (V, C) table picked by integer indices; backward scatter-adds into the table."""
+  def forward(self, table, idx):
+    self.idx, self.rows = idx, table.shape[0]
+    return table.own_kernel(Op.GATHER, (table, idx), None, idx.shape + (table.shape[1],))
+  def backward(self, g):
+    return (g.own_kernel(Op.SCATTER_ADD, (g, self.idx), self.rows, (self.rows, g.shape[-1])), None)
+
+
+class Stored(Function):
+  """An op whose gradients were computed (and realized) in forward; backward scales them."""
+  def forward(self, *xs, value, grads):
+    self.grads = grads
+    return value
+  def backward(self, g):
+    out = []
+    for need, gr in zip(self.needs_input_grad, self.grads):
+      out.append(gr.alu(Op.MUL, g.reshape((1,) * len(gr.shape)).expand(gr.shape)) if need and gr is not None else None)
+    return tuple(out)

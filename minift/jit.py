@@ -1,0 +1,140 @@
+"""Capture and replay of a step function.
+
+The first call runs normally; the second runs while recording every kernel it launches with
+the buffers it used; later calls with the same input shapes replay that list of kernels on the
+new inputs, skipping graph building and scheduling.
+
+Rules for a jitted function (as in tinygrad's TinyJit): tensors that change from call to call
+must be passed as arguments; state kept across calls (parameters, optimizer moments, step
+counters) must be updated in place with Tensor.assign; return tensors, not Python numbers.
+Random numbers (dropout) advance from call to call as they would without jit.
+"""
+import functools, weakref
+from minift.tensor import Tensor
+from minift.lazy import LazyBuffer, LazyOp, Op
+from minift.device import _capturing, run_kernel
+
+
+class _Capture:
+  """Records kernels as they run. Buffers made during the capture are held weakly (so the
+  capture does not raise peak memory); buffers from outside are held strongly."""
+
+  def __init__(self):
+    self.items, self.slots = [], []   # slots: weakrefs to buffers produced during capture
+    self.slot_of = {}
+
+  def ref(self, buf):
+    s = self.slot_of.get(id(buf))
+    if s is not None and self.slots[s]() is buf: return ("slot", s)
+    return ("buf", buf)
+
+  def record(self, kernel, out, ins, rand_key):
+    in_refs = [self.ref(b) for b in ins]
+    if kernel.assign_target is not None: out_ref = in_refs[kernel.assign_target]
+    else:
+      self.slot_of[id(out)] = len(self.slots)
+      out_ref = ("slot", len(self.slots))
+      self.slots.append(weakref.ref(out))
+    self.items.append((kernel, out_ref, in_refs, rand_key))
+
+
+def _tensors_in(obj):
+  if isinstance(obj, Tensor): return [obj]
+  if isinstance(obj, (list, tuple)): return [t for o in obj for t in _tensors_in(o)]
+  if isinstance(obj, dict): return [t for o in obj.values() for t in _tensors_in(o)]
+  return []
+
+
+class jit:
+  def __init__(self, fn):
+    self.fn, self.calls, self.key, self.plan = fn, 0, None, None
+    functools.update_wrapper(self, fn)
+
+  def __get__(self, obj, objtype=None):
+    return functools.partial(self.__call__, obj) if obj is not None else self
+
+  def reset(self):
+    self.calls, self.key, self.plan = 0, None, None
+
+  def __call__(self, *args, **kwargs):
+    inputs = _tensors_in(list(args) + list(kwargs.values()))
+    for t in inputs: t._make_buffer()
+    key = (tuple((t.shape, t.dtype, t.device) for t in inputs),
+           tuple(repr(a) for a in args if not _tensors_in(a)), tuple(sorted((k, repr(v)) for k, v in kwargs.items() if not _tensors_in(v))))
+    if key != self.key: self.calls, self.key, self.plan = 0, key, None
+    self.calls += 1
+    if self.calls == 1: return self._realized(self.fn(*args, **kwargs))
+    if self.calls == 2: return self._capture(inputs, args, kwargs)
+    return self._replay(inputs)
+
+  @staticmethod
+  def _realized(ret):
+    outs = _tensors_in(ret)
+    if outs: Tensor.realize_all(*outs)
+    return ret
+
+  def _capture(self, inputs, args, kwargs):
+    cap, rng0 = _Capture(), Tensor._rng_counter
+    _capturing.append(cap)
+    try:
+      ret = self._realized(self.fn(*args, **kwargs))
+    finally:
+      _capturing.remove(cap)
+    input_ids = {id(t.lazydata.base.buffer): i for i, t in enumerate(inputs)}
+    out_slots = set()
+    returns = []
+    for t in _tensors_in(ret):
+      r = cap.ref(t.lazydata.base.buffer)
+      if r[0] == "slot": out_slots.add(r[1])
+      returns.append((r, t.lazydata.base.shape, t.lazydata.view, t.lazydata.moves))
+    # slots still alive after the call and not returned are state: replay writes into them
+    persistent = {s: w() for s, w in enumerate(cap.slots) if w() is not None and s not in out_slots}
+
+    def resolve(r):
+      if r[0] == "buf" and id(r[1]) in input_ids: return ("input", input_ids[id(r[1])])
+      if r[0] == "slot" and r[1] in persistent: return ("buf", persistent[r[1]])
+      return r
+    items = [(k, resolve(o), [resolve(i) for i in ins], rk) for k, o, ins, rk in cap.items]
+    last_use = {}
+    for n, (_, o, ins, _) in enumerate(items):
+      for r in ins + [o]:
+        if r[0] == "slot": last_use[r[1]] = n
+    self.plan = dict(items=items, last_use=last_use, out_slots=out_slots, nslots=len(cap.slots),
+                     returns=[(resolve(r), shape, view, moves) for r, shape, view, moves in returns],
+                     rng_used=Tensor._rng_counter - rng0, rng0=rng0, structure=ret)
+    return ret
+
+  def _replay(self, inputs):
+    plan = self.plan
+    slots = [None] * plan["nslots"]
+    in_bufs = [t.lazydata.base.buffer for t in inputs]
+    rng_start = Tensor._rng_counter
+    frees = {}
+    for s, n in plan["last_use"].items():
+      if s not in plan["out_slots"]: frees.setdefault(n, []).append(s)
+
+    def get(r):
+      kind, v = r
+      return in_bufs[v] if kind == "input" else v if kind == "buf" else slots[v]
+    for n, (kernel, out_ref, in_refs, rand_key) in enumerate(plan["items"]):
+      if rand_key is not None: rand_key = (Tensor._seed, rand_key[1] - plan["rng0"] + rng_start)
+      ins = [get(r) for r in in_refs]
+      target = get(out_ref) if out_ref[0] != "slot" else None
+      out = run_kernel(kernel, ins, target, rand_key)
+      if out_ref[0] == "slot": slots[out_ref[1]] = out
+      for s in frees.get(n, ()): slots[s] = None
+    Tensor._rng_counter = rng_start + plan["rng_used"]
+    made = iter([self._wrap(get(r), shape, view, moves) for r, shape, view, moves in plan["returns"]])
+    return _rebuild(plan["structure"], made)
+
+  @staticmethod
+  def _wrap(buf, shape, view, moves):
+    base = LazyOp(Op.BUFFER, (), None, shape, buf.dtype, buf.device.name, buf)
+    return Tensor(LazyBuffer(base, view, moves))
+
+
+def _rebuild(obj, made):
+  if isinstance(obj, Tensor): return next(made)
+  if isinstance(obj, (list, tuple)): return type(obj)(_rebuild(o, made) for o in obj)
+  if isinstance(obj, dict): return {k: _rebuild(v, made) for k, v in obj.items()}
+  return obj

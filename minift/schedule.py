@@ -1,0 +1,258 @@
+"""Turn a lazy graph into an ordered list of kernels (fusion happens here).
+
+A kernel computes one base. Its AST is a tree of KNodes: LOAD (an input base through a View),
+CONST, elementwise ops and at most one reduce. The fusion rules (DESIGN.md section 1):
+  * a base is materialized when it is an output, an own-kernel op (contiguous, assign, gather,
+    scatter-add, rand, copy), used by two or more kernels-to-be, or cannot be inlined;
+  * elementwise bases are inlined into their consumer, movement ops pushed down to the loads
+    (a pad, or a view that cannot be pushed, materializes instead);
+  * elementwise producers fuse into a reduce's input; elementwise consumers fuse as its epilogue
+    when they see the reduce in its own element order (reduce -> broadcast -> reduce splits);
+  * a sum of a product whose operands are broadcast on different axes is a matmul: its operands
+    are materialized, and backends run it on BLAS or a tiled kernel, never as a broadcast product.
+"""
+from minift.lazy import Op, ELEMENTWISE, REDUCE, OWN_KERNEL
+from minift.helpers import prod
+
+
+class KNode:
+  """One node of a kernel AST. LOAD: arg=(input index, View). CONST: arg=value.
+  SUM/RMAX: arg=(axes, input shape, matmul: bool). Elementwise ops: arg as in the lazy op."""
+  __slots__ = ("op", "srcs", "arg", "dtype")
+
+  def __init__(self, op, srcs, arg, dtype):
+    self.op, self.srcs, self.arg, self.dtype = op, srcs, arg, dtype
+
+  def __repr__(self):
+    if self.op is Op.BUFFER: return f"LOAD{self.arg[0]}{list(self.arg[1].shape)}"
+    if self.op is Op.CONST: return repr(self.arg)
+    return f"{self.op.name}({', '.join(map(repr, self.srcs))})"
+
+
+class Kernel:
+  """Computes `out` (a LazyOp) from `inputs` (LazyOps, realized before this runs)."""
+
+  def __init__(self, out, inputs, ast, assign_target=None):
+    self.out, self.inputs, self.ast, self.assign_target = out, inputs, ast, assign_target
+    self.shape, self.dtype, self.device = out.shape, out.dtype, out.device
+    nodes = self._nodes()
+    ops = [n.op for n in nodes]
+    reduces = [n for n in nodes if n.op in REDUCE]
+    if any(o in (Op.GATHER, Op.SCATTER_ADD, Op.RAND) for o in ops): self.kind = ast.op.name.lower()
+    elif reduces and reduces[0].arg[2]: self.kind = "matmul"
+    elif reduces: self.kind = "reduce"
+    else: self.kind = "elementwise"
+    self.reduce = reduces[0] if reduces else None
+    parents = {}
+    for n in self._nodes():
+      for src in n.srcs: parents[id(src)] = parents.get(id(src), 0) + 1
+    self.shared = {k for k, v in parents.items() if v > 1}   # DAG nodes used more than once
+
+  def _nodes(self):
+    seen, stack, out = set(), [self.ast], []
+    while stack:
+      n = stack.pop()
+      if id(n) in seen: continue
+      seen.add(id(n)); out.append(n); stack.extend(n.srcs)
+    return out
+
+  @property
+  def name(self):
+    if self.kind == "matmul":
+      axes, in_shape, _ = self.reduce.arg
+      return f"matmul_{'x'.join(map(str, self.shape))}_k{prod(in_shape[a] for a in axes)}"
+    if self.kind == "reduce":
+      return f"r_{self.reduce.op.name.lower()}_{'x'.join(map(str, self.reduce.arg[1]))}"
+    if self.assign_target is not None: return f"assign_{'x'.join(map(str, self.shape))}"
+    return f"{self.kind}_{'x'.join(map(str, self.shape))}"
+
+  def __repr__(self): return f"<Kernel {self.name}: {self.ast!r}>"
+
+
+def _toposort(roots):
+  """Unrealized bases reachable from roots, producers before consumers (iterative DFS)."""
+  order, seen = [], set()
+  stack = [(b, False) for b in reversed(roots)]
+  while stack:
+    base, expanded = stack.pop()
+    if expanded: order.append(base); continue
+    if id(base) in seen or base.realized: continue
+    seen.add(id(base))
+    stack.append((base, True))
+    for s in reversed(base.srcs): stack.append((s.base, False))
+  return order
+
+
+class _KernelBuilder:
+  def __init__(self, realize, todo):
+    self.realize, self.todo = realize, todo
+
+  def build(self, base):
+    self.inputs, self.index, self.has_reduce, self.memo = [], {}, False, {}
+    assign_target = None
+    if base.op in ELEMENTWISE:
+      ast = KNode(base.op, tuple(self.value(s, False) for s in base.srcs), base.arg, base.dtype)
+    elif base.op in REDUCE:
+      ast = self.reduce(base)
+    elif base.op is Op.CONST:
+      ast = KNode(Op.CONST, (), base.arg, base.dtype)
+    elif base.op in (Op.CONTIGUOUS, Op.COPY):
+      ast = self.value(base.srcs[0], False) if base.op is Op.CONTIGUOUS else KNode(Op.COPY, (self.operand(base.srcs[0]),), None, base.dtype)
+    elif base.op is Op.ASSIGN:
+      target, value = base.srcs
+      assign_target = self.input_index(target.base)
+      ast = self.value(value, False)
+    elif base.op in (Op.GATHER, Op.SCATTER_ADD):
+      ast = KNode(base.op, tuple(self.operand(s) for s in base.srcs), base.arg, base.dtype)
+    elif base.op is Op.RAND:
+      ast = KNode(Op.RAND, (), base.arg, base.dtype)
+    else:
+      raise RuntimeError(f"cannot schedule {base}")
+    return Kernel(base, self.inputs, ast, assign_target)
+
+  def input_index(self, base):
+    if id(base) not in self.index:
+      self.index[id(base)] = len(self.inputs)
+      self.inputs.append(base)
+    return self.index[id(base)]
+
+  def load(self, lb):
+    return KNode(Op.BUFFER, (), (self.input_index(lb.base), lb.view), lb.dtype)
+
+  def materialize(self, lb):
+    if not lb.base.realized and id(lb.base) not in self.realize:
+      self.realize[id(lb.base)] = lb.base
+      self.todo.append(lb.base)
+    return self.load(lb)
+
+  def operand(self, lb):
+    """An input that must be a buffer (matmul operands, gather tables, copies)."""
+    return self.load(lb) if lb.base.realized else self.materialize(lb)
+
+  def value(self, lb, in_reduce):
+    """AST for the values of lb (a view of its base), inlining what the fusion rules allow.
+    The same base seen through the same view twice gives the same node (the AST is a DAG)."""
+    key = (id(lb.base), lb.view, in_reduce)
+    if key not in self.memo: self.memo[key] = (lb, self._value(lb, in_reduce))   # lb keeps the id alive
+    return self.memo[key][1]
+
+  def _value(self, lb, in_reduce):
+    base = lb.base
+    if base.realized or id(base) in self.realize: return self.load(lb)
+    if base.op is Op.CONST:
+      return KNode(Op.CONST, (), base.arg, base.dtype) if lb.view.mask is None else self.materialize(lb)
+    if base.op in ELEMENTWISE:
+      if any(kind == "pad" for kind, _ in lb.moves): return self.materialize(lb)
+      srcs = [s.try_moves(lb.moves) for s in base.srcs]
+      if any(s is None for s in srcs): return self.materialize(lb)
+      return KNode(base.op, tuple(self.value(s, in_reduce) for s in srcs), base.arg, base.dtype)
+    if base.op in REDUCE and not in_reduce and not self.has_reduce and lb.view.is_contiguous() \
+        and lb.view.numel == prod(base.shape):
+      return self.reduce(base)
+    return self.materialize(lb)
+
+  def reduce(self, base):
+    self.has_reduce = True
+    src = base.srcs[0]
+    if base.op is Op.SUM:
+      mm = self.matmul(base, src)
+      if mm is not None: return mm
+    return KNode(base.op, (self.value(src, True),), (base.arg, src.shape, False), base.dtype)
+
+  def matmul(self, base, src):
+    mul = src.base
+    if mul.realized or id(mul) in self.realize or mul.op is not Op.MUL or not mul.dtype.is_float: return None
+    if any(kind == "pad" for kind, _ in src.moves): return None
+    a, b = (s.try_moves(src.moves) for s in mul.srcs)
+    if a is None or b is None or a.const_value is not None or b.const_value is not None: return None
+    if matmul_axes(a.view, b.view, base.arg) is None: return None
+    product = KNode(Op.MUL, (self.operand(a), self.operand(b)), None, mul.dtype)
+    return KNode(Op.SUM, (product,), (base.arg, src.shape, True), base.dtype)
+
+
+def matmul_axes(va, vb, reduce_axes):
+  """Split the axes of a broadcast product a*b summed over reduce_axes into
+  (batch, m, n, k): m axes are broadcast in b only, n axes in a only. None if not a matmul."""
+  batch, m, n = [], [], []
+  for i, size in enumerate(va.shape):
+    if i in reduce_axes: continue
+    a0, b0 = va.strides[i] == 0, vb.strides[i] == 0
+    if size != 1 and b0 and not a0: m.append(i)
+    elif size != 1 and a0 and not b0: n.append(i)
+    else: batch.append(i)
+  if not m or not n or not reduce_axes: return None
+  return tuple(batch), tuple(m), tuple(n), tuple(reduce_axes)
+
+
+def _forced(base, lb, consumer):
+  """Bases that a consumer cannot inline whatever the grouping: reduces seen through a view
+  that changes element order (broadcasts), elementwise bases seen through a pad, and matmul
+  operands."""
+  out = []
+  b = lb.base
+  if b.op in REDUCE and not (lb.view.is_contiguous() and lb.view.numel == prod(b.shape)): out.append(b)
+  if b.op in ELEMENTWISE and any(kind == "pad" for kind, _ in lb.moves): out.append(b)
+  if consumer.op is Op.SUM and b.op is Op.MUL and not b.realized and b.dtype.is_float:
+    ops = [x.try_moves(lb.moves) for x in b.srcs]
+    if None not in ops and all(o.const_value is None for o in ops) and matmul_axes(ops[0].view, ops[1].view, consumer.arg):
+      out += [o.base for o in ops]
+  return out
+
+
+def create_schedule(outs):
+  """Kernels that realize the LazyBuffers `outs`, in an order that respects dependencies."""
+  roots = [lb.base for lb in outs if not lb.base.realized]
+  order = _toposort(roots)
+  consumers = {}
+  realize = {id(b): b for b in roots}
+  for base in order:
+    if base.op in OWN_KERNEL: realize[id(base)] = base
+    for s in base.srcs:
+      if s.base.realized: continue
+      consumers.setdefault(id(s.base), {})[id(base)] = base
+      for f in _forced(s.base, s, base):
+        if not f.realized and f.op is not Op.CONST: realize[id(f)] = f
+  # consumers first: a base joins the kernel of its consumers when they all share one kernel;
+  # used by two or more kernels it is materialized once instead of computed in each
+  group = {}
+  for base in reversed(order):
+    if id(base) in realize: group[id(base)] = id(base); continue
+    groups = {group[c] for c in consumers.get(id(base), {})}
+    if len(groups) == 1 or base.op is Op.CONST: group[id(base)] = groups.pop() if groups else id(base)
+    else:
+      realize[id(base)] = base
+      group[id(base)] = id(base)
+  todo = list(realize.values())
+  builder, kernels = _KernelBuilder(realize, todo), {}
+  while todo:
+    base = todo.pop()
+    if id(base) not in kernels: kernels[id(base)] = builder.build(base)
+  return _order_kernels(kernels, roots)
+
+
+def _order_kernels(kernels, roots):
+  # an assign overwrites a buffer: every other kernel reading that buffer must run first
+  readers = {}
+  for k in kernels.values():
+    for i, inp in enumerate(k.inputs):
+      if inp.realized and i != k.assign_target: readers.setdefault(id(inp.buffer), []).append(k)
+  deps = {}
+  for key, k in kernels.items():
+    d = [kernels[id(inp)] for inp in k.inputs if id(inp) in kernels]
+    if k.assign_target is not None:
+      d += [r for r in readers.get(id(k.inputs[k.assign_target].buffer), []) if r is not k]
+    deps[key] = d
+  ordered, state = [], {}
+  for root in [kernels[id(r)] for r in roots] + list(kernels.values()):
+    stack = [(root, False)]
+    while stack:
+      k, done = stack.pop()
+      if done: state[id(k.out)] = 2; ordered.append(k); continue
+      st = state.get(id(k.out), 0)
+      if st == 2: continue
+      if st == 1: raise RuntimeError(f"cyclic schedule at {k.name}: a buffer is read after an assign that needs it")
+      state[id(k.out)] = 1
+      stack.append((k, True))
+      for d in reversed(deps[id(k.out)]):
+        if state.get(id(d.out), 0) != 2: stack.append((d, False))
+  return ordered
