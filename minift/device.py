@@ -103,6 +103,10 @@ def run_schedule(schedule):
     k = schedule.pop()
     ins = [b.buffer for b in k.inputs]
     if any(b is None for b in ins): raise RuntimeError(f"kernel {k.name} ran before its inputs were realized")
+    if k.assign_target is not None:
+      from minift.schedule import snapshot_kernel
+      snap = snapshot_kernel(k.inputs[k.assign_target], k.out)
+      if snap is not None: schedule += [k, snap]; continue   # run the copy first
     rand_key = k.ast.arg if k.kind == "rand" else None
     out = run_kernel(k, ins, ins[k.assign_target] if k.assign_target is not None else None, rand_key)
     k.out.buffer, k.out.srcs = out, ()

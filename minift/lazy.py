@@ -3,6 +3,7 @@
 Movement ops never add nodes: they change the View of the same base. Elementwise, reduce and
 special ops make a new base. Nothing is computed here; schedule.py turns a graph into kernels.
 """
+import weakref
 from enum import Enum, auto
 from minift.dtype import dtypes
 from minift.helpers import prod
@@ -34,10 +35,15 @@ OWN_KERNEL = {Op.CONTIGUOUS, Op.ASSIGN, Op.GATHER, Op.SCATTER_ADD, Op.COPY, Op.R
 
 class LazyOp:
   """A node that computes a contiguous array of `shape`. `buffer` is set once realized."""
-  __slots__ = ("op", "srcs", "arg", "shape", "dtype", "device", "buffer", "__weakref__")
+  __slots__ = ("op", "srcs", "arg", "shape", "dtype", "device", "buffer", "readers", "__weakref__")
 
   def __init__(self, op, srcs, arg, shape, dtype, device, buffer=None):
     self.op, self.srcs, self.arg, self.shape, self.dtype, self.device, self.buffer = op, srcs, arg, tuple(shape), dtype, device, buffer
+    self.readers = None
+    for s in srcs:   # realized bases remember who reads them, so an in-place assign can protect them
+      if s.base.buffer is not None:
+        if s.base.readers is None: s.base.readers = weakref.WeakSet()
+        s.base.readers.add(self)
 
   @property
   def realized(self): return self.buffer is not None

@@ -11,7 +11,8 @@ CONST, elementwise ops and at most one reduce. The fusion rules (DESIGN.md secti
   * a sum of a product whose operands are broadcast on different axes is a matmul: its operands
     are materialized, and backends run it on BLAS or a tiled kernel, never as a broadcast product.
 """
-from minift.lazy import Op, ELEMENTWISE, REDUCE, OWN_KERNEL
+from minift.lazy import Op, ELEMENTWISE, REDUCE, OWN_KERNEL, LazyOp, LazyBuffer
+from minift.view import View
 from minift.helpers import prod
 
 
@@ -199,6 +200,26 @@ def _forced(base, lb, consumer):
   return out
 
 
+def snapshot_kernel(target, assign):
+  """Before `assign` overwrites target's buffer: if lazy graphs that will be realized later
+  still read the old value (e.g. a loss not realized before the optimizer step), return a copy
+  kernel whose output those readers are redirected to, so they see the value they were built
+  from (torch semantics). None when no such reader is alive."""
+  own, stack = set(), [assign]
+  while stack:   # the assign's own pending value graph reads the old value right now: fine
+    b = stack.pop()
+    if id(b) in own or b.realized and b is not assign: continue
+    own.add(id(b)); stack.extend(s.base for s in b.srcs)
+  readers = [c for c in (target.readers or ()) if not c.realized and id(c) not in own]
+  if not readers: return None
+  snap = LazyOp(Op.CONTIGUOUS, (), None, target.shape, target.dtype, target.device)
+  for c in readers:
+    c.srcs = tuple(LazyBuffer(snap, s.view, s.moves) if s.base is target else s for s in c.srcs)
+    target.readers.discard(c)
+  load = KNode(Op.BUFFER, (), (0, View.contiguous(target.shape)), target.dtype)
+  return Kernel(snap, [target], load)
+
+
 def create_schedule(outs):
   """Kernels that realize the LazyBuffers `outs`, in an order that respects dependencies."""
   roots = [lb.base for lb in outs if not lb.base.realized]
@@ -213,15 +234,26 @@ def create_schedule(outs):
       for f in _forced(s.base, s, base):
         if not f.realized and f.op is not Op.CONST: realize[id(f)] = f
   # consumers first: a base joins the kernel of its consumers when they all share one kernel;
-  # used by two or more kernels it is materialized once instead of computed in each
-  group = {}
+  # used by two or more kernels it is materialized once instead of computed in each. A reduce
+  # joins only as an epilogue (not inside another reduce's loop) and only one per kernel.
+  group, in_loop, has_reduce = {}, {}, set()
   for base in reversed(order):
-    if id(base) in realize: group[id(base)] = id(base); continue
-    groups = {group[c] for c in consumers.get(id(base), {})}
-    if len(groups) == 1 or base.op is Op.CONST: group[id(base)] = groups.pop() if groups else id(base)
-    else:
+    cs = consumers.get(id(base), {}).values()
+    groups = {group[id(c)] for c in cs}
+    inline = id(base) not in realize and (len(groups) == 1 or base.op is Op.CONST)
+    if inline and base.op in REDUCE:
+      g = next(iter(groups))
+      inline = g not in has_reduce and not any(in_loop[id(c)] or c.op in REDUCE for c in cs)
+    if not inline:
       realize[id(base)] = base
       group[id(base)] = id(base)
+      in_loop[id(base)] = False
+      if base.op in REDUCE: has_reduce.add(id(base))
+      continue
+    g = next(iter(groups)) if groups else id(base)
+    group[id(base)] = g
+    in_loop[id(base)] = any(group[id(c)] == g and (in_loop[id(c)] or c.op in REDUCE) for c in cs)
+    if base.op in REDUCE: has_reduce.add(g)
   todo = list(realize.values())
   builder, kernels = _KernelBuilder(realize, todo), {}
   while todo:

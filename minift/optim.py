@@ -1,0 +1,95 @@
+"""Optimizers. State lives in realized buffers updated with Tensor.assign, so a jit-captured
+training step replays with the same buffers; the learning rate is a buffer written from the
+host (set_lr), so schedules work under jit too."""
+import math
+import numpy as np
+from minift.tensor import Tensor, no_grad
+from minift.dtype import dtypes
+
+
+def _state_like(p):
+  return Tensor.zeros(p.shape, dtype=dtypes.float32, device=p.device).contiguous().realize()
+
+
+class Optimizer:
+  def __init__(self, params, lr):
+    self.params = [p for p in params if p.requires_grad]
+    if not self.params: raise ValueError("optimizer: no parameter requires grad")
+    for p in self.params: p._make_buffer()
+    if lr < 0: raise ValueError(f"learning rate must be >= 0, got {lr}")
+    self.lr = Tensor(np.array([lr], dtype=np.float32), device=self.params[0].device)
+
+  def set_lr(self, lr):
+    self.lr.assign(np.float32(lr))
+
+  def zero_grad(self):
+    for p in self.params: p.grad = None
+
+  def step(self):
+    with no_grad():
+      Tensor.realize_all(*self._updates())
+
+  def state_tensors(self):
+    return []
+
+
+def clip_grad_norm(params, max_norm):
+  """Scale gradients in place (lazily) so their global L2 norm is at most max_norm, as
+  torch.nn.utils.clip_grad_norm_ does. Returns the norm before clipping (a Tensor)."""
+  grads = [p for p in params if p.grad is not None]
+  if not grads: return Tensor(0.0)
+  with no_grad():
+    total = sum((p.grad.float() * p.grad.float()).sum() for p in grads).sqrt()
+    scale = (max_norm / (total + 1e-6)).minimum(1.0)
+    for p in grads: p.grad = p.grad * scale.cast(p.grad.dtype)
+  return total
+
+
+class SGD(Optimizer):
+  def __init__(self, params, lr=1e-3, momentum=0.0, weight_decay=0.0):
+    super().__init__(params, lr)
+    self.momentum, self.weight_decay = momentum, weight_decay
+    self.buf = [_state_like(p) for p in self.params] if momentum else []
+
+  def _updates(self):
+    out = []
+    for i, p in enumerate(self.params):
+      if p.grad is None: continue
+      g = p.grad.float()
+      if self.weight_decay: g = g + self.weight_decay * p.float()
+      if self.momentum:
+        g = self.buf[i].assign(self.buf[i] * self.momentum + g)
+        out.append(self.buf[i])
+      out.append(p.assign((p.float() - self.lr * g).cast(p.dtype)))
+    return out
+
+  def state_tensors(self): return list(self.buf)
+
+
+class AdamW(Optimizer):
+  """AdamW (decoupled weight decay, bias correction) with torch.optim.AdamW's update."""
+
+  def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01):
+    super().__init__(params, lr)
+    self.b1, self.b2, self.eps, self.weight_decay = betas[0], betas[1], eps, weight_decay
+    self.m = [_state_like(p) for p in self.params]
+    self.v = [_state_like(p) for p in self.params]
+    self.t = Tensor(np.zeros(1, dtype=np.float32), device=self.params[0].device)
+
+  def _updates(self):
+    t = self.t.assign(self.t + 1)
+    step_size = self.lr / (1.0 - Tensor(self.b1, device=t.device) ** t)
+    bc2_sqrt = (1.0 - Tensor(self.b2, device=t.device) ** t).sqrt()
+    out = [t]
+    for p, m, v in zip(self.params, self.m, self.v):
+      if p.grad is None: continue
+      g = p.grad.float()
+      m.assign(m * self.b1 + g * (1.0 - self.b1))
+      v.assign(v * self.b2 + g * g * (1.0 - self.b2))
+      pf = p.float()
+      if self.weight_decay: pf = pf * (1.0 - self.lr * self.weight_decay)
+      pf = pf - step_size * m / (v.sqrt() / bc2_sqrt + self.eps)
+      out += [m, v, p.assign(pf.cast(p.dtype))]
+    return out
+
+  def state_tensors(self): return self.m + self.v + [self.t]
