@@ -35,18 +35,21 @@ def loss_minift(p, cfg, idx, targets):
   return (x @ p["wte"].T).cross_entropy(targets)
 
 
+def block_torch(p, i, x, heads):
+  import torch.nn.functional as F
+  b, t, d = x.shape
+  h = F.layer_norm(x, (d,), p[f"{i}.ln1.w"], p[f"{i}.ln1.b"])
+  q, k, v = [z.reshape(b, t, heads, d // heads).transpose(1, 2) for z in (h @ p[f"{i}.attn.w"] + p[f"{i}.attn.b"]).split(d, 2)]
+  a = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(b, t, d)
+  x = x + (a @ p[f"{i}.proj.w"] + p[f"{i}.proj.b"])
+  h = F.layer_norm(x, (d,), p[f"{i}.ln2.w"], p[f"{i}.ln2.b"])
+  return x + (F.gelu(h @ p[f"{i}.fc.w"] + p[f"{i}.fc.b"], approximate="tanh") @ p[f"{i}.mlp_proj.w"] + p[f"{i}.mlp_proj.b"])
+
+
 def loss_torch(p, cfg, idx, targets):
-  import torch, torch.nn.functional as F
+  import torch.nn.functional as F
   b, t = idx.shape
   x = F.embedding(idx, p["wte"]) + p["wpe"][:t]
-  heads = cfg["heads"]
-  for i in range(cfg["layers"]):
-    d = x.shape[-1]
-    h = F.layer_norm(x, (d,), p[f"{i}.ln1.w"], p[f"{i}.ln1.b"])
-    q, k, v = [z.reshape(b, t, heads, d // heads).transpose(1, 2) for z in (h @ p[f"{i}.attn.w"] + p[f"{i}.attn.b"]).split(d, 2)]
-    a = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(b, t, d)
-    x = x + (a @ p[f"{i}.proj.w"] + p[f"{i}.proj.b"])
-    h = F.layer_norm(x, (d,), p[f"{i}.ln2.w"], p[f"{i}.ln2.b"])
-    x = x + (F.gelu(h @ p[f"{i}.fc.w"] + p[f"{i}.fc.b"], approximate="tanh") @ p[f"{i}.mlp_proj.w"] + p[f"{i}.mlp_proj.b"])
+  for i in range(cfg["layers"]): x = block_torch(p, i, x, cfg["heads"])
   x = F.layer_norm(x, (x.shape[-1],), p["ln_f.w"], p["ln_f.b"])
   return F.cross_entropy((x @ p["wte"].T).reshape(-1, p["wte"].shape[0]), targets.reshape(-1))

@@ -1,0 +1,169 @@
+#!/usr/bin/env python
+"""Benchmarks, each run side by side with its reference in one process, alternating, medians.
+
+  python tools/bench.py                      # all foundation benchmarks on the NumPy backend
+  python tools/bench.py --task matmul --repeat 10
+  python tools/bench.py --device opencl --json out.json
+
+Tasks: matmul (GPT-2 shapes vs np.matmul), elementwise (a fused chain vs the same NumPy
+expression), softmax and layernorm (vs NumPy), block (a GPT-2-small block, d=768, 12 heads,
+batch 4 x 128, forward + backward vs torch on CPU), overhead (Python time per replayed
+training step, as a share of the step).
+"""
+import argparse, json, os, statistics, sys, time
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "test"))
+from minift import Tensor, jit   # noqa: E402
+
+
+def timed(fn, repeat):
+  times = []
+  for _ in range(repeat):
+    t0 = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - t0)
+  return times
+
+
+def side_by_side(ours, ref, repeat):
+  """Alternate the two so background load hits both alike; return medians in seconds."""
+  ours(); ref()   # warm-up
+  a, b = [], []
+  for _ in range(repeat):
+    a += timed(ours, 1)
+    b += timed(ref, 1)
+  return statistics.median(a), statistics.median(b)
+
+
+def row(rows, task, shape, ours, ref, ref_name, extra=""):
+  rows.append(dict(task=task, shape=shape, minift_ms=ours * 1e3, ref_ms=ref * 1e3, reference=ref_name,
+                   speed_vs_ref=ref / ours, note=extra))
+  print(f"{task:<12} {shape:<28} minift {ours*1e3:9.2f} ms   {ref_name:<9} {ref*1e3:9.2f} ms   speed {ref/ours:5.2f}x {extra}", flush=True)
+
+
+def rand(*shape, seed=0):
+  return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+
+
+def bench_matmul(rows, device, repeat):
+  for m, k, n in [(512, 768, 2304), (512, 768, 768), (512, 768, 3072), (512, 3072, 768)]:
+    a, b = rand(m, k), rand(k, n, seed=1)
+    ta, tb = Tensor(a, device=device), Tensor(b, device=device)
+    ours, ref = side_by_side(lambda: (ta @ tb).realize(), lambda: np.matmul(a, b), repeat)
+    row(rows, "matmul", f"{m}x{k} @ {k}x{n}", ours, ref, "np.matmul", f"{2*m*k*n/ours/1e9:.0f} GFLOP/s")
+
+
+def bench_elementwise(rows, device, repeat):
+  a, b, c = rand(4, 128, 3072), rand(4, 128, 3072, seed=1), rand(3072, seed=2)
+  ta, tb, tc = (Tensor(x, device=device) for x in (a, b, c))
+  chain = lambda x, y, z, exp, tanh: tanh((exp(x * 0.1) * y + z) * 0.5 - x)
+  ours, ref = side_by_side(lambda: chain(ta, tb, tc, Tensor.exp, Tensor.tanh).realize(), lambda: chain(a, b, c, np.exp, np.tanh), repeat)
+  row(rows, "elementwise", "4x128x3072, 7 ops", ours, ref, "numpy", f"{4*a.nbytes/ours/1e9:.1f} GB/s")
+
+
+def bench_softmax_layernorm(rows, device, repeat):
+  s = rand(4, 12, 128, 128)
+  ts = Tensor(s, device=device)
+  def np_softmax(x):
+    e = np.exp(x - x.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+  ours, ref = side_by_side(lambda: ts.softmax(-1).realize(), lambda: np_softmax(s), repeat)
+  row(rows, "softmax", "4x12x128x128", ours, ref, "numpy")
+  x, w, b = rand(4, 128, 768), rand(768, seed=1), rand(768, seed=2)
+  tx, tw, tb = (Tensor(v, device=device) for v in (x, w, b))
+  def np_layernorm(x):
+    d = x - x.mean(-1, keepdims=True)
+    return d / np.sqrt((d * d).mean(-1, keepdims=True) + 1e-5) * w + b
+  ours, ref = side_by_side(lambda: tx.layernorm(tw, tb).realize(), lambda: np_layernorm(x), repeat)
+  row(rows, "layernorm", "4x128x768", ours, ref, "numpy")
+
+
+def _gpt2_small_block(device):
+  from tiny_gpt import init_weights
+  weights, _ = init_weights(vocab=8, ctx=8, d=768, heads=12, layers=1)
+  return weights, {k: Tensor(v, requires_grad=True, device=device) for k, v in weights.items()}
+
+
+def bench_block(rows, device, repeat):
+  import torch
+  from tiny_gpt import block_minift, block_torch
+  weights, p = _gpt2_small_block(device)
+  tp = {k: torch.tensor(v, requires_grad=True) for k, v in weights.items()}
+  x0 = rand(4, 128, 768)
+  def ours():
+    x = Tensor(x0, requires_grad=True, device=device)
+    out = block_minift(p, 0, x, 12)
+    loss = (out * out).mean()
+    loss.backward()
+    Tensor.realize_all(loss, x.grad, *[t.grad for t in p.values() if t.grad is not None])
+    for t in p.values(): t.grad = None
+  def ref():
+    x = torch.tensor(x0, requires_grad=True)
+    loss = (block_torch(tp, 0, x, 12) ** 2).mean()
+    loss.backward()
+    for t in tp.values(): t.grad = None
+  o, r = side_by_side(ours, ref, repeat)
+  row(rows, "block", "GPT-2 small, 4x128, fwd+bwd", o, r, f"torch{torch.get_num_threads()}t")
+
+
+def bench_overhead(rows, device, repeat):
+  """Replay a jitted training step (GPT-2-small block, AdamW) and split its wall time into
+  time inside kernels and everything else (Python)."""
+  from tiny_gpt import block_minift
+  from minift.optim import AdamW
+  import minift.device as dev
+  _, p = _gpt2_small_block(device)
+  params = [t for k, t in p.items() if k.startswith("0.")]
+  opt = AdamW(params, lr=1e-4)
+  @jit
+  def step(x):
+    out = block_minift(p, 0, x, 12)
+    loss = (out * out).mean()
+    opt.zero_grad(); loss.backward(); opt.step()
+    return loss
+  x = Tensor(rand(4, 128, 768), device=device)
+  for _ in range(3): step(x)
+  inside = [0.0]
+  real_run = dev.get_device(x.device).run
+  def counting_run(*a, **kw):
+    t0 = time.perf_counter()
+    try: return real_run(*a, **kw)
+    finally: inside[0] += time.perf_counter() - t0
+  dev.get_device(x.device).run = counting_run
+  try:
+    walls, overheads = [], []
+    for _ in range(repeat):
+      inside[0] = 0.0
+      t0 = time.perf_counter(); step(x).numpy(); wall = time.perf_counter() - t0
+      walls.append(wall); overheads.append(wall - inside[0])
+  finally:
+    del dev.get_device(x.device).run
+  wall, over = statistics.median(walls), statistics.median(overheads)
+  rows.append(dict(task="overhead", shape="GPT-2-small block train step (jit replay)", step_ms=wall * 1e3, python_ms=over * 1e3, share=over / wall))
+  print(f"{'overhead':<12} {'block train step, replay':<28} step {wall*1e3:9.2f} ms   python {over*1e3:7.2f} ms   share {100*over/wall:.2f}%", flush=True)
+
+
+TASKS = {"matmul": bench_matmul, "elementwise": bench_elementwise, "softmax": bench_softmax_layernorm,
+         "block": bench_block, "overhead": bench_overhead}
+
+
+def main(argv=None):
+  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap.add_argument("--task", default="all", choices=["all"] + list(TASKS) + ["layernorm"], help="which benchmark (default: all)")
+  ap.add_argument("--device", default="numpy", choices=["numpy", "opencl"], help="minift backend")
+  ap.add_argument("--repeat", type=int, default=5, help="timed runs of each side (default 5)")
+  ap.add_argument("--json", help="also write the rows to this JSON file")
+  args = ap.parse_args(argv)
+  if args.repeat < 1: ap.error("--repeat must be at least 1")
+  tasks = list(TASKS) if args.task == "all" else ["softmax" if args.task == "layernorm" else args.task]
+  rows = []
+  for t in tasks: TASKS[t](rows, args.device, args.repeat)
+  if args.json:
+    with open(args.json, "w") as f: json.dump(rows, f, indent=1)
+  return rows
+
+
+if __name__ == "__main__":
+  main()
