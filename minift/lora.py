@@ -1,0 +1,156 @@
+"""LoRA: a wrapper around a frozen Linear that adds a trainable low-rank update,
+y = base(x) + (dropout(x) @ A.T @ B.T) * alpha / r, and the PEFT adapter format both ways.
+
+A is initialised as PEFT does (kaiming-uniform with a=sqrt(5): U(-1/sqrt(in), 1/sqrt(in))),
+B as zeros, so a fresh adapter leaves the model unchanged. In PEFT's files a wrapped module at
+path P stores base_model.model.P.lora_A.weight (r, in) and ...lora_B.weight (out, r).
+"""
+import json, math, os
+import numpy as np
+from minift.nn import Module, Linear
+from minift.tensor import Tensor
+from minift.checkpoint import atomic_folder, save_safetensors
+
+DEFAULT_TARGETS = {"gpt2": ["c_attn", "attn.c_proj"],   # attention only; add c_fc, mlp.c_proj for the MLP
+                   "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]}
+DEFAULT_TARGETS["qwen2"] = DEFAULT_TARGETS["gemma3_text"] = DEFAULT_TARGETS["gemma3"] = DEFAULT_TARGETS["llama"]
+PEFT_PREFIX = "base_model.model."
+
+
+class LoRALinear(Module):
+  def __init__(self, base, r, alpha, dropout=0.0):
+    if r < 1: raise ValueError(f"LoRA rank must be at least 1, got {r}")
+    if not 0 <= dropout < 1: raise ValueError(f"LoRA dropout must be in [0, 1), got {dropout}")
+    self.base, self.r, self.alpha, self.dropout = base, r, alpha, dropout
+    self.scale = alpha / r
+    bound = 1.0 / math.sqrt(base.in_features)
+    self.lora_A = Tensor.uniform(r, base.in_features, low=-bound, high=bound, device=base.weight.device).contiguous().realize()
+    self.lora_B = Tensor.zeros(base.out_features, r, device=base.weight.device).contiguous().realize()
+    self.lora_A.requires_grad = self.lora_B.requires_grad = True
+
+  @staticmethod
+  def from_base(base, r=8, alpha=16, dropout=0.0):
+    return LoRALinear(base, r, alpha, dropout)
+
+  in_features = property(lambda self: self.base.in_features)
+  out_features = property(lambda self: self.base.out_features)
+
+  def forward(self, x):
+    update = (x.dropout(self.dropout) @ self.lora_A.T) @ self.lora_B.T
+    return self.base(x) + update * self.scale
+
+  def merge(self):
+    """A plain Linear with the update folded in: W + scale * B @ A."""
+    out = Linear(self.base.in_features, self.base.out_features, bias=self.base.bias is not None)
+    delta = (self.lora_B.detach() @ self.lora_A.detach()) * self.scale
+    out.weight = (self.base.weight.float() + delta).cast(self.base.weight.dtype).realize()
+    out.bias = self.base.bias
+    return out
+
+
+def model_type(model):
+  """The HF model_type: Llama-family configs carry it (llama or qwen2), other classes name it."""
+  return getattr(model.config, "model_type", None) or model.model_type
+
+
+def _matches(path, target):
+  """PEFT's rule: a target names a module by its full path or by a dotted suffix of it."""
+  return path == target or path.endswith("." + target)
+
+
+def _targets(model, targets):
+  """Paths of the Linear modules that targets name ('c_attn' matches every layer's c_attn)."""
+  found = [name for name, mod in model.named_modules() if isinstance(mod, (Linear, LoRALinear)) and any(_matches(name, t) for t in targets)]
+  missing = [t for t in targets if not any(_matches(p, t) for p in found)]
+  if missing:
+    names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, Linear)})
+    raise ValueError(f"LoRA target module(s) {missing} not found in {type(model).__name__}; linear modules are: {names}")
+  return found
+
+
+def _replace(model, path, new):
+  parent_path, _, attr = path.rpartition(".")
+  parent = model.get_submodule(parent_path)
+  if isinstance(parent, list): parent[int(attr)] = new
+  else: setattr(parent, attr, new)
+
+
+def apply_lora(model, targets=None, r=8, alpha=16, dropout=0.0):
+  """Freeze every parameter of model, wrap the target Linears in LoRALinear; returns the
+  list of trainable tensors (the adapters). targets default to the architecture's usual set."""
+  targets = list(targets) if targets else DEFAULT_TARGETS[model_type(model)]
+  for p in model.parameters(): p.requires_grad = False
+  for path in _targets(model, targets):
+    mod = model.get_submodule(path)
+    if isinstance(mod, LoRALinear): raise ValueError(f"{path} already has a LoRA adapter")
+    _replace(model, path, LoRALinear(mod, r, alpha, dropout))
+  model.lora_config = dict(r=r, alpha=alpha, dropout=dropout, targets=targets)
+  return lora_parameters(model)
+
+
+def lora_modules(model):
+  return [(name, mod) for name, mod in model.named_modules() if isinstance(mod, LoRALinear)]
+
+
+def lora_parameters(model):
+  return [t for _, mod in lora_modules(model) for t in (mod.lora_A, mod.lora_B)]
+
+
+def merge_lora(model):
+  """Fold every adapter into its base Linear, in place."""
+  for path, mod in lora_modules(model): _replace(model, path, mod.merge())
+  return model
+
+
+def adapter_state(model):
+  """{PEFT key: numpy array} for every adapter of model."""
+  out = {}
+  for path, mod in lora_modules(model):
+    out[f"{PEFT_PREFIX}{path}.lora_A.weight"] = mod.lora_A.numpy().astype(np.float32)
+    out[f"{PEFT_PREFIX}{path}.lora_B.weight"] = mod.lora_B.numpy().astype(np.float32)
+  return out
+
+
+def save_adapter(model, folder, base_model_path=""):
+  """Write adapter_model.safetensors + adapter_config.json that peft.PeftModel.from_pretrained
+  loads. The folder is replaced atomically."""
+  cfg = model.lora_config
+  config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": cfg["r"], "lora_alpha": cfg["alpha"],
+            "lora_dropout": cfg["dropout"], "target_modules": sorted(cfg["targets"]), "bias": "none",
+            "fan_in_fan_out": model_type(model) == "gpt2",   # GPT-2 uses Conv1D layers in transformers
+            "base_model_name_or_path": base_model_path, "inference_mode": True, "init_lora_weights": True,
+            "modules_to_save": None, "layers_to_transform": None, "layers_pattern": None,
+            "use_rslora": False, "use_dora": False, "revision": None}
+  with atomic_folder(folder) as tmp:
+    save_safetensors(os.path.join(tmp, "adapter_model.safetensors"), adapter_state(model), metadata={"format": "pt"})
+    with open(os.path.join(tmp, "adapter_config.json"), "w") as f: json.dump(config, f, indent=2)
+
+
+def load_adapter(model, folder):
+  """Wrap model's targets as the adapter in folder (saved by minift or by peft) says and load
+  its weights. Every tensor must match a module and a shape: errors name the key."""
+  cfg_path, w_path = os.path.join(folder, "adapter_config.json"), os.path.join(folder, "adapter_model.safetensors")
+  for p in (cfg_path, w_path):
+    if not os.path.exists(p): raise FileNotFoundError(f"--lora {folder}: missing {os.path.basename(p)}")
+  with open(cfg_path) as f: cfg = json.load(f)
+  if cfg.get("peft_type", "LORA") != "LORA": raise ValueError(f"{cfg_path}: peft_type {cfg.get('peft_type')!r} is not LORA")
+  if cfg.get("use_dora") or cfg.get("use_rslora"): raise ValueError(f"{cfg_path}: DoRA / rsLoRA adapters are not supported")
+  targets = cfg["target_modules"]
+  targets = [targets] if isinstance(targets, str) else targets
+  r, alpha = cfg["r"], cfg.get("lora_alpha", cfg["r"])
+  from safetensors.numpy import load_file
+  weights = load_file(w_path)
+  if not lora_modules(model): apply_lora(model, targets, r, alpha, cfg.get("lora_dropout", 0.0))
+  expected = set()
+  for path, mod in lora_modules(model):
+    for name, t in (("lora_A", mod.lora_A), ("lora_B", mod.lora_B)):
+      key = f"{PEFT_PREFIX}{path}.{name}.weight"
+      alt = f"{PEFT_PREFIX}{path}.{name}.default.weight"
+      expected.add(key)
+      arr = weights.get(key, weights.get(alt))
+      if arr is None: raise KeyError(f"{w_path}: missing tensor {key}")
+      if tuple(arr.shape) != t.shape: raise ValueError(f"{w_path}: {key} has shape {tuple(arr.shape)}, the model needs {t.shape}")
+      t.assign(arr.astype(np.float32))
+  extra = sorted(k for k in weights if k.replace(".default.weight", ".weight") not in expected)
+  if extra: raise KeyError(f"{w_path}: unexpected tensors {extra[:3]}{' ...' if len(extra) > 3 else ''} (no such LoRA module in the model)")
+  return model

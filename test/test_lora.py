@@ -1,0 +1,100 @@
+"""LoRA: exact trainable-parameter counts, and the PEFT adapter format in both directions,
+checked against peft + transformers logits."""
+import numpy as np
+import pytest
+import torch
+import peft
+from minift import Tensor, no_grad
+from minift.lora import apply_lora, save_adapter, load_adapter, lora_parameters, merge_lora
+import models
+from test_models import make_hf, ids_batch
+
+TARGETS = {"gpt2": ["c_attn", "attn.c_proj"], "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]}
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+  out = {}
+  for kind in ("gpt2", "llama", "qwen2"):
+    folder = tmp_path_factory.mktemp(kind)
+    make_hf(kind).save_pretrained(folder)
+    out[kind] = str(folder)
+  return out
+
+
+def hf_model(kind, folder):
+  import transformers
+  return transformers.AutoModelForCausalLM.from_pretrained(folder, torch_dtype=torch.float32).eval()
+
+
+def logits_minift(model, ids):
+  with no_grad(): return model(Tensor(ids)).numpy()
+
+
+def randomize_b(model, seed=0):
+  """A fresh adapter has B = 0 (no effect); give it random B so the comparisons mean something."""
+  rng = np.random.default_rng(seed)
+  from minift.lora import lora_modules
+  for _, mod in lora_modules(model): mod.lora_B.assign(rng.standard_normal(mod.lora_B.shape).astype(np.float32) * 0.2)
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama", "qwen2"])
+def test_trainable_parameter_count_equals_peft(tiny, kind):
+  model, _ = models.load(tiny[kind], with_tokenizer=False)
+  targets = TARGETS["gpt2" if kind == "gpt2" else "llama"]
+  params = apply_lora(model, targets, r=4, alpha=8)
+  ours = sum(p.numel() for p in params)
+  ref = peft.get_peft_model(hf_model(kind, tiny[kind]), peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets))
+  assert ours == sum(p.numel() for p in ref.parameters() if p.requires_grad)
+  assert all(p.requires_grad for p in params)
+  assert sum(p.requires_grad for p in model.parameters()) == len(params)   # the base is frozen
+
+
+def test_gpt2_default_targets_are_attention_only(tiny):
+  model, _ = models.load(tiny["gpt2"], with_tokenizer=False)
+  apply_lora(model, r=2)
+  from minift.lora import lora_modules
+  assert sorted({p.split(".", 3)[-1] for p, _ in lora_modules(model)}) == ["attn.c_attn", "attn.c_proj"]
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_minift_adapter_loads_in_peft(tiny, kind, tmp_path):
+  model, _ = models.load(tiny[kind], with_tokenizer=False)
+  apply_lora(model, TARGETS[kind], r=4, alpha=8)
+  randomize_b(model)
+  save_adapter(model, str(tmp_path / "adapter"), base_model_path=tiny[kind])
+  ref = peft.PeftModel.from_pretrained(hf_model(kind, tiny[kind]), str(tmp_path / "adapter")).eval()
+  ids = ids_batch()
+  with torch.no_grad(): want = ref(torch.tensor(ids)).logits.numpy()
+  np.testing.assert_allclose(logits_minift(model, ids), want, atol=1e-4, rtol=1e-4)
+  base = hf_model(kind, tiny[kind])
+  with torch.no_grad(): assert np.abs(base(torch.tensor(ids)).logits.numpy() - want).max() > 1e-2   # the adapter matters
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_peft_adapter_loads_in_minift(tiny, kind, tmp_path):
+  ref = peft.get_peft_model(hf_model(kind, tiny[kind]), peft.LoraConfig(r=4, lora_alpha=16, target_modules=TARGETS[kind], init_lora_weights=False))
+  ref.save_pretrained(str(tmp_path / "adapter"))
+  model, _ = models.load(tiny[kind], with_tokenizer=False)
+  load_adapter(model, str(tmp_path / "adapter"))
+  ids = ids_batch(1)
+  with torch.no_grad(): want = ref.eval()(torch.tensor(ids)).logits.numpy()
+  np.testing.assert_allclose(logits_minift(model, ids), want, atol=1e-4, rtol=1e-4)
+  # merged into the base, the adapter gives the same logits
+  merge_lora(model)
+  assert not lora_parameters(model)
+  np.testing.assert_allclose(logits_minift(model, ids), want, atol=1e-4, rtol=1e-4)
+
+
+def test_adapter_errors(tiny, tmp_path):
+  model, _ = models.load(tiny["llama"], with_tokenizer=False)
+  with pytest.raises(ValueError, match=r"target module\(s\) \['c_attn'\] not found"):
+    apply_lora(model, ["c_attn"])
+  with pytest.raises(FileNotFoundError, match="missing adapter_config.json"):
+    load_adapter(model, str(tmp_path))
+  apply_lora(model, ["q_proj"], r=4)
+  save_adapter(model, str(tmp_path / "a"))
+  other, _ = models.load(tiny["llama"], with_tokenizer=False)
+  apply_lora(other, ["q_proj"], r=2)
+  with pytest.raises(ValueError, match=r"lora_A.weight has shape \(4, 64\), the model needs \(2, 64\)"):
+    load_adapter(other, str(tmp_path / "a"))
