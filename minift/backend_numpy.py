@@ -32,6 +32,17 @@ def rand_uniform(n, seed, counter):
   return (x >> np.uint32(8)).astype(np.float32) * np.float32(1.0 / (1 << 24))
 
 
+def _where(c, x, y, dtype):
+  """np.where, but a select against zero (relu, masked gradients, one-hot picks) is a multiply:
+  NumPy's boolean selects run about 20x slower than arithmetic. Only for finite values, where
+  multiplying by 0 or 1 is exact."""
+  for keep, zero, cond in ((x, y, c), (y, x, None)):
+    if np.ndim(zero) == 0 and zero == 0 and np.issubdtype(np.asarray(keep).dtype, np.floating) and np.isfinite(keep).all():
+      mask = c if cond is not None else np.logical_not(c)
+      return np.multiply(keep, mask, dtype=dtype)
+  return np.where(c, x, y)
+
+
 UNARY = {Op.NEG: np.negative, Op.EXP: np.exp, Op.LOG: np.log, Op.SQRT: np.sqrt, Op.RECIP: np.reciprocal,
          Op.TANH: np.tanh, Op.SIN: np.sin}
 BINARY = {Op.ADD: np.add, Op.SUB: np.subtract, Op.MUL: np.multiply, Op.DIV: np.true_divide,
@@ -59,7 +70,10 @@ class NumpyDevice:
     return Buffer(self, arr.size, dtypes.from_any(arr.dtype), arr)
 
   def from_numpy(self, arr, dtype):
-    return self.alloc_from(np.asarray(arr, dtype=dtype.np))
+    # copy a writeable array (as torch.tensor does): the caller may change it later, and assign
+    # must not write into it; a read-only one (a memory-mapped weight file) is shared, zero-copy
+    arr = np.asarray(arr)
+    return self.alloc_from(np.array(arr, dtype=dtype.np) if arr.flags.writeable else np.asarray(arr, dtype=dtype.np))
 
   def to_numpy(self, buf):
     return buf.data
@@ -69,14 +83,16 @@ class NumpyDevice:
 
   def free(self, buf): pass
 
+  def is_writable(self, buf): return buf.data.flags.writeable
+
   def synchronize_time(self, start): return time.perf_counter() - start
 
   def run(self, kernel, ins, assign_out=None, rand_key=None):
-    flats = [b.data for b in ins]
+    flats = [b.data if b.device is self else b.device.to_numpy(b) for b in ins]   # a copy from another device
     with np.errstate(all="ignore"):
       if kernel.kind == "rand":
         seed, counter = rand_key
-        res = rand_uniform(prod(kernel.shape), seed, counter)
+        res = rand_uniform(prod(kernel.shape), seed, counter).reshape(kernel.shape)
       else:
         res, _ = self.eval(kernel.ast, flats, kernel.shape, {}, kernel.shared)
     res = np.asarray(res)
@@ -85,7 +101,9 @@ class NumpyDevice:
     if assign_out is not None:
       assign_out.data[...] = res.reshape(-1)
       return assign_out
-    return self.alloc_from(res)
+    # a kernel that only loads (contiguous, copy, a constant) gives a read-only view of its
+    # input: the output must own its memory, or an assign to it fails or writes the input
+    return self.alloc_from(res if res.flags.writeable else res.copy())
 
   def eval(self, node, flats, shape, memo, shared):
     """(array of `shape` or broadcastable scalar, owned) for a KNode; owned arrays may be
@@ -121,7 +139,7 @@ class NumpyDevice:
       c, _ = self.eval(node.srcs[0], flats, shape, memo, shared)
       x, _ = self.eval(node.srcs[1], flats, shape, memo, shared)
       y, _ = self.eval(node.srcs[2], flats, shape, memo, shared)
-      return np.where(c, x, y), True
+      return _where(c, x, y, node.dtype.np), True
     if op in (Op.SUM, Op.RMAX):
       axes, in_shape, is_matmul = node.arg
       if is_matmul: return self.matmul(node, flats, shape), True
@@ -152,6 +170,7 @@ class NumpyDevice:
   def matmul(self, node, flats, shape):
     """sum(a * b) over k axes as one BLAS call: (batch, m, k) @ (batch, k, n)."""
     axes, in_shape, _ = node.arg
+    if prod(in_shape) == 0: return np.zeros(shape, node.dtype.np)   # an empty dim (k == 0 sums to zeros)
     la, lb = node.srcs[0].srcs
     batch, m, n, k = matmul_axes(la.arg[1], lb.arg[1], axes)
     a = view_array(flats[la.arg[0]], la.arg[1])

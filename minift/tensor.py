@@ -50,7 +50,8 @@ class Tensor:
         dtype = dtype or (dtypes.bool if isinstance(data, bool) else dtypes.default_int if isinstance(data, int) else dtypes.default_float)
         lb = LazyBuffer.const(data, (), dtype, device)
       else:
-        arr = np.asarray(data)
+        try: arr = np.asarray(data)
+        except ValueError: arr = np.empty(0, object)   # numpy 2 raises on ragged lists: same error as below
         if arr.dtype == object: raise TypeError(f"cannot make a Tensor from {type(data).__name__} with mixed or ragged contents")
         dtype = dtype or dtypes.from_any(arr.dtype)
         buf = get_device(device).from_numpy(arr, dtype)
@@ -121,9 +122,7 @@ class Tensor:
   def to(self, device):
     device = canonical_device(device)
     if device == self.device: return self
-    lb = self.lazydata.contiguous()
-    out = LazyBuffer(lb.base.__class__(Op.COPY, (lb,), None, lb.shape, lb.dtype, device))
-    return Tensor(out, requires_grad=self.requires_grad)
+    return F.Copy.apply(self, device=device)   # differentiable, as in torch (not a new leaf)
 
   def assign(self, x):
     """Write x into this tensor's buffer (in place, so jit-captured steps see new values)."""
@@ -143,11 +142,12 @@ class Tensor:
     return self
 
   def _make_buffer(self):
+    """Make this tensor a realized, contiguous buffer that can be written in place (assign,
+    optimizer updates). A read-only buffer (weights memory-mapped from a file) is copied first."""
     lb = self.lazydata
-    if not (lb.base.realized and lb.is_unviewed() and lb.base.op is not Op.CONST):
-      if lb.base.realized and lb.is_unviewed(): return
-      self.lazydata = lb.own_kernel(Op.CONTIGUOUS, (lb,), None, lb.shape)
-      self.realize()
+    if lb.base.realized and lb.is_unviewed() and get_device(lb.device).is_writable(lb.base.buffer): return  # noqa
+    self.lazydata = lb.own_kernel(Op.CONTIGUOUS, (lb,), None, lb.shape)
+    self.realize()
 
   # ---- creation
   @staticmethod
@@ -218,6 +218,8 @@ class Tensor:
     if gradient.shape != self.shape:
       raise ValueError(f"backward(): gradient of shape {gradient.shape} does not match tensor of shape {self.shape}")
     order = self._toposort()
+    if any(t._ctx is _FREED for t in order):   # torch raises here too; silently skipping would lose gradients
+      raise RuntimeError("backward(): part of this graph was freed by an earlier backward(); compute the loss again")
     grads = {id(self): gradient.lazydata}
     with no_grad():
       for t in reversed(order):
@@ -231,7 +233,7 @@ class Tensor:
           if pg is None or not parent.requires_grad: continue
           if pg.shape != parent.shape: raise RuntimeError(f"internal: gradient {pg.shape} for input {parent.shape} in {type(ctx).__name__}")
           grads[id(parent)] = pg if id(parent) not in grads else grads[id(parent)].alu(Op.ADD, pg)
-        t._ctx = None   # free the graph, as torch does without retain_graph
+        t._ctx = _FREED   # free the graph, as torch does without retain_graph
     return self
 
   def _toposort(self):
@@ -256,7 +258,7 @@ class Tensor:
     if not isinstance(y, Tensor):
       if isinstance(y, (list, tuple, np.ndarray)): y = Tensor(y, device=self.device)
       elif isinstance(y, bool): y = x._const(y, x.dtype if x.dtype is not dtypes.bool else dtypes.bool)
-      elif isinstance(y, float) and not x.dtype.is_float: y = x._const(y, dtypes.default_float)
+      elif isinstance(y, (float, np.floating)) and not x.dtype.is_float: y = x._const(y, dtypes.default_float)
       elif isinstance(y, (int, float, np.generic)): y = x._const(y)
       else: raise TypeError(f"unsupported operand type {type(y).__name__}")
     dt = dtypes.promote(x.dtype, y.dtype)
@@ -320,8 +322,9 @@ class Tensor:
     cond = self if self.dtype is dtypes.bool else self.cast(dtypes.bool)
     if not isinstance(x, Tensor) and not isinstance(y, Tensor):
       x = Tensor(x, device=self.device)
-    if not isinstance(x, Tensor): x = y._const(x)
-    if not isinstance(y, Tensor): y = x._const(y)
+    # a python float next to an int tensor makes the result float (as torch), not a truncated int
+    if not isinstance(x, Tensor): x = y._const(x, dtypes.default_float if isinstance(x, (float, np.floating)) and not y.dtype.is_float else None)
+    if not isinstance(y, Tensor): y = x._const(y, dtypes.default_float if isinstance(y, (float, np.floating)) and not x.dtype.is_float else None)
     dt = dtypes.promote(x.dtype, y.dtype)
     x, y = x.cast(dt), y.cast(dt)
     shape = _broadcast_shape(cond.shape, x.shape, y.shape)
@@ -346,15 +349,20 @@ class Tensor:
   def sin(self): return F.Sin.apply(self._float())
   def cos(self): return (self._float() + math.pi / 2).sin()
   def erf(self): return F.Erf.apply(self._float())
-  def sigmoid(self): return (1.0 + (-self._float()).exp()).reciprocal()
+  def sigmoid(self):
+    # exp(-|x|) is in (0, 1]: 1/(1+exp(-x)) would overflow exp for x << 0 (x < -11 in fp16) and make the gradient nan
+    x = self._float()
+    e = (-x.abs()).exp()
+    return (x >= 0).where(1.0, e) / (1.0 + e)
   def relu(self): return (self > 0).where(self, 0.0 if self.dtype.is_float else 0)
   def silu(self): return self * self.sigmoid()
-  def abs(self): return (self < 0).where(-self, self)
+  def abs(self): return (self < 0).where(-self, (self > 0).where(self, 0.0 if self.dtype.is_float else 0))   # gradient 0 at 0, as torch
   def square(self): return self * self
   def clip(self, lo=None, hi=None):
+    # where, not maximum/minimum: at x == lo or x == hi torch passes the whole gradient through
     out = self
-    if lo is not None: out = out.maximum(lo)
-    if hi is not None: out = out.minimum(hi)
+    if lo is not None: out = (out < lo).where(lo, out)
+    if hi is not None: out = (out > hi).where(hi, out)
     return out
   clamp = clip
 
@@ -386,7 +394,8 @@ class Tensor:
     return x.sum(axis, keepdim) * (1.0 / count if count else math.nan)
 
   def max(self, axis=None, keepdim=False):
-    if self.numel() == 0: raise ValueError(f"max() of an empty tensor of shape {self.shape}")
+    if any(self.shape[a] == 0 for a in self._axes(axis)):   # only reducing over an empty dim has no answer
+      raise ValueError(f"max() over an empty dim of a tensor of shape {self.shape} (axis={axis})")
     return self._reduce(F.Max, axis, keepdim)
 
   def min(self, axis=None, keepdim=False): return -((-self).max(axis, keepdim))
@@ -478,6 +487,9 @@ class Tensor:
 
   def squeeze(self, dim=None):
     if dim is None: return self.reshape(tuple(s for s in self.shape if s != 1))
+    if isinstance(dim, (tuple, list)):
+      dims = {normalize_axis(d, self.ndim) for d in dim}
+      return self.reshape(tuple(s for i, s in enumerate(self.shape) if not (i in dims and s == 1)))
     dim = normalize_axis(dim, self.ndim)
     return self if self.shape[dim] != 1 else self.reshape(self.shape[:dim] + self.shape[dim + 1:])
 
@@ -512,6 +524,8 @@ class Tensor:
   def stack(tensors, dim=0):
     tensors = list(tensors)
     if not tensors: raise ValueError("stack: expected a non-empty list of tensors")
+    for t in tensors[1:]:
+      if t.shape != tensors[0].shape: raise ValueError(f"stack: tensors must have equal shapes, got {tensors[0].shape} and {t.shape}")
     dim = normalize_axis(dim, tensors[0].ndim + 1)
     return Tensor.cat([t.unsqueeze(dim) for t in tensors], dim)
 
@@ -585,8 +599,11 @@ class Tensor:
     return x.reshape(tuple(out_shape))
 
   def _take_rows(self, idx):
-    idx = idx if isinstance(idx, Tensor) else Tensor(np.asarray(idx), device=self.device)
+    if not isinstance(idx, Tensor):
+      arr = np.asarray(idx)
+      idx = Tensor(arr if arr.size else arr.astype(np.int64), device=self.device)   # [] is an empty int index
     if idx.dtype not in (dtypes.int32, dtypes.int64): raise IndexError(f"tensor index must be int32 or int64, not {idx.dtype.name}")
+    idx = (idx < 0).where(idx + self.shape[0], idx)   # negative indices count from the end, as in torch
     flat = self.reshape(self.shape[0], -1) if self.ndim != 2 else self
     return flat.embedding(idx).reshape(idx.shape + self.shape[1:])
 
@@ -603,11 +620,12 @@ class Tensor:
       raise ValueError(f"matmul: shapes {self.shape} and {w.shape} do not align ({x2.shape[-1]} != {w2.shape[-2]})")
     dt = dtypes.promote(x.dtype, w.dtype)
     x2, w2 = x2.cast(dt), w2.cast(dt)
-    batch = _broadcast_shape(x2.shape[:-2], w2.shape[:-2])
+    try: batch = _broadcast_shape(x2.shape[:-2], w2.shape[:-2])
+    except ValueError: raise ValueError(f"matmul: batch dims of shapes {self.shape} and {w.shape} do not broadcast") from None
     (m, k), n = x2.shape[-2:], w2.shape[-1]
     xe = x2.reshape(x2.shape[:-1] + (1, k))._broadcast_to(batch + (m, n, k))                  # (..., M, N, K)
     we = w2.transpose(-1, -2).reshape(w2.shape[:-2] + (1, n, k))._broadcast_to(batch + (m, n, k))
-    out = F.Mul.apply(xe, we).sum(-1)                                                         # (..., M, N)
+    out = F.Mul.apply(xe, we).sum(-1).cast(dt)   # (..., M, N); cast: sum widens int32 to int64
     if self.ndim == 1: out = out.reshape(out.shape[:-2] + (n,))
     if w.ndim == 1: out = out.reshape(out.shape[:-1])
     return out
@@ -702,7 +720,8 @@ class Tensor:
       kj = Tensor.arange(s, device=self.device).reshape(1, s)
       allowed = (kj <= qi) if is_causal else Tensor.full((t, s), True, device=self.device)
       if window is not None: allowed = allowed * (kj > qi - window)
-      scores = allowed.where(scores, -math.inf)
+      # a small (T, S) additive bias made once and broadcast: cheaper than a full-size select
+      scores = scores + allowed.where(0.0, -math.inf).contiguous()
     if attn_mask is not None:
       m = attn_mask.reshape((1,) * (5 - attn_mask.ndim) + attn_mask.shape) if attn_mask.ndim < 5 else attn_mask
       if attn_mask.ndim == 4: m = attn_mask.reshape(attn_mask.shape[0], -1 if attn_mask.shape[1] == 1 else hkv, 1 if attn_mask.shape[1] == 1 else g, t, s) if attn_mask.shape[1] in (1, hq) else attn_mask
@@ -710,17 +729,22 @@ class Tensor:
     out = scores.softmax(-1) @ vg                                       # (B, Hkv, G, T, Dv)
     return out.reshape(b, hq, t, v.shape[3])
 
-  def linear_cross_entropy(self, weight, target, ignore_index=-100, chunk_rows=1024):
+  def linear_cross_entropy(self, weight, target, ignore_index=-100, chunk_rows=1024, denominator=None):
     """Mean cross-entropy of (self @ weight.T) against targets, without ever holding the full
     (rows, vocab) logits. Rows are processed in chunks; when gradients are needed, each chunk's
     gradients w.r.t. the hidden states and the weight are computed and realized right away, so
-    only one chunk of logits (and its gradient) is alive at any moment."""
+    only one chunk of logits (and its gradient) is alive at any moment.
+    denominator: divide the summed loss by this (a number or a Tensor) instead of by the number
+    of targets here: gradient accumulation passes the count of the whole batch."""
     h = self.reshape(-1, self.shape[-1])
     tgt = target.reshape(-1) if isinstance(target, Tensor) else Tensor(np.asarray(target).reshape(-1), device=self.device)
     if h.shape[0] != tgt.shape[0]: raise ValueError(f"linear_cross_entropy: {h.shape[0]} rows of hidden states but {tgt.shape[0]} targets")
     if weight.ndim != 2 or weight.shape[1] != h.shape[1]:
       raise ValueError(f"linear_cross_entropy: weight {weight.shape} does not fit hidden size {h.shape[1]}")
-    n_valid = max(int((tgt != ignore_index).sum().item()), 1)
+    # a lazy count, not a Python number, so a jit-captured step rescales every batch correctly
+    n_valid = (tgt != ignore_index).sum().maximum(1).float() if denominator is None else denominator
+    if not isinstance(n_valid, Tensor): n_valid = Tensor(float(n_valid), device=self.device)
+    inv_n = n_valid.reciprocal().realize()
     need_h, need_w = self.requires_grad and not Tensor.no_grad, weight.requires_grad and not Tensor.no_grad
     loss, dh_parts, dw = None, [], None
     hd, wd = h.detach(), weight.detach()
@@ -733,10 +757,10 @@ class Tensor:
         logp = logits.log_softmax(-1)
         valid = (tc != ignore_index)
         hit = (tc.unsqueeze(-1) == Tensor.arange(weight.shape[0], dtype=tc.dtype, device=self.device)) * valid.unsqueeze(-1)
-        part = -(hit.where(logp, 0.0).sum()) * (1.0 / n_valid)
+        part = -(hit.where(logp, 0.0).sum()) * inv_n.reshape(())
         todo = [part]
         if need_h or need_w:
-          g = ((logp.exp() - hit.float()) * valid.unsqueeze(-1).float() * (1.0 / n_valid)).contiguous().cast(weight.dtype)
+          g = ((logp.exp() - hit.float()) * valid.unsqueeze(-1).float() * inv_n.reshape(())).contiguous().cast(weight.dtype)
           if need_h: dh_parts.append(g @ wd); todo.append(dh_parts[-1])
           if need_w:
             dwc = g.T @ hc
@@ -746,6 +770,12 @@ class Tensor:
         loss = part if loss is None else (loss + part).realize()
       dh = Tensor.cat(dh_parts, 0).reshape(self.shape) if need_h else None
     return F.Stored.apply(self, weight, value=loss.lazydata, grads=(dh.lazydata if dh is not None else None, dw.lazydata if dw is not None else None))
+
+
+class _FreedGraph:
+  """The _ctx of a tensor whose graph an earlier backward() used and freed."""
+  parents = ()
+_FREED = _FreedGraph()
 
 
 def _shape_arg(shape):

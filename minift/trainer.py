@@ -1,0 +1,172 @@
+"""The fine-tuning loop: schedules, gradient accumulation, clipping, activation checkpointing,
+evaluation, metrics, and checkpoints that resume exactly.
+
+A checkpoint (<out>/checkpoint/) holds the trainable tensors, the optimizer moments and step,
+the schedule position, the data position (epoch, batch) and the random-number counters, and a
+fingerprint of the run's settings: resuming a different run is refused. It is written as a
+whole folder swapped in atomically, so a run killed at any moment resumes from the last one.
+"""
+import json, math, os, time
+import numpy as np
+from minift.tensor import Tensor, no_grad
+from minift.jit import jit
+from minift.optim import AdamW, SGD, clip_grad_norm
+from minift.checkpoint import atomic_folder, atomic_file, save_safetensors
+from minift.data import IGNORE
+
+SCHEDULES = ("linear", "cosine", "constant")
+
+
+def lr_at(step, base_lr, warmup, total, schedule):
+  """The learning rate of optimizer step `step` (0-based), as transformers' get_*_schedule_with_warmup:
+  linear warmup from 0, then linear decay to 0, half a cosine to 0, or constant."""
+  if schedule not in SCHEDULES: raise ValueError(f"--schedule must be one of {SCHEDULES}, not {schedule!r}")
+  if step < warmup: return base_lr * step / max(1, warmup)
+  if schedule == "constant": return base_lr
+  progress = (step - warmup) / max(1, total - warmup)
+  if schedule == "linear": return base_lr * max(0.0, 1.0 - progress)
+  return base_lr * max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+
+# ---- activation checkpointing
+
+class _Recompute:
+  """Autograd node of a checkpointed block: keeps only the block's input; backward runs the
+  block again (same random numbers) and backpropagates through the recomputed graph."""
+
+  def __init__(self, fn, x, rng_counter):
+    self.fn, self.parents, self.rng_counter = fn, (x,), rng_counter
+
+  def backward(self, grad):
+    x = Tensor(self.parents[0].lazydata, requires_grad=True)
+    saved_counter, saved_no_grad = Tensor._rng_counter, Tensor.no_grad
+    Tensor._rng_counter, Tensor.no_grad = self.rng_counter, False
+    try:
+      out = self.fn(x)
+      out.backward(Tensor(grad))
+    finally:
+      Tensor._rng_counter, Tensor.no_grad = saved_counter, saved_no_grad
+    return (x.grad.lazydata if x.grad is not None else None,)
+
+
+def checkpointed(fn, x):
+  """fn(x), keeping none of fn's activations for the backward pass (they are recomputed)."""
+  if Tensor.no_grad: return fn(x)
+  counter = Tensor._rng_counter
+  with no_grad(): out = fn(x.detach()).realize()
+  y = Tensor(out.lazydata, requires_grad=True)
+  y._ctx = _Recompute(fn, x, counter)
+  return y
+
+
+def enable_activation_checkpointing(model):
+  """Checkpoint every transformer block of model (its `h` or `layers` list)."""
+  blocks = [b for name, mod in model.named_modules() for attr in ("h", "layers")
+            if isinstance(getattr(mod, attr, None), list) for b in getattr(mod, attr)]
+  if not blocks: raise ValueError(f"{type(model).__name__}: no block list (h or layers) to checkpoint")
+  for block in blocks:
+    forward = block.forward
+    block.forward = lambda x, *args, _f=forward, **kw: checkpointed(lambda z: _f(z, *args, **kw), x)
+  return len(blocks)
+
+
+# ---- the loop
+
+class Trainer:
+  def __init__(self, model, params, args, named_params):
+    """params: the tensors to train; named_params: [(name, tensor)] for checkpoints."""
+    self.model, self.params, self.args, self.named_params = model, params, args, named_params
+    if args.optimizer == "adamw": self.opt = AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+    else: self.opt = SGD(params, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
+    self.step_fn = jit(self._step)
+    self.use_linear_ce = getattr(getattr(model, "config", None), "final_logit_softcapping", None) is None
+
+  def loss(self, x, y, denominator):
+    """Summed cross-entropy of next-token targets y (B, T) divided by denominator."""
+    h = self.model.hidden(x)
+    if self.use_linear_ce:
+      return h.linear_cross_entropy(self.model.output_weight, y, ignore_index=IGNORE, denominator=denominator)
+    return self.model.logits(h).cross_entropy(y, ignore_index=IGNORE, reduction="sum") / denominator
+
+  def _step(self, *batch):
+    """One optimizer step over micro-batches (x1, y1, x2, y2, ...): the same update as one
+    batch of all of them (the loss is divided by the token count of the whole batch)."""
+    pairs = list(zip(batch[0::2], batch[1::2]))
+    denominator = sum(((y != IGNORE).sum() for _, y in pairs[1:]), (pairs[0][1] != IGNORE).sum()).maximum(1).float()
+    self.opt.zero_grad()
+    total = None
+    for x, y in pairs:
+      loss = self.loss(x, y, denominator)
+      loss.backward()
+      Tensor.realize_all(loss, *[p.grad for p in self.params if p.grad is not None])   # frees this micro-batch
+      total = loss if total is None else total + loss
+    norm = clip_grad_norm(self.params, self.args.clip_grad_norm) if self.args.clip_grad_norm else \
+      clip_grad_norm(self.params, float("inf"))
+    self.opt.step()
+    return total.realize(), norm.realize()
+
+  def train_step(self, micro_batches, lr):
+    self.opt.set_lr(lr)
+    Tensor.training = True
+    try:
+      args = [Tensor(a) for xy in micro_batches for a in xy]
+      loss, norm = self.step_fn(*args)
+    finally:
+      Tensor.training = False
+    return loss.item(), norm.item()
+
+  def evaluate(self, xs, ys, batch_size, max_batches=None):
+    """Mean loss per target token over validation blocks, and its perplexity."""
+    total, count = 0.0, 0
+    n = len(xs) if max_batches is None else min(len(xs), max_batches * batch_size)
+    with no_grad():
+      for i in range(0, n, batch_size):
+        x, y = xs[i:i + batch_size], ys[i:i + batch_size]
+        valid = int((y != IGNORE).sum())
+        if not valid: continue
+        total += self.loss(Tensor(x), Tensor(y), 1.0).item()
+        count += valid
+    if not count: return float("nan"), float("nan")
+    return total / count, math.exp(total / count)
+
+  # ---- checkpoints
+
+  def save_checkpoint(self, folder, state):
+    tensors = {f"param.{n}": t.numpy() for n, t in self.named_params}
+    for (n, _), m in zip(self.named_params, getattr(self.opt, "m", [])): tensors[f"adam_m.{n}"] = m.numpy()
+    for (n, _), v in zip(self.named_params, getattr(self.opt, "v", [])): tensors[f"adam_v.{n}"] = v.numpy()
+    for (n, _), b in zip(self.named_params, getattr(self.opt, "buf", [])): tensors[f"momentum.{n}"] = b.numpy()
+    if hasattr(self.opt, "t"): tensors["adam_t"] = self.opt.t.numpy()
+    state = dict(state, rng_seed=Tensor._seed, rng_counter=Tensor._rng_counter)
+    with atomic_folder(folder) as tmp:
+      save_safetensors(os.path.join(tmp, "trainable.safetensors"), tensors)
+      with open(os.path.join(tmp, "state.json"), "w") as f: json.dump(state, f, indent=2, sort_keys=True)
+
+  def load_checkpoint(self, folder):
+    from safetensors.numpy import load_file
+    with open(os.path.join(folder, "state.json")) as f: state = json.load(f)
+    tensors = load_file(os.path.join(folder, "trainable.safetensors"))
+    def put(key, t):
+      if key not in tensors: raise KeyError(f"checkpoint {folder}: missing {key}")
+      if tuple(tensors[key].shape) != t.shape: raise ValueError(f"checkpoint {folder}: {key} has shape {tensors[key].shape}, the run needs {t.shape}")
+      t.assign(tensors[key])
+    for n, t in self.named_params: put(f"param.{n}", t)
+    for (n, _), m in zip(self.named_params, getattr(self.opt, "m", [])): put(f"adam_m.{n}", m)
+    for (n, _), v in zip(self.named_params, getattr(self.opt, "v", [])): put(f"adam_v.{n}", v)
+    for (n, _), b in zip(self.named_params, getattr(self.opt, "buf", [])): put(f"momentum.{n}", b)
+    if hasattr(self.opt, "t"): put("adam_t", self.opt.t)
+    Tensor._seed, Tensor._rng_counter = state["rng_seed"], state["rng_counter"]
+    return state
+
+
+def append_metrics(path, row):
+  with open(path, "a") as f:
+    f.write(json.dumps(row) + "\n")
+    f.flush(); os.fsync(f.fileno())
+
+
+def truncate_metrics(path, last_step):
+  """Drop rows after last_step (steps a killed run logged past its last checkpoint)."""
+  if not os.path.exists(path): return
+  with open(path) as f: rows = [l for l in f if l.strip() and json.loads(l).get("step", 0) <= last_step]
+  with atomic_file(path, "w") as f: f.writelines(rows)

@@ -1,0 +1,227 @@
+"""Fine-tuning end to end: parity with PyTorch + peft, gradient accumulation, activation
+checkpointing, exact resume after kill -9, and the errors users hit."""
+import json, os, signal, subprocess, sys, time
+from types import SimpleNamespace
+import numpy as np
+import pytest
+import torch
+import peft
+import models
+from minift import Tensor, GlobalCounters
+from minift.data import PackedData
+from minift.lora import apply_lora, lora_modules, adapter_state
+from minift.trainer import Trainer, lr_at, enable_activation_checkpointing
+from tiny_lm import save_tiny, TEXT
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FINETUNE = os.path.join(ROOT, "tools", "finetune.py")
+TARGETS = {"gpt2": ["c_attn", "attn.c_proj"], "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]}
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+  out = {k: save_tiny(k, tmp_path_factory.mktemp(k)) for k in ("gpt2", "llama")}
+  text = tmp_path_factory.mktemp("data") / "hamlet.txt"
+  text.write_text(TEXT)
+  out["text"] = str(text)
+  return out
+
+
+def train_args(**kw):
+  return SimpleNamespace(**{**dict(optimizer="adamw", lr=1e-2, weight_decay=0.01, momentum=0.0, clip_grad_norm=1.0), **kw})
+
+
+def minift_run(folder, text, steps, full_ft=False, micro=1, batch=4, seq_len=32, kind="llama", checkpointing=False, optimizer="adamw"):
+  Tensor.manual_seed(0)
+  model, tok = models.load(folder)
+  if full_ft:
+    named = list(model.named_parameters())
+    for _, p in named: p.requires_grad = True
+  else:
+    apply_lora(model, TARGETS[kind], r=4, alpha=8)
+    named = [(f"{p}.{n}", getattr(m, n)) for p, m in lora_modules(model) for n in ("lora_A", "lora_B")]
+  if checkpointing: enable_activation_checkpointing(model)
+  init = adapter_state(model) if not full_ft else None
+  trainer = Trainer(model, [t for _, t in named], train_args(optimizer=optimizer), named)
+  data = PackedData(text, tok, seq_len, val_fraction=0.0, seed=0)
+  batches, losses = [], []
+  gen = data.batches(batch, 0)
+  for step in range(steps):
+    try: _, x, y = next(gen)
+    except StopIteration: gen = data.batches(batch, step); _, x, y = next(gen)
+    batches.append((x, y))
+    m = batch // micro
+    loss, _ = trainer.train_step([(x[i:i + m], y[i:i + m]) for i in range(0, batch, m)], lr_at(step, 1e-2, 3, steps, "linear"))
+    losses.append(loss)
+  return model, init, batches, np.array(losses)
+
+
+def torch_run(folder, init, batches, full_ft=False, kind="llama"):
+  import transformers
+  torch.manual_seed(0)
+  model = transformers.AutoModelForCausalLM.from_pretrained(folder, torch_dtype=torch.float32)
+  if not full_ft:
+    model = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS[kind], lora_dropout=0.0))
+    sd = model.state_dict()
+    with torch.no_grad():   # the same initial adapter as minift's
+      for k, v in init.items(): sd[k.replace(".weight", ".default.weight")].copy_(torch.tensor(v))
+  params = [p for p in model.parameters() if p.requires_grad]
+  opt = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.01)
+  losses = []
+  for step, (x, y) in enumerate(batches):
+    for g in opt.param_groups: g["lr"] = lr_at(step, 1e-2, 3, len(batches), "linear")
+    logits = model(torch.tensor(x)).logits
+    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), torch.tensor(y).reshape(-1), ignore_index=-100)
+    opt.zero_grad(); loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    losses.append(loss.item())
+  return model, np.array(losses)
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_lora_training_matches_torch_peft(tiny, kind):
+  model, init, batches, ours = minift_run(tiny[kind], tiny["text"], 30, kind=kind)
+  ref_model, ref = torch_run(tiny[kind], init, batches, kind=kind)
+  np.testing.assert_allclose(ours, ref, rtol=1e-3)
+  assert ref[-1] < ref[0] - 0.1, "training should lower the loss"
+  ref_sd = ref_model.state_dict()
+  for k, v in adapter_state(model).items():
+    np.testing.assert_allclose(v, ref_sd[k.replace(".weight", ".default.weight")].numpy(), atol=2e-3, err_msg=k)
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_full_finetuning_matches_torch(tiny, kind):
+  _, _, batches, ours = minift_run(tiny[kind], tiny["text"], 30, full_ft=True, kind=kind)
+  _, ref = torch_run(tiny[kind], None, batches, full_ft=True, kind=kind)
+  np.testing.assert_allclose(ours, ref, rtol=1e-3)
+
+
+def test_gradient_accumulation_is_one_big_batch(tiny):
+  # SGD, so the comparison sees the accumulated gradient itself (Adam would magnify rounding)
+  one, _, _, l1 = minift_run(tiny["llama"], tiny["text"], 4, micro=1, optimizer="sgd")
+  acc, _, _, l2 = minift_run(tiny["llama"], tiny["text"], 4, micro=4, optimizer="sgd")
+  np.testing.assert_allclose(l1, l2, rtol=1e-5)
+  a, b = adapter_state(one), adapter_state(acc)
+  for k in a: np.testing.assert_allclose(a[k], b[k], atol=1e-6, err_msg=k)
+
+
+def test_activation_checkpointing_same_gradients_less_memory(tiny):
+  def grads(checkpointing):
+    Tensor.manual_seed(0)
+    model, tok = models.load(tiny["llama"])
+    apply_lora(model, TARGETS["llama"], r=4, alpha=8, dropout=0.1)
+    if checkpointing: enable_activation_checkpointing(model)
+    x = Tensor(np.random.default_rng(0).integers(3, 60, (16, 64)))
+    Tensor.training = True
+    try:
+      GlobalCounters.reset_peak(); base = GlobalCounters.mem_used
+      loss = model(x).cross_entropy(x)
+      loss.backward()
+      gs = [p.grad.realize() for _, m in lora_modules(model) for p in (m.lora_A, m.lora_B)]
+      peak = GlobalCounters.mem_peak - base
+    finally:
+      Tensor.training = False
+    return [g.numpy() for g in gs], peak
+  plain, peak_plain = grads(False)
+  ckpt, peak_ckpt = grads(True)
+  for a, b in zip(plain, ckpt): np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)   # dropout replays the same masks
+  assert peak_ckpt < 0.8 * peak_plain, (peak_ckpt, peak_plain)
+
+
+def run_cli(*argv, check=True, **kw):
+  r = subprocess.run([sys.executable, FINETUNE, "--quiet", *argv], capture_output=True, text=True, timeout=600, **kw)
+  if check and r.returncode != 0: raise AssertionError(f"finetune failed:\n{r.stdout}\n{r.stderr}")
+  return r
+
+
+def adapter_of(out):
+  from safetensors.numpy import load_file
+  return load_file(os.path.join(out, "adapter", "adapter_model.safetensors"))
+
+
+def test_kill_and_resume_gives_the_same_adapter(tiny, tmp_path):
+  common = ["--model", tiny["llama"], "--data", tiny["text"], "--seq_len", "32", "--batch_size", "2", "--lr", "5e-3",
+            "--schedule", "constant", "--save_interval", "10", "--lora_dropout", "0.1", "--seed", "3"]
+  straight = str(tmp_path / "straight")
+  run_cli(*common, "--max_steps", "20", "--out", straight)
+  # a long run, killed (SIGKILL) just after its step-10 checkpoint appears, resumed to step 20
+  killed = str(tmp_path / "killed")
+  proc = subprocess.Popen([sys.executable, FINETUNE, "--quiet", *common, "--max_steps", "100000", "--out", killed],
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+  state = os.path.join(killed, "checkpoint", "state.json")
+  deadline = time.time() + 300
+  while not os.path.exists(state) and time.time() < deadline and proc.poll() is None: time.sleep(0.05)
+  os.kill(proc.pid, signal.SIGKILL)
+  proc.wait()
+  assert json.load(open(state))["step"] == 10
+  with open(os.path.join(killed, "metrics.jsonl")) as f: logged = len(f.readlines())
+  assert logged >= 10
+  r = run_cli(*common, "--max_steps", "20", "--out", killed, "--resume")
+  assert "resumed from" in r.stdout and "at step 10" in r.stdout
+  a, b = adapter_of(straight), adapter_of(killed)
+  for k in a: np.testing.assert_allclose(a[k], b[k], atol=1e-6, err_msg=k)
+  with open(os.path.join(killed, "metrics.jsonl")) as f: steps = [json.loads(l)["step"] for l in f]
+  assert steps == list(range(1, 21))
+
+
+def test_cli_outputs_and_peft_loading(tiny, tmp_path):
+  out = str(tmp_path / "run")
+  r = run_cli("--model", tiny["gpt2"], "--data", tiny["text"], "--seq_len", "32", "--max_steps", "6", "--out", out, "--eval_interval", "3")
+  assert "validation before" in r.stdout and "validation after" in r.stdout and "LoRA adapter (PEFT format) written to" in r.stdout
+  rows = [json.loads(l) for l in open(os.path.join(out, "metrics.jsonl"))]
+  assert [row["step"] for row in rows] == list(range(1, 7)) and all({"loss", "lr", "tok_s", "grad_norm"} <= row.keys() for row in rows)
+  assert "val_ppl" in rows[2] and "val_ppl" in rows[5]
+  import transformers
+  base = transformers.AutoModelForCausalLM.from_pretrained(tiny["gpt2"])
+  peft.PeftModel.from_pretrained(base, os.path.join(out, "adapter"))   # loads without error
+
+
+def test_full_ft_writes_a_model_transformers_loads(tiny, tmp_path):
+  out = str(tmp_path / "full")
+  run_cli("--model", tiny["llama"], "--data", tiny["text"], "--seq_len", "32", "--max_steps", "3", "--full_ft", "--lr", "1e-3", "--out", out)
+  import transformers
+  from minift import no_grad
+  ref = transformers.AutoModelForCausalLM.from_pretrained(os.path.join(out, "model")).eval()
+  model, tok = models.load(os.path.join(out, "model"))
+  ids = np.random.default_rng(0).integers(3, 60, (2, 16))
+  with torch.no_grad(): want = ref(torch.tensor(ids)).logits.numpy()
+  with no_grad(): np.testing.assert_allclose(model(Tensor(ids)).numpy(), want, atol=1e-4)
+  original, _ = models.load(tiny["llama"])
+  with no_grad(): assert np.abs(original(Tensor(ids)).numpy() - want).max() > 1e-3   # it did train
+
+
+@pytest.mark.parametrize("argv, message", [
+  (["--seq_len", "500"], "above the model's context of 64"),
+  (["--lora_targets", "c_attn"], "not found"),
+  (["--batch_size", "3", "--grad_accum_steps", "2"], "must be a multiple of"),
+  (["--lr", "-1"], "--lr must be"),
+  (["--lora_dropout", "1.5"], "--lora_dropout must be in"),
+])
+def test_bad_flags(tiny, tmp_path, argv, message):
+  r = run_cli("--model", tiny["llama"], "--data", tiny["text"], "--out", str(tmp_path / "o"), "--max_steps", "1", "--seq_len", "32", *argv, check=False)
+  assert r.returncode != 0 and message in r.stderr + r.stdout
+
+
+def test_bad_data(tiny, tmp_path):
+  empty = tmp_path / "empty.txt"; empty.write_text("   \n")
+  binary = tmp_path / "bad.txt"; binary.write_bytes(b"hello \xff\xfe world")
+  for path, message in ((empty, "contains no text"), (binary, "not UTF-8 text (bad byte 0xff at offset 6)")):
+    r = run_cli("--model", tiny["llama"], "--data", str(path), "--out", str(tmp_path / "o"), "--max_steps", "1", "--seq_len", "16", check=False)
+    assert r.returncode != 0 and message in r.stderr, r.stderr
+  binary.write_bytes(b"hello \xff world. " * 50)
+  run_cli("--model", tiny["llama"], "--data", str(binary), "--out", str(tmp_path / "o2"), "--max_steps", "1", "--seq_len", "16",
+          "--data_errors", "replace")
+
+
+def test_unwritable_out_and_mismatched_resume(tiny, tmp_path):
+  blocked = tmp_path / "file"; blocked.write_text("x")
+  r = run_cli("--model", tiny["llama"], "--data", tiny["text"], "--out", str(blocked / "sub"), "--max_steps", "1", "--seq_len", "16", check=False)
+  assert r.returncode != 0 and "--out" in r.stderr and "cannot write there" in r.stderr
+  out = str(tmp_path / "run")
+  run_cli("--model", tiny["llama"], "--data", tiny["text"], "--seq_len", "32", "--max_steps", "2", "--out", out)
+  before = adapter_of(out)
+  r = run_cli("--model", tiny["llama"], "--data", tiny["text"], "--seq_len", "32", "--max_steps", "4", "--out", out, "--resume", "--lora_rank", "2", check=False)
+  assert r.returncode != 0 and "from a different run (differs in: lora_rank)" in r.stderr
+  after = adapter_of(out)   # the failed run left the adapter alone
+  for k in before: np.testing.assert_array_equal(before[k], after[k])

