@@ -14,6 +14,7 @@ CONST, elementwise ops and at most one reduce. The fusion rules (DESIGN.md secti
 from minift.lazy import Op, ELEMENTWISE, REDUCE, OWN_KERNEL, LazyOp, LazyBuffer
 from minift.view import View
 from minift.helpers import prod
+from minift.dtype import dtypes
 
 
 class KNode:
@@ -164,7 +165,7 @@ class _KernelBuilder:
     mul = src.base
     if mul.realized or id(mul) in self.realize or mul.op is not Op.MUL or not mul.dtype.is_float: return None
     if any(kind == "pad" for kind, _ in src.moves): return None
-    a, b = (s.try_moves(src.moves) for s in mul.srcs)
+    a, b = (half_source(s.try_moves(src.moves)) for s in mul.srcs)
     if a is None or b is None or a.const_value is not None or b.const_value is not None: return None
     if matmul_axes(a.view, b.view, base.arg) is None: return None
     product = KNode(Op.MUL, (self.operand(a), self.operand(b)), None, mul.dtype)
@@ -173,7 +174,9 @@ class _KernelBuilder:
 
 def matmul_axes(va, vb, reduce_axes):
   """Split the axes of a broadcast product a*b summed over reduce_axes into
-  (batch, m, n, k): m axes are broadcast in b only, n axes in a only. None if not a matmul."""
+  (batch, m, n, k): m axes are broadcast in b only, n axes in a only. None if not a matmul:
+  one side must be broadcast somewhere (a matrix-vector product, e.g. a one-token decode step,
+  counts; a plain dot product of two same-shape tensors does not)."""
   batch, m, n = [], [], []
   for i, size in enumerate(va.shape):
     if i in reduce_axes: continue
@@ -181,8 +184,19 @@ def matmul_axes(va, vb, reduce_axes):
     if size != 1 and b0 and not a0: m.append(i)
     elif size != 1 and a0 and not b0: n.append(i)
     else: batch.append(i)
-  if not m or not n or not reduce_axes: return None
+  if not (m or n) or not reduce_axes: return None
   return tuple(batch), tuple(m), tuple(n), tuple(reduce_axes)
+
+
+def half_source(lb):
+  """For a matmul operand that is a float32 cast of float16 data, the float16 data (through the
+  same moves): frozen half weights are read as half by the matmul, never copied to float32."""
+  if lb is None: return None
+  base = lb.base
+  if base.op is Op.CAST and not base.realized and base.dtype is dtypes.float32 and base.srcs[0].dtype is dtypes.float16:
+    src = base.srcs[0].try_moves(lb.moves)
+    if src is not None: return src
+  return lb
 
 
 def _forced(base, lb, consumer):
@@ -194,7 +208,7 @@ def _forced(base, lb, consumer):
   if b.op in REDUCE and not (lb.view.is_contiguous() and lb.view.numel == prod(b.shape)): out.append(b)
   if b.op in ELEMENTWISE and any(kind == "pad" for kind, _ in lb.moves): out.append(b)
   if consumer.op is Op.SUM and b.op is Op.MUL and not b.realized and b.dtype.is_float:
-    ops = [x.try_moves(lb.moves) for x in b.srcs]
+    ops = [half_source(x.try_moves(lb.moves)) for x in b.srcs]
     if None not in ops and all(o.const_value is None for o in ops) and matmul_axes(ops[0].view, ops[1].view, consumer.arg):
       out += [o.base for o in ops]
   return out

@@ -1,0 +1,192 @@
+"""Hugging Face model folders: config.json, model.safetensors (or shards with an index) and a
+tokenizer.
+
+Safetensors files are memory-mapped read-only: a float32 tensor becomes a minift Tensor over the
+file's pages (nothing is read until used, and the pages can be dropped again under memory
+pressure); other dtypes are converted one tensor at a time, so loading never holds two copies
+of the model. Every tensor is checked against the model: a
+missing, unexpected or wrong-shaped one is an error that names it and its file.
+"""
+import json, os
+import numpy as np
+from minift.tensor import Tensor
+from minift.dtype import dtypes
+
+
+class SafetensorsFile:
+  """A safetensors file, memory-mapped. Layout: u64 header size, JSON header
+  {name: {dtype, shape, data_offsets: [begin, end]}}, then the tensor bytes."""
+  DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "F64": np.float64, "I64": np.int64,
+            "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
+
+  def __init__(self, path):
+    self.path = path
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+      head = f.read(8)
+      if len(head) < 8: raise ValueError(f"{path}: not a safetensors file ({size} bytes, too short for a header)")
+      n = int.from_bytes(head, "little")
+      if n > size - 8: raise ValueError(f"{path}: truncated or not a safetensors file (header says {n} bytes, file has {size})")
+      try: header = json.loads(f.read(n))
+      except (UnicodeDecodeError, json.JSONDecodeError) as e: raise ValueError(f"{path}: corrupt safetensors header ({e})") from None
+    header.pop("__metadata__", None)
+    self.start, self.header = 8 + n, header
+    for name, info in header.items():
+      if info["dtype"] not in self.DTYPES: raise ValueError(f"{path}: tensor {name!r} has unsupported dtype {info['dtype']}")
+      begin, end = info["data_offsets"]
+      want = int(np.prod(info["shape"], dtype=np.int64)) * np.dtype(self.DTYPES[info["dtype"]]).itemsize
+      if end - begin != want: raise ValueError(f"{path}: tensor {name!r} has {end - begin} bytes for shape {info['shape']} ({want} expected)")
+      if self.start + end > size:
+        raise ValueError(f"{path} is truncated: tensor {name!r} ends at byte {self.start + end} but the file has {size} bytes")
+    self._mmap = np.memmap(path, dtype=np.uint8, mode="r") if size > self.start else np.zeros(0, np.uint8)
+
+  def keys(self): return list(self.header)
+  def shape(self, name): return tuple(self.header[name]["shape"])
+
+  def get(self, name):
+    """The tensor as a NumPy array: a view of the file for F32/F16/ints, a float32 copy for BF16."""
+    info = self.header[name]
+    begin, end = info["data_offsets"]
+    arr = self._mmap[self.start + begin:self.start + end].view(self.DTYPES[info["dtype"]]).reshape(info["shape"])
+    if info["dtype"] == "BF16": arr = (arr.astype(np.uint32) << 16).view(np.float32)
+    return arr
+
+
+class SafetensorsFolder:
+  """All tensors of a model folder: model.safetensors, or the shards an index names."""
+  def __init__(self, folder):
+    single, index = os.path.join(folder, "model.safetensors"), os.path.join(folder, "model.safetensors.index.json")
+    if os.path.exists(single):
+      self.files = {single: SafetensorsFile(single)}
+      self.where = {k: single for k in self.files[single].keys()}
+    elif os.path.exists(index):
+      with open(index) as f: weight_map = json.load(f)["weight_map"]
+      self.files, self.where = {}, {}
+      for name, shard in weight_map.items():
+        p = os.path.join(folder, shard)
+        if p not in self.files:
+          if not os.path.exists(p): raise FileNotFoundError(f"{index} names shard {shard}, which is missing (tensor {name!r})")
+          self.files[p] = SafetensorsFile(p)
+        if name not in self.files[p].header: raise ValueError(f"{index} puts tensor {name!r} in {shard}, which does not hold it")
+        self.where[name] = p
+    else:
+      found = [f for f in os.listdir(folder) if f.endswith((".bin", ".pt", ".pth"))]
+      hint = f" (found {', '.join(found)}: PyTorch pickles are not read; convert them to safetensors)" if found else ""
+      raise FileNotFoundError(f"{folder}: no model.safetensors or model.safetensors.index.json{hint}")
+
+  def keys(self): return list(self.where)
+  def file(self, name): return self.where[name]
+  def shape(self, name): return self.files[self.where[name]].shape(name)
+  def get(self, name): return self.files[self.where[name]].get(name)
+
+
+def read_config(folder):
+  path = os.path.join(folder, "config.json")
+  if not os.path.isdir(folder): raise FileNotFoundError(f"model folder {folder} does not exist")
+  if not os.path.exists(path): raise FileNotFoundError(f"{folder}: no config.json (an HF model folder needs one)")
+  with open(path) as f:
+    try: return json.load(f)
+    except json.JSONDecodeError as e: raise ValueError(f"{path}: not valid JSON ({e})") from None
+
+
+def to_tensor(arr, dtype=None):
+  """A Tensor over a NumPy array that nothing else holds (a loader's file view or conversion),
+  float32 by default; float16 storage when dtype is float16 (for matrices only: vectors such as
+  norms and biases stay float32). No copy when the dtype matches."""
+  want = np.float16 if dtype is not None and dtypes.from_any(dtype) == dtypes.float16 and arr.ndim >= 2 else np.float32
+  if arr.dtype != want: arr = arr.astype(want)
+  arr = arr.view()                # arrays here are fresh conversions or file views that only this Tensor will
+  arr.flags.writeable = False     # hold: read-only, the backend keeps them as they are instead of copying
+  return Tensor(arr)
+
+
+def load_weights(model, source, where, transposed=(), dtype=None, convert=None):
+  """Fill every parameter of `model` from `source` (keys(), shape(key), get(key)), with HF names.
+  model.hf_name maps a key to a parameter name (None skips it); parameters whose name ends with
+  one of `transposed` are stored (in, out) in the file. convert(name, array) may fix values up.
+  Shapes are all checked before anything is read."""
+  params = dict(model.named_parameters())
+  plan, unexpected = {}, []
+  for key in source.keys():
+    name = model.hf_name(key)
+    if name is None: continue
+    if name == "lm_head.weight" and getattr(model, "lm_head", 0) is None: continue   # tied to the embedding
+    if name not in params: unexpected.append(key); continue
+    plan[name] = key
+  file_of = lambda key: source.file(key) if hasattr(source, "file") else where
+  if unexpected:
+    raise ValueError(f"{where}: unexpected tensor(s) for {type(model).__name__}: " + ", ".join(f"{k!r} in {file_of(k)}" for k in unexpected[:10]) +
+                     (f" and {len(unexpected) - 10} more" if len(unexpected) > 10 else ""))
+  missing = [n for n in params if n not in plan]
+  if missing:
+    raise ValueError(f"{where}: missing tensor(s) for {type(model).__name__}: {', '.join(missing[:10])}" +
+                     (f" and {len(missing) - 10} more" if len(missing) > 10 else ""))
+  for name, key in plan.items():
+    is_t = name.endswith(tuple(transposed))
+    want = tuple(params[name].shape)[::-1] if is_t else tuple(params[name].shape)
+    have = tuple(source.shape(key))
+    if have != want:
+      raise ValueError(f"{file_of(key)}: tensor {key!r} has shape {have}, but the model ({type(model).__name__}"
+                       f" from its config) expects {want}{' (Conv1D layout, in x out)' if is_t else ''}")
+  for name, key in plan.items():
+    arr = source.get(key)
+    if convert is not None: arr = convert(name, arr)
+    t = to_tensor(arr, dtype)
+    model.set_parameter(name, t.T if name.endswith(tuple(transposed)) else t)
+  return model
+
+
+def load_hf(folder, dtype=None, with_tokenizer=True):
+  """(model, tokenizer or None) from an HF folder; the model class is picked by config.json's model_type."""
+  from models import model_class
+  config = read_config(folder)
+  model_type = config.get("model_type")
+  cls = model_class(model_type, f"{os.path.join(folder, 'config.json')} (model_type)")
+  model = cls.from_config_dict(config)
+  load_weights(model, SafetensorsFolder(folder), folder, transposed=cls.TRANSPOSED, dtype=dtype)
+  tok = None
+  if with_tokenizer:
+    from minift.tokenizer import load_hf_tokenizer
+    tok = load_hf_tokenizer(folder, config)
+  return model, tok
+
+
+def merge_lora(model, folder):
+  """Merge a PEFT LoRA adapter folder (adapter_config.json + adapter_model.safetensors) into the
+  model's weights: W += (lora_alpha / r) * B @ A for every adapted Linear. Returns the names of
+  the merged weights."""
+  cfg_path = os.path.join(folder, "adapter_config.json")
+  if not os.path.exists(cfg_path): raise FileNotFoundError(f"{folder}: no adapter_config.json (expected a PEFT LoRA adapter folder)")
+  with open(cfg_path) as f: cfg = json.load(f)
+  if cfg.get("peft_type", "LORA") != "LORA": raise ValueError(f"{cfg_path}: peft_type {cfg.get('peft_type')!r} is not LORA")
+  if cfg.get("use_dora"): raise NotImplementedError(f"{cfg_path}: DoRA adapters are not supported")
+  if cfg.get("bias", "none") != "none" or cfg.get("modules_to_save"):
+    raise NotImplementedError(f"{cfg_path}: adapters that train biases or whole modules (bias, modules_to_save) are not supported")
+  weights_path = os.path.join(folder, "adapter_model.safetensors")
+  if not os.path.exists(weights_path): raise FileNotFoundError(f"{folder}: no adapter_model.safetensors")
+  st = SafetensorsFile(weights_path)
+  params = dict(model.named_parameters())
+  merged = []
+  for key in st.keys():
+    if ".lora_A." not in key: continue
+    module = key.split(".lora_A.")[0]
+    for prefix in ("base_model.model.", "base_model."):
+      if module.startswith(prefix): module = module[len(prefix):]; break
+    name = module + ".weight"
+    if name not in params and f"transformer.{name}" in params: name = f"transformer.{name}"
+    if name not in params: raise ValueError(f"{weights_path}: adapter tensor {key!r} targets {module!r}, which the model does not have")
+    b_key = key.replace(".lora_A.", ".lora_B.")
+    if b_key not in st.header: raise ValueError(f"{weights_path}: {key!r} has no matching {b_key!r}")
+    a, b = st.get(key).astype(np.float32), st.get(b_key).astype(np.float32)            # (r, in), (out, r)
+    r = a.shape[0]
+    alpha = next((v for k, v in (cfg.get("alpha_pattern") or {}).items() if module.endswith(k)), cfg.get("lora_alpha", r))
+    scale = alpha / (r ** 0.5 if cfg.get("use_rslora") else r)
+    w = params[name]
+    if (b.shape[0], a.shape[1]) != tuple(w.shape):
+      raise ValueError(f"{weights_path}: adapter for {module!r} makes a {b.shape[0]}x{a.shape[1]} update, the weight is {tuple(w.shape)}")
+    new = (w.float() + Tensor(b @ a * np.float32(scale))).cast(w.dtype).realize()
+    model.set_parameter(name, new)
+    params[name] = new
+    merged.append(name)
+  if not merged: raise ValueError(f"{weights_path}: no LoRA tensors (keys with '.lora_A.') found")
+  return merged

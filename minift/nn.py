@@ -1,0 +1,187 @@
+"""Layers that models are built from, and the small pieces they share (RoPE, a KV cache).
+
+A Module finds its parameters by attribute name, so a parameter's name is its attribute path:
+`transformer.h.0.attn.c_attn.weight`. The models in models/ pick their attribute names so that
+these paths equal the Hugging Face state-dict names, which is what loading, saving and LoRA
+(targets chosen by module name) rely on.
+"""
+import math
+from dataclasses import fields
+import numpy as np
+from minift.tensor import Tensor
+
+
+def _join(prefix, name): return f"{prefix}.{name}" if prefix else name
+
+
+class Module:
+  """Base class: parameters are Tensor attributes, children are Module attributes or lists of
+  Modules. Attributes whose name starts with '_' are private and never visited."""
+
+  def __call__(self, *args, **kwargs): return self.forward(*args, **kwargs)
+
+  def named_children(self):
+    for name, value in vars(self).items():
+      if name.startswith("_"): continue
+      if isinstance(value, Module): yield name, value
+      elif isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+          if isinstance(item, Module): yield f"{name}.{i}", item
+
+  def named_modules(self, prefix=""):
+    yield prefix, self
+    for name, child in self.named_children():
+      yield from child.named_modules(_join(prefix, name))
+
+  def named_parameters(self, prefix=""):
+    """(name, Tensor) for every parameter, each Tensor once (a tied weight under its first name)."""
+    seen = set()
+    for mod_name, mod in self.named_modules(prefix):
+      for name, value in vars(mod).items():
+        if isinstance(value, Tensor) and not name.startswith("_") and id(value) not in seen:
+          seen.add(id(value))
+          yield _join(mod_name, name), value
+
+  def parameters(self): return [p for _, p in self.named_parameters()]
+
+  def get_submodule(self, path):
+    mod = self
+    for part in path.split(".") if path else []:
+      mod = mod[int(part)] if isinstance(mod, (list, tuple)) else getattr(mod, part)
+    return mod
+
+  def set_parameter(self, name, value):
+    """Replace the parameter `name` (a dotted path) by the Tensor `value`."""
+    mod_path, _, attr = name.rpartition(".")
+    mod = self.get_submodule(mod_path)
+    if not isinstance(getattr(mod, attr, None), Tensor): raise KeyError(f"{type(self).__name__} has no parameter {name!r}")
+    setattr(mod, attr, value)
+
+
+class Linear(Module):
+  """y = x @ weight.T + bias, weight stored (out_features, in_features) as in torch."""
+  def __init__(self, in_features, out_features, bias=True):
+    self.in_features, self.out_features = in_features, out_features
+    self.weight = Tensor.zeros(out_features, in_features)
+    self.bias = Tensor.zeros(out_features) if bias else None
+
+  def forward(self, x): return x.linear(self.weight, self.bias)
+
+
+class Embedding(Module):
+  def __init__(self, num_embeddings, embedding_dim):
+    self.weight = Tensor.zeros(num_embeddings, embedding_dim)
+
+  def forward(self, idx): return self.weight.embedding(idx)
+
+
+class LayerNorm(Module):
+  def __init__(self, dim, eps=1e-5, bias=True):
+    self.eps = eps
+    self.weight = Tensor.ones(dim)
+    self.bias = Tensor.zeros(dim) if bias else None
+
+  def forward(self, x): return x.layernorm(self.weight, self.bias, self.eps)
+
+
+class RMSNorm(Module):
+  """x / rms(x) * weight. With unit_offset the scale is (1 + weight), as Gemma stores it."""
+  def __init__(self, dim, eps=1e-6, unit_offset=False):
+    self.eps, self.unit_offset = eps, unit_offset
+    self.weight = Tensor.zeros(dim) if unit_offset else Tensor.ones(dim)
+
+  def forward(self, x):
+    if self.unit_offset: return x.rmsnorm(None, self.eps) * (1.0 + self.weight)
+    return x.rmsnorm(self.weight, self.eps)
+
+
+def activation(name):
+  """The activation function of an HF config's `hidden_act` / `activation_function` name."""
+  table = {"gelu_new": lambda x: x.gelu("tanh"), "gelu_pytorch_tanh": lambda x: x.gelu("tanh"),
+           "gelu_fast": lambda x: x.gelu("tanh"), "gelu": lambda x: x.gelu("none"),
+           "silu": lambda x: x.silu(), "swish": lambda x: x.silu(), "relu": lambda x: x.relu()}
+  if name not in table: raise NotImplementedError(f"activation {name!r} is not supported; expected one of {sorted(table)}")
+  return table[name]
+
+
+def config_from_dict(cls, d):
+  """A config dataclass from an HF config.json dict: known keys are taken, others ignored."""
+  names = {f.name for f in fields(cls)}
+  return cls(**{k: v for k, v in d.items() if k in names})
+
+
+# ---- rotary position embeddings
+
+def rope_parameters(d, layer_type=None):
+  """{'rope_type', 'rope_theta', ...} from a config dict in either layout: the newer
+  `rope_parameters` (one dict, or one per layer type) or the older `rope_theta` + `rope_scaling`."""
+  params = d.get("rope_parameters")
+  if params:
+    if layer_type is not None and layer_type in params: params = params[layer_type]
+    params = dict(params)
+  else:
+    params = dict(d.get("rope_scaling") or {})
+    params["rope_theta"] = d.get("rope_theta", 10000.0)
+  params["rope_type"] = params.get("rope_type", params.get("type", "default")) or "default"
+  return params
+
+
+def rope_inv_freq(head_dim, params):
+  """Inverse frequencies (head_dim // 2,) float32 for a RoPE config (see rope_parameters)."""
+  base, kind = float(params["rope_theta"]), params["rope_type"]
+  inv_freq = (1.0 / (base ** (np.arange(0, head_dim, 2, dtype=np.float32) / np.float32(head_dim)))).astype(np.float32)
+  if kind == "default": return inv_freq
+  if kind == "linear": return (inv_freq / np.float32(params["factor"])).astype(np.float32)
+  if kind == "llama3":
+    # low frequencies slowed down by `factor`, high ones kept, a smooth blend in between
+    factor, lo, hi = params["factor"], params["low_freq_factor"], params["high_freq_factor"]
+    old_len = params["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    smooth = (old_len / wavelen - lo) / (hi - lo)
+    blended = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+    out = np.where(wavelen > old_len / lo, inv_freq / factor, np.where(wavelen < old_len / hi, inv_freq, blended))
+    return out.astype(np.float32)
+  raise NotImplementedError(f"RoPE type {kind!r} is not supported (supported: default, linear, llama3)")
+
+
+def rope_tables(inv_freq, start, length, device=None):
+  """cos and sin (length, head_dim) for positions start .. start + length - 1; each frequency
+  appears twice (at i and i + head_dim/2), matching apply_rope's pairing."""
+  pos = np.arange(start, start + length, dtype=np.float32)
+  freqs = pos[:, None] * inv_freq[None, :]
+  freqs = np.concatenate([freqs, freqs], axis=1)
+  return Tensor(np.cos(freqs), device=device), Tensor(np.sin(freqs), device=device)
+
+
+def apply_rope(x, cos, sin):
+  """Rotate (B, H, T, D) by position, pairing element i with i + D/2 (Hugging Face's layout):
+  x * cos + rotate_half(x) * sin, where rotate_half(x) = (-x2, x1). Both halves are views of x,
+  so the whole rotation is one fused kernel."""
+  half = x.shape[-1] // 2
+  swapped = Tensor.cat([x[..., half:], x[..., :half]], dim=-1)        # (x2, x1): views, no copy
+  sign = Tensor(np.repeat(np.array([-1.0, 1.0], np.float32), half), device=x.device)
+  return x * cos + swapped * (sin * sign)
+
+
+# ---- KV cache
+
+class KVCache:
+  """Keys and values of every token seen so far, one (k, v) pair per layer, for generation.
+  A model's forward reads `length` (the position of its first new token), calls update() in each
+  attention layer and finally advance(). The tensors stay lazy until the caller realizes them
+  together with the logits (see tensors())."""
+
+  def __init__(self):
+    self.layers, self.length = {}, 0
+
+  def update(self, layer, k, v):
+    """Append k, v (B, Hkv, T, D) for `layer`; returns all keys and values so far."""
+    if layer in self.layers:
+      old_k, old_v = self.layers[layer]
+      k, v = Tensor.cat([old_k, k], dim=2), Tensor.cat([old_v, v], dim=2)   # (B, Hkv, S + T, D)
+    self.layers[layer] = (k, v)
+    return k, v
+
+  def advance(self, n): self.length += n
+
+  def tensors(self): return [t for kv in self.layers.values() for t in kv]

@@ -1,0 +1,77 @@
+#!/usr/bin/env python3
+"""Perplexity of a model on a text file or on WikiText-2 (raw).
+
+  python tools/eval_ppl.py --model SmolLM2-135M-Instruct.Q4_1.gguf --text hamlet_gut.txt --max_chars 16000
+
+The text is tokenized without special tokens and cut into non-overlapping windows of --ctx
+tokens (or windows --stride tokens apart, scoring only tokens not scored before). When the
+tokenizer adds BOS, each window is BOS + ctx - 1 text tokens and every text token is scored;
+otherwise a window is ctx text tokens and its first token is context only (the protocol of
+DESIGN.md section 4: SmolLM2 44.19, Gemma 3 270M 52.63 on the first 16,000 characters of
+Hamlet at --ctx 512). PPL = exp(mean NLL). The last line is `ppl=<value> tokens=<n>`.
+"""
+import argparse, json, math, os, sys, time
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tqdm import tqdm
+from models import load
+from models.evaluate import perplexity_windows, windows_nll
+
+
+def read_text(args):
+  if args.text:
+    with open(args.text, encoding="utf-8") as f: text = f.read()
+    source = args.text
+  else:
+    source = os.path.join(args.data_root, f"wiki.{args.split}.raw")
+    if not os.path.exists(source): raise SystemExit(f"error: {source} not found (expected the WikiText-2 raw layout: wiki.train.raw, wiki.valid.raw, wiki.test.raw)")
+    with open(source, encoding="utf-8") as f: text = f.read()
+  if args.max_chars: text = text[:args.max_chars]
+  if not text.strip(): raise SystemExit(f"error: {source} has no text to evaluate (empty{' after --max_chars' if args.max_chars else ''})")
+  return text, source
+
+
+def main(argv=None):
+  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap.add_argument("--model", required=True, help="an HF model folder or a .gguf file")
+  src = ap.add_mutually_exclusive_group(required=True)
+  src.add_argument("--text", help="a UTF-8 text file")
+  src.add_argument("--data_root", help="a folder with wiki.{train,valid,test}.raw (WikiText-2 raw)")
+  ap.add_argument("--split", default="test", choices=["train", "valid", "test"])
+  ap.add_argument("--max_chars", type=int, default=None, help="use only the first N characters")
+  ap.add_argument("--ctx", type=int, default=512, help="tokens per window, BOS included (default 512)")
+  ap.add_argument("--stride", type=int, default=None, help="sliding windows this many tokens apart (default: non-overlapping)")
+  ap.add_argument("--lora", default=None, help="a PEFT LoRA adapter folder, merged into the weights")
+  ap.add_argument("--batch_size", type=int, default=1, help="windows per forward pass")
+  ap.add_argument("--dtype", default="float32", choices=["float32", "float16"], help="weight storage")
+  ap.add_argument("--json", default=None, help="also write the results to this JSON file")
+  args = ap.parse_args(argv)
+
+  text, source = read_text(args)
+  t0 = time.time()
+  model, tok = load(args.model, dtype=args.dtype)
+  if args.lora:
+    from minift.io_hf import merge_lora
+    merge_lora(model, args.lora)
+  load_s = time.time() - t0
+  ids = tok.encode(text, add_special_tokens=False)
+  bos = tok.bos_token_id if tok.adds_bos else None
+  ctx = min(args.ctx, model.max_context)
+  windows = perplexity_windows(ids, ctx, bos, args.stride)
+  t1 = time.time()
+  with tqdm(total=len(windows), desc="ppl", unit="window", file=sys.stderr) as bar:
+    def progress(n, nll, count):
+      bar.update(n)
+      bar.set_postfix(ppl=f"{math.exp(nll / count):.3f}")
+    nll, count = windows_nll(model, windows, args.batch_size, progress)
+  ppl = math.exp(nll / count)
+  result = {"model": args.model, "text": source, "chars": len(text), "ctx": ctx, "stride": args.stride, "bos": bos is not None,
+            "lora": args.lora, "tokens": count, "nll": nll / count, "ppl": ppl, "load_s": round(load_s, 2),
+            "eval_s": round(time.time() - t1, 2), "tokens_per_s": round(sum(len(x) for x, _ in windows) / (time.time() - t1), 1)}
+  if args.json:
+    with open(args.json, "w") as f: json.dump(result, f, indent=2)
+  print(f"ppl={ppl:.4f} tokens={count}")
+  return result
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,52 @@
+#!/usr/bin/env python3
+"""Generate text from a prompt, streaming it as it is produced.
+
+  python tools/generate.py --model SmolLM2-135M-Instruct.Q4_1.gguf --prompt "What is the capital of France?" --chat
+
+Greedy by default; --temperature > 0 samples (with optional --top_k / --top_p, --seed for
+repeatability). --chat wraps the prompt as a user message with the model's chat template.
+"""
+import argparse, os, sys, time
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def main(argv=None, out=sys.stdout):
+  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap.add_argument("--model", required=True, help="an HF model folder or a .gguf file")
+  ap.add_argument("--prompt", required=True)
+  ap.add_argument("--max_new_tokens", type=int, default=64)
+  ap.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy")
+  ap.add_argument("--top_k", type=int, default=None)
+  ap.add_argument("--top_p", type=float, default=None)
+  ap.add_argument("--seed", type=int, default=None)
+  ap.add_argument("--chat", action="store_true", help="format the prompt with the tokenizer's chat template")
+  ap.add_argument("--lora", default=None, help="a PEFT LoRA adapter folder, merged into the weights")
+  ap.add_argument("--dtype", default="float32", choices=["float32", "float16"])
+  args = ap.parse_args(argv)
+  if args.temperature < 0: raise SystemExit("error: --temperature must be >= 0")
+  if args.top_p is not None and not 0 < args.top_p <= 1: raise SystemExit("error: --top_p must be in (0, 1]")
+
+  from models import load
+  from models.generation import generate
+  model, tok = load(args.model, dtype=args.dtype)
+  if args.lora:
+    from minift.io_hf import merge_lora
+    merge_lora(model, args.lora)
+  text = tok.apply_chat_template([{"role": "user", "content": args.prompt}]) if args.chat else args.prompt
+  # a chat template writes its own BOS; a plain prompt gets one if the tokenizer adds it
+  ids = tok.encode(text, add_special_tokens=not (args.chat and tok.bos_token and text.startswith(tok.bos_token)))
+  new, shown, t0 = [], "", time.time()
+  for t in generate(model, ids, args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed, tok.eos_token_ids):
+    new.append(t)
+    text_now = tok.decode(new)
+    if not text_now.endswith("\ufffd"):        # hold back a partly decoded multi-byte character
+      out.write(text_now[len(shown):]); out.flush()
+      shown = text_now
+  out.write(tok.decode(new)[len(shown):] + "\n")
+  out.flush()
+  sys.stderr.write(f"[{len(new)} tokens, {len(new) / max(time.time() - t0, 1e-9):.2f} tokens/s]\n")
+  return new
+
+
+if __name__ == "__main__":
+  main()
