@@ -18,19 +18,19 @@ PEFT_PREFIX = "base_model.model."
 
 
 class LoRALinear(Module):
-  def __init__(self, base, r, alpha, dropout=0.0):
+  def __init__(self, base, r, alpha, dropout=0.0, rslora=False):
     if r < 1: raise ValueError(f"LoRA rank must be at least 1, got {r}")
     if not 0 <= dropout < 1: raise ValueError(f"LoRA dropout must be in [0, 1), got {dropout}")
     self.base, self.r, self.alpha, self.dropout = base, r, alpha, dropout
-    self.scale = alpha / r
+    self.scale = alpha / math.sqrt(r) if rslora else alpha / r   # rank-stabilised LoRA scales by sqrt(r)
     bound = 1.0 / math.sqrt(base.in_features)
     self.lora_A = Tensor.uniform(r, base.in_features, low=-bound, high=bound, device=base.weight.device).contiguous().realize()
     self.lora_B = Tensor.zeros(base.out_features, r, device=base.weight.device).contiguous().realize()
     self.lora_A.requires_grad = self.lora_B.requires_grad = True
 
   @staticmethod
-  def from_base(base, r=8, alpha=16, dropout=0.0):
-    return LoRALinear(base, r, alpha, dropout)
+  def from_base(base, r=8, alpha=16, dropout=0.0, rslora=False):
+    return LoRALinear(base, r, alpha, dropout, rslora)
 
   in_features = property(lambda self: self.base.in_features)
   out_features = property(lambda self: self.base.out_features)
@@ -128,29 +128,38 @@ def save_adapter(model, folder, base_model_path=""):
 
 def load_adapter(model, folder):
   """Wrap model's targets as the adapter in folder (saved by minift or by peft) says and load
-  its weights. Every tensor must match a module and a shape: errors name the key."""
+  its weights. Ranks come from the tensors (so peft's rank_pattern works), alphas from
+  lora_alpha / alpha_pattern. Every tensor must match a module and a shape: errors name the key."""
   cfg_path, w_path = os.path.join(folder, "adapter_config.json"), os.path.join(folder, "adapter_model.safetensors")
   for p in (cfg_path, w_path):
-    if not os.path.exists(p): raise FileNotFoundError(f"--lora {folder}: missing {os.path.basename(p)}")
+    if not os.path.exists(p): raise FileNotFoundError(f"--lora {folder}: missing {os.path.basename(p)} (expected a PEFT LoRA adapter folder)")
   with open(cfg_path) as f: cfg = json.load(f)
   if cfg.get("peft_type", "LORA") != "LORA": raise ValueError(f"{cfg_path}: peft_type {cfg.get('peft_type')!r} is not LORA")
-  if cfg.get("use_dora") or cfg.get("use_rslora"): raise ValueError(f"{cfg_path}: DoRA / rsLoRA adapters are not supported")
-  targets = cfg["target_modules"]
-  targets = [targets] if isinstance(targets, str) else targets
-  r, alpha = cfg["r"], cfg.get("lora_alpha", cfg["r"])
+  if cfg.get("use_dora"): raise ValueError(f"{cfg_path}: DoRA adapters are not supported")
+  if cfg.get("bias", "none") != "none" or cfg.get("modules_to_save"):
+    raise ValueError(f"{cfg_path}: adapters that train biases or whole modules (bias, modules_to_save) are not supported")
   from safetensors.numpy import load_file
-  weights = load_file(w_path)
-  if not lora_modules(model): apply_lora(model, targets, r, alpha, cfg.get("lora_dropout", 0.0))
+  weights = {k.replace(".default.weight", ".weight"): v for k, v in load_file(w_path).items()}
+  if lora_modules(model): raise ValueError(f"--lora {folder}: the model already has LoRA adapters")
+  targets = cfg["target_modules"]
+  targets = [targets] if isinstance(targets, str) else list(targets)
+  for path in _targets(model, targets):
+    a = weights.get(f"{PEFT_PREFIX}{path}.lora_A.weight")
+    if a is None: raise KeyError(f"{w_path}: missing tensor {PEFT_PREFIX}{path}.lora_A.weight")
+    alpha = next((v for k, v in (cfg.get("alpha_pattern") or {}).items() if _matches(path, k)), cfg.get("lora_alpha", a.shape[0]))
+    _replace(model, path, LoRALinear(model.get_submodule(path), a.shape[0], alpha, cfg.get("lora_dropout", 0.0), cfg.get("use_rslora", False)))
+  for p in model.parameters(): p.requires_grad = False
+  for t in lora_parameters(model): t.requires_grad = True
+  model.lora_config = dict(r=cfg["r"], alpha=cfg.get("lora_alpha", cfg["r"]), dropout=cfg.get("lora_dropout", 0.0), targets=targets)
   expected = set()
   for path, mod in lora_modules(model):
     for name, t in (("lora_A", mod.lora_A), ("lora_B", mod.lora_B)):
       key = f"{PEFT_PREFIX}{path}.{name}.weight"
-      alt = f"{PEFT_PREFIX}{path}.{name}.default.weight"
       expected.add(key)
-      arr = weights.get(key, weights.get(alt))
+      arr = weights.get(key)
       if arr is None: raise KeyError(f"{w_path}: missing tensor {key}")
       if tuple(arr.shape) != t.shape: raise ValueError(f"{w_path}: {key} has shape {tuple(arr.shape)}, the model needs {t.shape}")
       t.assign(arr.astype(np.float32))
-  extra = sorted(k for k in weights if k.replace(".default.weight", ".weight") not in expected)
+  extra = sorted(set(weights) - expected)
   if extra: raise KeyError(f"{w_path}: unexpected tensors {extra[:3]}{' ...' if len(extra) > 3 else ''} (no such LoRA module in the model)")
   return model

@@ -86,6 +86,18 @@ def test_peft_adapter_loads_in_minift(tiny, kind, tmp_path):
   np.testing.assert_allclose(logits_minift(model, ids), want, atol=1e-4, rtol=1e-4)
 
 
+def test_peft_rank_and_alpha_patterns_and_rslora(tiny, tmp_path):
+  cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False,
+                        rank_pattern={"down_proj": 2}, alpha_pattern={"v_proj": 3}, use_rslora=True)
+  ref = peft.get_peft_model(hf_model("llama", tiny["llama"]), cfg).eval()
+  ref.save_pretrained(str(tmp_path / "a"))
+  model, _ = models.load(tiny["llama"], with_tokenizer=False)
+  merge_lora(load_adapter(model, str(tmp_path / "a")))
+  ids = ids_batch(2)
+  with torch.no_grad(): want = ref(torch.tensor(ids)).logits.numpy()
+  np.testing.assert_allclose(logits_minift(model, ids), want, atol=1e-4, rtol=1e-4)
+
+
 def test_adapter_errors(tiny, tmp_path):
   model, _ = models.load(tiny["llama"], with_tokenizer=False)
   with pytest.raises(ValueError, match=r"target module\(s\) \['c_attn'\] not found"):
@@ -94,7 +106,12 @@ def test_adapter_errors(tiny, tmp_path):
     load_adapter(model, str(tmp_path))
   apply_lora(model, ["q_proj"], r=4)
   save_adapter(model, str(tmp_path / "a"))
+  from safetensors.numpy import load_file, save_file
+  path = str(tmp_path / "a" / "adapter_model.safetensors")
+  w = load_file(path)
+  key = next(k for k in w if k.endswith("layers.0.self_attn.q_proj.lora_B.weight"))
+  w[key] = np.zeros((3, 4), np.float32)   # an adapter made for another model
+  save_file(w, path)
   other, _ = models.load(tiny["llama"], with_tokenizer=False)
-  apply_lora(other, ["q_proj"], r=2)
-  with pytest.raises(ValueError, match=r"lora_A.weight has shape \(4, 64\), the model needs \(2, 64\)"):
+  with pytest.raises(ValueError, match=r"q_proj.lora_B.weight has shape \(3, 4\), the model needs \(64, 4\)"):
     load_adapter(other, str(tmp_path / "a"))

@@ -12,7 +12,7 @@ transformers = pytest.importorskip("transformers")
 gguf = pytest.importorskip("gguf")
 
 from minift import Tensor, no_grad
-from minift.io_hf import SafetensorsFile, merge_lora
+from minift.io_hf import SafetensorsFile
 from minift.io_gguf import unpermute_qk
 from models import load, GPT2, Llama, Gemma3
 from models.generation import generate, pick_token
@@ -471,23 +471,6 @@ def test_token_nll_matches_transformers(hf_models):
   s, n, _ = token_nll(model, ids, targets, chunk_rows=7)
   with torch.no_grad(): ref = torch.nn.functional.cross_entropy(ref_model(torch.tensor(ids)).logits[0, :-1], torch.tensor(ids[0, 1:]), reduction="sum")
   assert n == 29 and abs(s - ref.item()) < 1e-3
-
-
-def test_lora_adapter_merge_matches_peft(hf_models, tmp_path):
-  peft = pytest.importorskip("peft")
-  for kind, targets in (("gpt2", ["c_attn", "c_fc"]), ("llama", ["q_proj", "v_proj", "down_proj"])):
-    ref_model, folder = hf_models[kind]
-    torch.manual_seed(5)
-    pm = peft.get_peft_model(make_hf(kind), peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets, fan_in_fan_out=kind == "gpt2",
-                                                           init_lora_weights=False))
-    pm.save_pretrained(tmp_path / kind)
-    pm.eval()
-    model, _ = load(folder, with_tokenizer=False)   # the same weights as the model peft wrapped
-    merged = merge_lora(model, str(tmp_path / kind))
-    assert len(merged) == 2 * len(targets)
-    ids = ids_batch()
-    with torch.no_grad(): ref = pm(torch.tensor(ids)).logits.numpy()
-    np.testing.assert_allclose(minift_logits(model, ids), ref, atol=1e-4, rtol=0)
 
 
 # ---- tools on tiny inputs

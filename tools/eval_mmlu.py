@@ -149,8 +149,8 @@ def main(argv=None):
   from models import load
   model, tok = load(args.model, dtype=args.dtype)
   if args.lora:
-    from minift.io_hf import merge_lora
-    merge_lora(model, args.lora)
+    from minift.lora import load_adapter, merge_lora
+    merge_lora(load_adapter(model, args.lora))
   letters = letter_ids(tok)
   max_tokens = min(args.max_ctx, model.max_context)
   prompts = [build_prompt(tok, s, q, c, dev.get(s, [])[:args.k], max_tokens)[0] for s, (q, c, _) in items]

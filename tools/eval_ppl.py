@@ -50,8 +50,8 @@ def main(argv=None):
   t0 = time.time()
   model, tok = load(args.model, dtype=args.dtype)
   if args.lora:
-    from minift.io_hf import merge_lora
-    merge_lora(model, args.lora)
+    from minift.lora import load_adapter, merge_lora
+    merge_lora(load_adapter(model, args.lora))
   load_s = time.time() - t0
   ids = tok.encode(text, add_special_tokens=False)
   bos = tok.bos_token_id if tok.adds_bos else None

@@ -30,8 +30,8 @@ def main(argv=None, out=sys.stdout):
   from models.generation import generate
   model, tok = load(args.model, dtype=args.dtype)
   if args.lora:
-    from minift.io_hf import merge_lora
-    merge_lora(model, args.lora)
+    from minift.lora import load_adapter, merge_lora
+    merge_lora(load_adapter(model, args.lora))
   text = tok.apply_chat_template([{"role": "user", "content": args.prompt}]) if args.chat else args.prompt
   # a chat template writes its own BOS; a plain prompt gets one if the tokenizer adds it
   ids = tok.encode(text, add_special_tokens=not (args.chat and tok.bos_token and text.startswith(tok.bos_token)))
