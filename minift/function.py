@@ -1,7 +1,7 @@
 """Gradient rules on the primitive ops. Each forward and backward works on LazyBuffers, so the
 backward pass is more lazy graph that is scheduled and fused like the forward."""
 import math
-from minift.lazy import Op
+from minift.lazy import Op, LazyOp, LazyBuffer
 from minift.dtype import dtypes
 
 
@@ -30,6 +30,19 @@ class Function:
 class Contiguous(Function):
   def forward(self, x): return x.contiguous()
   def backward(self, g): return (g,)
+
+
+class Copy(Function):
+  """To another device; the gradient is copied back to the source device."""
+  def forward(self, x, device):
+    self.in_device = x.device
+    return _copy(x, device)
+  def backward(self, g): return (_copy(g, self.in_device),)
+
+
+def _copy(lb, device):
+  lb = lb.contiguous()
+  return LazyBuffer(LazyOp(Op.COPY, (lb,), None, lb.shape, lb.dtype, device))
 
 
 class Cast(Function):
@@ -141,8 +154,9 @@ class Pow(Function):
     if self.needs_input_grad[0]:
       ym1 = self.y.alu(Op.SUB, self.y.const_like(1.0))
       gx = g.alu(Op.MUL, self.y.alu(Op.MUL, self.x.alu(Op.POW, ym1)))
-    if self.needs_input_grad[1]:
-      gy = g.alu(Op.MUL, self.out.alu(Op.MUL, self.x.alu(Op.LOG)))
+    if self.needs_input_grad[1]:   # where x == 0, out * log(x) is 0 * -inf: torch's gradient there is 0
+      zero = self.x.const_like(0.0)
+      gy = g.alu(Op.MUL, self.x.alu(Op.CMPEQ, zero).alu(Op.WHERE, zero, self.out.alu(Op.MUL, self.x.alu(Op.LOG))))
     return gx, gy
 
 

@@ -8,7 +8,9 @@
 Tasks: matmul (GPT-2 shapes vs np.matmul), elementwise (a fused chain vs the same NumPy
 expression), softmax and layernorm (vs NumPy), block (a GPT-2-small block, d=768, 12 heads,
 batch 4 x 128, forward + backward vs torch on CPU), overhead (Python time per replayed
-training step, as a share of the step).
+training step, as a share of the step); `all` runs these. lora_step and full_step: one
+training step of a random GPT-2 small (batch 4 x 128; LoRA r=8 on c_attn and attn.c_proj, or
+every parameter) against PyTorch + peft, plus peak RSS of each in a separate process.
 """
 import argparse, json, os, statistics, sys, time
 import numpy as np
@@ -145,8 +147,88 @@ def bench_overhead(rows, device, repeat):
   print(f"{'overhead':<12} {'block train step, replay':<28} step {wall*1e3:9.2f} ms   python {over*1e3:7.2f} ms   share {100*over/wall:.2f}%", flush=True)
 
 
+# ---- a GPT-2-small-shaped training step (issue: LoRA and full fine-tuning) vs PyTorch (+ peft)
+
+GPT2_SMALL_TARGETS = ["c_attn", "attn.c_proj"]
+
+
+def _gpt2_small_folder():
+  """A random GPT-2 small made by transformers, saved once as an HF folder in the temp dir."""
+  import tempfile
+  folder = os.path.join(tempfile.gettempdir(), "minift-bench-gpt2-small")
+  if not os.path.exists(os.path.join(folder, "model.safetensors")):
+    import torch, transformers
+    torch.manual_seed(0)
+    transformers.GPT2LMHeadModel(transformers.GPT2Config()).save_pretrained(folder)
+  return folder
+
+
+def _step_minift(folder, full_ft, device):
+  import models
+  from minift.lora import apply_lora, lora_modules
+  from minift.trainer import Trainer
+  from types import SimpleNamespace
+  model, _ = models.load(folder, with_tokenizer=False)
+  if full_ft:
+    named = list(model.named_parameters())
+    for _, p in named: p.requires_grad = True
+  else:
+    apply_lora(model, GPT2_SMALL_TARGETS, r=8, alpha=16)
+    named = [(f"{p}.{n}", getattr(m, n)) for p, m in lora_modules(model) for n in ("lora_A", "lora_B")]
+  trainer = Trainer(model, [t for _, t in named], SimpleNamespace(optimizer="adamw", lr=1e-4, weight_decay=0.0, momentum=0.0, clip_grad_norm=1.0), named)
+  rng = np.random.default_rng(0)
+  x, y = rng.integers(0, 50257, (4, 128)), rng.integers(0, 50257, (4, 128))
+  return lambda: trainer.train_step([(x, y)], 1e-4)
+
+
+def _step_torch(folder, full_ft):
+  import torch, transformers, peft
+  model = transformers.GPT2LMHeadModel.from_pretrained(folder)
+  if not full_ft: model = peft.get_peft_model(model, peft.LoraConfig(r=8, lora_alpha=16, target_modules=GPT2_SMALL_TARGETS))
+  params = [p for p in model.parameters() if p.requires_grad]
+  opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0)
+  g = torch.Generator().manual_seed(0)
+  x, y = torch.randint(0, 50257, (4, 128), generator=g), torch.randint(0, 50257, (4, 128), generator=g)
+  def step():
+    loss = model(input_ids=x, labels=y).loss
+    opt.zero_grad(); loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    return loss.item()
+  return step
+
+
+def _peak_rss_mb(which, full_ft, device, steps=3):
+  """Peak RSS of a separate process that runs `steps` training steps of one framework."""
+  import subprocess
+  code = (f"import sys, resource; sys.argv = ['bench']; import bench; folder = bench._gpt2_small_folder(); "
+          f"step = bench._step_{which}(folder, {full_ft}{', ' + repr(device) if which == 'minift' else ''}); "
+          f"[step() for _ in range({steps})]; print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)")
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=os.path.dirname(os.path.abspath(__file__)), check=True)
+  return float(out.stdout.strip().splitlines()[-1])
+
+
+def _bench_train_step(rows, device, repeat, full_ft):
+  import torch
+  folder = _gpt2_small_folder()
+  ours, ref = _step_minift(folder, full_ft, device), _step_torch(folder, full_ft)
+  ours(); ours()          # capture happens on the second call
+  o, r = side_by_side(ours, ref, repeat)
+  name = "full_step" if full_ft else "lora_step"
+  row(rows, name, "GPT-2 small, 4x128" + ("" if full_ft else ", r=8"), o, r, "torch+peft" if not full_ft else "torch",
+      f"({torch.get_num_threads()} torch threads)")
+  rss_ours, rss_ref = _peak_rss_mb("minift", full_ft, device), _peak_rss_mb("torch", full_ft, device)
+  rows[-1].update(peak_rss_mb=rss_ours, ref_peak_rss_mb=rss_ref, rss_ratio=rss_ours / rss_ref)
+  print(f"{name:<12} {'peak RSS':<28} minift {rss_ours:9.0f} MB   {'reference':<9} {rss_ref:9.0f} MB   ratio {rss_ours/rss_ref:5.2f}", flush=True)
+
+
+def bench_lora_step(rows, device, repeat): _bench_train_step(rows, device, repeat, full_ft=False)
+def bench_full_step(rows, device, repeat): _bench_train_step(rows, device, repeat, full_ft=True)
+
+
 TASKS = {"matmul": bench_matmul, "elementwise": bench_elementwise, "softmax": bench_softmax_layernorm,
-         "block": bench_block, "overhead": bench_overhead}
+         "block": bench_block, "overhead": bench_overhead, "lora_step": bench_lora_step, "full_step": bench_full_step}
+FOUNDATION = ["matmul", "elementwise", "softmax", "block", "overhead"]
 
 
 def main(argv=None):
@@ -157,7 +239,7 @@ def main(argv=None):
   ap.add_argument("--json", help="also write the rows to this JSON file")
   args = ap.parse_args(argv)
   if args.repeat < 1: ap.error("--repeat must be at least 1")
-  tasks = list(TASKS) if args.task == "all" else ["softmax" if args.task == "layernorm" else args.task]
+  tasks = FOUNDATION if args.task == "all" else ["softmax" if args.task == "layernorm" else args.task]
   rows = []
   for t in tasks: TASKS[t](rows, args.device, args.repeat)
   if args.json:
