@@ -1,8 +1,12 @@
 """Gradient rules on the primitive ops. Each forward and backward works on LazyBuffers, so the
 backward pass is more lazy graph that is scheduled and fused like the forward."""
 import math
+import weakref
 from minift.lazy import Op, LazyOp, LazyBuffer
 from minift.dtype import dtypes
+
+# Bases that a pending backward pass will read (held weakly: gone with their graph).
+SAVED_FOR_BACKWARD = weakref.WeakSet()
 
 
 class Function:
@@ -20,7 +24,10 @@ class Function:
     ctx = cls(*tensors)
     lb = ctx.forward(*[t.lazydata for t in tensors], **kwargs)
     out = Tensor(lb, requires_grad=ctx.requires_grad and not Tensor.no_grad and lb.dtype.is_float)
-    if out.requires_grad: out._ctx, ctx.parents = ctx, tensors
+    if out.requires_grad:
+      out._ctx, ctx.parents = ctx, tensors
+      for v in vars(ctx).values():   # what backward will read: the scheduler keeps its costly parts
+        if isinstance(v, LazyBuffer) and not v.base.realized: SAVED_FOR_BACKWARD.add(v.base)
     return out
 
 

@@ -36,8 +36,10 @@ class LoRALinear(Module):
   out_features = property(lambda self: self.base.out_features)
 
   def forward(self, x):
-    update = (x.dropout(self.dropout) @ self.lora_A.T) @ self.lora_B.T
-    return self.base(x) + update * self.scale
+    # scale the rank-r intermediate, not the full-width update: the same product, and its
+    # gradient is an r-wide multiply instead of a full-width one
+    low_rank = (x.dropout(self.dropout) @ self.lora_A.T) * self.scale    # (..., r)
+    return self.base(x) + low_rank @ self.lora_B.T
 
   def merge(self):
     """A plain Linear with the update folded in: W + scale * B @ A."""

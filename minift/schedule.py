@@ -234,6 +234,23 @@ def snapshot_kernel(target, assign):
   return Kernel(snap, [target], load)
 
 
+def _keep_saved_reductions(order, realize):
+  """A value the backward pass will read, but that this schedule only computes inside another
+  kernel, would be recomputed from scratch by the backward, matmuls included (this happens when
+  the forward is realized before the backward is built). Materialize the reductions inside it;
+  its elementwise part stays cheap to recompute from them."""
+  from minift.function import SAVED_FOR_BACKWARD
+  for base in order:
+    if id(base) in realize or base not in SAVED_FOR_BACKWARD: continue
+    stack, seen = [base], set()
+    while stack:
+      b = stack.pop()
+      if id(b) in seen: continue
+      seen.add(id(b))
+      if b.op in REDUCE: realize[id(b)] = b; continue
+      stack += [s.base for s in b.srcs if not s.base.realized and id(s.base) not in realize and s.base.op in ELEMENTWISE | REDUCE]
+
+
 def create_schedule(outs):
   """Kernels that realize the LazyBuffers `outs`, in an order that respects dependencies."""
   roots = [lb.base for lb in outs if not lb.base.realized]
@@ -268,6 +285,7 @@ def create_schedule(outs):
     group[id(base)] = g
     in_loop[id(base)] = any(group[id(c)] == g and (in_loop[id(c)] or c.op in REDUCE) for c in cs)
     if base.op in REDUCE: has_reduce.add(g)
+  _keep_saved_reductions(order, realize)
   todo = list(realize.values())
   builder, kernels = _KernelBuilder(realize, todo), {}
   while todo:

@@ -233,6 +233,8 @@ class Tensor:
           if pg is None or not parent.requires_grad: continue
           if pg.shape != parent.shape: raise RuntimeError(f"internal: gradient {pg.shape} for input {parent.shape} in {type(ctx).__name__}")
           grads[id(parent)] = pg if id(parent) not in grads else grads[id(parent)].alu(Op.ADD, pg)
+        for v in vars(ctx).values():   # its saved values are now read by the built backward graph
+          if isinstance(v, LazyBuffer): F.SAVED_FOR_BACKWARD.discard(v.base)
         t._ctx = _FREED   # free the graph, as torch does without retain_graph
     return self
 
@@ -754,15 +756,18 @@ class Tensor:
       hd.realize()
       for start in range(0, h.shape[0], chunk_rows):
         hc, tc = hd[start:start + chunk_rows], tgt[start:start + chunk_rows]
-        logits = (hc @ wd.T).float()
-        logits.realize()
-        logp = logits.log_softmax(-1)
+        # four passes over the (rows, vocab) logits: write, max, sum of exp, gradient
+        rows, vocab = hc.shape[0], weight.shape[0]
+        logits = (hc @ wd.T).float().realize()
+        lse = logits.logsumexp(-1, keepdim=True).realize()                              # (rows, 1)
         valid = (tc != ignore_index)
-        hit = (tc.unsqueeze(-1) == Tensor.arange(weight.shape[0], dtype=tc.dtype, device=self.device)) * valid.unsqueeze(-1)
-        part = -(hit.where(logp, 0.0).sum()) * inv_n.reshape(())
+        flat = Tensor.arange(rows, device=self.device) * vocab + valid.where(tc, 0).long()   # the target's logit
+        picked = logits.reshape(rows * vocab, 1).embedding(flat).reshape(rows)
+        part = ((lse.reshape(rows) - picked) * valid.float()).sum() * inv_n.reshape(())
         todo = [part]
         if need_h or need_w:
-          g = ((logp.exp() - hit.float()) * valid.unsqueeze(-1).float() * inv_n.reshape(())).contiguous().cast(weight.dtype)
+          hit = tc.unsqueeze(-1) == Tensor.arange(vocab, dtype=tc.dtype, device=self.device)
+          g = (((logits - lse).exp() - hit.float()) * (valid.float() * inv_n.reshape(())).unsqueeze(-1)).cast(weight.dtype).contiguous()
           if need_h: dh_parts.append(g @ wd); todo.append(dh_parts[-1])
           if need_w:
             dwc = g.T @ hc

