@@ -285,3 +285,70 @@ class Stored(Function):
     for need, gr in zip(self.needs_input_grad, self.grads):
       out.append(gr.alu(Op.MUL, g.reshape((1,) * len(gr.shape)).expand(gr.shape)) if need and gr is not None else None)
     return tuple(out)
+
+
+# ---- normalisations and softmax: forward and backward written out (still in primitive ops),
+# because the chain rule through their pieces gives several reductions where one or two do.
+# The forwards build their cheap shifted input (x - mean, x - max) twice on purpose: each copy
+# fuses into the kernel that reads it, instead of being written out once and read twice.
+
+def _t(lb):
+  from minift.tensor import Tensor
+  return Tensor(lb)   # a plain tensor: ops on it build lazy graph but no autograd graph
+
+
+class LayerNorm(Function):
+  """(x - mean) / sqrt(var + eps) over `axis`; dx = rstd (g - mean(g) - xhat mean(g xhat))."""
+  def forward(self, x, axis, eps):
+    xt = _t(x)
+    mean = xt.mean(axis, keepdim=True)
+    var = ((xt - mean) * (xt - mean)).mean(axis, keepdim=True)
+    rstd = (var + eps).rsqrt()
+    self.x, self.mean, self.rstd, self.axis = x, mean.lazydata, rstd.lazydata, axis
+    return ((xt - mean) * rstd).lazydata
+  def backward(self, g):
+    g, rstd = _t(g), _t(self.rstd)
+    xhat = (_t(self.x) - _t(self.mean)) * rstd
+    dx = rstd * (g - g.mean(self.axis, keepdim=True) - xhat * (g * xhat).mean(self.axis, keepdim=True))
+    return (dx.lazydata,)
+
+
+class RMSNorm(Function):
+  """x / sqrt(mean(x^2) + eps) over `axis`; dx = rstd (g - xhat mean(g xhat))."""
+  def forward(self, x, axis, eps):
+    xt = _t(x)
+    rstd = ((xt * xt).mean(axis, keepdim=True) + eps).rsqrt()
+    self.x, self.rstd, self.axis = x, rstd.lazydata, axis
+    return (xt * rstd).lazydata
+  def backward(self, g):
+    g, rstd = _t(g), _t(self.rstd)
+    xhat = _t(self.x) * rstd
+    return ((rstd * (g - xhat * (g * xhat).mean(self.axis, keepdim=True))).lazydata,)
+
+
+class Softmax(Function):
+  """exp(x - max) / sum; dx = y (g - sum(g y)), with y recomputed from x, max and sum."""
+  def forward(self, x, axis):
+    xt = _t(x)
+    m = xt.max(axis, keepdim=True)
+    s = (xt - m).exp().sum(axis, keepdim=True)
+    self.x, self.m, self.s, self.axis = x, m.lazydata, s.lazydata, axis
+    return ((xt - m).exp() / s).lazydata
+  def backward(self, g):
+    g = _t(g)
+    y = (_t(self.x) - _t(self.m)).exp() / _t(self.s)
+    return ((y * (g - (g * y).sum(self.axis, keepdim=True))).lazydata,)
+
+
+class LogSoftmax(Function):
+  """x - max - log(sum(exp(x - max))); dx = g - exp(out) sum(g)."""
+  def forward(self, x, axis):
+    xt = _t(x)
+    m = xt.max(axis, keepdim=True)
+    lse = (xt - m).exp().sum(axis, keepdim=True).log() + m
+    self.x, self.lse, self.axis = x, lse.lazydata, axis
+    return (xt - lse).lazydata
+  def backward(self, g):
+    g = _t(g)
+    p = (_t(self.x) - _t(self.lse)).exp()
+    return ((g - p * g.sum(self.axis, keepdim=True)).lazydata,)

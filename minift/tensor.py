@@ -640,17 +640,11 @@ class Tensor:
     out = self @ weight.T
     return out + bias if bias is not None else out
 
-  # softmax, log_softmax and layernorm build their cheap shifted input twice on purpose: each
-  # copy fuses into the kernel that reads it, instead of being written out once and read twice.
   def softmax(self, axis=-1):
-    x = self._float()
-    m = x.detach().max(axis, keepdim=True)
-    return (x - m).exp() / (x - m).exp().sum(axis, keepdim=True)
+    return F.Softmax.apply(self._float(), axis=normalize_axis(axis, self.ndim))
 
   def log_softmax(self, axis=-1):
-    x = self._float()
-    m = x.detach().max(axis, keepdim=True)
-    return (x - m) - (x - m).exp().sum(axis, keepdim=True).log()
+    return F.LogSoftmax.apply(self._float(), axis=normalize_axis(axis, self.ndim))
 
   def logsumexp(self, axis=-1, keepdim=False):
     m = self.detach().max(axis, keepdim=True)
@@ -659,15 +653,13 @@ class Tensor:
 
   def layernorm(self, weight=None, bias=None, eps=1e-5, axis=-1):
     """Normalise over `axis` (the last by default) to zero mean and unit variance, then scale."""
-    mean = self.mean(axis, keepdim=True)
-    var = ((self - mean) * (self - mean)).mean(axis, keepdim=True)
-    out = (self - mean) * (var + eps).rsqrt()
+    out = F.LayerNorm.apply(self._float(), axis=normalize_axis(axis, self.ndim), eps=eps)
     if weight is not None: out = out * weight
     if bias is not None: out = out + bias
     return out
 
   def rmsnorm(self, weight=None, eps=1e-6, axis=-1):
-    out = self * ((self * self).mean(axis, keepdim=True) + eps).rsqrt()
+    out = F.RMSNorm.apply(self._float(), axis=normalize_axis(axis, self.ndim), eps=eps)
     return out * weight if weight is not None else out
 
   def embedding(self, idx):
