@@ -134,7 +134,9 @@ class Sub(Function):
 
 class Mul(Function):
   def forward(self, x, y):
-    self.x, self.y = x, y
+    # keep only what a needed gradient reads: x @ frozen_w must not hold x for the backward
+    self.x = x if self.needs_input_grad[1] else None
+    self.y = y if self.needs_input_grad[0] else None
     return x.alu(Op.MUL, y)
   def backward(self, g):
     return (g.alu(Op.MUL, self.y) if self.needs_input_grad[0] else None,
@@ -143,7 +145,8 @@ class Mul(Function):
 
 class Div(Function):
   def forward(self, x, y):
-    self.x, self.y = x, y
+    self.x = x if self.needs_input_grad[1] else None
+    self.y = y
     return x.alu(Op.DIV, y)
   def backward(self, g):
     gx = g.alu(Op.DIV, self.y) if self.needs_input_grad[0] else None

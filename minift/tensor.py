@@ -725,7 +725,7 @@ class Tensor:
     out = scores.softmax(-1) @ vg                                       # (B, Hkv, G, T, Dv)
     return out.reshape(b, hq, t, v.shape[3])
 
-  def linear_cross_entropy(self, weight, target, ignore_index=-100, chunk_rows=1024, denominator=None):
+  def linear_cross_entropy(self, weight, target, ignore_index=-100, chunk_rows=256, denominator=None):
     """Mean cross-entropy of (self @ weight.T) against targets, without ever holding the full
     (rows, vocab) logits. Rows are processed in chunks; when gradients are needed, each chunk's
     gradients w.r.t. the hidden states and the weight are computed and realized right away, so

@@ -22,6 +22,13 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from minift import Tensor, jit   # noqa: E402
 
 
+def peak_rss_mb():
+  """This process's peak resident memory (VmHWM). Not getrusage's ru_maxrss: Linux carries
+  that over from the parent across fork and exec, so a child would report the parent's peak."""
+  with open("/proc/self/status") as f:
+    return next(int(l.split()[1]) for l in f if l.startswith("VmHWM:")) / 1024
+
+
 def timed(fn, repeat):
   times = []
   for _ in range(repeat):
@@ -29,6 +36,14 @@ def timed(fn, repeat):
     fn()
     times.append(time.perf_counter() - t0)
   return times
+
+
+def synced(fn, device):
+  """fn, then wait for the device queue: OpenCL returns once the kernels are enqueued."""
+  from minift.device import get_device
+  dev = get_device(device)
+  if not hasattr(dev, "synchronize"): return fn
+  return lambda: (fn(), dev.synchronize())
 
 
 def side_by_side(ours, ref, repeat):
@@ -55,7 +70,7 @@ def bench_matmul(rows, device, repeat):
   for m, k, n in [(512, 768, 2304), (512, 768, 768), (512, 768, 3072), (512, 3072, 768)]:
     a, b = rand(m, k), rand(k, n, seed=1)
     ta, tb = Tensor(a, device=device), Tensor(b, device=device)
-    ours, ref = side_by_side(lambda: (ta @ tb).realize(), lambda: np.matmul(a, b), repeat)
+    ours, ref = side_by_side(synced(lambda: (ta @ tb).realize(), device), lambda: np.matmul(a, b), repeat)
     row(rows, "matmul", f"{m}x{k} @ {k}x{n}", ours, ref, "np.matmul", f"{2*m*k*n/ours/1e9:.0f} GFLOP/s")
 
 
@@ -63,7 +78,7 @@ def bench_elementwise(rows, device, repeat):
   a, b, c = rand(4, 128, 3072), rand(4, 128, 3072, seed=1), rand(3072, seed=2)
   ta, tb, tc = (Tensor(x, device=device) for x in (a, b, c))
   chain = lambda x, y, z, exp, tanh: tanh((exp(x * 0.1) * y + z) * 0.5 - x)
-  ours, ref = side_by_side(lambda: chain(ta, tb, tc, Tensor.exp, Tensor.tanh).realize(), lambda: chain(a, b, c, np.exp, np.tanh), repeat)
+  ours, ref = side_by_side(synced(lambda: chain(ta, tb, tc, Tensor.exp, Tensor.tanh).realize(), device), lambda: chain(a, b, c, np.exp, np.tanh), repeat)
   row(rows, "elementwise", "4x128x3072, 7 ops", ours, ref, "numpy", f"{4*a.nbytes/ours/1e9:.1f} GB/s")
 
 
@@ -73,14 +88,14 @@ def bench_softmax_layernorm(rows, device, repeat):
   def np_softmax(x):
     e = np.exp(x - x.max(-1, keepdims=True))
     return e / e.sum(-1, keepdims=True)
-  ours, ref = side_by_side(lambda: ts.softmax(-1).realize(), lambda: np_softmax(s), repeat)
+  ours, ref = side_by_side(synced(lambda: ts.softmax(-1).realize(), device), lambda: np_softmax(s), repeat)
   row(rows, "softmax", "4x12x128x128", ours, ref, "numpy")
   x, w, b = rand(4, 128, 768), rand(768, seed=1), rand(768, seed=2)
   tx, tw, tb = (Tensor(v, device=device) for v in (x, w, b))
   def np_layernorm(x):
     d = x - x.mean(-1, keepdims=True)
     return d / np.sqrt((d * d).mean(-1, keepdims=True) + 1e-5) * w + b
-  ours, ref = side_by_side(lambda: tx.layernorm(tw, tb).realize(), lambda: np_layernorm(x), repeat)
+  ours, ref = side_by_side(synced(lambda: tx.layernorm(tw, tb).realize(), device), lambda: np_layernorm(x), repeat)
   row(rows, "layernorm", "4x128x768", ours, ref, "numpy")
 
 
@@ -108,7 +123,7 @@ def bench_block(rows, device, repeat):
     loss = (block_torch(tp, 0, x, 12) ** 2).mean()
     loss.backward()
     for t in tp.values(): t.grad = None
-  o, r = side_by_side(ours, ref, repeat)
+  o, r = side_by_side(synced(ours, device), ref, repeat)
   row(rows, "block", "GPT-2 small, 4x128, fwd+bwd", o, r, f"torch{torch.get_num_threads()}t")
 
 
@@ -203,9 +218,9 @@ def _step_torch(folder, full_ft):
 def _peak_rss_mb(which, full_ft, device, steps=3):
   """Peak RSS of a separate process that runs `steps` training steps of one framework."""
   import subprocess
-  code = (f"import sys, resource; sys.argv = ['bench']; import bench; folder = bench._gpt2_small_folder(); "
+  code = (f"import sys; sys.argv = ['bench']; import bench; folder = bench._gpt2_small_folder(); "
           f"step = bench._step_{which}(folder, {full_ft}{', ' + repr(device) if which == 'minift' else ''}); "
-          f"[step() for _ in range({steps})]; print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)")
+          f"[step() for _ in range({steps})]; print(bench.peak_rss_mb())")
   out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=os.path.dirname(os.path.abspath(__file__)), check=True)
   return float(out.stdout.strip().splitlines()[-1])
 
@@ -267,9 +282,9 @@ def bench_load(rows, device, repeat):
   """Peak RSS of a process that loads the model, against the size of its float32 weights."""
   import subprocess
   for name, path in _real_models():
-    code = ("import sys, resource, time; sys.path.insert(0, '..'); from models import load; t = time.time(); "
+    code = ("import sys, time; sys.argv = ['bench']; import bench; from models import load; t = time.time(); "
             f"m, tok = load({path!r}); print(sum(p.numel() for p in m.parameters()) * 4 / 2**20, "
-            "resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, time.time() - t)")
+            "bench.peak_rss_mb(), time.time() - t)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=os.path.dirname(os.path.abspath(__file__)))
     weights_mb, rss_mb, secs = map(float, out.stdout.split()[-3:])
     rows.append(dict(task="load", shape=name, weights_mb=weights_mb, peak_rss_mb=rss_mb, ratio=rss_mb / weights_mb, seconds=secs))
@@ -290,6 +305,7 @@ def main(argv=None):
   ap.add_argument("--json", help="also write the rows to this JSON file")
   args = ap.parse_args(argv)
   if args.repeat < 1: ap.error("--repeat must be at least 1")
+  os.environ["MINIFT_DEVICE"] = args.device   # models and step tasks create their tensors on it
   tasks = FOUNDATION if args.task == "all" else ["softmax" if args.task == "layernorm" else args.task]
   rows = []
   for t in tasks: TASKS[t](rows, args.device, args.repeat)

@@ -1,0 +1,508 @@
+"""Render scheduled kernels (schedule.Kernel) to OpenCL C source.
+
+Every kernel takes (out, data0, ..., dataN-1), the inputs in the order the schedule gave them,
+plus a few extra arguments for some kinds (rand: key and counter; gather and scatter-add: an
+error flag). Arithmetic is done in float for float16 and float32; float16 is stored as half and
+moved with vload_half/vstore_half (no cl_khr_fp16 needed) and rounded to half after every op,
+as NumPy does. bool is stored as uchar, int64 as long.
+
+Indexing: a View maps a coordinate to an element. A kernel names its coordinates by "groups":
+(variable, axes) pairs, where the variable is the row-major flat index over those axes (gid
+over every axis of an elementwise kernel; gid over the kept and r over the reduced axes of a
+reduce; b, i, j, k over the batch, m, n and k axes of a matmul). Axes that merge into one
+stride cost one multiply, whatever their number; masked axes (pads) add a bounds check.
+"""
+from dataclasses import dataclass, field
+from pathlib import Path
+import numpy as np
+from minift.dtype import dtypes
+from minift.lazy import Op
+from minift.schedule import matmul_axes
+from minift.helpers import prod
+from minift.view import View
+
+KERNEL_DIR = Path(__file__).resolve().parent.parent / "kernels"
+
+CTYPE = {"bool": "bool", "int32": "int", "int64": "long", "float16": "float", "float32": "float"}   # arithmetic
+STYPE = {"bool": "uchar", "int32": "int", "int64": "long", "float16": "half", "float32": "float"}   # storage
+ZERO = {"bool": "0", "int32": "0", "int64": "0L", "float16": "0.0f", "float32": "0.0f"}
+
+PRELUDE = r"""// minift generated kernel
+// float16 is stored as half but computed in float: round to half after each op, as NumPy does
+float round_half(float x) { ushort h; vstore_half(x, 0, (__private half*)&h); return vload_half(0, (__private const half*)&h); }
+// tanh rounds to +-1 in float beyond |x| = 13 ln 2; some drivers stop one ulp short, and
+// gradients such as 1 - tanh(x)^2 then differ from NumPy's (and torch's) exact zero
+float tanh_f(float x) { return fabs(x) > 9.0109f ? copysign(1.0f, x) : tanh(x); }
+// NumPy's maximum propagates NaN; OpenCL's fmax does not
+float max_f(float a, float b) { return (a > b || a != a) ? a : b; }
+// integer division and power without undefined behaviour (x86 traps on a division by zero)
+int div_i(int a, int b) { return b == 0 ? 0 : (b == -1 ? -a : a / b); }
+long div_l(long a, long b) { return b == 0 ? 0 : (b == -1 ? -a : a / b); }
+long pow_l(long a, long b) {
+  if (b < 0) return a == 1 ? 1 : (a == -1 ? ((b & 1) ? -1 : 1) : 0);
+  long r = 1;
+  while (b) { if (b & 1) r *= a; a *= a; b >>= 1; }
+  return r;
+}
+"""
+
+# ops whose float16 result must be rounded to half (the others are exact on half inputs)
+ROUNDED = {Op.EXP, Op.LOG, Op.SQRT, Op.RECIP, Op.TANH, Op.SIN, Op.ERF, Op.CAST, Op.ADD, Op.SUB, Op.MUL, Op.DIV, Op.POW}
+MATH_FN = {Op.EXP: "exp", Op.LOG: "log", Op.SQRT: "sqrt", Op.TANH: "tanh_f", Op.SIN: "sin", Op.ERF: "erf"}
+INFIX = {Op.ADD: "+", Op.SUB: "-", Op.MUL: "*", Op.CMPLT: "<", Op.CMPEQ: "=="}
+
+
+@dataclass
+class Rendered:
+  """A kernel ready to build and launch."""
+  name: str
+  src: str
+  global_size: tuple
+  local_size: tuple
+  extra_args: tuple = ()      # after (out, data...): "err" (int flag buffer), "key", "counter" (uint)
+  notes: dict = field(default_factory=dict)
+
+
+def literal(value, dtype):
+  """An OpenCL C literal of `value` as `dtype` computes (negative values parenthesised)."""
+  if dtype is dtypes.bool: return "1" if value else "0"
+  if dtype is dtypes.int32:
+    value = int(np.int32(value))
+    return "(-2147483647-1)" if value == -2**31 else (f"({value})" if value < 0 else str(value))
+  if dtype is dtypes.int64:
+    value = int(value)
+    return "(-9223372036854775807L-1L)" if value == -2**63 else (f"({value}L)" if value < 0 else f"{value}L")
+  v = float(np.float16(value)) if dtype is dtypes.float16 else float(np.float32(value))
+  if v != v: return "NAN"
+  if v in (float("inf"), float("-inf")): return "INFINITY" if v > 0 else "(-INFINITY)"
+  return f"({v!r}f)" if v < 0 or (v == 0 and np.signbit(v)) else f"{v!r}f"
+
+
+def _coord(var, inner, size, outermost):
+  """Coordinate of one run of axes inside a group's flat index `var`."""
+  c = var if inner == 1 else f"({var}/{inner})"
+  return c if outermost else f"({c}%{size})"
+
+
+def view_index(view, groups):
+  """(index expression, validity condition or None) of `view` at the coordinates `groups`
+  names. Axes in no group are at coordinate 0. The condition is "0" when nothing is valid."""
+  covered = {a for _, axes in groups for a in axes}
+  if view.mask is not None:
+    for a, (lo, hi) in enumerate(view.mask):
+      if lo >= hi or (a not in covered and not lo <= 0 < hi): return "0", "0"
+  terms, conds = [], []
+  for var, axes in groups:
+    axes = [a for a in axes if view.shape[a] != 1]
+    if not axes: continue
+    sizes = [view.shape[a] for a in axes]
+    inner = [prod(sizes[p + 1:]) for p in range(len(axes))]
+    start = 0
+    for p in range(1, len(axes) + 1):   # split into runs of axes that merge into one stride
+      if p < len(axes) and view.strides[axes[p - 1]] == view.strides[axes[p]] * sizes[p]: continue
+      stride = view.strides[axes[p - 1]]
+      if stride != 0:
+        c = _coord(var, inner[p - 1], prod(sizes[start:p]), start == 0)
+        terms.append(c if stride == 1 else f"{c}*{stride}" if stride > 0 else f"{c}*({stride})")
+      start = p
+    if view.mask is not None:
+      for p, a in enumerate(axes):
+        lo, hi = view.mask[a]
+        c = _coord(var, inner[p], sizes[p], p == 0)
+        if lo > 0: conds.append(f"{c}>={lo}")
+        if hi < view.shape[a]: conds.append(f"{c}<{hi}")
+  if view.offset: terms.append(f"({view.offset})" if view.offset < 0 else str(view.offset))
+  return " + ".join(terms) or "0", " && ".join(conds) or None
+
+
+def store(dtype, index, value, buf="out"):
+  if dtype is dtypes.float16: return f"vstore_half({value}, {index}, {buf});"
+  if dtype is dtypes.bool: return f"{buf}[{index}] = (uchar)({value});"
+  return f"{buf}[{index}] = {value};"
+
+
+def load(dtype, buf, index):
+  if dtype is dtypes.float16: return f"vload_half({index}, {buf})"
+  if dtype is dtypes.bool: return f"({buf}[{index}]!=0)"
+  return f"{buf}[{index}]"
+
+
+class Renderer:
+  """Expressions for KNodes. Nodes the AST uses more than once (kernel.shared) become variables,
+  emitted once into the current list of lines; the rest are inlined. vector: the expressions
+  are float4s of four neighbouring elements along the last axis (see vector_width)."""
+
+  def __init__(self, kernel, in_dtypes, vector=False):
+    self.kernel, self.in_dtypes, self.shared, self.vector = kernel, in_dtypes, kernel.shared, vector
+    self.names, self.lines, self.count = {}, [], 0
+
+  def value(self, node, groups):
+    name = self.names.get(id(node))
+    if name is not None: return name
+    code = self._value(node, groups)
+    if id(node) not in self.shared: return code
+    name = f"v{self.count}"
+    self.count += 1
+    self.lines.append(f"float4 {name} = (float4)({code});" if self.vector else f"{CTYPE[node.dtype.name]} {name} = {code};")
+    self.names[id(node)] = name
+    return name
+
+  def load(self, node, groups):
+    i, view = node.arg
+    dtype = self.in_dtypes[i]
+    index, cond = view_index(view, groups)
+    if cond == "0": return ZERO[dtype.name]
+    if self.vector:   # four neighbours along the last axis: one vector load when they are adjacent
+      stride = view.strides[-1]
+      code = f"vload4(0, data{i} + {index})" if stride == 1 else f"data{i}[{index}]" if stride == 0 else \
+             "(float4)(" + ", ".join(f"data{i}[{index} + {u * stride}]" for u in range(4)) + ")"
+    else: code = load(dtype, f"data{i}", index)
+    zero = "(float4)(0.0f)" if self.vector else ZERO[dtype.name]   # both arms of ?: one type
+    return f"({cond}?{code}:{zero})" if cond else code
+
+  def _value(self, node, groups):
+    op = node.op
+    if op is Op.BUFFER: return self.load(node, groups)
+    if op is Op.CONST: return literal(node.arg, node.dtype)
+    if op is Op.COPY: return self.value(node.srcs[0], groups)
+    if op in (Op.SUM, Op.RMAX, Op.GATHER, Op.SCATTER_ADD, Op.RAND):
+      raise NotImplementedError(f"OpenCL codegen: {op.name} cannot be inlined in an expression")
+    srcs = [self.value(s, groups) for s in node.srcs]
+    code = self.alu(op, node, srcs)
+    if node.dtype is dtypes.float16 and op in ROUNDED and not (op is Op.CAST and node.srcs[0].dtype is dtypes.float16):
+      code = f"round_half({code})"
+    return code
+
+  @staticmethod
+  def alu(op, node, srcs):
+    out, src = node.dtype, node.srcs[0].dtype
+    a = srcs[0]
+    if op in MATH_FN: return f"{MATH_FN[op]}({a})"
+    if op is Op.NEG: return f"(!{a})" if out is dtypes.bool else f"(-{a})"
+    if op is Op.RECIP:
+      if out.is_float: return f"(1.0f/{a})"
+      return f"div_l(1L, {a})" if out is dtypes.int64 else f"div_i(1, {a})"
+    if op is Op.CAST:
+      to = node.arg
+      if to is dtypes.bool: return f"({a}!=0)"
+      return f"(({CTYPE[to.name]}){a})" if CTYPE[to.name] != CTYPE[src.name] else a
+    b = srcs[1] if len(srcs) > 1 else None
+    if out is dtypes.bool and op in (Op.ADD, Op.MUL, Op.MAX):   # NumPy: + is or, * is and
+      return f"({a}&&{b})" if op is Op.MUL else f"({a}||{b})"
+    if op in INFIX: return f"({a}{INFIX[op]}{b})"
+    if op is Op.DIV:
+      if out.is_float: return f"({a}/{b})"
+      return f"div_l({a}, {b})" if out is dtypes.int64 else f"div_i({a}, {b})"
+    if op is Op.MAX: return f"max_f({a}, {b})" if out.is_float else f"max({a}, {b})"
+    if op is Op.POW:
+      if out.is_float: return f"pow({a}, {b})"
+      return f"pow_l({a}, {b})" if out is dtypes.int64 else f"((int)pow_l({a}, {b}))"
+    if op is Op.WHERE: return f"({a}?{b}:{srcs[2]})"
+    raise NotImplementedError(f"OpenCL codegen: no rendering for {op.name}")
+
+
+# ---- kernel kinds
+
+def index_type(kernel, in_sizes):
+  """int indices unless some buffer or loop is too big for them."""
+  sizes = [prod(kernel.shape)] + list(in_sizes)
+  if kernel.reduce is not None: sizes.append(prod(kernel.reduce.arg[1]))
+  return "long" if max(sizes) >= 2**31 - 1 else "int"
+
+
+def signature(name, kernel, in_dtypes, extra=(), attrs=""):
+  params = [f"__global {STYPE[kernel.dtype.name]}* out"]
+  params += [f"__global const {STYPE[d.name]}* data{i}" for i, d in enumerate(in_dtypes)]
+  params += list(extra)
+  return f"__kernel {attrs}void {name}({', '.join(params)})"
+
+
+def _round_up(n, m): return -(-n // m) * m
+
+
+def _pow2_floor(n):
+  p = 1
+  while p * 2 <= n: p *= 2
+  return p
+
+
+def render(kernel, in_dtypes, in_sizes, caps, max_local=256, config=None):
+  """Rendered source and launch sizes for a kernel. max_local: the largest work-group allowed
+  (device and, after a first build, per-kernel limit); config: matmul tile choice."""
+  idx = index_type(kernel, in_sizes)
+  if kernel.kind == "matmul": return render_matmul(kernel, in_dtypes, idx, config or matmul_configs(kernel, caps)[0])
+  if kernel.kind == "reduce": return render_reduce(kernel, in_dtypes, idx, caps, max_local)
+  if kernel.kind == "gather": return render_gather(kernel, in_dtypes, idx, max_local)
+  if kernel.kind == "scatter_add": return render_scatter_add(kernel, in_dtypes, idx, max_local)
+  if kernel.kind == "rand": return render_rand(kernel, idx, max_local)
+  return render_elementwise(kernel, in_dtypes, idx, max_local)
+
+
+def _launch_1d(n, max_local):
+  local = min(max_local, 256, _pow2_floor(max(n, 1)))
+  return (_round_up(n, local),), (local,)
+
+
+VECTOR_OPS = {Op.BUFFER, Op.CONST, Op.ADD, Op.SUB, Op.MUL, Op.DIV, Op.NEG, Op.EXP, Op.LOG, Op.SQRT, Op.RECIP, Op.SIN, Op.ERF}
+
+
+def vector_width(kernel, in_dtypes):
+  """4 when an elementwise kernel can run on float4s (float32 arithmetic whose ops all have
+  vector forms, a last axis of a multiple of 4 and no pad along it), else 1."""
+  if kernel.dtype is not dtypes.float32 or not kernel.shape or kernel.shape[-1] % 4 or prod(kernel.shape) == 0: return 1
+  for node in kernel._nodes():
+    if node.op not in VECTOR_OPS or node.dtype is not dtypes.float32: return 1
+    if node.op is Op.BUFFER and (in_dtypes[node.arg[0]] is not dtypes.float32 or
+                                 (node.arg[1].mask is not None and node.arg[1].mask[-1] != (0, kernel.shape[-1]))): return 1
+  return 4
+
+
+def render_elementwise(kernel, in_dtypes, idx, max_local):
+  n = prod(kernel.shape)
+  width = vector_width(kernel, in_dtypes)
+  r = Renderer(kernel, in_dtypes, vector=width == 4)
+  value = r.value(kernel.ast, [("gid", tuple(range(len(kernel.shape))))])
+  name = kernel.name
+  if width == 4:   # gid is the first of four neighbours
+    body = [f"{idx} gid = ({idx})get_global_id(0) * 4;", f"if (gid >= {n}) return;"] + r.lines + [f"vstore4((float4)({value}), 0, out + gid);"]
+  else:
+    body = [f"{idx} gid = get_global_id(0);", f"if (gid >= {n}) return;"] + r.lines + [store(kernel.dtype, "gid", value)]
+  src = PRELUDE + signature(name, kernel, in_dtypes) + " {\n  " + "\n  ".join(body) + "\n}\n"
+  return Rendered(name, src, *_launch_1d(n // width, max_local), notes={"vector": width})
+
+
+REDUCE_INIT = {Op.SUM: {"float": "0.0f", "int": "0", "long": "0L"},
+               Op.RMAX: {"float": "(-INFINITY)", "int": "(-2147483647-1)", "long": "(-9223372036854775807L-1L)"}}
+
+
+def _combine(op, acc_t, a, b):
+  if op is Op.SUM: return f"{a} + {b}" if acc_t != "bool" else f"{a} || {b}"
+  if acc_t == "float": return f"max_f({a}, {b})"
+  return f"max({a}, {b})"
+
+
+def grouped_reduce(out_numel, red_numel, caps):
+  """Reduce each output with a work-group in local memory when the reduction is long; a CPU
+  device has few cores, so it prefers one work-item per output unless there are few outputs."""
+  if red_numel < 256: return False
+  if caps is not None and caps.is_cpu: return out_numel < 4 * caps.compute_units
+  return True
+
+
+def render_reduce(kernel, in_dtypes, idx, caps, max_local):
+  red = kernel.reduce
+  axes, in_shape, _ = red.arg
+  out_numel, red_numel = prod(kernel.shape), prod(in_shape[a] for a in axes)
+  kept = tuple(a for a in range(len(in_shape)) if a not in axes)
+  acc_t = "int" if red.dtype is dtypes.bool else CTYPE[red.dtype.name]
+  init = "0" if acc_t == "int" and red.dtype is dtypes.bool else REDUCE_INIT[red.op][acc_t]
+  grouped = grouped_reduce(out_numel, red_numel, caps)
+  local = min(_pow2_floor(max_local), 256) if grouped else None
+
+  r = Renderer(kernel, in_dtypes)
+  x = r.value(red.srcs[0], [("gid", kept), ("r", axes)])
+  loop_lines, r.lines, r.names = r.lines, [], {}   # variables made in the loop stay in the loop
+  red_value = {"float": "acc", "int": "acc", "long": "acc"}[acc_t]
+  if red.dtype is dtypes.float16: red_value = "round_half(acc)"
+  if red.dtype is dtypes.bool: red_value = "(acc!=0)"
+  r.lines.append(f"{CTYPE[red.dtype.name]} red = {red_value};")
+  r.names[id(red)] = "red"
+  value = r.value(kernel.ast, [("gid", tuple(range(len(kernel.shape))))])
+  epilogue = r.lines + [store(kernel.dtype, "gid", value)]
+  update = f"acc = {_combine(red.op, acc_t, 'acc', x)};"
+  loop = "\n    ".join(loop_lines + [update])
+
+  name = kernel.name
+  if not grouped:
+    body = (f"{idx} gid = get_global_id(0);\n  if (gid >= {out_numel}) return;\n  {acc_t} acc = {init};\n"
+            f"  for ({idx} r = 0; r < {red_numel}; r++) {{\n    {loop}\n  }}\n  " + "\n  ".join(epilogue))
+    src = PRELUDE + signature(name, kernel, in_dtypes) + " {\n  " + body + "\n}\n"
+    return Rendered(name, src, *_launch_1d(out_numel, max_local), notes={"grouped": False})
+  combine_local = _combine(red.op, acc_t, "partial[lid]", "partial[lid + s]")
+  body = (f"{idx} gid = get_group_id(0);\n  int lid = get_local_id(0);\n  __local {acc_t} partial[{local}];\n"
+          f"  {acc_t} acc = {init};\n"
+          f"  for ({idx} r = lid; r < {red_numel}; r += {local}) {{\n    {loop}\n  }}\n"
+          f"  partial[lid] = acc;\n  barrier(CLK_LOCAL_MEM_FENCE);\n"
+          f"  for (int s = {local // 2}; s > 0; s >>= 1) {{\n"
+          f"    if (lid < s) partial[lid] = {combine_local};\n    barrier(CLK_LOCAL_MEM_FENCE);\n  }}\n"
+          f"  if (lid != 0) return;\n  acc = partial[0];\n  " + "\n  ".join(epilogue))
+  attrs = f"__attribute__((reqd_work_group_size({local}, 1, 1))) "
+  src = PRELUDE + signature(name, kernel, in_dtypes, attrs=attrs) + " {\n  " + body + "\n}\n"
+  return Rendered(name, src, (out_numel * local,), (local,), notes={"grouped": True})
+
+
+def render_gather(kernel, in_dtypes, idx, max_local):
+  """out[n, c] = table[index[n], c]; an index out of range sets the error flag."""
+  table, index = kernel.ast.srcs
+  rows, cols = table.arg[1].shape
+  n = prod(kernel.shape)
+  r = Renderer(kernel, in_dtypes)
+  ix = r.load(index, [("row", tuple(range(len(index.arg[1].shape))))])
+  value = r.load(table, [("ix", (0,)), ("col", (1,))])
+  body = [f"{idx} gid = get_global_id(0);", f"if (gid >= {n}) return;",
+          f"{idx} row = gid / {cols}, col = gid % {cols};", f"long ix_in = (long){ix};",
+          f"if (ix_in < 0 || ix_in >= {rows}) {{ err[0] = 1; {store(kernel.dtype, 'gid', ZERO[kernel.dtype.name])} return; }}",
+          f"{idx} ix = ({idx})ix_in;", store(kernel.dtype, "gid", value)]
+  src = PRELUDE + signature(kernel.name, kernel, in_dtypes, ["__global int* err"]) + " {\n  " + "\n  ".join(body) + "\n}\n"
+  return Rendered(kernel.name, src, *_launch_1d(n, max_local), extra_args=("err",))
+
+
+def render_scatter_add(kernel, in_dtypes, idx, max_local):
+  """out[index[n], c] += g[n, c] into a zeroed out. One work-item per column walks n in order:
+  deterministic and the same order of additions as NumPy's add.at, with no atomics."""
+  grad, index = kernel.ast.srcs
+  rows, cols = kernel.shape
+  nidx = prod(index.arg[1].shape)
+  gnd = len(grad.arg[1].shape)
+  r = Renderer(kernel, in_dtypes)
+  ix = r.load(index, [("n", tuple(range(len(index.arg[1].shape))))])
+  g = r.load(grad, [("n", tuple(range(gnd - 1))), ("col", (gnd - 1,))])
+  dt = kernel.dtype
+  body = [f"{idx} col = get_global_id(0);", f"if (col >= {cols}) return;",
+          f"for ({idx} n = 0; n < {nidx}; n++) {{",
+          f"  long ix = (long){ix};",
+          f"  if (ix < 0 || ix >= {rows}) {{ err[0] = 1; continue; }}",
+          f"  {idx} o = ({idx})ix * {cols} + col;",
+          "  " + store(dt, "o", (f"round_half({load(dt, 'out', 'o')} + {g})" if dt is dtypes.float16 else f"{load(dt, 'out', 'o')} + {g}")),
+          "}"]
+  src = PRELUDE + signature(kernel.name, kernel, in_dtypes, ["__global int* err"]) + " {\n  " + "\n  ".join(body) + "\n}\n"
+  return Rendered(kernel.name, src, *_launch_1d(cols, max_local), extra_args=("err",), notes={"zero_fill": True})
+
+
+def render_rand(kernel, idx, max_local):
+  """backend_numpy.rand_uniform, bit for bit: murmur3's finalizer over the counter."""
+  n = prod(kernel.shape)
+  body = [f"{idx} gid = get_global_id(0);", f"if (gid >= {n}) return;",
+          "uint x = (uint)gid + counter;", "x = (x * 0x9E3779B9u) ^ key;",
+          "x ^= x >> 16; x *= 0x85EBCA6Bu;", "x ^= x >> 13; x *= 0xC2B2AE35u;", "x ^= x >> 16;",
+          "out[gid] = (float)(x >> 8) * (1.0f / 16777216.0f);"]
+  src = PRELUDE + f"__kernel void {kernel.name}(__global float* out, uint key, uint counter) {{\n  " + "\n  ".join(body) + "\n}\n"
+  return Rendered(kernel.name, src, *_launch_1d(n, max_local), extra_args=("key", "counter"))
+
+
+def rand_args(seed, counter):
+  """The (key, counter) kernel arguments of rand_uniform(n, seed, counter)."""
+  key = (seed * 0x9E3779B1 + (counter >> 32) * 0x85EBCA77) & 0xFFFFFFFF
+  return np.uint32(key), np.uint32(counter & 0xFFFFFFFF)
+
+
+# ---- matmul: kernels/matmul.cl with the operand access and the epilogue as macros
+
+@dataclass(frozen=True)
+class MatmulConfig:
+  """A tile of BM x BN outputs per work-group, TM x TN per work-item, BK deep in local memory."""
+  bm: int
+  bn: int
+  bk: int
+  tm: int
+  tn: int
+
+  @property
+  def threads(self): return (self.bn // self.tn) * (self.bm // self.tm)
+
+  def local_bytes(self): return 4 * self.bk * (self.bm + self.bn + 2)
+
+
+BIG, TALL, WIDE, SMALL = MatmulConfig(64, 64, 16, 4, 4), MatmulConfig(64, 16, 16, 4, 1), MatmulConfig(16, 64, 16, 1, 4), MatmulConfig(16, 16, 16, 1, 1)
+FALLBACKS = (MatmulConfig(32, 32, 16, 2, 2), MatmulConfig(16, 16, 8, 2, 2), MatmulConfig(8, 8, 8, 1, 1))
+
+
+def matmul_shape(kernel):
+  """(batch, m, n, k) axis groups and (batch, M, N, K) sizes of a matmul kernel."""
+  axes, in_shape, _ = kernel.reduce.arg
+  la, lb = kernel.reduce.srcs[0].srcs
+  groups = matmul_axes(la.arg[1], lb.arg[1], axes)
+  return groups, tuple(prod(in_shape[a] for a in g) for g in groups)
+
+
+def matmul_configs(kernel, caps):
+  """Tile configurations to try, best first, that fit the device's work-group and local memory."""
+  _, (_, m, n, _) = matmul_shape(kernel)
+  first = BIG if m >= 64 and n >= 64 else TALL if m >= 64 else WIDE if n >= 64 else SMALL
+  out = []
+  for c in (first,) + FALLBACKS:
+    if c in out: continue
+    if caps is not None and (c.threads > caps.max_work_group_size or c.local_bytes() > caps.local_mem_size): continue
+    out.append(c)
+  return out
+
+
+def _fastest(view, axes):
+  """True when the innermost of `axes` has stride 1 in view (loads along it coalesce)."""
+  axes = [a for a in axes if view.shape[a] != 1]
+  return bool(axes) and abs(view.strides[axes[-1]]) == 1
+
+
+def matmul_macros(kernel, in_dtypes, idx):
+  """Defines shared by the buffer and image matmul kernels: sizes, the store with the fused
+  epilogue, and the kernel arguments."""
+  (batch, m, n, k), (nb, mm, nn, kk) = matmul_shape(kernel)
+  axes, in_shape, _ = kernel.reduce.arg
+  out_view = View.contiguous(tuple(1 if a in axes else s for a, s in enumerate(in_shape)))
+  oidx, _ = view_index(out_view, [("(b)", batch), ("(i)", m), ("(j)", n)])
+  r = Renderer(kernel, in_dtypes)
+  r.names[id(kernel.reduce)] = "red"
+  red = "round_half(acc)" if kernel.reduce.dtype is dtypes.float16 else "acc"
+  value = r.value(kernel.ast, [("gid", tuple(range(len(kernel.shape))))])
+  data_params = "".join(f", __global const {STYPE[d.name]}* data{i}" for i, d in enumerate(in_dtypes))
+  data_names = "".join(f", data{i}" for i in range(len(in_dtypes)))
+  epilogue = (f"void mm_store(float acc, {idx} gid, __global {STYPE[kernel.dtype.name]}* out{data_params}) {{\n"
+              f"  float red = {red};\n  " + "\n  ".join(r.lines + [store(kernel.dtype, "gid", value)]) + "\n}\n")
+  defines = {"MM_M": mm, "MM_N": nn, "MM_K": kk, "MM_BATCH": nb, "IDX": idx,
+             "OUT_T": STYPE[kernel.dtype.name], "MM_ARGS": data_params,
+             "MM_STORE(acc, b, i, j)": f"mm_store(acc, {oidx}, out{data_names})"}
+  return defines, epilogue
+
+
+def render_matmul(kernel, in_dtypes, idx, config, image=False):
+  """kernels/matmul.cl specialised by defines: operand loads through their views (A_AT, B_AT),
+  the epilogue fused into the store (MM_STORE). image: kernels/matmul_image.cl instead, with B
+  read from an image2d weight (see image_weight) passed as the last argument."""
+  (batch, m, n, k), (nb, mm, nn, kk) = matmul_shape(kernel)
+  la, lb = kernel.reduce.srcs[0].srcs
+  defines, epilogue = matmul_macros(kernel, in_dtypes, idx)
+  r = Renderer(kernel, in_dtypes)
+  defines["A_AT(b, i, k)"] = r.load(la, [("(b)", batch), ("(i)", m), ("(k)", k)])
+  defines["A_K_FAST"] = int(_fastest(la.arg[1], k) or not _fastest(la.arg[1], m))
+  if not image:
+    defines["B_AT(b, k, j)"] = r.load(lb, [("(b)", batch), ("(k)", k), ("(j)", n)])
+    defines["B_N_FAST"] = int(_fastest(lb.arg[1], n) or not _fastest(lb.arg[1], k))
+  name = kernel.name + ("_image" if image else "")
+  defines.update({"MM_NAME": name, "BM": config.bm, "BN": config.bn, "BK": config.bk, "TM": config.tm, "TN": config.tn})
+  src = PRELUDE + "".join(f"#define {k_} {v}\n" for k_, v in defines.items()) + epilogue
+  src += (KERNEL_DIR / ("matmul_image.cl" if image else "matmul.cl")).read_text()
+  tx, ty = config.bn // config.tn, config.bm // config.tm
+  gsize = (_round_up(nn, config.bn) // config.bn * tx, _round_up(mm, config.bm) // config.bm * ty, nb)
+  return Rendered(name, src, gsize, (tx, ty, 1), extra_args=("image",) if image else (), notes={"config": config})
+
+
+def image_weight(kernel, in_sizes, caps):
+  """(input index, N, K) when the matmul's B operand is a whole (N, K) row-major weight read as
+  W.T (x @ W.T, torch's linear layout), so that it can be read from an image2d of N rows of
+  K/4 RGBA pixels; None otherwise."""
+  (batch, m, n, k), (nb, mm, nn, kk) = matmul_shape(kernel)
+  lb = kernel.reduce.srcs[0].srcs[1]
+  i, view = lb.arg
+  if nb != 1 or view.mask is not None or view.offset != 0 or kk % 4 or in_sizes[i] != nn * kk: return None
+  if caps is None or not caps.image_support or kk // 4 > caps.image2d_max[0] or nn > caps.image2d_max[1]: return None
+  kv = [a for a in k if view.shape[a] != 1]
+  nv = [a for a in n if view.shape[a] != 1]
+  merged_k = view_index(view, [("k", k)])[0] in ("k", "0")
+  merged_n = view_index(view, [("j", n)])[0] in (f"j*{kk}", "0")
+  return (i, nn, kk) if kv and nv and merged_k and merged_n else None
+
+
+def assign_in_place_ok(kernel):
+  """True when every output element reads the assign target only at its own index, outside any
+  reduction, so writing the result straight into the target is safe."""
+  target = kernel.assign_target
+  out_shape = kernel.shape
+
+  def walk(node, in_reduce):
+    if node.op is Op.BUFFER:
+      if node.arg[0] != target: return True
+      view = node.arg[1]
+      return not in_reduce and view.is_contiguous() and prod(view.shape) == prod(out_shape)
+    inner = in_reduce or node.op in (Op.SUM, Op.RMAX, Op.GATHER, Op.SCATTER_ADD)
+    return all(walk(s, inner) for s in node.srcs)
+  return walk(kernel.ast, False)
