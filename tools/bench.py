@@ -72,6 +72,9 @@ def bench_matmul(rows, device, repeat):
     ta, tb = Tensor(a, device=device), Tensor(b, device=device)
     ours, ref = side_by_side(synced(lambda: (ta @ tb).realize(), device), lambda: np.matmul(a, b), repeat)
     row(rows, "matmul", f"{m}x{k} @ {k}x{n}", ours, ref, "np.matmul", f"{2*m*k*n/ours/1e9:.0f} GFLOP/s")
+    replayed = jit(lambda x, y: x @ y)   # as in a training step: no graph building or scheduling
+    ours, ref = side_by_side(synced(lambda: replayed(ta, tb), device), lambda: np.matmul(a, b), repeat)
+    row(rows, "matmul(jit)", f"{m}x{k} @ {k}x{n}", ours, ref, "np.matmul", f"{2*m*k*n/ours/1e9:.0f} GFLOP/s")
 
 
 def bench_elementwise(rows, device, repeat):
