@@ -5,26 +5,36 @@ Logits are made a chunk of rows at a time, so a 262k-token vocabulary (Gemma 3) 
 the full (tokens, vocab) matrix at once.
 """
 import numpy as np
-from minift import Tensor, no_grad
+from minift import Tensor, no_grad, jit
 
 IGNORE = -100
+
+
+def _hidden(model, ids):
+  """model.hidden(ids), jitted per model: a perplexity run scores many windows of one shape, and
+  replaying the captured kernels skips building and scheduling the graph each time."""
+  if getattr(model, "_jit_hidden", None) is None: model._jit_hidden = jit(lambda x: model.hidden(x))
+  return model._jit_hidden(ids)
 
 
 def token_nll(model, input_ids, targets, chunk_rows=256):
   """(sum of -log p(target), number of targets) for input_ids (B, T) and targets (B, T), where a
   target of IGNORE (-100) is not scored. Returns also the per-row log-probabilities of the
-  targets as an array (B, T) (0 where ignored)."""
+  targets as an array (B, T) (0 where ignored). Per chunk of rows: the logits, their logsumexp,
+  and the target's logit picked by a gather (no full log-softmax is made)."""
   input_ids, targets = np.asarray(input_ids, dtype=np.int64), np.asarray(targets, dtype=np.int64)
   with no_grad():
-    h = model.hidden(Tensor(input_ids)).realize()                        # (B, T, C)
+    h = _hidden(model, Tensor(input_ids))                                # (B, T, C)
     flat_h = h.reshape(-1, h.shape[-1])                                  # (B * T, C)
     flat_t = targets.reshape(-1)
     logp = np.zeros(flat_t.shape, np.float64)
     rows = np.nonzero(flat_t != IGNORE)[0]
     for start in range(0, len(rows), chunk_rows):
       pick = rows[start:start + chunk_rows]
-      lp = model.logits(flat_h[Tensor(pick)]).log_softmax(-1).numpy()    # (rows, vocab)
-      logp[pick] = lp[np.arange(len(pick)), flat_t[pick]]
+      logits = model.logits(flat_h[Tensor(pick)]).float().realize()     # (rows, vocab)
+      vocab = logits.shape[-1]
+      picked = logits.reshape(-1, 1).embedding(Tensor(np.arange(len(pick)) * vocab + flat_t[pick])).reshape(len(pick))
+      logp[pick] = (picked - logits.logsumexp(-1)).numpy()
   return -logp.sum(), len(rows), logp.reshape(targets.shape)
 
 
