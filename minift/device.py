@@ -5,7 +5,7 @@ kernels (schedule.Kernel) on buffers. 'numpy' always exists; 'opencl' needs pyop
 platform, and falls back to NumPy with one warning otherwise.
 """
 import logging, os, time
-from minift.helpers import DEBUG, GlobalCounters, prod
+from minift.helpers import DEBUG, GlobalCounters
 
 log = logging.getLogger("minift")
 if not log.handlers:

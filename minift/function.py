@@ -3,7 +3,6 @@ backward pass is more lazy graph that is scheduled and fused like the forward.""
 import math
 import weakref
 from minift.lazy import Op, LazyOp, LazyBuffer
-from minift.dtype import dtypes
 
 # Bases that a pending backward pass will read (held weakly: gone with their graph).
 SAVED_FOR_BACKWARD = weakref.WeakSet()

@@ -1,5 +1,5 @@
 """Small shared helpers: env flags, products, global counters."""
-import functools, math, os, sys
+import functools, os, sys
 
 sys.setrecursionlimit(max(sys.getrecursionlimit(), 20000))
 
@@ -16,10 +16,6 @@ DEBUG = getenv("DEBUG", 0)
 
 def prod(xs):
   return functools.reduce(lambda a, b: a * b, xs, 1)
-
-
-def argsort(xs):
-  return sorted(range(len(xs)), key=xs.__getitem__)
 
 
 def strides_for(shape):
@@ -48,12 +44,6 @@ class GlobalCounters:
     cls.mem_peak = cls.mem_used
 
 
-def ceildiv(a, b):
-  return -(-a // b)
-
-
 def all_int(xs):
   return all(isinstance(x, int) and not isinstance(x, bool) for x in xs)
 
-
-PI = math.pi

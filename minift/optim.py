@@ -1,7 +1,6 @@
 """Optimizers. State lives in realized buffers updated with Tensor.assign, so a jit-captured
 training step replays with the same buffers; the learning rate is a buffer written from the
 host (set_lr), so schedules work under jit too."""
-import math
 import numpy as np
 from minift.tensor import Tensor, no_grad
 from minift.dtype import dtypes

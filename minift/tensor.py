@@ -5,7 +5,7 @@ backend gets every op and its gradient for free.
 """
 import math, contextlib, functools
 import numpy as np
-from minift.dtype import dtypes, DType
+from minift.dtype import dtypes
 from minift.lazy import LazyBuffer, Op
 from minift.device import canonical_device, get_device, run_schedule
 from minift.schedule import create_schedule
@@ -566,7 +566,7 @@ class Tensor:
       idx = idx[:pos] + (slice(None),) * (self.ndim - consumed) + idx[pos + 1:]
     else:
       idx = idx + (slice(None),) * (self.ndim - consumed)
-    x, dim, out_shape, flips = self, 0, [], []
+    x, dim, out_shape = self, 0, []
     shrink = []
     for i in idx:
       if i is None: out_shape.append(1); continue

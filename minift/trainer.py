@@ -6,8 +6,7 @@ the schedule position, the data position (epoch, batch) and the random-number co
 fingerprint of the run's settings: resuming a different run is refused. It is written as a
 whole folder swapped in atomically, so a run killed at any moment resumes from the last one.
 """
-import json, math, os, time
-import numpy as np
+import json, math, os
 from minift.tensor import Tensor, no_grad
 from minift.jit import jit
 from minift.optim import AdamW, SGD, clip_grad_norm

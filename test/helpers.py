@@ -7,7 +7,7 @@ upstream gradient (a plain .sum() would hide transposed or permuted gradients).
 """
 import numpy as np
 import torch
-from minift import Tensor, dtypes
+from minift import Tensor
 
 TORCH_DTYPE = {"float32": torch.float32, "float16": torch.float16, "int32": torch.int32, "int64": torch.int64, "bool": torch.bool}
 

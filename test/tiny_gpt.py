@@ -1,8 +1,6 @@
 """A tiny GPT-2-style model written twice, in minift and in torch, with the same weights.
 Used by the training-parity, kernel-count, jit and benchmark code."""
-import math
 import numpy as np
-from minift import Tensor
 
 
 def init_weights(vocab=97, ctx=32, d=64, heads=4, layers=2, seed=0):

@@ -278,7 +278,6 @@ def bench_eval(rows, device, repeat):
         torch.nn.functional.cross_entropy(logits[0], torch.tensor(targets[0]), ignore_index=-100, reduction="sum").item()
     o, r = side_by_side(lambda: token_nll(model, ids, targets), ref_step, repeat)
     row(rows, "eval", f"{name}, ctx 512", o, r, "transformers", f"{512/o:.0f} vs {512/r:.0f} tok/s")
-    del model, ref
 
 
 def bench_load(rows, device, repeat):

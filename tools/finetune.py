@@ -9,7 +9,7 @@ MODEL is a Hugging Face folder or a .gguf file. The result in --out: a PEFT LoRA
 (adapter_model.safetensors + adapter_config.json) or, with --full_ft, a Hugging Face model
 folder; plus metrics.jsonl (one row per step), checkpoint/ (for --resume) and loss.png (--plot).
 """
-import argparse, dataclasses, glob, hashlib, json, math, os, sys, time
+import argparse, glob, json, math, os, sys, time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
@@ -101,7 +101,6 @@ def main(argv=None):
   from minift.checkpoint import check_writable
   check_writable(args.out)
   if args.device: os.environ["MINIFT_DEVICE"] = args.device
-  import numpy as np
   from tqdm import tqdm
   import models
   from minift import Tensor
@@ -159,7 +158,6 @@ def main(argv=None):
   micro = args.batch_size // args.grad_accum_steps
   bar = tqdm(total=total, initial=step, disable=args.quiet, unit="step", dynamic_ncols=True)
   batches = data.batches(args.batch_size, epoch, batch_index)
-  last_save = step
   while step < total:
     try:
       (epoch, batch_index), x, y = next(batches)
@@ -181,7 +179,6 @@ def main(argv=None):
     bar.update(1)
     if args.save_interval and step % args.save_interval == 0 and step < total:
       trainer.save_checkpoint(ckpt_dir, {"step": step, "epoch": epoch, "batch_index": batch_index, "fingerprint": fingerprint(args)})
-      last_save = step
   bar.close()
 
   val_after = trainer.evaluate(data.val_x, data.val_y, args.batch_size, args.eval_batches) if len(data.val_x) else (math.nan, math.nan)

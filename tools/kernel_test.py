@@ -10,7 +10,7 @@ Tensor API (softmax, layernorm, cross-entropy, a GPT-2 block forward and backwar
 on NumPy, and prints one row per check: max abs error, pass/fail, and GFLOP/s (matmuls) or GB/s
 (memory-bound graphs). Exits 1 if any check fails, 2 if there is no usable OpenCL device.
 """
-import argparse, importlib.util, json, math, sys, time
+import argparse, importlib.util, json, sys, time
 from pathlib import Path
 import numpy as np
 
