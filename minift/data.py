@@ -13,6 +13,7 @@ seq_len, targets the last seq_len, and targets whose mask is 0 are IGNORE (-100)
 """
 import glob, hashlib, json, os
 import numpy as np
+from minift.checkpoint import atomic_file
 
 IGNORE = -100
 TEXT_EXTENSIONS = (".txt", ".md", ".raw", ".text")
@@ -132,11 +133,7 @@ def tokenize_cached(examples, tokenizer, cache_dir=None):
   if os.path.exists(path):
     with np.load(path) as z: return z["ids"], z["mask"]
   ids, mask = tokenize(examples, tokenizer)
-  tmp = path + f".tmp{os.getpid()}"
-  with open(tmp, "wb") as f:
-    np.savez(f, ids=ids, mask=mask)
-    f.flush(); os.fsync(f.fileno())
-  os.replace(tmp, path)
+  with atomic_file(path) as f: np.savez(f, ids=ids, mask=mask)
   return ids, mask
 
 

@@ -145,7 +145,7 @@ class Tensor:
     """Make this tensor a realized, contiguous buffer that can be written in place (assign,
     optimizer updates). A read-only buffer (weights memory-mapped from a file) is copied first."""
     lb = self.lazydata
-    if lb.base.realized and lb.is_unviewed() and get_device(lb.device).is_writable(lb.base.buffer): return  # noqa
+    if lb.base.realized and lb.is_unviewed() and get_device(lb.device).is_writable(lb.base.buffer): return
     self.lazydata = lb.own_kernel(Op.CONTIGUOUS, (lb,), None, lb.shape)
     self.realize()
 
