@@ -31,7 +31,7 @@ class Buffer:
     if self.data is not None: self.device.free(self)
 
   def numpy(self):
-    return self.device.to_numpy(self)
+    return self.device.to_numpy(paged_in(self))
 
   def __repr__(self): return f"<Buffer {self.device.name} {self.size} {self.dtype.name}>"
 
@@ -78,13 +78,33 @@ def get_device(name):
   return _devices["numpy"]
 
 
+# ---- paging (minift.sharder)
+
+sharder = None   # the active minift.sharder.Sharder, which sets this
+
+
+def paged_in(buf, write=False):
+  """buf, its data brought back into memory first if the sharder paged it out."""
+  if sharder is not None: sharder.fetch(buf, write)
+  return buf
+
+
+def is_paged(buf):
+  return sharder is not None and sharder.page_of(buf) is not None
+
+
 # ---- running kernels
 
-def run_kernel(kernel, ins, assign_out=None, rand_key=None):
-  """Run one kernel on input buffers; returns its output buffer."""
+def run_kernel(kernel, ins, assign_out=None, rand_key=None, upcoming=None):
+  """Run one kernel on input buffers; returns its output buffer. upcoming(): the input
+  buffers of the kernels that run next (the sharder prefetches what they need)."""
   device = get_device(kernel.device)
   st = time.perf_counter() if DEBUG >= 2 else 0.0
-  out = device.run(kernel, ins, assign_out, rand_key)
+  if sharder is None: out = device.run(kernel, ins, assign_out, rand_key)
+  else:
+    pages = sharder.acquire(ins, upcoming)
+    try: out = device.run(kernel, ins, assign_out, rand_key)
+    finally: sharder.release(pages, assign_out)
   GlobalCounters.kernel_count += 1
   if DEBUG >= 2:
     et = device.synchronize_time(st)
@@ -108,7 +128,8 @@ def run_schedule(schedule):
       snap = snapshot_kernel(k.inputs[k.assign_target], k.out)
       if snap is not None: schedule += [k, snap]; continue   # run the copy first
     rand_key = k.ast.arg if k.kind == "rand" else None
-    out = run_kernel(k, ins, ins[k.assign_target] if k.assign_target is not None else None, rand_key)
+    upcoming = lambda: ([b.buffer for b in later.inputs if b.buffer is not None] for later in reversed(schedule))
+    out = run_kernel(k, ins, ins[k.assign_target] if k.assign_target is not None else None, rand_key, upcoming)
     k.out.buffer, k.out.srcs = out, ()
     k.out = k.inputs = None
     for cap in _capturing: cap.record(k, out, ins, rand_key)

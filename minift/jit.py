@@ -116,11 +116,15 @@ class jit:
     def get(r):
       kind, v = r
       return in_bufs[v] if kind == "input" else v if kind == "buf" else slots[v]
-    for n, (kernel, out_ref, in_refs, rand_key) in enumerate(plan["items"]):
+    items = plan["items"]
+
+    def upcoming(n):   # state buffers ("buf") of the kernels after n: what the sharder may prefetch
+      return lambda: ([r[1] for r in items[m][2] if r[0] == "buf"] for m in range(n + 1, len(items)))
+    for n, (kernel, out_ref, in_refs, rand_key) in enumerate(items):
       if rand_key is not None: rand_key = (Tensor._seed, rand_key[1] - plan["rng0"] + rng_start)
       ins = [get(r) for r in in_refs]
       target = get(out_ref) if out_ref[0] != "slot" else None
-      out = run_kernel(kernel, ins, target, rand_key)
+      out = run_kernel(kernel, ins, target, rand_key, upcoming(n))
       if out_ref[0] == "slot": slots[out_ref[1]] = out
       for s in frees.get(n, ()): slots[s] = None
     Tensor._rng_counter = rng_start + plan["rng_used"]

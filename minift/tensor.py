@@ -7,10 +7,15 @@ import math, contextlib, functools
 import numpy as np
 from minift.dtype import dtypes
 from minift.lazy import LazyBuffer, Op
-from minift.device import canonical_device, get_device, run_schedule
+from minift.device import canonical_device, get_device, run_schedule, paged_in, is_paged
 from minift.schedule import create_schedule
 from minift.helpers import prod, normalize_axis, all_int
 import minift.function as F
+
+
+def _writable(buf):
+  """Can buf be written in place? A paged-out buffer comes back as a fresh, writable array."""
+  return (is_paged(buf) and buf.data is None) or get_device(buf.device.name).is_writable(buf)
 
 
 def _broadcast_shape(*shapes):
@@ -95,7 +100,7 @@ class Tensor:
     if not (lb.base.realized and lb.is_unviewed()):
       lb = lb.contiguous()
       run_schedule(create_schedule([lb]))
-    return np.array(get_device(lb.device).to_numpy(lb.base.buffer)).reshape(self.shape)
+    return np.array(get_device(lb.device).to_numpy(paged_in(lb.base.buffer))).reshape(self.shape)
 
   def item(self):
     if self.numel() != 1: raise ValueError(f"item() needs a tensor with one element, not shape {self.shape}")
@@ -131,7 +136,7 @@ class Tensor:
       if arr.shape != self.shape and arr.size != 1:
         raise ValueError(f"assign: value of shape {arr.shape} does not fit tensor of shape {self.shape}")
       self._make_buffer()
-      get_device(self.device).copy_in(self.lazydata.base.buffer, np.broadcast_to(arr, self.shape))
+      get_device(self.device).copy_in(paged_in(self.lazydata.base.buffer, write=True), np.broadcast_to(arr, self.shape))
       return self
     if x.shape != self.shape: raise ValueError(f"assign: value of shape {x.shape} does not fit tensor of shape {self.shape}")
     if x.device != self.device: raise ValueError(f"assign: value on {x.device}, tensor on {self.device}")
@@ -145,7 +150,7 @@ class Tensor:
     """Make this tensor a realized, contiguous buffer that can be written in place (assign,
     optimizer updates). A read-only buffer (weights memory-mapped from a file) is copied first."""
     lb = self.lazydata
-    if lb.base.realized and lb.is_unviewed() and get_device(lb.device).is_writable(lb.base.buffer): return
+    if lb.base.realized and lb.is_unviewed() and _writable(lb.base.buffer): return
     self.lazydata = lb.own_kernel(Op.CONTIGUOUS, (lb,), None, lb.shape)
     self.realize()
 

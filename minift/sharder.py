@@ -1,0 +1,315 @@
+"""The sharder: parameter-like buffers (frozen weights, trainable weights, optimizer moments)
+paged between device memory, host RAM and disk under byte budgets.
+
+Every managed Buffer gets a Page, which lives in exactly one tier:
+  gpu   (OpenCL buffers) buf.data is a device buffer kernels read
+  ram   a NumPy array in host memory: buf.data for the NumPy backend, page.host for OpenCL
+  disk  nothing in memory; the bytes are in the page's shard file or, for a frozen weight
+        memory-mapped from a weight file, in that file (re-read from there, never written)
+Before a kernel runs, run_kernel hands its input buffers to acquire(): each is brought up to
+the tier kernels read (least-recently-used pages move down a tier when a budget would be
+exceeded) and pinned until the kernel is done. A kernel that writes a page (an optimizer
+update) makes its disk copy stale, so evicting it writes it back; clean pages are dropped.
+
+Budgets hold at every moment: bytes are reserved before anything is read or copied, and
+`peak` records the most each tier ever held. Prefetch: the scheduler also hands over the
+kernels that come next, and pages they need are read from disk on a background thread while
+the current kernel computes (forward: the next layer; backward: the one before).
+"""
+import atexit, itertools, os, shutil, tempfile, weakref
+from concurrent.futures import ThreadPoolExecutor
+import numpy as np
+from minift import device as _device
+from minift.dtype import dtypes
+
+MB = 2 ** 20
+
+
+class ShardError(RuntimeError):
+  """The sharder cannot do what was asked (a budget too small, a full or unwritable disk);
+  every tensor is still intact in memory or on disk when this is raised."""
+
+
+class Page:
+  __slots__ = ("ref", "name", "nbytes", "np_dtype", "top", "tier", "host", "source", "file", "disk_valid",
+               "frozen", "last_use", "pins", "loading", "__weakref__")
+
+  def __init__(self, buf, name, frozen, source):
+    self.ref, self.name, self.nbytes, self.frozen = weakref.ref(buf), name, buf.nbytes, frozen
+    self.np_dtype = np.uint8 if buf.dtype is dtypes.bool else buf.dtype.np
+    self.top = "ram" if buf.device.name == "numpy" else "gpu"   # the tier kernels read
+    self.tier, self.host, self.file, self.last_use, self.pins, self.loading = self.top, None, None, 0, 0, None
+    self.source = source          # (path, byte offset) of a read-only file holding exactly these bytes
+    self.disk_valid = source is not None
+
+
+def file_source(arr):
+  """(path, offset) when arr is a C-contiguous view of a read-only np.memmap (a weight file)."""
+  root = arr
+  while isinstance(root.base, np.ndarray): root = root.base   # views of a memmap are memmaps too: find the mapping itself
+  if not isinstance(root, np.memmap) or root.filename is None or root.mode != "r" or not arr.flags.c_contiguous: return None
+  return root.filename, root.offset + arr.__array_interface__["data"][0] - root.__array_interface__["data"][0]
+
+
+def _read(path, offset, dtype, count):
+  out = np.empty(count, dtype)
+  with open(path, "rb") as f:
+    f.seek(offset)
+    got = f.readinto(memoryview(out).cast("B"))
+  if got != out.nbytes: raise ShardError(f"{path}: expected {out.nbytes} bytes at offset {offset}, read {got} (file changed or truncated?)")
+  return out
+
+
+class Sharder:
+  """with Sharder(ram_budget_mb=128) as sh: sh.manage_model(model, optimizer); train as usual.
+
+  ram_budget_mb / gpu_budget_mb: bytes managed pages may hold in host RAM / device memory
+  (None: unlimited). directory: where the shard folder is made (a fresh private subfolder,
+  removed on close or exit). fp16_disk: frozen float32 weights written to disk as float16;
+  fp16_trainable: trainable state too (both lose precision: off by default).
+  prefetch: read upcoming pages on a background thread."""
+
+  def __init__(self, ram_budget_mb=None, gpu_budget_mb=None, directory=None, fp16_disk=False, fp16_trainable=False,
+               prefetch=True, trace=False):
+    for flag, v in (("--shard_budget_mb", ram_budget_mb), ("--gpu_budget_mb", gpu_budget_mb)):
+      if v is not None and not v > 0: raise ValueError(f"{flag} must be a positive number of MiB, got {v}")
+    self.budget = {"gpu": gpu_budget_mb * MB if gpu_budget_mb else float("inf"),
+                   "ram": ram_budget_mb * MB if ram_budget_mb else float("inf")}
+    self.used, self.peak = {"gpu": 0, "ram": 0}, {"gpu": 0, "ram": 0}
+    self.trace = [] if trace else None          # (event, page name, gpu bytes, ram bytes) after every change
+    self.fp16_disk, self.fp16_trainable = fp16_disk, fp16_trainable
+    self.pages, self.clock = {}, 0
+    self.stats = {"loads": 0, "evictions": 0, "writes": 0, "bytes_read": 0, "bytes_written": 0, "prefetched": 0, "waits": 0}
+    parent = directory or tempfile.gettempdir()
+    try:
+      os.makedirs(parent, exist_ok=True)
+      self.dir = tempfile.mkdtemp(prefix="minift-shard-", dir=parent)   # private (0700), never an existing folder
+    except OSError as e:
+      raise ShardError(f"--shard_dir {parent}: cannot create a shard folder there ({e.strerror})") from None
+    self._pool = ThreadPoolExecutor(1, thread_name_prefix="minift-prefetch") if prefetch else None
+    self._file_ids = itertools.count()
+    self._closed = False
+    atexit.register(self.close)
+    if _device.sharder is not None: raise RuntimeError("a Sharder is already active; close it first")
+    _device.sharder = self
+
+  def __enter__(self): return self
+  def __exit__(self, *exc): self.close()
+
+  def close(self):
+    """Bring every page back into memory (so the tensors stay usable) unless exiting, then
+    remove the shard folder."""
+    if self._closed: return
+    self._closed = True
+    if _device.sharder is self: _device.sharder = None
+    if self._pool is not None: self._pool.shutdown(wait=True)
+    for page in list(self.pages.values()):
+      buf = page.ref()
+      if buf is not None and page.tier != page.top:
+        try: self._restore(page, buf)
+        except Exception: pass   # interpreter exit: nothing left to keep
+    self.pages.clear()
+    shutil.rmtree(self.dir, ignore_errors=True)
+
+  # ---- registration
+
+  def manage(self, tensor, name, frozen=None):
+    """Page the buffer under `tensor` (realized first). frozen: nothing will write it
+    (default: not tensor.requires_grad). A frozen weight still memory-mapped from its file is
+    dropped from memory right away and read from the file when needed."""
+    if tensor.lazydata.base.buffer is None: tensor.realize()
+    buf = tensor.lazydata.base.buffer
+    if buf is None: raise ValueError(f"sharder: {name} is not a buffer (a lazy view of a computation)")
+    if id(buf) in self.pages and self.pages[id(buf)].ref() is buf: return self.pages[id(buf)]
+    frozen = (not tensor.requires_grad) if frozen is None else frozen
+    source = file_source(buf.data) if frozen and buf.device.name == "numpy" else None
+    if buf.nbytes > min(self.budget.values()):
+      raise ShardError(f"{name} ({buf.nbytes / MB:.1f} MiB) is larger than the smallest sharding budget "
+                       f"({min(self.budget.values()) / MB:.0f} MiB): split it first (minift.sharder.split_rows)")
+    page = self.pages[id(buf)] = Page(buf, name, frozen, source)
+    weakref.finalize(buf, self._forget, id(buf), weakref.ref(page))
+    if source is not None:                       # nothing read yet: leave it in the file
+      buf.data, page.tier = None, "disk"
+    else:
+      self._make_room(page.top, page.nbytes, protect=(page,))
+      self.used[page.top] += page.nbytes
+      self._note("manage", page)
+    return page
+
+  def manage_model(self, model, optimizer=None):
+    """Every parameter of model and every state tensor of optimizer."""
+    for name, t in model.named_parameters(): self.manage(t, name)
+    if optimizer is not None:
+      names = [n for n, t in model.named_parameters() if any(t is p for p in optimizer.params)]
+      for i, t in enumerate(optimizer.state_tensors()):
+        self.manage(t, f"optimizer.{i}" if i >= len(names) * 2 else f"optimizer.{'mv'[i // len(names)]}.{names[i % len(names)]}", frozen=False)
+    return self
+
+  def _forget(self, key, page_ref):
+    page = page_ref()
+    if page is None or self.pages.get(key) is not page: return
+    del self.pages[key]
+    if page.loading is not None: self.used["ram"] -= page.nbytes     # its reservation
+    elif page.tier != "disk": self.used[page.tier] -= page.nbytes
+    if page.file:
+      try: os.unlink(page.file)
+      except OSError: pass
+
+  # ---- what run_kernel and Tensor call
+
+  def page_of(self, buf):
+    page = self.pages.get(id(buf))
+    return page if page is not None and page.ref() is buf else None
+
+  def acquire(self, bufs, upcoming=None):
+    """Bring the managed buffers among bufs to the tier kernels read, pinned."""
+    pages = [p for p in map(self.page_of, bufs) if p is not None]
+    self.clock += 1
+    for page in pages: page.pins += 1                 # pinned first: bringing one up must not evict another
+    try:
+      for page in pages:
+        page.last_use = self.clock
+        if page.tier != page.top: self._restore(page, page.ref(), protect=pages)
+    except BaseException:
+      for page in pages: page.pins -= 1
+      raise
+    if upcoming is not None and self._pool is not None: self._prefetch(upcoming, pages)
+    return pages
+
+  def release(self, pages, written=None):
+    for page in pages: page.pins -= 1
+    if written is not None:
+      page = self.page_of(written)
+      if page is not None: page.disk_valid, page.source = False, None
+
+  def fetch(self, buf, write=False):
+    """Make buf's data valid in memory for a direct read (numpy()) or write (assign from NumPy)."""
+    pages = self.acquire([buf])
+    self.release(pages, buf if write else None)
+
+  # ---- moving pages
+
+  def _note(self, event, page):
+    for tier in ("gpu", "ram"): self.peak[tier] = max(self.peak[tier], self.used[tier])
+    if self.trace is not None: self.trace.append((event, page.name, self.used["gpu"], self.used["ram"]))
+
+  def _make_room(self, tier, nbytes, protect=()):
+    """Evict least-recently-used pages of tier until nbytes more fit its budget."""
+    if nbytes > self.budget[tier]:
+      raise ShardError(f"a {nbytes / MB:.1f} MiB buffer cannot fit the {tier} budget of {self.budget[tier] / MB:.0f} MiB")
+    while self.used[tier] + nbytes > self.budget[tier]:
+      victims = [p for p in self.pages.values() if p.tier == tier and not p.pins and p.loading is None and p not in protect]
+      if not victims:
+        held = ", ".join(p.name for p in self.pages.values() if p.tier == tier)
+        raise ShardError(f"the {tier} budget of {self.budget[tier] / MB:.0f} MiB cannot hold {nbytes / MB:.1f} MiB more: "
+                         f"everything in it is in use by the current kernel ({held}); raise the budget")
+      self._evict(min(victims, key=lambda p: p.last_use))
+
+  def _evict(self, page):
+    """Move page one tier down."""
+    buf, dev = page.ref(), None
+    if page.tier == "gpu":
+      self._make_room("ram", page.nbytes)
+      dev = buf.device
+      page.host = dev.to_numpy(buf)
+      self.used["ram"] += page.nbytes
+      if hasattr(dev, "_written"): dev._written(buf)   # drop a texture copy of it too
+      mem, buf.data = buf.data, None
+      mem.release()
+      page.tier = "ram"
+      self.used["gpu"] -= page.nbytes
+    else:
+      data = page.host if page.top == "gpu" else buf.data
+      if not page.disk_valid: self._write(page, data)
+      if page.top == "gpu": page.host = None
+      else: buf.data = None
+      page.tier = "disk"
+      self.used["ram"] -= page.nbytes
+    self.stats["evictions"] += 1
+    self._note("evict", page)
+
+  def _write(self, page, data):
+    """Write page's bytes to its shard file. On failure the data stays where it is."""
+    path = page.file or os.path.join(self.dir, f"{next(self._file_ids)}.bin")
+    half = page.np_dtype == np.float32 and (self.fp16_trainable or (self.fp16_disk and page.frozen))
+    try:
+      with open(path, "wb") as f: write_array(f, data.astype(np.float16) if half else data)
+    except OSError as e:
+      try: os.unlink(path)
+      except OSError: pass
+      page.file = None
+      raise ShardError(f"--shard_dir {self.dir}: cannot write {page.name} ({page.nbytes / MB:.1f} MiB): {e.strerror or e}. "
+                       "Nothing was lost: it is still in memory, and the last checkpoint is untouched") from None
+    page.file, page.disk_valid = path, True
+    self.stats["writes"] += 1
+    self.stats["bytes_written"] += page.nbytes // (2 if half else 1)
+
+  def _read_page(self, page):
+    """The page's bytes as a flat NumPy array (runs on the prefetch thread too)."""
+    count = page.nbytes // np.dtype(page.np_dtype).itemsize
+    if page.source is not None: return _read(page.source[0], page.source[1], page.np_dtype, count)
+    half = os.path.getsize(page.file) == page.nbytes // 2 and page.np_dtype == np.float32
+    data = _read(page.file, 0, np.float16 if half else page.np_dtype, count)
+    return data.astype(np.float32) if half else data
+
+  def _restore(self, page, buf, protect=()):
+    """Bring page up to the tier kernels read."""
+    if page.tier == "disk":
+      if page.loading is not None:                  # a prefetch is reading it: its bytes are reserved
+        self.stats["waits"] += not page.loading.done()
+        data, page.loading = page.loading.result(), None
+      else:
+        self._make_room("ram", page.nbytes, protect)
+        self.used["ram"] += page.nbytes
+        try:
+          data = self._read_page(page)
+        except BaseException:
+          self.used["ram"] -= page.nbytes
+          raise
+      self.stats["loads"] += 1
+      self.stats["bytes_read"] += page.nbytes
+      if page.top == "gpu": page.host = data
+      else: buf.data = data
+      page.tier = "ram"
+      self._note("load", page)
+    if page.tier == "ram" and page.top == "gpu":
+      self._make_room("gpu", page.nbytes, protect)
+      dev = buf.device
+      buf.data = dev._alloc(page.nbytes)
+      dev.copy_in(buf, page.host)
+      page.host, page.tier = None, "gpu"
+      self.used["gpu"] += page.nbytes
+      self.used["ram"] -= page.nbytes
+      self._note("upload", page)
+
+  def _prefetch(self, upcoming, current):
+    """Start reading the disk pages the next kernels need, as far ahead as half the RAM budget
+    reaches; never evict a page those kernels (or the current one) use."""
+    window, seen, todo = self.budget["ram"] / 2, set(current), []
+    ahead = sum(p.nbytes for p in current)
+    for bufs in upcoming():
+      for buf in bufs:
+        page = self.page_of(buf)
+        if page is None or page in seen: continue
+        seen.add(page)
+        ahead += page.nbytes
+        if ahead > window: break
+        if page.tier == "disk" and page.loading is None: todo.append(page)
+      else: continue
+      break
+    for page in todo:
+      try: self._make_room("ram", page.nbytes, protect=seen)
+      except ShardError: return                      # no room without evicting something needed sooner
+      self.used["ram"] += page.nbytes
+      page.loading = self._pool.submit(self._read_page, page)
+      self.stats["prefetched"] += 1
+      self._note("prefetch", page)
+
+  def resident_bytes(self):
+    return dict(self.used)
+
+
+def write_array(f, arr):
+  """arr's bytes into an open binary file, without a second copy in memory."""
+  arr = np.ascontiguousarray(arr)
+  f.write(memoryview(arr.reshape(-1)).cast("B"))
