@@ -38,9 +38,13 @@ class Module:
     seen = set()
     for mod_name, mod in self.named_modules(prefix):
       for name, value in vars(mod).items():
-        if isinstance(value, Tensor) and not name.startswith("_") and id(value) not in seen:
-          seen.add(id(value))
-          yield _join(mod_name, name), value
+        if name.startswith("_"): continue
+        items = [(name, value)] if isinstance(value, Tensor) else \
+                [(f"{name}.{i}", v) for i, v in enumerate(value) if isinstance(v, Tensor)] if isinstance(value, (list, tuple)) else []
+        for item_name, t in items:
+          if id(t) not in seen:
+            seen.add(id(t))
+            yield _join(mod_name, item_name), t
 
   def parameters(self): return [p for _, p in self.named_parameters()]
 
@@ -69,10 +73,49 @@ class Linear(Module):
 
 
 class Embedding(Module):
+  """A (num_embeddings, embedding_dim) table. split() keeps it as row pieces instead, each its
+  own buffer: the sharder pages a table larger than its budget piece by piece, and phone GPUs
+  cap single allocations near 1 GB (Gemma 3 1B's table is 1.2 GB in float32)."""
   def __init__(self, num_embeddings, embedding_dim):
     self.weight = Tensor.zeros(num_embeddings, embedding_dim)
 
-  def forward(self, idx): return self.weight.embedding(idx)
+  def forward(self, idx):
+    if not hasattr(self, "weight_pieces"): return self.weight.embedding(idx)
+    out, start = None, 0
+    for piece in self.weight_pieces:   # each row is in exactly one piece: sum the masked lookups
+      rows = piece.shape[0]
+      inside = (idx >= start).where(idx < start + rows, False)
+      part = piece.embedding(inside.where(idx - start, 0)) * inside.unsqueeze(-1).cast(piece.dtype)
+      out, start = part if out is None else out + part, start + rows
+    return out
+
+  def table(self):
+    """The weight, or its list of row pieces once split."""
+    return self.weight_pieces if hasattr(self, "weight_pieces") else self.weight
+
+  def split(self, max_rows):
+    """Replace weight by pieces of at most max_rows rows (parameters weight_pieces.0, .1, ...).
+    A table memory-mapped from a weight file becomes views of that file, nothing is read."""
+    w = self.weight
+    if w.shape[0] <= max_rows: return
+    lb = w.lazydata
+    arr = lb.base.buffer.data if lb.base.realized and lb.is_unviewed() and lb.device == "numpy" else None
+    pieces = []
+    for start in range(0, w.shape[0], max_rows):
+      if arr is not None and not arr.flags.writeable:   # a file view stays a (read-only, zero-copy) file view
+        piece = Tensor(arr.reshape(w.shape)[start:start + max_rows])
+      else:
+        piece = w[start:start + max_rows].contiguous().realize()
+      piece.requires_grad = w.requires_grad
+      pieces.append(piece)
+    del self.weight
+    self.weight_pieces = pieces
+
+
+def project(h, weight):
+  """h @ weight.T, for a weight given whole or as a list of row pieces (a split table)."""
+  if isinstance(weight, (list, tuple)): return Tensor.cat([h @ piece.T for piece in weight], -1)
+  return h @ weight.T
 
 
 class LayerNorm(Module):

@@ -136,6 +136,20 @@ class Sharder:
       self._note("manage", page)
     return page
 
+  def split_tables(self, model):
+    """Split every embedding table bigger than a quarter of the smallest budget into row pieces
+    (Embedding.split), so a kernel's pages and a prefetched next layer fit together. Call it
+    before making the optimizer: the pieces are what trains. Returns the tables split."""
+    from minift.nn import Embedding
+    limit, done = min(self.budget.values()) / 4, []
+    for name, mod in model.named_modules():
+      w = getattr(mod, "weight", None)
+      if isinstance(mod, Embedding) and w is not None and w.numel() * w.dtype.itemsize > limit:
+        row_bytes = w.shape[1] * w.dtype.itemsize
+        mod.split(max(1, int(limit // row_bytes)))
+        done.append(name)
+    return done
+
   def manage_model(self, model, optimizer=None):
     """Every parameter of model and every state tensor of optimizer."""
     for name, t in model.named_parameters(): self.manage(t, name)

@@ -735,45 +735,63 @@ class Tensor:
     (rows, vocab) logits. Rows are processed in chunks; when gradients are needed, each chunk's
     gradients w.r.t. the hidden states and the weight are computed and realized right away, so
     only one chunk of logits (and its gradient) is alive at any moment.
+    weight: a (vocab, C) tensor, or a list of row pieces of one (a table split by the sharder):
+    each piece is read by its own kernels and gets its own gradient.
     denominator: divide the summed loss by this (a number or a Tensor) instead of by the number
     of targets here: gradient accumulation passes the count of the whole batch."""
+    pieces = list(weight) if isinstance(weight, (list, tuple)) else [weight]
     h = self.reshape(-1, self.shape[-1])
     tgt = target.reshape(-1) if isinstance(target, Tensor) else Tensor(np.asarray(target).reshape(-1), device=self.device)
     if h.shape[0] != tgt.shape[0]: raise ValueError(f"linear_cross_entropy: {h.shape[0]} rows of hidden states but {tgt.shape[0]} targets")
-    if weight.ndim != 2 or weight.shape[1] != h.shape[1]:
-      raise ValueError(f"linear_cross_entropy: weight {weight.shape} does not fit hidden size {h.shape[1]}")
+    for w in pieces:
+      if w.ndim != 2 or w.shape[1] != h.shape[1]:
+        raise ValueError(f"linear_cross_entropy: weight {w.shape} does not fit hidden size {h.shape[1]}")
     # a lazy count, not a Python number, so a jit-captured step rescales every batch correctly
     n_valid = (tgt != ignore_index).sum().maximum(1).float() if denominator is None else denominator
     if not isinstance(n_valid, Tensor): n_valid = Tensor(float(n_valid), device=self.device)
     inv_n = n_valid.reciprocal().realize()
-    need_h, need_w = self.requires_grad and not Tensor.no_grad, weight.requires_grad and not Tensor.no_grad
-    loss, dh_parts, dw = None, [], None
-    hd, wd = h.detach(), weight.detach()
+    need_h = self.requires_grad and not Tensor.no_grad
+    need_w = [w.requires_grad and not Tensor.no_grad for w in pieces]
+    starts = [sum(w.shape[0] for w in pieces[:k]) for k in range(len(pieces))]
+    loss, dh_parts, dw = None, [], [None] * len(pieces)
+    hd, wds = h.detach(), [w.detach() for w in pieces]
     with no_grad():
       hd.realize()
       for start in range(0, h.shape[0], chunk_rows):
         hc, tc = hd[start:start + chunk_rows], tgt[start:start + chunk_rows]
+        rows, valid = hc.shape[0], (tc != ignore_index)
+        tc = valid.where(tc, 0).long()
         # four passes over the (rows, vocab) logits: write, max, sum of exp, gradient
-        rows, vocab = hc.shape[0], weight.shape[0]
-        logits = (hc @ wd.T).float().realize()
-        lse = logits.logsumexp(-1, keepdim=True).realize()                              # (rows, 1)
-        valid = (tc != ignore_index)
-        flat = Tensor.arange(rows, device=self.device) * vocab + valid.where(tc, 0).long()   # the target's logit
-        picked = logits.reshape(rows * vocab, 1).embedding(flat).reshape(rows)
+        logits = [(hc @ wd.T).float().realize() for wd in wds]
+        lses = [l.logsumexp(-1, keepdim=True).realize() for l in logits]                 # (rows, 1) each
+        lse = lses[0] if len(lses) == 1 else Tensor.cat(lses, 1).logsumexp(-1, keepdim=True).realize()
+        picked = None
+        for l, s0 in zip(logits, starts):                                                # the target's logit
+          inside = (tc >= s0).where(tc < s0 + l.shape[1], False)
+          flat = Tensor.arange(rows, device=self.device) * l.shape[1] + inside.where(tc - s0, 0)
+          part = l.reshape(-1, 1).embedding(flat).reshape(rows) * inside.float()
+          picked = part if picked is None else picked + part
         part = ((lse.reshape(rows) - picked) * valid.float()).sum() * inv_n.reshape(())
         todo = [part]
-        if need_h or need_w:
-          hit = tc.unsqueeze(-1) == Tensor.arange(vocab, dtype=tc.dtype, device=self.device)
-          g = (((logits - lse).exp() - hit.float()) * (valid.float() * inv_n.reshape(())).unsqueeze(-1)).cast(weight.dtype).contiguous()
-          if need_h: dh_parts.append(g @ wd); todo.append(dh_parts[-1])
-          if need_w:
-            dwc = g.T @ hc
-            dw = dwc if dw is None else dw.assign(dw + dwc)
-            todo.append(dw)
+        dh = None
+        if need_h or any(need_w):
+          scale = (valid.float() * inv_n.reshape(())).unsqueeze(-1)
+          for k, (l, wd, s0) in enumerate(zip(logits, wds, starts)):
+            hit = tc.unsqueeze(-1) == Tensor.arange(s0, s0 + l.shape[1], dtype=tc.dtype, device=self.device)
+            g = (((l - lse).exp() - hit.float()) * scale).cast(wd.dtype).contiguous()
+            if need_h: dh = g @ wd if dh is None else dh + g @ wd
+            if need_w[k]:
+              dwc = g.T @ hc
+              dw[k] = dwc if dw[k] is None else dw[k].assign(dw[k] + dwc)
+              todo.append(dw[k])
+            if len(pieces) > 1: Tensor.realize_all(*todo, *([dh] if dh is not None else []))   # one piece's logits gradient at a time
+          if need_h: dh_parts.append(dh); todo.append(dh)
         Tensor.realize_all(*todo)
+        del logits
         loss = part if loss is None else (loss + part).realize()
       dh = Tensor.cat(dh_parts, 0).reshape(self.shape) if need_h else None
-    return F.Stored.apply(self, weight, value=loss.lazydata, grads=(dh.lazydata if dh is not None else None, dw.lazydata if dw is not None else None))
+    grads = (dh.lazydata if dh is not None else None, *[d.lazydata if d is not None else None for d in dw])
+    return F.Stored.apply(self, *pieces, value=loss.lazydata, grads=grads)
 
 
 class _FreedGraph:

@@ -11,7 +11,7 @@ Face's Gemma3ForCausalLM state dict.
 import math
 from dataclasses import dataclass, field
 from typing import Optional
-from minift.nn import Module, Linear, Embedding, RMSNorm, activation, config_from_dict, \
+from minift.nn import Module, Linear, Embedding, project, RMSNorm, activation, config_from_dict, \
   rope_parameters, rope_inv_freq, rope_tables, apply_rope
 
 
@@ -138,8 +138,8 @@ class Gemma3(Module):
 
   @property
   def output_weight(self):
-    """(vocab, hidden): the matrix that turns final hidden states into logits."""
-    return self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+    """(vocab, hidden): the matrix that turns final hidden states into logits (a list of row pieces once split)."""
+    return self.model.embed_tokens.table() if self.lm_head is None else self.lm_head.weight
 
   def hidden(self, input_ids, cache=None):
     """Final hidden states (B, T, hidden) for token ids (B, T)."""
@@ -153,7 +153,7 @@ class Gemma3(Module):
 
   def logits(self, h):
     """Logits (..., vocab) from final hidden states (..., hidden), soft-capped if the config says so."""
-    logits = h @ self.output_weight.T
+    logits = project(h, self.output_weight)
     cap = self.config.final_logit_softcapping
     return logits if cap is None else (logits / cap).tanh() * cap
 

@@ -7,7 +7,7 @@ weights as (in, out); here every Linear is (out, in), so those four are transpos
 """
 from dataclasses import dataclass
 from typing import Optional
-from minift.nn import Module, Linear, Embedding, LayerNorm, activation, config_from_dict
+from minift.nn import Module, Linear, Embedding, project, LayerNorm, activation, config_from_dict
 
 
 @dataclass
@@ -95,8 +95,8 @@ class GPT2(Module):
 
   @property
   def output_weight(self):
-    """(vocab, n_embd): the matrix that turns final hidden states into logits."""
-    return self.transformer.wte.weight if self.lm_head is None else self.lm_head.weight
+    """(vocab, n_embd): the matrix that turns final hidden states into logits (a list of row pieces once split)."""
+    return self.transformer.wte.table() if self.lm_head is None else self.lm_head.weight
 
   def hidden(self, input_ids, cache=None):
     """Final hidden states (B, T, n_embd) for token ids (B, T)."""
@@ -112,7 +112,7 @@ class GPT2(Module):
 
   def logits(self, h):
     """Logits (..., vocab) from final hidden states (..., n_embd)."""
-    return h @ self.output_weight.T
+    return project(h, self.output_weight)
 
   def forward(self, input_ids, cache=None):
     """Logits (B, T, vocab)."""

@@ -7,7 +7,7 @@ Qwen2ForCausalLM state dicts.
 """
 from dataclasses import dataclass, field
 from typing import Optional
-from minift.nn import Module, Linear, Embedding, RMSNorm, activation, config_from_dict, \
+from minift.nn import Module, Linear, Embedding, project, RMSNorm, activation, config_from_dict, \
   rope_parameters, rope_inv_freq, rope_tables, apply_rope
 
 
@@ -121,8 +121,8 @@ class Llama(Module):
 
   @property
   def output_weight(self):
-    """(vocab, hidden): the matrix that turns final hidden states into logits."""
-    return self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+    """(vocab, hidden): the matrix that turns final hidden states into logits (a list of row pieces once split)."""
+    return self.model.embed_tokens.table() if self.lm_head is None else self.lm_head.weight
 
   def hidden(self, input_ids, cache=None):
     """Final hidden states (B, T, hidden) for token ids (B, T)."""
@@ -136,7 +136,7 @@ class Llama(Module):
 
   def logits(self, h):
     """Logits (..., vocab) from final hidden states (..., hidden)."""
-    return h @ self.output_weight.T
+    return project(h, self.output_weight)
 
   def forward(self, input_ids, cache=None):
     """Logits (B, T, vocab)."""

@@ -60,6 +60,13 @@ def parse_args(argv=None):
   a("--save_interval", type=int, default=0, help="checkpoint every N steps, 0 for only at the end (default 0)")
   a("--resume", action="store_true", help="continue from <out>/checkpoint")
   a("--device", choices=["numpy", "opencl"], default=None, help="backend (default: MINIFT_DEVICE or numpy)")
+  a("--shard_enable", action="store_true", help="page weights, trainable state and optimizer moments to disk under --shard_budget_mb")
+  a("--shard_budget_mb", type=float, default=None, help="host RAM the paged tensors may use, in MiB (default 512 with --shard_enable; implies it)")
+  a("--gpu_budget_mb", type=float, default=None, help="OpenCL device memory the paged tensors may use, in MiB (implies --shard_enable)")
+  a("--shard_dir", default=None, help="where the shard folder is made (default: the system temp folder); removed at exit")
+  a("--shard_fp16_disk", action="store_true", help="write paged-out frozen float32 weights as float16 (half the disk traffic, fp16 rounding)")
+  a("--shard_fp16_trainable", action="store_true", help="also trainable weights and optimizer moments (loses precision; off by default)")
+  a("--no_prefetch", dest="prefetch", action="store_false", help="do not read the next layer's pages in the background")
   a("--seed", type=int, default=0, help="seed for adapter init, dropout and data order (default 0)")
   a("--data_errors", choices=["strict", "replace"], default="strict", help="non-UTF-8 bytes: fail, or replace with U+FFFD")
   a("--plot", action="store_true", help="write <out>/loss.png (needs matplotlib)")
@@ -82,6 +89,10 @@ def parse_args(argv=None):
     if value < low: ap.error(f"{flag} must be at least {low}, got {value}")
   for flag, value in (("--lr", args.lr), ("--weight_decay", args.weight_decay), ("--clip_grad_norm", args.clip_grad_norm), ("--lora_alpha", args.lora_alpha)):
     if value < 0 or not math.isfinite(value): ap.error(f"{flag} must be a finite number >= 0, got {value}")
+  for flag, value in (("--shard_budget_mb", args.shard_budget_mb), ("--gpu_budget_mb", args.gpu_budget_mb)):
+    if value is not None and not (value > 0 and math.isfinite(value)): ap.error(f"{flag} must be a positive number of MiB, got {value}")
+  args.shard = args.shard_enable or args.shard_budget_mb is not None or args.gpu_budget_mb is not None
+  if args.shard and args.shard_budget_mb is None: args.shard_budget_mb = 512.0
   if not 0 <= args.lora_dropout < 1: ap.error(f"--lora_dropout must be in [0, 1), got {args.lora_dropout}")
   if not 0 <= args.val_fraction < 1: ap.error(f"--val_fraction must be in [0, 1), got {args.val_fraction}")
   if args.batch_size % args.grad_accum_steps: ap.error(f"--batch_size {args.batch_size} must be a multiple of --grad_accum_steps {args.grad_accum_steps}")
@@ -101,15 +112,29 @@ def main(argv=None):
   from minift.checkpoint import check_writable
   check_writable(args.out)
   if args.device: os.environ["MINIFT_DEVICE"] = args.device
-  from tqdm import tqdm
-  import models
   from minift import Tensor
+  from minift.sharder import Sharder, ShardError
+  t_start = time.time()
+  Tensor.manual_seed(args.seed)
+  sharder = None
+  try:
+    if args.shard:
+      sharder = Sharder(args.shard_budget_mb, args.gpu_budget_mb, args.shard_dir, args.shard_fp16_disk, args.shard_fp16_trainable, args.prefetch)
+    return train(args, sharder, t_start)
+  except ShardError as e:   # a budget too small, a full or unwritable disk: the last checkpoint is intact
+    raise SystemExit(f"error: {e}") from None
+  finally:
+    if sharder is not None: sharder.close()
+
+
+def train(args, sharder, t_start):
+  from tqdm import tqdm
+  from minift import Tensor
+  import models
   from minift.data import PackedData
   from minift.lora import apply_lora, save_adapter, lora_modules
   from minift.trainer import Trainer, lr_at, enable_activation_checkpointing, append_metrics, truncate_metrics
 
-  t_start = time.time()
-  Tensor.manual_seed(args.seed)
   model, tokenizer = models.load(args.model)
   if args.seq_len > model.max_context:
     raise SystemExit(f"error: --seq_len {args.seq_len} is above the model's context of {model.max_context} tokens")
@@ -119,6 +144,9 @@ def main(argv=None):
     raise SystemExit(f"error: {len(data.train_x)} training blocks of {args.seq_len} tokens make no batch of --batch_size {args.batch_size}")
   if args.full_ft:
     for p in model.parameters(): p.requires_grad = True
+  if sharder is not None:
+    for name in sharder.split_tables(model): print(f"sharder: {name} split into row pieces to fit --shard_budget_mb {args.shard_budget_mb:g}")
+  if args.full_ft:
     named = list(model.named_parameters())
   else:
     targets = [t.strip() for t in args.lora_targets.split(",") if t.strip()] if args.lora_targets else None
@@ -130,6 +158,7 @@ def main(argv=None):
   params = [t for _, t in named]
   if args.grad_checkpoint: enable_activation_checkpointing(model)
   trainer = Trainer(model, params, args, named)
+  if sharder is not None: sharder.manage_model(model, trainer.opt)
 
   per_epoch = data.batches_per_epoch(args.batch_size)
   total = args.max_steps or per_epoch * args.epochs
