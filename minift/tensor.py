@@ -757,12 +757,16 @@ class Tensor:
     hd, wds = h.detach(), [w.detach() for w in pieces]
     with no_grad():
       hd.realize()
+      # a paged table is read forth then back (logits, then gradients; or the logits of the next
+      # chunk): the pieces read last are the ones most likely still in memory
+      order = list(range(len(pieces)))
       for start in range(0, h.shape[0], chunk_rows):
         hc, tc = hd[start:start + chunk_rows], tgt[start:start + chunk_rows]
         rows, valid = hc.shape[0], (tc != ignore_index)
         tc = valid.where(tc, 0).long()
         # four passes over the (rows, vocab) logits: write, max, sum of exp, gradient
-        logits = [(hc @ wd.T).float().realize() for wd in wds]
+        logits = [None] * len(pieces)
+        for k in order: logits[k] = (hc @ wds[k].T).float().realize()
         lses = [l.logsumexp(-1, keepdim=True).realize() for l in logits]                 # (rows, 1) each
         lse = lses[0] if len(lses) == 1 else Tensor.cat(lses, 1).logsumexp(-1, keepdim=True).realize()
         picked = None
@@ -776,7 +780,8 @@ class Tensor:
         dh = None
         if need_h or any(need_w):
           scale = (valid.float() * inv_n.reshape(())).unsqueeze(-1)
-          for k, (l, wd, s0) in enumerate(zip(logits, wds, starts)):
+          for k in reversed(order):
+            l, wd, s0 = logits[k], wds[k], starts[k]
             hit = tc.unsqueeze(-1) == Tensor.arange(s0, s0 + l.shape[1], dtype=tc.dtype, device=self.device)
             g = (((l - lse).exp() - hit.float()) * scale).cast(wd.dtype).contiguous()
             if need_h: dh = g @ wd if dh is None else dh + g @ wd
@@ -786,6 +791,7 @@ class Tensor:
               todo.append(dw[k])
             if len(pieces) > 1: Tensor.realize_all(*todo, *([dh] if dh is not None else []))   # one piece's logits gradient at a time
           if need_h: dh_parts.append(dh); todo.append(dh)
+        else: order.reverse()
         Tensor.realize_all(*todo)
         del logits
         loss = part if loss is None else (loss + part).realize()

@@ -293,9 +293,69 @@ def bench_load(rows, device, repeat):
     print(f"{'load':<12} {name:<28} weights {weights_mb:7.0f} MB   peak RSS {rss_mb:7.0f} MB   ratio {rss_mb/weights_mb:4.2f}   {secs:.1f} s", flush=True)
 
 
+# ---- the sharder (issue: sharder): peak RSS and step time under RAM budgets
+
+def _shard_step(path, full_ft, budget, checkpointing, steps, prefetch=True):
+  """Run `steps` training steps in this process; returns peak RSS (MB), median step time of
+  the replayed steps (s) and the sharder's counters. Meant for a fresh process per setting."""
+  import models
+  from minift.lora import apply_lora, lora_modules
+  from minift.trainer import Trainer, enable_activation_checkpointing
+  from minift.sharder import Sharder
+  from types import SimpleNamespace
+  sharder = Sharder(budget, prefetch=prefetch) if budget else None
+  model, _ = models.load(path, with_tokenizer=False)
+  if full_ft:
+    for p in model.parameters(): p.requires_grad = True
+  if sharder: sharder.split_tables(model)
+  if full_ft: named = list(model.named_parameters())
+  else:
+    apply_lora(model, None, r=8, alpha=16)
+    named = [(f"{p}.{n}", getattr(m, n)) for p, m in lora_modules(model) for n in ("lora_A", "lora_B")]
+  if checkpointing: enable_activation_checkpointing(model)
+  trainer = Trainer(model, [t for _, t in named], SimpleNamespace(optimizer="adamw", lr=1e-4, weight_decay=0.0, momentum=0.0, clip_grad_norm=1.0), named)
+  if sharder: sharder.manage_model(model, trainer.opt)
+  rng = np.random.default_rng(0)
+  vocab = model.config.vocab_size
+  x, y = rng.integers(0, vocab, (4, 128)), rng.integers(0, vocab, (4, 128))
+  times = []
+  for _ in range(steps):
+    t0 = time.perf_counter()
+    trainer.train_step([(x, y)], 1e-4)
+    times.append(time.perf_counter() - t0)
+  stats = dict(sharder.stats, peak_ram_mb=sharder.peak["ram"] / 2**20) if sharder else {}
+  return dict(peak_rss_mb=peak_rss_mb(), step_s=statistics.median(times[2:] or times), stats=stats)
+
+
+def bench_shard(rows, device, repeat):
+  """LoRA (batch 4 x 128, r=8 on the default targets) of a random GPT-2 small and of the
+  pip-shipped Gemma 3 270M, unsharded and under RAM budgets of 512, 256 and 128 MB, each
+  setting in its own process; activation checkpointing on throughout (without it the
+  activations alone outweigh the smallest budget). Full fine-tuning of GPT-2 small too."""
+  import subprocess
+  settings = [("GPT-2 small LoRA", "gpt2", False, b) for b in (None, 512, 256, 128)]
+  settings += [("GPT-2 small full FT", "gpt2", True, b) for b in (None, 128)]
+  if any("Gemma" in n for n, _ in _real_models()):
+    settings += [("Gemma 3 270M LoRA", "gemma", False, b) for b in (None, 512, 256, 128)]
+  base = {}
+  for name, which, full_ft, budget in settings:
+    path = "bench._gpt2_small_folder()" if which == "gpt2" else "[p for n, p in bench._real_models() if 'Gemma' in n][0]"
+    code = (f"import sys, json; sys.argv = ['bench']; import bench; "
+            f"print(json.dumps(bench._shard_step({path}, {full_ft}, {budget}, True, {max(repeat, 3) + 2})))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=os.path.dirname(os.path.abspath(__file__)))
+    if out.returncode: raise SystemExit(f"bench shard {name} budget {budget}: failed\n{out.stderr[-3000:]}")
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    if budget is None: base[name] = r
+    ref = base[name]
+    rows.append(dict(task="shard", shape=name, budget_mb=budget, peak_rss_mb=r["peak_rss_mb"], step_s=r["step_s"],
+                     rss_vs_unsharded=r["peak_rss_mb"] / ref["peak_rss_mb"], time_vs_unsharded=r["step_s"] / ref["step_s"], sharder=r["stats"]))
+    print(f"{'shard':<12} {name:<22} budget {str(budget or '-'):>4} MB   peak RSS {r['peak_rss_mb']:6.0f} MB ({r['peak_rss_mb'] / ref['peak_rss_mb']:4.2f}x)"
+          f"   step {r['step_s']:6.2f} s ({r['step_s'] / ref['step_s']:4.2f}x)   {r['stats'].get('bytes_read', 0) / 2**20 / (max(repeat, 3) + 2):6.0f} MB read/step", flush=True)
+
+
 TASKS = {"matmul": bench_matmul, "elementwise": bench_elementwise, "softmax": bench_softmax_layernorm,
          "block": bench_block, "overhead": bench_overhead, "lora_step": bench_lora_step, "full_step": bench_full_step,
-         "eval": bench_eval, "load": bench_load}
+         "eval": bench_eval, "load": bench_load, "shard": bench_shard}
 FOUNDATION = ["matmul", "elementwise", "softmax", "block", "overhead"]
 
 
