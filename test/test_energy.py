@@ -1,7 +1,8 @@
 """The energy-aware throttle: sysfs and Termux readers on captured fixtures, schedule parsing,
 the exact sleep of every policy branch, hysteresis, pauses around critical readings (with an
 injected clock, so nothing sleeps), and a throttled fine-tuning run that trains the same adapter."""
-import os, shutil, stat, sys, time
+import importlib.util, json, os, shutil, stat, sys, time
+import numpy as np
 import pytest
 from minift.energy import (Reading, SysfsSource, TermuxSource, SimSource, Policy, Throttle, parse_termux, parse_schedule,
                            open_source, probe)
@@ -11,6 +12,13 @@ FIXTURES = os.path.join(ROOT, "test", "fixtures", "energy")
 ANDROID, LAPTOP = os.path.join(FIXTURES, "android"), os.path.join(FIXTURES, "laptop")
 ANDROID_ZONES = [("thermal_zone0", "aoss0-usr", 38.1), ("thermal_zone1", "cpu-0-0-usr", 61.2), ("thermal_zone4", "battery", 33.5),
                  ("thermal_zone5", "skin-therm", 36.512), ("thermal_zone10", "quiet-therm", 35.0)]
+
+
+def load_finetune():
+  spec = importlib.util.spec_from_file_location("finetune", os.path.join(ROOT, "tools", "finetune.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
 
 
 # ---- readers
@@ -117,6 +125,15 @@ def test_auto_detection_and_probe(tmp_path, monkeypatch):
   assert lines[4].split() == ["thermal_zone5", "skin-therm", "36.5", "C", "(selected)"]
   assert lines[2].split() == ["thermal_zone1", "cpu-0-0-usr", "61.2", "C"]   # not selected
   assert lines[6] == "termux: battery 64% charging, 36.5 C" and lines[-1] == "--pm_source auto uses: sysfs"
+
+
+def test_probe_flag_prints_and_exits(tmp_path, monkeypatch, capsys):
+  monkeypatch.setenv("PATH", str(tmp_path))
+  with pytest.raises(SystemExit) as e: load_finetune().main(["--pm_probe", "--pm_root", LAPTOP])
+  out = capsys.readouterr().out
+  assert e.value.code == 0 and "sysfs: battery 76% discharging, temperature unknown" in out and "x86_pkg_temp" in out
+  with pytest.raises(SystemExit) as e: load_finetune().main(["--pm_probe", "--pm_root", str(tmp_path)])
+  assert e.value.code == 0 and "no battery or temperature source found" in capsys.readouterr().out
 
 
 def test_sim_source_files(tmp_path):
@@ -250,3 +267,60 @@ def test_summary_battery_per_100_steps():
   _, _, throttle = throttled(readings, 41, interval=10, fb_high=4)
   # 80 -> 78 over steps 0-10 and 90 -> 88 over 30-40; the charging stretch counts for nothing
   assert throttle.summary() == {"throttled_s": 41 * 0.25, "paused_s": 0.0, "battery_pct_per_100_steps": 20.0}
+
+
+# ---- flags and a whole run
+
+@pytest.mark.parametrize("argv, message", [
+  (["--pm_batt_thresh", "120"], "--pm_batt_thresh must be a number in [0, 100], got 120"),
+  (["--pm_temp_critical", "-1"], "--pm_temp_critical must be a number in [0, 150]"),
+  (["--pm_hysteresis", "nan"], "--pm_hysteresis must be"),
+  (["--pm_fb_high", "-3"], "--pm_fb_high must be"),
+  (["--pm_interval", "0"], "--pm_interval must be at least 1"),
+  (["--pm_poll_s", "0"], "--pm_poll_s must be a number > 0"),
+  (["--pm_fb_high", "2", "--pm_fb_low", "10"], "--pm_fb_low 10 would be faster than --pm_fb_high 2"),
+  (["--pm_ft_high", "5"], "--pm_ft_low 0 would be faster than --pm_ft_high 5"),
+  (["--pm_schedule", "0-9:300,5-:1"], "--pm_schedule entries '0-9:300' and '5-:1' overlap"),
+  (["--pm_source", "wifi"], "--pm_source must be auto, sysfs, termux, sim:FILE or off, not 'wifi'"),
+])
+def test_bad_energy_flags(argv, message, capsys):
+  with pytest.raises(SystemExit) as e: load_finetune().parse_args(["--model", "m", "--data", "d", *argv])
+  assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory):
+  from tiny_lm import save_tiny, TEXT
+  text = tmp_path_factory.mktemp("data") / "hamlet.txt"
+  text.write_text(TEXT)
+  return save_tiny("llama", tmp_path_factory.mktemp("llama")), str(text)
+
+
+def test_throttled_run_trains_the_same_adapter(tiny_llama, tmp_path, capsys, monkeypatch):
+  from safetensors.numpy import load_file
+  from minift.trainer import Trainer
+  model, text = tiny_llama
+  common = ["--model", model, "--data", text, "--seq_len", "32", "--batch_size", "2", "--max_steps", "8", "--lora_dropout", "0.1", "--quiet"]
+  finetune = load_finetune()
+  finetune.main([*common, "--out", str(tmp_path / "plain"), "--pm_source", "off"])
+  assert "energy:" not in capsys.readouterr().out
+  saved_steps = []
+  save = Trainer.save_checkpoint
+  monkeypatch.setattr(Trainer, "save_checkpoint", lambda self, folder, state: (saved_steps.append(state["step"]), save(self, folder, state)))
+  # sim_drain.jsonl, read every 2 steps: 30%; 19% at 42.5 C (low and hot); 9% (critical: pause, polls 9%, then 10% charging); 25% charging
+  summary = finetune.main([*common, "--out", str(tmp_path / "throttled"), "--pm_source", "sim:" + os.path.join(FIXTURES, "sim_drain.jsonl"),
+                           "--pm_interval", "2", "--pm_fb_low", "100", "--pm_ft_low", "50", "--pm_poll_s", "0.01", "--pm_schedule", "6-:200"])
+  out = capsys.readouterr().out
+  plain, throttled_ = load_file(str(tmp_path / "plain/adapter/adapter_model.safetensors")), load_file(str(tmp_path / "throttled/adapter/adapter_model.safetensors"))
+  assert plain.keys() == throttled_.keys()
+  for k in plain: np.testing.assert_array_equal(plain[k], throttled_[k], err_msg=k)
+  assert saved_steps == [4, 8]   # the checkpoint before the pause, and the final one
+  with open(tmp_path / "throttled/metrics.jsonl") as f: rows = [json.loads(line) for line in f]
+  assert [r["battery_pct"] for r in rows] == [30, 30, 19, 19, 10, 10, 25, 25]
+  assert [r["pm_state"] for r in rows] == ["normal", "normal", "battery_low+hot", "battery_low+hot", "battery_critical", "normal", "schedule", "schedule"]
+  assert [r["sleep_s"] for r in rows] == [0, 0, 0.02, 0.02, 0, 0, 0.005, 0.005]
+  assert rows[4]["paused_s"] >= 0.02 and rows[4]["charging"] is True and rows[2]["temp_c"] == 42.5
+  with open(tmp_path / "throttled/summary.json") as f: assert json.load(f) == summary
+  # 30 -> 19 -> 9 % over steps 0-4; the pause and the charging stretch count for nothing
+  assert summary["battery_pct_per_100_steps"] == 525.0 and summary["paused_s"] >= 0.02 and summary["throttled_s"] >= 0.05
+  assert "battery_critical; checkpoint saved" in out and "energy: throttled " in out and "525% per 100 steps" in out
