@@ -295,7 +295,7 @@ def add_flags(ap):
   a("--pm_temp_zones", default=",".join(ZONE_TYPES), help=f"thermal zone types (substrings) the temperature comes from (default {','.join(ZONE_TYPES)})")
   a("--pm_interval", type=int, default=d.interval, help=f"steps between readings (default {d.interval})")
   a("--pm_batt_thresh", type=float, default=d.batt_thresh, help=f"battery %% below which, discharging, --pm_fb_low applies (default {d.batt_thresh:g})")
-  a("--pm_fb_high", type=float, default=d.fb_high, help="steps/s (Hz) otherwise: sleep 1/Hz s before each step; 0 no sleep (default 0)")
+  a("--pm_fb_high", type=float, default=d.fb_high, help="Hz while the battery is not low or is charging: a sleep of 1000/Hz ms before each step; 0 no sleep (default 0)")
   a("--pm_fb_low", type=float, default=d.fb_low, help="Hz while the battery is low (default 0)")
   a("--pm_temp_thresh", type=float, default=d.temp_thresh, help=f"C above which --pm_ft_low applies (default {d.temp_thresh:g})")
   a("--pm_ft_high", type=float, default=d.ft_high, help="Hz while not hot (default 0)")
