@@ -58,6 +58,10 @@ def _number(value):
   return number if math.isfinite(number) else None
 
 
+def _read_number(path):
+  return _number(_read(path))
+
+
 def _celsius(value):
   """value if it is a believable device temperature; disabled sensors read -273 C and the like."""
   return value if value is not None and -40 <= value <= 150 else None
@@ -86,7 +90,7 @@ def read_thermal_zones(root="/"):
   zones = []
   folders = glob.glob(os.path.join(root, "sys/class/thermal/thermal_zone*"))
   for folder in sorted(folders, key=lambda p: int(re.sub(r"\D", "", os.path.basename(p)) or 0)):
-    zone_type, raw = _read(os.path.join(folder, "type")), _number(_read(os.path.join(folder, "temp")))
+    zone_type, raw = _read(os.path.join(folder, "type")), _read_number(os.path.join(folder, "temp"))
     if not zone_type or raw is None: continue
     # the kernel ABI says milli-C; some old Android kernels write whole degrees
     temp = _celsius(raw / 1000 if abs(raw) >= 1000 else raw)
@@ -118,12 +122,12 @@ class SysfsSource:
   def read(self):
     percents, sizes, statuses, temps = [], [], [], []
     for folder in self.batteries():
-      percent = _number(_read(os.path.join(folder, "capacity")))
+      percent = _read_number(os.path.join(folder, "capacity"))
       if percent is not None and 0 <= percent <= 100:
         percents.append(percent)
-        sizes.append(_number(_read(os.path.join(folder, "energy_full"))) or _number(_read(os.path.join(folder, "charge_full"))))
+        sizes.append(_read_number(os.path.join(folder, "energy_full")) or _read_number(os.path.join(folder, "charge_full")))
       statuses.append(_read(os.path.join(folder, "status")))
-      temp = _number(_read(os.path.join(folder, "temp")))
+      temp = _read_number(os.path.join(folder, "temp"))
       temps.append(_celsius(temp / 10) if temp is not None else None)   # power_supply temp is in tenths of C
     if not percents: battery = None
     elif all(sizes): battery = round(sum(p * s for p, s in zip(percents, sizes)) / sum(sizes), 1)   # two laptop batteries: by size
