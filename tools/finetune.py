@@ -8,10 +8,13 @@
 MODEL is a Hugging Face folder or a .gguf file. The result in --out: a PEFT LoRA adapter
 (adapter_model.safetensors + adapter_config.json) or, with --full_ft, a Hugging Face model
 folder; plus metrics.jsonl (one row per step), checkpoint/ (for --resume) and loss.png (--plot).
+The --pm_* flags slow training down on a low battery or a hot device and pause it when either is
+critical (minift/energy.py); --pm_probe shows what this device reports.
 """
 import argparse, glob, json, math, os, sys, time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from minift import energy
 
 
 def default_model():
@@ -71,7 +74,12 @@ def parse_args(argv=None):
   a("--data_errors", choices=["strict", "replace"], default="strict", help="non-UTF-8 bytes: fail, or replace with U+FFFD")
   a("--plot", action="store_true", help="write <out>/loss.png (needs matplotlib)")
   a("--quiet", action="store_true", help="no progress bar")
+  energy.add_flags(ap)
   args = ap.parse_args(argv)
+  zone_types = [t.strip() for t in args.pm_temp_zones.split(",") if t.strip()]
+  if args.pm_probe:
+    energy.probe(args.pm_root, zone_types)
+    ap.exit(0)
   demo = args.model is None and args.data is None
   if args.model is None:
     args.model = default_model()
@@ -96,6 +104,11 @@ def parse_args(argv=None):
   if not 0 <= args.lora_dropout < 1: ap.error(f"--lora_dropout must be in [0, 1), got {args.lora_dropout}")
   if not 0 <= args.val_fraction < 1: ap.error(f"--val_fraction must be in [0, 1), got {args.val_fraction}")
   if args.batch_size % args.grad_accum_steps: ap.error(f"--batch_size {args.batch_size} must be a multiple of --grad_accum_steps {args.grad_accum_steps}")
+  try:
+    args.pm_policy = energy.policy_from_flags(args)
+  except ValueError as e:
+    ap.error(str(e))
+  args.pm_zone_types = zone_types
   args.demo = demo
   return args
 
@@ -111,6 +124,10 @@ def main(argv=None):
   args = parse_args(argv)
   from minift.checkpoint import check_writable
   check_writable(args.out)
+  try:
+    source = energy.open_source(args.pm_source, args.pm_root, args.pm_zone_types)
+  except ValueError as e:
+    raise SystemExit(f"error: {e}") from None
   if args.device: os.environ["MINIFT_DEVICE"] = args.device
   from minift import Tensor
   from minift.sharder import Sharder, ShardError
@@ -184,34 +201,37 @@ def train(args, sharder, t_start):
   val_before = trainer.evaluate(data.val_x, data.val_y, args.batch_size, args.eval_batches) if len(data.val_x) else (math.nan, math.nan)
   print(f"validation before: loss {val_before[0]:.4f}  ppl {val_before[1]:.2f}")
 
+  def save_checkpoint():
+    trainer.save_checkpoint(ckpt_dir, {"step": step, "epoch": epoch, "batch_index": batch_index, "fingerprint": fingerprint(args)})
+
+  throttle = energy.Throttle(source, args.pm_policy, on_pause=save_checkpoint, log=tqdm.write)
   micro = args.batch_size // args.grad_accum_steps
   bar = tqdm(total=total, initial=step, disable=args.quiet, unit="step", dynamic_ncols=True)
   batches = data.batches(args.batch_size, epoch, batch_index)
   while step < total:
+    energy_row = throttle.before_step(step)   # may sleep, or save a checkpoint and pause
     try:
       (epoch, batch_index), x, y = next(batches)
-    except StopIteration:
-      epoch, batch_index = epoch + 1, 0
-      batches = data.batches(args.batch_size, epoch, 0)
-      continue
+    except StopIteration:   # on to the next epoch, which has batches (checked above)
+      batches = data.batches(args.batch_size, epoch + 1, 0)
+      (epoch, batch_index), x, y = next(batches)
     lr = lr_at(step, args.lr, args.warmup_steps, total, args.schedule)
     t0 = time.time()
     loss, norm = trainer.train_step([(x[i:i + micro], y[i:i + micro]) for i in range(0, args.batch_size, micro)], lr)
     dt = time.time() - t0
     step += 1
     tokens = int(x.size)
-    row = {"step": step, "loss": loss, "lr": lr, "grad_norm": norm, "tokens": tokens, "step_s": dt, "tok_s": tokens / dt, "epoch": epoch}
+    row = {"step": step, "loss": loss, "lr": lr, "grad_norm": norm, "tokens": tokens, "step_s": dt, "tok_s": tokens / dt, "epoch": epoch, **energy_row}
     if args.eval_interval and step % args.eval_interval == 0 and len(data.val_x):
       row["val_loss"], row["val_ppl"] = trainer.evaluate(data.val_x, data.val_y, args.batch_size, args.eval_batches)
     append_metrics(metrics_path, row)
     bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens / dt:.0f}")
     bar.update(1)
-    if args.save_interval and step % args.save_interval == 0 and step < total:
-      trainer.save_checkpoint(ckpt_dir, {"step": step, "epoch": epoch, "batch_index": batch_index, "fingerprint": fingerprint(args)})
+    if args.save_interval and step % args.save_interval == 0 and step < total: save_checkpoint()
   bar.close()
 
   val_after = trainer.evaluate(data.val_x, data.val_y, args.batch_size, args.eval_batches) if len(data.val_x) else (math.nan, math.nan)
-  trainer.save_checkpoint(ckpt_dir, {"step": step, "epoch": epoch, "batch_index": batch_index, "fingerprint": fingerprint(args)})
+  save_checkpoint()
   if args.full_ft:
     from minift.export import save_hf
     save_hf(model, os.path.join(args.out, "model"), tokenizer)
@@ -221,11 +241,15 @@ def train(args, sharder, t_start):
     result = os.path.join(args.out, "adapter")
   if args.plot: plot(metrics_path, os.path.join(args.out, "loss.png"))
   summary = {"steps": step, "val_loss_before": val_before[0], "val_ppl_before": val_before[1], "val_loss_after": val_after[0],
-             "val_ppl_after": val_after[1], "seconds": round(time.time() - t_start, 1), "result": result}
+             "val_ppl_after": val_after[1], "seconds": round(time.time() - t_start, 1), **throttle.summary(), "result": result}
   with open(os.path.join(args.out, "summary.json"), "w") as f: json.dump(summary, f, indent=2)
   print(f"validation after:  loss {val_after[0]:.4f}  ppl {val_after[1]:.2f}  (before: ppl {val_before[1]:.2f})")
   kind = "model (Hugging Face folder)" if args.full_ft else "LoRA adapter (PEFT format)"
   print(f"trained {step} steps in {summary['seconds']} s; {kind} written to {result}")
+  if throttle.active:
+    per_100 = summary["battery_pct_per_100_steps"]
+    print(f"energy: throttled {summary['throttled_s']:.1f} s, paused {summary['paused_s']:.1f} s, battery "
+          + ("use unknown (no discharging readings)" if per_100 is None else f"{per_100:g}% per 100 steps"))
   if args.demo: print("this was the demo; run with --model and --data to train on your own text (see --help)")
   return summary
 
