@@ -137,16 +137,15 @@ def main(argv=None):
   try:
     if args.shard:
       sharder = Sharder(args.shard_budget_mb, args.gpu_budget_mb, args.shard_dir, args.shard_fp16_disk, args.shard_fp16_trainable, args.prefetch)
-    return train(args, sharder, t_start)
+    return train(args, source, sharder, t_start)
   except ShardError as e:   # a budget too small, a full or unwritable disk: the last checkpoint is intact
     raise SystemExit(f"error: {e}") from None
   finally:
     if sharder is not None: sharder.close()
 
 
-def train(args, sharder, t_start):
+def train(args, source, sharder, t_start):
   from tqdm import tqdm
-  from minift import Tensor
   import models
   from minift.data import PackedData
   from minift.lora import apply_lora, save_adapter, lora_modules
