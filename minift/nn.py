@@ -105,7 +105,7 @@ class Embedding(Module):
       if arr is not None and not arr.flags.writeable:   # a file view stays a (read-only, zero-copy) file view
         piece = Tensor(arr.reshape(w.shape)[start:start + max_rows])
       else:
-        piece = w[start:start + max_rows].contiguous().realize()
+        piece = w[start:start + max_rows].detach().contiguous().realize()
       piece.requires_grad = w.requires_grad
       pieces.append(piece)
     del self.weight

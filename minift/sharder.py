@@ -25,6 +25,10 @@ from minift.dtype import dtypes
 MB = 2 ** 20
 
 
+def size(nbytes):
+  return f"{nbytes / MB:.1f} MiB" if nbytes >= MB / 10 else f"{nbytes / 1024:.1f} KiB"
+
+
 class ShardError(RuntimeError):
   """The sharder cannot do what was asked (a budget too small, a full or unwritable disk);
   every tensor is still intact in memory or on disk when this is raised."""
@@ -32,10 +36,10 @@ class ShardError(RuntimeError):
 
 class Page:
   __slots__ = ("ref", "name", "nbytes", "np_dtype", "top", "tier", "host", "source", "file", "disk_valid",
-               "frozen", "last_use", "pins", "loading", "__weakref__")
+               "kind", "last_use", "pins", "loading", "__weakref__")
 
-  def __init__(self, buf, name, frozen, source):
-    self.ref, self.name, self.nbytes, self.frozen = weakref.ref(buf), name, buf.nbytes, frozen
+  def __init__(self, buf, name, kind, source):
+    self.ref, self.name, self.nbytes, self.kind = weakref.ref(buf), name, buf.nbytes, kind   # kind: frozen, trainable, optimizer
     self.np_dtype = np.uint8 if buf.dtype is dtypes.bool else buf.dtype.np
     self.top = "ram" if buf.device.name == "numpy" else "gpu"   # the tier kernels read
     self.tier, self.host, self.file, self.last_use, self.pins, self.loading = self.top, None, None, 0, 0, None
@@ -66,7 +70,8 @@ class Sharder:
   ram_budget_mb / gpu_budget_mb: bytes managed pages may hold in host RAM / device memory
   (None: unlimited). directory: where the shard folder is made (a fresh private subfolder,
   removed on close or exit). fp16_disk: frozen float32 weights written to disk as float16;
-  fp16_trainable: trainable state too (both lose precision: off by default).
+  fp16_trainable: trainable weights too (both lose precision: off by default). Optimizer
+  moments are always kept in float32: Adam's second moment (g^2) underflows float16.
   prefetch: read upcoming pages on a background thread."""
 
   def __init__(self, ram_budget_mb=None, gpu_budget_mb=None, directory=None, fp16_disk=False, fp16_trainable=False,
@@ -113,20 +118,20 @@ class Sharder:
 
   # ---- registration
 
-  def manage(self, tensor, name, frozen=None):
-    """Page the buffer under `tensor` (realized first). frozen: nothing will write it
-    (default: not tensor.requires_grad). A frozen weight still memory-mapped from its file is
+  def manage(self, tensor, name, kind=None):
+    """Page the buffer under `tensor` (realized first). kind: 'frozen' (nothing writes it),
+    'trainable' or 'optimizer' (default: from tensor.requires_grad). A frozen weight still memory-mapped from its file is
     dropped from memory right away and read from the file when needed."""
     if tensor.lazydata.base.buffer is None: tensor.realize()
     buf = tensor.lazydata.base.buffer
     if buf is None: raise ValueError(f"sharder: {name} is not a buffer (a lazy view of a computation)")
     if id(buf) in self.pages and self.pages[id(buf)].ref() is buf: return self.pages[id(buf)]
-    frozen = (not tensor.requires_grad) if frozen is None else frozen
-    source = file_source(buf.data) if frozen and buf.device.name == "numpy" else None
+    kind = kind or ("trainable" if tensor.requires_grad else "frozen")
+    source = file_source(buf.data) if kind == "frozen" and buf.device.name == "numpy" else None
     if buf.nbytes > min(self.budget.values()):
-      raise ShardError(f"{name} ({buf.nbytes / MB:.1f} MiB) is larger than the smallest sharding budget "
-                       f"({min(self.budget.values()) / MB:.0f} MiB): split it first (minift.sharder.split_rows)")
-    page = self.pages[id(buf)] = Page(buf, name, frozen, source)
+      raise ShardError(f"{name} ({size(buf.nbytes)}) is larger than the smallest sharding budget "
+                       f"({size(min(self.budget.values()))}): split it first (minift.sharder.split_rows)")
+    page = self.pages[id(buf)] = Page(buf, name, kind, source)
     weakref.finalize(buf, self._forget, id(buf), weakref.ref(page))
     if source is not None:                       # nothing read yet: leave it in the file
       buf.data, page.tier = None, "disk"
@@ -156,7 +161,7 @@ class Sharder:
     if optimizer is not None:
       names = [n for n, t in model.named_parameters() if any(t is p for p in optimizer.params)]
       for i, t in enumerate(optimizer.state_tensors()):
-        self.manage(t, f"optimizer.{i}" if i >= len(names) * 2 else f"optimizer.{'mv'[i // len(names)]}.{names[i % len(names)]}", frozen=False)
+        self.manage(t, f"optimizer.{i}" if i >= len(names) * 2 else f"optimizer.{'mv'[i // len(names)]}.{names[i % len(names)]}", kind="optimizer")
     return self
 
   def _forget(self, key, page_ref):
@@ -210,12 +215,12 @@ class Sharder:
   def _make_room(self, tier, nbytes, protect=()):
     """Evict least-recently-used pages of tier until nbytes more fit its budget."""
     if nbytes > self.budget[tier]:
-      raise ShardError(f"a {nbytes / MB:.1f} MiB buffer cannot fit the {tier} budget of {self.budget[tier] / MB:.0f} MiB")
+      raise ShardError(f"a {size(nbytes)} buffer cannot fit the {tier} budget of {size(self.budget[tier])}")
     while self.used[tier] + nbytes > self.budget[tier]:
       victims = [p for p in self.pages.values() if p.tier == tier and not p.pins and p.loading is None and p not in protect]
       if not victims:
         held = ", ".join(p.name for p in self.pages.values() if p.tier == tier)
-        raise ShardError(f"the {tier} budget of {self.budget[tier] / MB:.0f} MiB cannot hold {nbytes / MB:.1f} MiB more: "
+        raise ShardError(f"the {tier} budget of {size(self.budget[tier])} cannot hold {size(nbytes)} more: "
                          f"everything in it is in use by the current kernel ({held}); raise the budget")
       self._evict(min(victims, key=lambda p: p.last_use))
 
@@ -245,14 +250,14 @@ class Sharder:
   def _write(self, page, data):
     """Write page's bytes to its shard file. On failure the data stays where it is."""
     path = page.file or os.path.join(self.dir, f"{next(self._file_ids)}.bin")
-    half = page.np_dtype == np.float32 and (self.fp16_trainable or (self.fp16_disk and page.frozen))
+    half = page.np_dtype == np.float32 and ((self.fp16_disk and page.kind == "frozen") or (self.fp16_trainable and page.kind == "trainable"))
     try:
       with open(path, "wb") as f: write_array(f, data.astype(np.float16) if half else data)
     except OSError as e:
       try: os.unlink(path)
       except OSError: pass
       page.file = None
-      raise ShardError(f"--shard_dir {self.dir}: cannot write {page.name} ({page.nbytes / MB:.1f} MiB): {e.strerror or e}. "
+      raise ShardError(f"--shard_dir {self.dir}: cannot write {page.name} ({size(page.nbytes)}): {e.strerror or e}. "
                        "Nothing was lost: it is still in memory, and the last checkpoint is untouched") from None
     page.file, page.disk_valid = path, True
     self.stats["writes"] += 1

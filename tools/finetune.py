@@ -68,7 +68,7 @@ def parse_args(argv=None):
   a("--gpu_budget_mb", type=float, default=None, help="OpenCL device memory the paged tensors may use, in MiB (implies --shard_enable)")
   a("--shard_dir", default=None, help="where the shard folder is made (default: the system temp folder); removed at exit")
   a("--shard_fp16_disk", action="store_true", help="write paged-out frozen float32 weights as float16 (half the disk traffic, fp16 rounding)")
-  a("--shard_fp16_trainable", action="store_true", help="also trainable weights and optimizer moments (loses precision; off by default)")
+  a("--shard_fp16_trainable", action="store_true", help="also trainable weights (loses precision; off by default; optimizer moments always stay float32)")
   a("--no_prefetch", dest="prefetch", action="store_false", help="do not read the next layer's pages in the background")
   a("--seed", type=int, default=0, help="seed for adapter init, dropout and data order (default 0)")
   a("--data_errors", choices=["strict", "replace"], default="strict", help="non-UTF-8 bytes: fail, or replace with U+FFFD")

@@ -1,0 +1,211 @@
+"""The sharder: training under byte budgets gives the same numbers as without, the budgets hold
+at every moment, pages come back in backward, prefetch changes nothing, a full disk loses
+nothing; split embedding tables compute what the whole table does."""
+import errno, os
+import numpy as np
+import pytest
+import models
+import minift.sharder as sharder_module
+from minift import Tensor
+from minift.data import PackedData
+from minift.lora import apply_lora, lora_modules
+from minift.export import hf_state_dict
+from minift.nn import Embedding, project
+from minift.sharder import Sharder, ShardError
+from minift.trainer import Trainer, lr_at
+from tiny_lm import save_tiny, TEXT
+from test_finetune import TARGETS, train_args, run_cli, adapter_of
+
+KB = 1 / 1024   # budgets are given in MiB
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+  out = {k: save_tiny(k, tmp_path_factory.mktemp(k)) for k in ("gpt2", "llama")}
+  text = tmp_path_factory.mktemp("data") / "hamlet.txt"
+  text.write_text(TEXT)
+  out["text"] = str(text)
+  return out
+
+
+def train(folder, text, kind="llama", full_ft=False, steps=4, sharder=None, split=False, in_memory=False):
+  """Losses and final trainable tensors (HF state dict for full fine-tuning) of a short run.
+  split: let the sharder split the embedding table (its cross-entropy then sums in another order).
+  in_memory: weights copied off the memory-mapped file (as GGUF dequantization makes them)."""
+  Tensor.manual_seed(0)
+  model, tok = models.load(folder)
+  if in_memory:
+    for name, t in model.named_parameters(): model.set_parameter(name, Tensor(t.numpy().copy()))
+  if full_ft:
+    for p in model.parameters(): p.requires_grad = True
+  if split: sharder.split_tables(model)
+  if full_ft: named = list(model.named_parameters())
+  else:
+    apply_lora(model, TARGETS[kind], r=4, alpha=8)
+    named = [(f"{p}.{n}", getattr(m, n)) for p, m in lora_modules(model) for n in ("lora_A", "lora_B")]
+  trainer = Trainer(model, [t for _, t in named], train_args(), named)
+  if sharder is not None: sharder.manage_model(model, trainer.opt)
+  data = PackedData(text, tok, 32, val_fraction=0.0, seed=0)
+  batches, losses = data.batches(4, 0), []
+  for step in range(steps):
+    _, x, y = next(batches)
+    losses.append(trainer.train_step([(x[:2], y[:2]), (x[2:], y[2:])], lr_at(step, 1e-2, 1, steps, "linear"))[0])
+  final = hf_state_dict(model) if full_ft else {n: t.numpy() for n, t in named}
+  return np.array(losses), final, model
+
+
+def assert_bounded(sh):
+  """Every recorded moment within every budget, and paging really happened."""
+  assert sh.trace, "nothing was recorded"
+  for event, name, gpu, ram in sh.trace:
+    assert gpu <= sh.budget["gpu"] and ram <= sh.budget["ram"], (event, name, gpu, ram, sh.budget)
+  assert sh.peak["ram"] <= sh.budget["ram"] and sh.peak["gpu"] <= sh.budget["gpu"]
+  assert sh.stats["evictions"] > 0 and sh.stats["loads"] > 0
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+@pytest.mark.parametrize("full_ft", [False, True], ids=["lora", "full"])
+def test_sharded_training_is_exact_and_within_budget(tiny, kind, full_ft):
+  ref_losses, ref_final, _ = train(tiny[kind], tiny["text"], kind, full_ft)
+  budget = {("llama", False): 20, ("gpt2", False): 40, ("llama", True): 40, ("gpt2", True): 64}[kind, full_ft] * KB   # fits one kernel's pages
+  with Sharder(ram_budget_mb=budget, trace=True) as sh:
+    losses, final, model = train(tiny[kind], tiny["text"], kind, full_ft, sharder=sh)
+    assert_bounded(sh)
+    assert sum(p.nbytes for p in sh.pages.values()) > 2 * sh.budget["ram"]   # the state really did not fit
+    if full_ft: assert sh.stats["writes"] > 0    # trainable state went to disk and came back
+  np.testing.assert_array_equal(losses, ref_losses)
+  assert ref_final.keys() == final.keys()
+  for k in ref_final: np.testing.assert_array_equal(final[k], ref_final[k], err_msg=k)
+
+
+def test_split_table_training_matches(tiny):
+  """A budget below the embedding table's size splits it; the exported model is the same."""
+  ref_losses, ref_final, _ = train(tiny["llama"], tiny["text"], full_ft=True)
+  with Sharder(ram_budget_mb=24 * KB, trace=True) as sh:
+    losses, final, model = train(tiny["llama"], tiny["text"], full_ft=True, sharder=sh, split=True)
+    assert len(model.model.embed_tokens.weight_pieces) >= 2
+    assert_bounded(sh)
+  np.testing.assert_allclose(losses, ref_losses, rtol=1e-6)
+  for k in ref_final: np.testing.assert_allclose(final[k], ref_final[k], rtol=1e-4, atol=1e-6, err_msg=k)   # Adam magnifies ulps
+
+
+def test_frozen_weights_are_reloaded_in_backward_from_their_file(tiny):
+  with Sharder(ram_budget_mb=20 * KB, trace=True) as sh:
+    train(tiny["llama"], tiny["text"], steps=3, sharder=sh)
+    name = "model.layers.0.self_attn.q_proj.base.weight"
+    page = next(p for p in sh.pages.values() if p.name == name)
+    assert page.source is not None and page.source[0].endswith("model.safetensors")   # read from the weight file...
+    assert page.file is None                                                          # ...never written
+    loads = [i for i, (event, n, _, _) in enumerate(sh.trace) if event == "load" and n == name]
+    # forward and backward of each of 3 steps read layer 0's weight: evicted in between
+    assert len(loads) >= 6, loads
+
+
+def test_prefetch_on_and_off_identical(tiny):
+  results = []
+  for prefetch in (True, False):
+    with Sharder(ram_budget_mb=20 * KB, prefetch=prefetch) as sh:
+      losses, final, _ = train(tiny["llama"], tiny["text"], sharder=sh)
+      results.append((losses, final, sh.stats["prefetched"]))
+  (l1, f1, n1), (l2, f2, n2) = results
+  assert n1 > 0 and n2 == 0
+  np.testing.assert_array_equal(l1, l2)
+  for k in f1: np.testing.assert_array_equal(f1[k], f2[k])
+
+
+@pytest.mark.parametrize("full_ft", [False, True], ids=["lora", "full"])
+def test_fp16_disk(tiny, full_ft):
+  """--shard_fp16_disk: frozen weights (not from a file) go to disk as float16;
+  --shard_fp16_trainable: trainable weights too; optimizer moments never."""
+  ref_losses, ref_final, _ = train(tiny["llama"], tiny["text"], full_ft=full_ft, in_memory=True)
+  with Sharder(ram_budget_mb=40 * KB if full_ft else 20 * KB, fp16_disk=True, fp16_trainable=full_ft) as sh:
+    losses, final, _ = train(tiny["llama"], tiny["text"], full_ft=full_ft, sharder=sh, in_memory=True)
+    files = [p for p in sh.pages.values() if p.file]
+    halves = {p.kind for p in files if os.path.getsize(p.file) * 2 == p.nbytes}
+    assert halves == {"trainable" if full_ft else "frozen"}
+    assert all(os.path.getsize(p.file) == p.nbytes for p in files if p.kind == "optimizer")   # Adam's g^2 underflows float16
+  assert not np.array_equal(losses, ref_losses)               # rounding happened...
+  np.testing.assert_allclose(losses, ref_losses, rtol=2e-3)   # ...within float16 precision
+  for k in ref_final: np.testing.assert_allclose(final[k], ref_final[k], atol=1e-2, err_msg=k)   # Adam steps are at most ~lr = 1e-2
+
+
+def test_opencl_tiers_exact(tiny, monkeypatch):
+  """GPU -> RAM -> disk on the OpenCL backend (PoCL in CI)."""
+  monkeypatch.setenv("MINIFT_DEVICE", "opencl")
+  from minift.device import canonical_device
+  if canonical_device() != "opencl": pytest.fail("OpenCL is not available (CI installs PoCL)")
+  ref_losses, ref_final, _ = train(tiny["llama"], tiny["text"], steps=3)
+  with Sharder(ram_budget_mb=24 * KB, gpu_budget_mb=16 * KB, trace=True) as sh:
+    losses, final, _ = train(tiny["llama"], tiny["text"], steps=3, sharder=sh)
+    assert_bounded(sh)
+    assert sh.peak["gpu"] > 0 and any(event == "upload" for event, *_ in sh.trace)
+  np.testing.assert_array_equal(losses, ref_losses)
+  for k in ref_final: np.testing.assert_array_equal(final[k], ref_final[k])
+
+
+def test_disk_full_loses_nothing(monkeypatch, tmp_path):
+  rng = np.random.default_rng(0)
+  values = [rng.standard_normal((16, 16)).astype(np.float32) for _ in range(3)]
+  with Sharder(ram_budget_mb=2.5 * 1024 * KB / 1024, directory=str(tmp_path)) as sh:   # room for two of them
+    ts = [Tensor(v, requires_grad=True) for v in values]
+    for i, t in enumerate(ts): sh.manage(t, f"w{i}")
+    def full(f, arr): raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(sharder_module, "write_array", full)
+    with pytest.raises(ShardError, match=r"--shard_dir .*cannot write w\d .*No space left on device.*Nothing was lost"):
+      for t in ts: (t * 2).realize()
+    monkeypatch.undo()
+    for t, v in zip(ts, values): np.testing.assert_array_equal(t.numpy(), v)   # all intact, readable again
+
+
+def test_bad_shard_dir_and_budgets(tmp_path):
+  not_a_dir = tmp_path / "file"
+  not_a_dir.write_text("x")
+  with pytest.raises(ShardError, match="--shard_dir"): Sharder(64, directory=str(not_a_dir / "shards"))
+  with pytest.raises(ValueError, match="--shard_budget_mb must be a positive"): Sharder(0)
+  with Sharder(4 * KB) as sh:
+    with pytest.raises(ShardError, match="larger than the smallest sharding budget"):
+      sh.manage(Tensor(np.zeros((64, 64), np.float32)), "big")
+    folder = sh.dir
+    assert os.path.isdir(folder) and oct(os.stat(folder).st_mode & 0o777) == "0o700"
+  assert not os.path.exists(folder)   # cleaned on close
+
+
+def test_split_embedding_and_pieces_cross_entropy_match_whole():
+  rng = np.random.default_rng(0)
+  table = rng.standard_normal((50, 16)).astype(np.float32)
+  h = rng.standard_normal((3, 7, 16)).astype(np.float32)
+  idx, tgt = rng.integers(0, 50, (3, 7)), rng.integers(0, 50, (3, 7))
+  tgt[0, 0] = -100
+  results = []
+  for split in (None, 13):
+    emb = Embedding(50, 16)
+    emb.weight = Tensor(table.copy(), requires_grad=True)
+    if split: emb.split(split)
+    hidden = Tensor(h, requires_grad=True)
+    x = emb(Tensor(idx)) + hidden
+    loss = x.linear_cross_entropy(emb.table(), Tensor(tgt), chunk_rows=8)
+    loss.backward()
+    params = emb.table() if split else [emb.weight]
+    grad = np.concatenate([p.grad.numpy() for p in params])
+    logits = project(Tensor(h), emb.table()).numpy()
+    results.append((loss.item(), hidden.grad.numpy(), grad, logits))
+  (l1, h1, g1, o1), (l2, h2, g2, o2) = results
+  assert len(Embedding.table(emb)) == 4
+  np.testing.assert_allclose(l2, l1, rtol=1e-6)
+  np.testing.assert_allclose(h2, h1, atol=1e-6)
+  np.testing.assert_allclose(g2, g1, atol=1e-6)
+  np.testing.assert_allclose(o2, o1, atol=1e-5)
+  np.testing.assert_allclose(o1, h @ table.T, atol=1e-4)   # and both are what NumPy computes
+
+
+def test_finetune_cli_sharded_same_adapter(tiny, tmp_path):
+  common = ["--model", tiny["llama"], "--data", tiny["text"], "--max_steps", "3", "--seq_len", "32", "--quiet", "--val_fraction", "0.1"]
+  run_cli(*common, "--out", str(tmp_path / "plain"))
+  out = run_cli(*common, "--out", str(tmp_path / "sharded"), "--shard_budget_mb", str(20 * KB), "--shard_dir", str(tmp_path / "shards"))
+  plain, sharded = adapter_of(tmp_path / "plain"), adapter_of(tmp_path / "sharded")
+  assert "model.embed_tokens split into row pieces" in out.stdout   # so the sums run in another order:
+  for k in plain: np.testing.assert_allclose(sharded[k], plain[k], rtol=1e-4, atol=1e-6, err_msg=k)   # Adam magnifies ulps
+  assert os.listdir(tmp_path / "shards") == []   # the shard folder is gone
+  bad = run_cli(*common, "--out", str(tmp_path / "bad"), "--shard_budget_mb", "-1", check=False)
+  assert bad.returncode != 0 and "--shard_budget_mb must be a positive" in bad.stderr
+  assert out.returncode == 0
