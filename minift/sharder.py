@@ -13,11 +13,11 @@ update) makes its disk copy stale, so evicting it writes it back; clean pages ar
 
 Budgets hold at every moment: bytes are reserved before anything is read or copied, and
 `peak` records the most each tier ever held. Prefetch: the scheduler also hands over the
-kernels that come next, and pages they need are read from disk on a background thread while
-the current kernel computes (forward: the next layer; backward: the one before).
+kernels that come next, and the operating system is asked to read the disk pages they need
+in the background while the current kernel computes (forward: the next layer; backward: the
+one before), so loading them is a copy from the page cache.
 """
 import atexit, itertools, os, shutil, tempfile, weakref
-from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 from minift import device as _device
 from minift.dtype import dtypes
@@ -36,13 +36,13 @@ class ShardError(RuntimeError):
 
 class Page:
   __slots__ = ("ref", "name", "nbytes", "np_dtype", "top", "tier", "host", "source", "file", "disk_valid",
-               "kind", "last_use", "pins", "loading", "__weakref__")
+               "kind", "last_use", "pins", "advised", "__weakref__")
 
   def __init__(self, buf, name, kind, source):
     self.ref, self.name, self.nbytes, self.kind = weakref.ref(buf), name, buf.nbytes, kind   # kind: frozen, trainable, optimizer
     self.np_dtype = np.uint8 if buf.dtype is dtypes.bool else buf.dtype.np
     self.top = "ram" if buf.device.name == "numpy" else "gpu"   # the tier kernels read
-    self.tier, self.host, self.file, self.last_use, self.pins, self.loading = self.top, None, None, 0, 0, None
+    self.tier, self.host, self.file, self.last_use, self.pins, self.advised = self.top, None, None, 0, 0, False
     self.source = source          # (path, byte offset) of a read-only file holding exactly these bytes
     self.disk_valid = source is not None
 
@@ -72,7 +72,7 @@ class Sharder:
   removed on close or exit). fp16_disk: frozen float32 weights written to disk as float16;
   fp16_trainable: trainable weights too (both lose precision: off by default). Optimizer
   moments are always kept in float32: Adam's second moment (g^2) underflows float16.
-  prefetch: read upcoming pages on a background thread."""
+  prefetch: have the OS read upcoming pages ahead (posix_fadvise WILLNEED)."""
 
   def __init__(self, ram_budget_mb=None, gpu_budget_mb=None, directory=None, fp16_disk=False, fp16_trainable=False,
                prefetch=True, trace=False):
@@ -83,15 +83,16 @@ class Sharder:
     self.used, self.peak = {"gpu": 0, "ram": 0}, {"gpu": 0, "ram": 0}
     self.trace = [] if trace else None          # (event, page name, gpu bytes, ram bytes) after every change
     self.fp16_disk, self.fp16_trainable = fp16_disk, fp16_trainable
-    self.pages, self.clock = {}, 0
-    self.stats = {"loads": 0, "evictions": 0, "writes": 0, "bytes_read": 0, "bytes_written": 0, "prefetched": 0, "waits": 0}
+    self.pages, self.clock, self.moves = {}, 0, 0   # moves: pages loaded, evicted or prefetched so far
+    self.stats = {"loads": 0, "evictions": 0, "writes": 0, "bytes_read": 0, "bytes_written": 0, "prefetched": 0}
     parent = directory or tempfile.gettempdir()
     try:
       os.makedirs(parent, exist_ok=True)
       self.dir = tempfile.mkdtemp(prefix="minift-shard-", dir=parent)   # private (0700), never an existing folder
     except OSError as e:
       raise ShardError(f"--shard_dir {parent}: cannot create a shard folder there ({e.strerror})") from None
-    self._pool = ThreadPoolExecutor(1, thread_name_prefix="minift-prefetch") if prefetch else None
+    self.prefetch = prefetch and hasattr(os, "posix_fadvise")
+    self._scanned = (-1, -1)   # (moves, clock) at the last prefetch scan
     self._file_ids = itertools.count()
     self._closed = False
     atexit.register(self.close)
@@ -107,7 +108,6 @@ class Sharder:
     if self._closed: return
     self._closed = True
     if _device.sharder is self: _device.sharder = None
-    if self._pool is not None: self._pool.shutdown(wait=True)
     for page in list(self.pages.values()):
       buf = page.ref()
       if buf is not None and page.tier != page.top:
@@ -168,8 +168,7 @@ class Sharder:
     page = page_ref()
     if page is None or self.pages.get(key) is not page: return
     del self.pages[key]
-    if page.loading is not None: self.used["ram"] -= page.nbytes     # its reservation
-    elif page.tier != "disk": self.used[page.tier] -= page.nbytes
+    if page.tier != "disk": self.used[page.tier] -= page.nbytes
     if page.file:
       try: os.unlink(page.file)
       except OSError: pass
@@ -192,7 +191,10 @@ class Sharder:
     except BaseException:
       for page in pages: page.pins -= 1
       raise
-    if upcoming is not None and self._pool is not None: self._prefetch(upcoming, pages)
+    # rescan what comes next when pages moved since the last look, or every 8 kernels
+    if upcoming is not None and self.prefetch and (self.moves != self._scanned[0] or self.clock - self._scanned[1] >= 8):
+      self._scanned = (self.moves, self.clock)
+      self._prefetch(upcoming, pages)
     return pages
 
   def release(self, pages, written=None):
@@ -209,6 +211,7 @@ class Sharder:
   # ---- moving pages
 
   def _note(self, event, page):
+    self.moves += 1
     for tier in ("gpu", "ram"): self.peak[tier] = max(self.peak[tier], self.used[tier])
     if self.trace is not None: self.trace.append((event, page.name, self.used["gpu"], self.used["ram"]))
 
@@ -217,7 +220,7 @@ class Sharder:
     if nbytes > self.budget[tier]:
       raise ShardError(f"a {size(nbytes)} buffer cannot fit the {tier} budget of {size(self.budget[tier])}")
     while self.used[tier] + nbytes > self.budget[tier]:
-      victims = [p for p in self.pages.values() if p.tier == tier and not p.pins and p.loading is None and p not in protect]
+      victims = [p for p in self.pages.values() if p.tier == tier and not p.pins and p not in protect]
       if not victims:
         held = ", ".join(p.name for p in self.pages.values() if p.tier == tier)
         raise ShardError(f"the {tier} budget of {size(self.budget[tier])} cannot hold {size(nbytes)} more: "
@@ -264,7 +267,7 @@ class Sharder:
     self.stats["bytes_written"] += page.nbytes // (2 if half else 1)
 
   def _read_page(self, page):
-    """The page's bytes as a flat NumPy array (runs on the prefetch thread too)."""
+    """The page's bytes as a flat NumPy array."""
     count = page.nbytes // np.dtype(page.np_dtype).itemsize
     if page.source is not None: return _read(page.source[0], page.source[1], page.np_dtype, count)
     half = os.path.getsize(page.file) == page.nbytes // 2 and page.np_dtype == np.float32
@@ -274,19 +277,16 @@ class Sharder:
   def _restore(self, page, buf, protect=()):
     """Bring page up to the tier kernels read."""
     if page.tier == "disk":
-      if page.loading is not None:                  # a prefetch is reading it: its bytes are reserved
-        self.stats["waits"] += not page.loading.done()
-        data, page.loading = page.loading.result(), None
-      else:
-        self._make_room("ram", page.nbytes, protect)
-        self.used["ram"] += page.nbytes
-        try:
-          data = self._read_page(page)
-        except BaseException:
-          self.used["ram"] -= page.nbytes
-          raise
+      self._make_room("ram", page.nbytes, protect)
+      self.used["ram"] += page.nbytes
+      try:
+        data = self._read_page(page)
+      except BaseException:
+        self.used["ram"] -= page.nbytes
+        raise
       self.stats["loads"] += 1
       self.stats["bytes_read"] += page.nbytes
+      page.advised = False
       if page.top == "gpu": page.host = data
       else: buf.data = data
       page.tier = "ram"
@@ -302,27 +302,27 @@ class Sharder:
       self._note("upload", page)
 
   def _prefetch(self, upcoming, current):
-    """Start reading the disk pages the next kernels need, as far ahead as half the RAM budget
-    reaches; never evict a page those kernels (or the current one) use."""
-    window, seen, todo = self.budget["ram"] / 2, set(current), []
-    ahead = sum(p.nbytes for p in current)
+    """Ask the kernel to read ahead the file ranges of the disk pages the next kernels need, as
+    far ahead as the RAM budget reaches. The read happens in the background without a thread of
+    ours (a reader thread competing with BLAS for the cores slowed matmuls 2x on a 2-core
+    machine); the load itself is then a copy from the page cache."""
+    ahead, seen = 0, set(current)
     for bufs in upcoming():
       for buf in bufs:
         page = self.page_of(buf)
         if page is None or page in seen: continue
         seen.add(page)
         ahead += page.nbytes
-        if ahead > window: break
-        if page.tier == "disk" and page.loading is None: todo.append(page)
-      else: continue
-      break
-    for page in todo:
-      try: self._make_room("ram", page.nbytes, protect=seen)
-      except ShardError: return                      # no room without evicting something needed sooner
-      self.used["ram"] += page.nbytes
-      page.loading = self._pool.submit(self._read_page, page)
-      self.stats["prefetched"] += 1
-      self._note("prefetch", page)
+        if ahead > self.budget["ram"]: return
+        if page.tier == "disk" and not page.advised:
+          path, offset = page.source or (page.file, 0)
+          try:
+            fd = os.open(path, os.O_RDONLY)
+            try: os.posix_fadvise(fd, offset, page.nbytes, os.POSIX_FADV_WILLNEED)
+            finally: os.close(fd)
+          except OSError: continue
+          page.advised = True   # until it is loaded
+          self.stats["prefetched"] += 1
 
   def resident_bytes(self):
     return dict(self.used)
