@@ -9,6 +9,7 @@ missing, unexpected or wrong-shaped one is an error that names it and its file.
 """
 import json, os
 import numpy as np
+from minift import device
 from minift.tensor import Tensor
 from minift.dtype import dtypes
 
@@ -132,7 +133,9 @@ def load_weights(model, source, where, transposed=(), dtype=None, convert=None):
     arr = source.get(key)
     if convert is not None: arr = convert(name, arr)
     t = to_tensor(arr, dtype)
+    del arr
     model.set_parameter(name, t.T if name.endswith(tuple(transposed)) else t)
+    if device.sharder is not None: device.sharder.adopt(model, name)   # paged as it loads
   return model
 
 

@@ -125,8 +125,11 @@ class Sharder:
     if tensor.lazydata.base.buffer is None: tensor.realize()
     buf = tensor.lazydata.base.buffer
     if buf is None: raise ValueError(f"sharder: {name} is not a buffer (a lazy view of a computation)")
-    if id(buf) in self.pages and self.pages[id(buf)].ref() is buf: return self.pages[id(buf)]
     kind = kind or ("trainable" if tensor.requires_grad else "frozen")
+    page = self.page_of(buf)
+    if page is not None:   # managed while loading; now it may train
+      page.kind = kind
+      return page
     source = file_source(buf.data) if kind == "frozen" and buf.device.name == "numpy" else None
     if buf.nbytes > min(self.budget.values()):
       raise ShardError(f"{name} ({size(buf.nbytes)}) is larger than the smallest sharding budget "
@@ -141,19 +144,29 @@ class Sharder:
       self._note("manage", page)
     return page
 
+  def adopt(self, model, name):
+    """Page parameter `name` of model as soon as a loader has set it, so loading a model larger
+    than the budget never holds all of it. A table split_tables() will split is left to it."""
+    from minift.nn import Embedding
+    mod_path, _, attr = name.rpartition(".")
+    mod = model.get_submodule(mod_path)
+    if not (isinstance(mod, Embedding) and self._too_big(mod)): self.manage(getattr(mod, attr), name)
+
+  def _too_big(self, mod):
+    w = getattr(mod, "weight", None)
+    return w is not None and w.numel() * w.dtype.itemsize > min(self.budget.values()) / 4
+
+  def _split(self, mod):
+    if not self._too_big(mod): return False
+    mod.split(max(1, int(min(self.budget.values()) / 4 // (mod.weight.shape[1] * mod.weight.dtype.itemsize))))
+    return True
+
   def split_tables(self, model):
     """Split every embedding table bigger than a quarter of the smallest budget into row pieces
     (Embedding.split), so a kernel's pages and a prefetched next layer fit together. Call it
     before making the optimizer: the pieces are what trains. Returns the tables split."""
     from minift.nn import Embedding
-    limit, done = min(self.budget.values()) / 4, []
-    for name, mod in model.named_modules():
-      w = getattr(mod, "weight", None)
-      if isinstance(mod, Embedding) and w is not None and w.numel() * w.dtype.itemsize > limit:
-        row_bytes = w.shape[1] * w.dtype.itemsize
-        mod.split(max(1, int(limit // row_bytes)))
-        done.append(name)
-    return done
+    return [name for name, mod in model.named_modules() if isinstance(mod, Embedding) and self._split(mod)]
 
   def manage_model(self, model, optimizer=None):
     """Every parameter of model and every state tensor of optimizer."""
