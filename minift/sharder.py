@@ -76,6 +76,7 @@ class Sharder:
 
   def __init__(self, ram_budget_mb=None, gpu_budget_mb=None, directory=None, fp16_disk=False, fp16_trainable=False,
                prefetch=True, trace=False):
+    if _device.sharder is not None: raise RuntimeError("a Sharder is already active; close it first")
     for flag, v in (("--shard_budget_mb", ram_budget_mb), ("--gpu_budget_mb", gpu_budget_mb)):
       if v is not None and not v > 0: raise ValueError(f"{flag} must be a positive number of MiB, got {v}")
     self.budget = {"gpu": gpu_budget_mb * MB if gpu_budget_mb else float("inf"),
@@ -95,24 +96,22 @@ class Sharder:
     self._scanned = (-1, -1)   # (moves, clock) at the last prefetch scan
     self._file_ids = itertools.count()
     self._closed = False
-    atexit.register(self.close)
-    if _device.sharder is not None: raise RuntimeError("a Sharder is already active; close it first")
+    atexit.register(self.close, restore=False)
     _device.sharder = self
 
   def __enter__(self): return self
   def __exit__(self, *exc): self.close()
 
-  def close(self):
-    """Bring every page back into memory (so the tensors stay usable) unless exiting, then
-    remove the shard folder."""
+  def close(self, restore=True):
+    """Stop paging and remove the shard folder. restore: first bring every paged-out tensor
+    back into memory, so it stays usable (a run that is ending does not need that)."""
     if self._closed: return
     self._closed = True
     if _device.sharder is self: _device.sharder = None
-    for page in list(self.pages.values()):
+    self.budget = {"gpu": float("inf"), "ram": float("inf")}   # everything comes back
+    for page in list(self.pages.values()) if restore else ():
       buf = page.ref()
-      if buf is not None and page.tier != page.top:
-        try: self._restore(page, buf)
-        except Exception: pass   # interpreter exit: nothing left to keep
+      if buf is not None and page.tier != page.top: self._restore(page, buf)
     self.pages.clear()
     shutil.rmtree(self.dir, ignore_errors=True)
 
@@ -133,7 +132,7 @@ class Sharder:
     source = file_source(buf.data) if kind == "frozen" and buf.device.name == "numpy" else None
     if buf.nbytes > min(self.budget.values()):
       raise ShardError(f"{name} ({size(buf.nbytes)}) is larger than the smallest sharding budget "
-                       f"({size(min(self.budget.values()))}): split it first (minift.sharder.split_rows)")
+                       f"({size(min(self.budget.values()))}): only embedding tables are split (Sharder.split_tables); raise the budget")
     page = self.pages[id(buf)] = Page(buf, name, kind, source)
     weakref.finalize(buf, self._forget, id(buf), weakref.ref(page))
     if source is not None:                       # nothing read yet: leave it in the file

@@ -141,7 +141,7 @@ def main(argv=None):
   except ShardError as e:   # a budget too small, a full or unwritable disk: the last checkpoint is intact
     raise SystemExit(f"error: {e}") from None
   finally:
-    if sharder is not None: sharder.close()
+    if sharder is not None: sharder.close(restore=False)   # the run is over: nothing needs the paged tensors
 
 
 def train(args, source, sharder, t_start):
