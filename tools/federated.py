@@ -109,9 +109,10 @@ def make_shards(data_paths, n, folder, val_data=None, val_fraction=0.05):
   os.makedirs(folder, exist_ok=True)
   if all(set(e) == {"text"} for e in examples):
     text = "\n\n".join(e["text"] for e in examples)
-    def cut(fraction):   # a character position at a line end near fraction of the text
+    def cut(fraction):   # a character position near fraction of the text, at a line end if one is close
       pos = int(len(text) * fraction)
-      return text.rfind("\n", 0, pos) + 1 or pos
+      line_end = text.rfind("\n", max(0, pos - 1000), pos)
+      return line_end + 1 if line_end >= 0 else pos
     end = len(text) if val_data else cut(1 - val_fraction)
     bounds = [0] + [cut(end / len(text) * i / n) for i in range(1, n)] + [end]
     parts, ext = [text[bounds[i]:bounds[i + 1]] for i in range(n)], ".txt"
