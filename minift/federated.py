@@ -110,6 +110,11 @@ def set_adapter(model, arrays):
       getattr(mod, name).assign(arrays[f"{PEFT_PREFIX}{path}.{name}.weight"].numpy().astype(np.float32))
 
 
+def adapter_tensors(model):
+  """[(name, tensor)] of model's LoRA tensors, for a Trainer."""
+  return [(f"{path}.{n}", getattr(mod, n)) for path, mod in lora_modules(model) for n in ("lora_A", "lora_B")]
+
+
 def to_arrays(model):
   return ArrayRecord({k: Array(v) for k, v in adapter_state(model).items()})
 
@@ -128,7 +133,7 @@ def local_train(model, data, settings, server_round, hook=None):
   if per_epoch == 0:
     raise Refused(f"the local data has {len(data.train_x)} blocks of {settings.seq_len} tokens, fewer than a batch of {bs}")
   Tensor.manual_seed(settings.seed + server_round)   # LoRA dropout: the same masks when a round is rerun
-  named = [(f"{path}.{n}", getattr(mod, n)) for path, mod in lora_modules(model) for n in ("lora_A", "lora_B")]
+  named = adapter_tensors(model)
   args = SimpleNamespace(optimizer="adamw", lr=settings.lr, weight_decay=0.0, momentum=0.0, clip_grad_norm=1.0)
   trainer = Trainer(model, [t for _, t in named], args, named)
   losses, seconds = [], []
@@ -149,7 +154,7 @@ def local_train(model, data, settings, server_round, hook=None):
 def validation_score(model, val, batch_size, batches):
   """(loss, perplexity) of model on the first batches x batch_size blocks of val (a PackedData
   made with val_fraction=0, so all its blocks are in train_x)."""
-  named = [(f"{path}.{n}", getattr(mod, n)) for path, mod in lora_modules(model) for n in ("lora_A", "lora_B")]
+  named = adapter_tensors(model)
   no_training = SimpleNamespace(optimizer="sgd", lr=0.0, weight_decay=0.0, momentum=0.0)
   return Trainer(model, [t for _, t in named], no_training, named).evaluate(val.train_x, val.train_y, batch_size, batches)
 
@@ -289,7 +294,8 @@ def run_server(grid, cfg):
     row = {"round": server_round, "val_loss": loss, "val_ppl": ppl, **strategy.rounds.get(server_round, {}),
            "elapsed_s": time.time() - t_start}
     append_metrics(rounds_path, row)
-    print(f"round {server_round}: validation ppl {ppl:.2f}; {row.get('replied', 0)} of {row.get('sampled', 0)} clients replied", flush=True)
+    who = f"{row['replied']} of {row['sampled']} clients replied" if server_round else "the initial adapter"
+    print(f"round {server_round}: validation ppl {ppl:.2f} ({who})", flush=True)
     return MetricRecord({"val-loss": loss, "val-ppl": ppl})
 
   strategy.start(grid=grid, initial_arrays=to_arrays(model), num_rounds=cfg["num-rounds"], timeout=cfg["round-timeout"],

@@ -167,9 +167,9 @@ class Federation:
 
   def __exit__(self, *exc): self.stop()
 
-  def _spawn(self, argv, log_name):
+  def _spawn(self, argv, log_name, env=None):
     log = open(os.path.join(self.logs, log_name), "w")
-    proc = subprocess.Popen(argv, env=self.env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(argv, env=env or self.env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
     log.close()
     self.procs.append(proc)
     return proc
@@ -191,13 +191,17 @@ class Federation:
     with open(os.path.join(self.env["FLWR_HOME"], "config.toml"), "w") as f:
       f.write(f'[superlink]\ndefault = "loopback"\n\n[superlink.loopback]\naddress = "127.0.0.1:{self.port}"\ninsecure = true\n')
 
-  def add_supernode(self, node_config):
-    """Start a SuperNode whose ClientApp gets node_config ({key: value}); returns its process."""
+  def add_supernode(self, node_config, blas_threads=None):
+    """Start a SuperNode whose ClientApp gets node_config ({key: value}); returns its process.
+    blas_threads: BLAS threads of its ClientApps, unless the environment sets them already."""
     i = len(self.nodes)
     path = os.path.join(self.folder, f"node-{i}.toml")
     write_toml(path, node_config)
+    env = dict(self.env)
+    if blas_threads:
+      for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"): env.setdefault(var, str(blas_threads))
     proc = self._spawn([flower_command("flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{self.port}",
-                        "--port", str(free_port()), "--node-config", path], f"supernode-{i}.log")
+                        "--port", str(free_port()), "--node-config", path], f"supernode-{i}.log", env)
     self.nodes.append(proc)
     return proc
 
@@ -216,19 +220,48 @@ class Federation:
     return proc.returncode
 
   def stop(self, grace=5.0):
-    for proc in self.procs:
-      if proc.poll() is None:
-        try: os.killpg(proc.pid, signal.SIGTERM)
+    """SIGTERM every process started here and all they started (the SuperLink runs the
+    ServerApp in a session of its own), then SIGKILL whatever is left after grace seconds."""
+    running = [proc.pid for proc in self.procs if proc.poll() is None]
+    family = {pid for root in running for pid in descendants(root)}
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+      for pgid in running:
+        try: os.killpg(pgid, sig)
         except ProcessLookupError: pass
-    deadline = time.time() + grace
-    for proc in self.procs:
-      try:
-        proc.wait(max(0.1, deadline - time.time()))
-      except subprocess.TimeoutExpired:
-        try: os.killpg(proc.pid, signal.SIGKILL)
+      for pid in family & live_processes():
+        try: os.kill(pid, sig)
         except ProcessLookupError: pass
-        proc.wait()
+      deadline = time.time() + grace
+      while time.time() < deadline and (family & live_processes() or any(proc.poll() is None for proc in self.procs)):
+        time.sleep(0.1)
+    for proc in self.procs: proc.wait()
     self.procs = []
+
+
+def process_table():
+  """{pid: (parent pid, state)} of every process, from /proc (empty where there is none)."""
+  table = {}
+  for pid in filter(str.isdigit, os.listdir("/proc") if os.path.isdir("/proc") else []):
+    try:
+      with open(f"/proc/{pid}/stat") as f: fields = f.read().rsplit(")", 1)[1].split()
+      table[int(pid)] = (int(fields[1]), fields[0])
+    except (OSError, IndexError):
+      pass
+  return table
+
+
+def live_processes():
+  return {pid for pid, (_, state) in process_table().items() if state != "Z"}
+
+
+def descendants(root):
+  table, found, todo = process_table(), set(), [root]
+  while todo:
+    parent = todo.pop()
+    children = [pid for pid, (ppid, _) in table.items() if ppid == parent and pid not in found]
+    found.update(children)
+    todo += children
+  return found
 
 
 # ---- reports
@@ -304,9 +337,11 @@ def main(argv=None):
   t0 = time.time()
   with Federation(out) as fed:
     fed.start_superlink()
+    # the clients share this machine's cores: BLAS threads beyond its share only contend
+    threads = max(1, (os.cpu_count() or 1) // args.clients)
     for shard in shards:
-      fed.add_supernode({"model": os.path.abspath(args.model), "data": shard, "cache-dir": os.path.join(out, "cache")})
-    print(f"SuperLink on 127.0.0.1:{fed.port}, {args.clients} SuperNodes; logs in {fed.logs}", flush=True)
+      fed.add_supernode({"model": os.path.abspath(args.model), "data": shard, "cache-dir": os.path.join(out, "cache")}, threads)
+    print(f"SuperLink on 127.0.0.1:{fed.port}, {args.clients} SuperNodes ({threads} BLAS thread(s) each); logs in {fed.logs}", flush=True)
     fed.run(app, echo=not args.quiet)
   if not os.path.exists(summary_path):
     raise SystemExit(f"error: the federated run did not finish; see {out}/logs/server.log")
@@ -321,4 +356,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-  main()
+  try:
+    main()
+  except KeyboardInterrupt:
+    sys.exit("interrupted; every process started here was stopped")
