@@ -29,7 +29,7 @@ except ImportError as e:
 
 import models
 from minift.tensor import Tensor
-from minift.data import PackedData
+from minift.data import PackedData, DataError
 from minift.lora import apply_lora, adapter_state, lora_modules, save_adapter, model_type, DEFAULT_TARGETS, PEFT_PREFIX
 from minift.trainer import Trainer, append_metrics
 from minift.checkpoint import write_json
@@ -180,7 +180,10 @@ def train_round(content, node_config):
       raise Refused(f"this SuperNode has no '{key}' in its node config; start it with --node-config 'model=\"...\" data=\"...\"'")
   settings = RoundSettings.from_config(content["config"])
   # the sharder (weights in RAM/disk tiers under a memory budget) will wrap this load
-  model, tokenizer = models.load(node_config["model"])
+  try:
+    model, tokenizer = models.load(node_config["model"])
+  except (OSError, ValueError) as e:
+    raise Refused(f"cannot load this client's model: {e}") from None
   fingerprint, summary = model_fingerprint(model)
   if fingerprint != settings.model_fingerprint:
     raise Refused(f"base model mismatch: this client's model {node_config['model']} ({summary}; fingerprint {fingerprint}) "
@@ -192,8 +195,11 @@ def train_round(content, node_config):
   difference = layout_difference({k: v.shape for k, v in adapter_state(model).items()}, content["arrays"])
   if difference: raise Refused(f"adapter config mismatch: {difference}")
   set_adapter(model, content["arrays"])
-  data = PackedData(node_config["data"], tokenizer, settings.seq_len, val_fraction=0.0,
-                    cache_dir=node_config.get("cache-dir"), seed=settings.seed)
+  try:
+    data = PackedData(node_config["data"], tokenizer, settings.seq_len, val_fraction=0.0,
+                      cache_dir=node_config.get("cache-dir"), seed=settings.seed)
+  except DataError as e:
+    raise Refused(f"cannot use this client's data: {e}") from None
   stats = local_train(model, data, settings, content["config"]["server-round"], hook=None)   # the energy throttle plugs in here
   arrays = to_arrays(model)
   metrics = MetricRecord({"num-examples": len(data.train_x), **stats, "bytes-down": content["arrays"].count_bytes(),

@@ -6,17 +6,19 @@ two rounds of training. Nodes 0 and 1 train a tiny Llama on shards of different 
 has a GPT-2 as its base model and must refuse; node 3 is killed (SIGKILL, its whole process
 group) as soon as its first ClientApp starts, so round 1 ends at the round timeout with the
 replies of nodes 0 and 1, and the run goes on."""
-import json, math, os, signal, sys, threading, time
+import json, math, os, re, signal, subprocess, sys, threading, time
 import numpy as np
 import pytest
 from safetensors.numpy import load_file
 import models
 from minift.data import PackedData
 from minift.lora import apply_lora, adapter_state, load_adapter
-from minift.federated import RUN_CONFIG, RoundSettings, local_train, layout_difference, model_fingerprint, Refused
+from flwr.app import ConfigRecord, RecordDict
+from minift.federated import RUN_CONFIG, RoundSettings, local_train, layout_difference, model_fingerprint, Refused, train_round, to_arrays
 from tiny_lm import save_tiny, TEXT
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools"))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "tools"))
 import federated as fed_tool   # tools/federated.py
 
 ROUNDS, STEPS, BATCH, SEQ, LR, RANK, ALPHA = 2, 3, 2, 32, 1e-2, 4, 8.0
@@ -176,3 +178,34 @@ def test_shards_and_held_out_text_cover_the_data(tmp_path):
   parts = [open(p).read() for p in shards]
   assert "".join(parts) + open(val).read() == text.read_text() and all(parts)
   assert all(p.endswith("\n") or p == parts[-1] for p in parts[:-1])
+
+
+def test_client_refusals_and_reply(tmp_path):
+  """train_round in this process: what a client answers to the server's round message."""
+  folder = save_tiny("llama", tmp_path / "llama")
+  text = tmp_path / "t.txt"
+  text.write_text(TEXT)
+  server = models.load(folder)[0]
+  fingerprint, summary = model_fingerprint(server)
+  apply_lora(server, ["q_proj"], 4, 8.0)
+  def message(rank=4, targets="q_proj"):
+    settings = RoundSettings(2, 2, 16, 1e-2, 0, rank, 8.0, targets, fingerprint, summary)
+    return RecordDict({"arrays": to_arrays(server), "config": ConfigRecord({**settings.to_config(), "server-round": 1})})
+  node = {"model": folder, "data": str(text)}
+  reply = train_round(message(), node)
+  metrics = dict(reply["metrics"])
+  assert set(metrics) == {"num-examples", "train-loss", "step-s", "bytes-down", "bytes-up", "peak-rss-mb", "throttled-s", "paused-s", "battery-used"}
+  assert metrics["bytes-up"] == metrics["bytes-down"] == reply["arrays"].count_bytes() and metrics["num-examples"] > 0
+  for msg, node_config, reason in [
+      (message(targets="c_attn"), node, "adapter config mismatch: LoRA target module(s) ['c_attn'] not found"),
+      (message(rank=2), node, "adapter config mismatch: base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight has shape (4, 32), expected (2, 32)"),
+      (message(), {"model": folder}, "this SuperNode has no 'data' in its node config"),
+      (message(), {**node, "data": str(tmp_path / "missing")}, "cannot use this client's data: --data"),
+      (message(), {**node, "model": str(tmp_path / "missing")}, "cannot load this client's model")]:
+    with pytest.raises(Refused, match=re.escape(reason)):
+      train_round(msg, node_config)
+
+
+def test_minift_core_does_not_import_flower():
+  code = "import sys, minift, models, minift.trainer, minift.lora, minift.data; assert 'flwr' not in sys.modules"
+  subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)

@@ -327,6 +327,8 @@ def main(argv=None):
     write_app(args.write_app, run_config(args, args.out, args.val_data))
     print(f"Flower app written to {args.write_app}; start it with: flwr run {args.write_app} <superlink-connection> --stream")
     return
+  import importlib.util
+  if importlib.util.find_spec("flwr") is None: raise SystemExit("error: Flower is not installed: pip install 'minift[federated]' (flwr==1.41.0)")
   signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))   # a kill runs the cleanup below, as Ctrl-C does
   out = os.path.abspath(args.out)
   os.makedirs(out, exist_ok=True)
