@@ -159,9 +159,10 @@ class Federation:
     self.logs = os.path.join(self.folder, "logs")
     os.makedirs(self.logs, exist_ok=True)
     bin_dir = os.path.dirname(sys.executable)
-    self.env = dict(os.environ, FLWR_HOME=os.path.join(self.folder, "flwr-home"), FLWR_DISABLE_UPDATE_CHECK="1",
-                    PATH=bin_dir + os.pathsep + os.environ.get("PATH", ""),
-                    PYTHONPATH=os.pathsep.join([ROOT] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
+    # Flower's own home, no update check and (unless asked for) no usage telemetry to flower.ai
+    self.env = {"FLWR_TELEMETRY_ENABLED": "0", **os.environ, "FLWR_HOME": os.path.join(self.folder, "flwr-home"),
+                "FLWR_DISABLE_UPDATE_CHECK": "1", "PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""),
+                "PYTHONPATH": os.pathsep.join([ROOT] + [p for p in [os.environ.get("PYTHONPATH")] if p])}
 
   def __enter__(self): return self
 
