@@ -26,26 +26,18 @@ TIMEOUT = 15.0   # seconds a round waits: the killed node never replies, so its 
 TARGETS = "q_proj,v_proj"
 
 
-def process_group(pgid):
-  """Command lines of the live processes in process group pgid."""
-  out = []
-  for pid in filter(str.isdigit, os.listdir("/proc")):
-    try:
-      with open(f"/proc/{pid}/stat") as f: fields = f.read().rsplit(")", 1)[1].split()
-      if int(fields[2]) == pgid:
-        with open(f"/proc/{pid}/cmdline", "rb") as f: out.append(f.read().replace(b"\0", b" ").decode())
-    except (OSError, IndexError):
-      pass
-  return out
-
-
 def kill_when_training(node, done, killed):
   """SIGKILL node's process group once it has started a ClientApp: it holds a round's message."""
   while not done.is_set():
-    if any("flwr-clientapp" in cmd for cmd in process_group(node.pid)):
-      os.killpg(node.pid, signal.SIGKILL)
-      killed.set()
-      return
+    for pid in fed_tool.descendants(node.pid):
+      try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f: training = b"flwr-clientapp" in f.read()
+      except OSError:
+        continue
+      if training:
+        os.killpg(node.pid, signal.SIGKILL)
+        killed.set()
+        return
     time.sleep(0.02)
 
 

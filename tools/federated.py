@@ -17,7 +17,7 @@ import argparse, glob, json, os, signal, socket, subprocess, sys, time, urllib.r
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from finetune import default_model   # noqa: E402  (tools/ is the script's folder)
+from finetune import default_model   # tools/finetune.py: this script's folder is on sys.path
 
 
 def default_texts():
@@ -106,7 +106,6 @@ def make_shards(data_paths, n, folder, val_data=None, val_fraction=0.05):
   Plain text is cut by characters at line ends; JSONL by examples. Returns (shard paths, validation path)."""
   from minift.data import load_splits
   examples = [e for p in data_paths for e in load_splits(p)["train"]]
-  os.makedirs(folder, exist_ok=True)
   if all(set(e) == {"text"} for e in examples):
     text = "\n\n".join(e["text"] for e in examples)
     def cut(fraction):   # a character position near fraction of the text, at a line end if one is close
@@ -115,24 +114,22 @@ def make_shards(data_paths, n, folder, val_data=None, val_fraction=0.05):
       return line_end + 1 if line_end >= 0 else pos
     end = len(text) if val_data else cut(1 - val_fraction)
     bounds = [0] + [cut(end / len(text) * i / n) for i in range(1, n)] + [end]
-    parts, ext = [text[bounds[i]:bounds[i + 1]] for i in range(n)], ".txt"
-    held_out = text[end:]
-    dump = lambda path, part: open(path, "w").write(part)
+    parts, held_out, ext = [text[bounds[i]:bounds[i + 1]] for i in range(n)], text[end:], ".txt"
   else:
+    jsonl = lambda exs: "".join(json.dumps(e, ensure_ascii=False) + "\n" for e in exs)
     end = len(examples) if val_data else len(examples) - max(1, round(len(examples) * val_fraction))
     bounds = [end * i // n for i in range(n + 1)]
-    parts, ext = [examples[bounds[i]:bounds[i + 1]] for i in range(n)], ".jsonl"
-    held_out = examples[end:]
-    dump = lambda path, part: open(path, "w").write("".join(json.dumps(e, ensure_ascii=False) + "\n" for e in part))
-  shards = []
-  for i, part in enumerate(parts):
-    if not part: raise SystemExit(f"error: --data is too small for {n} shards")
-    shards.append(os.path.join(folder, f"shard-{i}{ext}"))
-    dump(shards[-1], part)
+    parts, held_out, ext = [jsonl(examples[bounds[i]:bounds[i + 1]]) for i in range(n)], jsonl(examples[end:]), ".jsonl"
+  if not all(parts): raise SystemExit(f"error: --data is too small for {n} shards")
+  os.makedirs(folder, exist_ok=True)
+  paths = [os.path.join(folder, f"shard-{i}{ext}") for i in range(n)]
+  files = dict(zip(paths, parts))
   if not val_data:
     val_data = os.path.join(os.path.dirname(folder), "val" + ext)
-    dump(val_data, held_out)
-  return shards, val_data
+    files[val_data] = held_out
+  for path, content in files.items():
+    with open(path, "w") as f: f.write(content)
+  return paths, val_data
 
 
 # ---- processes
@@ -225,7 +222,9 @@ class Federation:
     ServerApp in a session of its own), then SIGKILL whatever is left after grace seconds."""
     running = [proc.pid for proc in self.procs if proc.poll() is None]
     family = {pid for root in running for pid in descendants(root)}
+    left = lambda: family & live_processes() or any(proc.poll() is None for proc in self.procs)
     for sig in (signal.SIGTERM, signal.SIGKILL):
+      if not left(): break
       for pgid in running:
         try: os.killpg(pgid, sig)
         except ProcessLookupError: pass
@@ -233,8 +232,7 @@ class Federation:
         try: os.kill(pid, sig)
         except ProcessLookupError: pass
       deadline = time.time() + grace
-      while time.time() < deadline and (family & live_processes() or any(proc.poll() is None for proc in self.procs)):
-        time.sleep(0.1)
+      while time.time() < deadline and left(): time.sleep(0.1)
     for proc in self.procs: proc.wait()
     self.procs = []
 
