@@ -33,6 +33,8 @@ from minift.data import PackedData, DataError
 from minift.lora import apply_lora, adapter_state, lora_modules, save_adapter, model_type, DEFAULT_TARGETS, PEFT_PREFIX
 from minift.trainer import Trainer, append_metrics
 from minift.checkpoint import write_json
+from minift import energy
+from minift.sharder import Sharder
 
 # The server's run config: every key with its default (a Flower app's [tool.flwr.app.config]).
 RUN_CONFIG = {
@@ -119,7 +121,28 @@ def to_arrays(model):
   return ArrayRecord({k: Array(v) for k, v in adapter_state(model).items()})
 
 
-def local_train(model, data, settings, server_round, hook=None):
+class ThrottleHook:
+  """minift.energy's Throttle as local_train's hook: sleeps and pauses before each step, and
+  the round's throttled and paused seconds and battery use for the reply."""
+  def __init__(self, throttle):
+    self.throttle, self.step, self.first_pct, self.last_pct = throttle, 0, None, None
+
+  def before_step(self):
+    row = self.throttle.before_step(self.step)
+    self.step += 1
+    if row["battery_pct"] is not None:
+      self.first_pct = row["battery_pct"] if self.first_pct is None else self.first_pct
+      self.last_pct = row["battery_pct"]
+
+  def after_step(self, seconds): pass
+
+  def metrics(self):
+    total = self.throttle.summary()
+    used = self.first_pct - self.last_pct if self.first_pct is not None else math.nan
+    return {"throttled-s": float(total["throttled_s"]), "paused-s": float(total["paused_s"]), "battery-used": float(used)}
+
+
+def local_train(model, data, settings, server_round, hook=None, sharder=None):
   """Train model's LoRA tensors for settings.local_steps optimizer steps in a fresh AdamW at a
   constant learning rate, on data's training blocks in their seeded order, from where the
   previous rounds stopped. Returns this round's training metrics.
@@ -136,6 +159,7 @@ def local_train(model, data, settings, server_round, hook=None):
   named = adapter_tensors(model)
   args = SimpleNamespace(optimizer="adamw", lr=settings.lr, weight_decay=0.0, momentum=0.0, clip_grad_norm=1.0)
   trainer = Trainer(model, [t for _, t in named], args, named)
+  if sharder is not None: sharder.manage_model(model, trainer.opt)
   losses, seconds = [], []
   first = (server_round - 1) * settings.local_steps
   for step in range(first, first + settings.local_steps):
@@ -179,7 +203,16 @@ def train_round(content, node_config):
     if key not in node_config:
       raise Refused(f"this SuperNode has no '{key}' in its node config; start it with --node-config 'model=\"...\" data=\"...\"'")
   settings = RoundSettings.from_config(content["config"])
-  # the sharder (weights in RAM/disk tiers under a memory budget) will wrap this load
+  # node config 'shard-budget-mb': page the model under that RAM budget (minift.sharder);
+  # 'pm-source' (auto, sysfs, termux, sim:FILE): the energy throttle's pauses on this device
+  sharder = Sharder(float(node_config["shard-budget-mb"])) if "shard-budget-mb" in node_config else None
+  try:
+    return _train_round(content, node_config, settings, sharder)
+  finally:
+    if sharder is not None: sharder.close(restore=False)
+
+
+def _train_round(content, node_config, settings, sharder):
   try:
     model, tokenizer = models.load(node_config["model"])
   except (OSError, ValueError) as e:
@@ -188,6 +221,7 @@ def train_round(content, node_config):
   if fingerprint != settings.model_fingerprint:
     raise Refused(f"base model mismatch: this client's model {node_config['model']} ({summary}; fingerprint {fingerprint}) "
                   f"is not the server's ({settings.model_summary}; fingerprint {settings.model_fingerprint})")
+  if sharder is not None: sharder.split_tables(model)   # after the fingerprint: it names the whole table
   try:
     apply_lora(model, settings.lora_targets.split(","), settings.lora_rank, settings.lora_alpha)
   except ValueError as e:
@@ -200,7 +234,11 @@ def train_round(content, node_config):
                       cache_dir=node_config.get("cache-dir"), seed=settings.seed)
   except DataError as e:
     raise Refused(f"cannot use this client's data: {e}") from None
-  stats = local_train(model, data, settings, content["config"]["server-round"], hook=None)   # the energy throttle plugs in here
+  hook = None
+  if node_config.get("pm-source", "off") != "off":
+    source = energy.open_source(str(node_config["pm-source"]))
+    hook = ThrottleHook(energy.Throttle(source, energy.Policy())) if source is not None else None
+  stats = local_train(model, data, settings, content["config"]["server-round"], hook=hook, sharder=sharder)
   arrays = to_arrays(model)
   metrics = MetricRecord({"num-examples": len(data.train_x), **stats, "bytes-down": content["arrays"].count_bytes(),
                           "bytes-up": arrays.count_bytes(), "peak-rss-mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})

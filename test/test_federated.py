@@ -198,6 +198,30 @@ def test_client_refusals_and_reply(tmp_path):
       train_round(msg, node_config)
 
 
+def test_client_round_with_sharder_and_throttle_gives_the_same_adapter(tmp_path):
+  """Node config shard-budget-mb and pm-source: the round pages the model under the budget and
+  runs the energy throttle (a simulated battery draining 3% a reading), same adapter."""
+  folder = save_tiny("llama", tmp_path / "llama")
+  text = tmp_path / "t.txt"
+  text.write_text(TEXT)
+  sim = tmp_path / "battery.jsonl"
+  sim.write_text("".join(json.dumps({"battery_pct": 80 - 3 * i, "charging": False, "temp_c": 30}) + "\n" for i in range(10)))
+  server = models.load(folder)[0]
+  fingerprint, summary = model_fingerprint(server)
+  apply_lora(server, ["q_proj"], 4, 8.0)
+  settings = RoundSettings(2, 3, 16, 1e-2, 0, 4, 8.0, "q_proj", fingerprint, summary)
+  message = RecordDict({"arrays": to_arrays(server), "config": ConfigRecord({**settings.to_config(), "server-round": 1})})
+  node = {"model": folder, "data": str(text)}
+  plain = train_round(message, node)
+  managed = train_round(message, {**node, "shard-budget-mb": 48 / 1024, "pm-source": f"sim:{sim}"})
+  a, b = plain["arrays"], managed["arrays"]
+  assert list(a.keys()) == list(b.keys())
+  for k in a.keys(): np.testing.assert_array_equal(a[k].numpy(), b[k].numpy(), err_msg=k)
+  metrics = dict(managed["metrics"])
+  assert metrics["battery-used"] == 0.0 and metrics["paused-s"] == 0.0   # one reading per 10 steps: 3 steps read once
+  assert math.isnan(dict(plain["metrics"])["battery-used"])
+
+
 def test_minift_core_does_not_import_flower():
   code = "import sys, minift, models, minift.trainer, minift.lora, minift.data; assert 'flwr' not in sys.modules"
   subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
