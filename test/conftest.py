@@ -18,3 +18,14 @@ def _reset_global_state():
   training, no_grad = minift.Tensor.training, minift.Tensor.no_grad
   yield
   minift.Tensor.training, minift.Tensor.no_grad = training, no_grad
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+  """Tiny GPT-2 and Llama HF folders (random weights) and a text file: {"gpt2", "llama", "text"}."""
+  from tiny_lm import save_tiny, TEXT
+  out = {k: save_tiny(k, tmp_path_factory.mktemp(k)) for k in ("gpt2", "llama")}
+  text = tmp_path_factory.mktemp("data") / "hamlet.txt"
+  text.write_text(TEXT)
+  out["text"] = str(text)
+  return out

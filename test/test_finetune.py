@@ -11,20 +11,10 @@ from minift import Tensor, GlobalCounters
 from minift.data import PackedData
 from minift.lora import apply_lora, lora_modules, adapter_state
 from minift.trainer import Trainer, lr_at, enable_activation_checkpointing
-from tiny_lm import save_tiny, TEXT
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FINETUNE = os.path.join(ROOT, "tools", "finetune.py")
 TARGETS = {"gpt2": ["c_attn", "attn.c_proj"], "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]}
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-  out = {k: save_tiny(k, tmp_path_factory.mktemp(k)) for k in ("gpt2", "llama")}
-  text = tmp_path_factory.mktemp("data") / "hamlet.txt"
-  text.write_text(TEXT)
-  out["text"] = str(text)
-  return out
 
 
 def train_args(**kw):

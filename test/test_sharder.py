@@ -13,19 +13,9 @@ from minift.export import hf_state_dict
 from minift.nn import Embedding, project
 from minift.sharder import Sharder, ShardError
 from minift.trainer import Trainer, lr_at
-from tiny_lm import save_tiny, TEXT
 from test_finetune import TARGETS, train_args, run_cli, adapter_of
 
 KB = 1 / 1024   # budgets are given in MiB
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-  out = {k: save_tiny(k, tmp_path_factory.mktemp(k)) for k in ("gpt2", "llama")}
-  text = tmp_path_factory.mktemp("data") / "hamlet.txt"
-  text.write_text(TEXT)
-  out["text"] = str(text)
-  return out
 
 
 def train(folder, text, kind="llama", full_ft=False, steps=4, sharder=None, split=False, in_memory=False):
