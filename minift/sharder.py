@@ -336,8 +336,6 @@ class Sharder:
           page.advised = True   # until it is loaded
           self.stats["prefetched"] += 1
 
-  def resident_bytes(self):
-    return dict(self.used)
 
 
 def write_array(f, arr):
