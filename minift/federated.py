@@ -159,7 +159,7 @@ def local_train(model, data, settings, server_round, hook=None, sharder=None):
   named = adapter_tensors(model)
   args = SimpleNamespace(optimizer="adamw", lr=settings.lr, weight_decay=0.0, momentum=0.0, clip_grad_norm=1.0)
   trainer = Trainer(model, [t for _, t in named], args, named)
-  if sharder is not None: sharder.manage_model(model, trainer.opt)
+  if sharder is not None: sharder.manage_model(model, trainer.opt, trainer.grad_buffers)
   losses, seconds = [], []
   first = (server_round - 1) * settings.local_steps
   for step in range(first, first + settings.local_steps):

@@ -2,12 +2,17 @@
 training step replays with the same buffers; the learning rate is a buffer written from the
 host (set_lr), so schedules work under jit too."""
 import numpy as np
+from minift import device
 from minift.tensor import Tensor, no_grad
 from minift.dtype import dtypes
 
 
-def _state_like(p):
-  return Tensor.zeros(p.shape, dtype=dtypes.float32, device=p.device).contiguous().realize()
+def state_like(p, kind="optimizer"):
+  """A float32 zero buffer shaped like p. An active sharder pages it from the start, so the
+  optimizer's state is never all in memory at once."""
+  t = Tensor.zeros(p.shape, dtype=dtypes.float32, device=p.device).contiguous().realize()
+  if device.sharder is not None: device.sharder.manage(t, f"{kind} state", kind=kind)
+  return t
 
 
 class Optimizer:
@@ -48,7 +53,7 @@ class SGD(Optimizer):
   def __init__(self, params, lr=1e-3, momentum=0.0, weight_decay=0.0):
     super().__init__(params, lr)
     self.momentum, self.weight_decay = momentum, weight_decay
-    self.buf = [_state_like(p) for p in self.params] if momentum else []
+    self.buf = [state_like(p) for p in self.params] if momentum else []
 
   def _updates(self):
     out = []
@@ -71,8 +76,8 @@ class AdamW(Optimizer):
   def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01):
     super().__init__(params, lr)
     self.b1, self.b2, self.eps, self.weight_decay = betas[0], betas[1], eps, weight_decay
-    self.m = [_state_like(p) for p in self.params]
-    self.v = [_state_like(p) for p in self.params]
+    self.m = [state_like(p) for p in self.params]
+    self.v = [state_like(p) for p in self.params]
     self.t = Tensor(np.zeros(1, dtype=np.float32), device=self.params[0].device)
 
   def _updates(self):

@@ -1,5 +1,5 @@
-"""The sharder: parameter-like buffers (frozen weights, trainable weights, optimizer moments)
-paged between device memory, host RAM and disk under byte budgets.
+"""The sharder: parameter-like buffers (frozen weights, trainable weights, optimizer moments,
+gradients) paged between device memory, host RAM and disk under byte budgets.
 
 Every managed Buffer gets a Page, which lives in exactly one tier:
   gpu   (OpenCL buffers) buf.data is a device buffer kernels read
@@ -39,7 +39,7 @@ class Page:
                "kind", "last_use", "pins", "advised", "__weakref__")
 
   def __init__(self, buf, name, kind, source):
-    self.ref, self.name, self.nbytes, self.kind = weakref.ref(buf), name, buf.nbytes, kind   # kind: frozen, trainable, optimizer
+    self.ref, self.name, self.nbytes, self.kind = weakref.ref(buf), name, buf.nbytes, kind   # kind: frozen, trainable, optimizer, gradient
     self.np_dtype = np.uint8 if buf.dtype is dtypes.bool else buf.dtype.np
     self.top = "ram" if buf.device.name == "numpy" else "gpu"   # the tier kernels read
     self.tier, self.host, self.file, self.last_use, self.pins, self.advised = self.top, None, None, 0, 0, False
@@ -126,8 +126,8 @@ class Sharder:
     if buf is None: raise ValueError(f"sharder: {name} is not a buffer (a lazy view of a computation)")
     kind = kind or ("trainable" if tensor.requires_grad else "frozen")
     page = self.page_of(buf)
-    if page is not None:   # managed while loading; now it may train
-      page.kind = kind
+    if page is not None:   # managed while loading or since it was made; now it has its role and name
+      page.kind, page.name = kind, name
       return page
     source = file_source(buf.data) if kind == "frozen" and buf.device.name == "numpy" else None
     if buf.nbytes > min(self.budget.values()):
@@ -167,13 +167,15 @@ class Sharder:
     from minift.nn import Embedding
     return [name for name, mod in model.named_modules() if isinstance(mod, Embedding) and self._split(mod)]
 
-  def manage_model(self, model, optimizer=None):
-    """Every parameter of model and every state tensor of optimizer."""
+  def manage_model(self, model, optimizer=None, grad_buffers=None):
+    """Every parameter of model, every state tensor of optimizer and the gradient buffers
+    (Trainer.grad_buffers, one per optimizer parameter)."""
     for name, t in model.named_parameters(): self.manage(t, name)
     if optimizer is not None:
       names = [n for n, t in model.named_parameters() if any(t is p for p in optimizer.params)]
       for i, t in enumerate(optimizer.state_tensors()):
         self.manage(t, f"optimizer.{i}" if i >= len(names) * 2 else f"optimizer.{'mv'[i // len(names)]}.{names[i % len(names)]}", kind="optimizer")
+      for name, t in zip(names, grad_buffers or []): self.manage(t, f"grad.{name}", kind="gradient")
     return self
 
   def _forget(self, key, page_ref):

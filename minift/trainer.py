@@ -9,7 +9,8 @@ whole folder swapped in atomically, so a run killed at any moment resumes from t
 import json, math, os
 from minift.tensor import Tensor, no_grad
 from minift.jit import jit
-from minift.optim import AdamW, SGD, clip_grad_norm
+from minift import device
+from minift.optim import AdamW, SGD, clip_grad_norm, state_like
 from minift.checkpoint import atomic_folder, atomic_file, save_safetensors
 from minift.data import IGNORE
 
@@ -77,6 +78,8 @@ class Trainer:
     self.model, self.params, self.args, self.named_params = model, params, args, named_params
     if args.optimizer == "adamw": self.opt = AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
     else: self.opt = SGD(params, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
+    # under the sharder, gradients get buffers of their own that it pages like the weights
+    self.grad_buffers = [state_like(p, "gradient") for p in self.opt.params] if device.sharder is not None else None
     self.step_fn = jit(self._step)
     self.use_linear_ce = getattr(getattr(model, "config", None), "final_logit_softcapping", None) is None
 
@@ -97,11 +100,21 @@ class Trainer:
     for x, y in pairs:
       loss = self.loss(x, y, denominator)
       loss.backward()
-      Tensor.realize_all(loss, *[p.grad for p in self.params if p.grad is not None])   # frees this micro-batch
+      # realized last parameter first: the scheduler then computes each gradient as soon as the
+      # backward pass reaches its layer, and frees that layer's activations right after
+      params = self.opt.params
+      with_grad = [(p, g) for p, g in zip(params, self.grad_buffers or [None] * len(params)) if p.grad is not None][::-1]
+      if self.grad_buffers is None: Tensor.realize_all(loss, *[p.grad for p, _ in with_grad])   # frees this micro-batch
+      else:   # each gradient goes into its paged buffer as it is made, so they need not all be in RAM at once
+        writes = [g.assign(p.grad) for p, g in with_grad]
+        for p, g in with_grad: p.grad = g      # (before realizing: nothing else may hold the unpaged gradient) the next micro-batch adds to it
+        Tensor.realize_all(loss, *writes)
       total = loss if total is None else total + loss
     norm = clip_grad_norm(self.params, self.args.clip_grad_norm or float("inf"))   # the norm is logged either way
     self.opt.step()
-    return total.realize(), norm.realize()
+    total, norm = total.realize(), norm.realize()
+    self.opt.zero_grad()   # gradients kept past the step would be state the jit replay keeps alive between steps
+    return total, norm
 
   def train_step(self, micro_batches, lr):
     self.opt.set_lr(lr)

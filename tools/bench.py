@@ -314,7 +314,7 @@ def _shard_step(path, full_ft, budget, checkpointing, steps, prefetch=True):
     named = [(f"{p}.{n}", getattr(m, n)) for p, m in lora_modules(model) for n in ("lora_A", "lora_B")]
   if checkpointing: enable_activation_checkpointing(model)
   trainer = Trainer(model, [t for _, t in named], SimpleNamespace(optimizer="adamw", lr=1e-4, weight_decay=0.0, momentum=0.0, clip_grad_norm=1.0), named)
-  if sharder: sharder.manage_model(model, trainer.opt)
+  if sharder: sharder.manage_model(model, trainer.opt, trainer.grad_buffers)
   rng = np.random.default_rng(0)
   vocab = model.config.vocab_size
   x, y = rng.integers(0, vocab, (4, 128)), rng.integers(0, vocab, (4, 128))

@@ -174,7 +174,7 @@ def train(args, source, sharder, t_start):
   params = [t for _, t in named]
   if args.grad_checkpoint: enable_activation_checkpointing(model)
   trainer = Trainer(model, params, args, named)
-  if sharder is not None: sharder.manage_model(model, trainer.opt)
+  if sharder is not None: sharder.manage_model(model, trainer.opt, trainer.grad_buffers)
 
   per_epoch = data.batches_per_epoch(args.batch_size)
   total = args.max_steps or per_epoch * args.epochs
