@@ -8,7 +8,7 @@ Hugging Face names, undoing what llama.cpp's converter changed:
     subtracted again.
 The tokenizer is rebuilt from the metadata as a `tokenizers.Tokenizer`.
 """
-import os, re, struct
+import mmap, os, re, struct
 import numpy as np
 
 # dequantizable tensor types (gguf.GGMLQuantizationType names)
@@ -132,8 +132,20 @@ class GGUFFile:
     raw = raw.reshape(rows, nbytes // rows)
     out = np.empty((rows, shape[-1]), np.float32)
     step = max(1, (1 << 22) // shape[-1])   # a few million values at a time: dequantize's temporaries stay small
-    for r in range(0, rows, step): out[r:r + step] = gguf.quants.dequantize(raw[r:r + step], qtype)
+    row_bytes = nbytes // rows
+    for r in range(0, rows, step):
+      out[r:r + step] = gguf.quants.dequantize(raw[r:r + step], qtype)
+      self._drop_pages(offset + r * row_bytes, min(step, rows - r) * row_bytes)
     return out.reshape(shape)
+
+  def _drop_pages(self, offset, nbytes):
+    """Unmap the file pages a dequantized tensor was read from: they would otherwise count in
+    this process's resident memory next to the float32 copy until the file is closed (the OS
+    keeps them in its page cache, so a second read is still fast)."""
+    mm = getattr(self._mmap, "_mmap", None)
+    if mm is None or not hasattr(mm, "madvise"): return
+    start = offset // mmap.PAGESIZE * mmap.PAGESIZE
+    mm.madvise(mmap.MADV_DONTNEED, start, min(len(mm), offset + nbytes) - start)
 
 
 def gguf_config(g):
@@ -212,8 +224,9 @@ def load_gguf(path, dtype=None, with_tokenizer=True):
     if g.arch == "gemma3" and name.endswith("norm.weight"): return arr - 1.0
     return arr
 
+  tokenizer = gguf_tokenizer(g) if with_tokenizer else None   # first: its temporaries (a 262k vocabulary's merges) are gone before the weights arrive
   load_weights(model, _GGUFSource(g), path, dtype=dtype, convert=convert)
-  return model, (gguf_tokenizer(g) if with_tokenizer else None)
+  return model, tokenizer
 
 
 # ---- tokenizer
