@@ -43,8 +43,19 @@ def _where(c, x, y, dtype):
   return np.where(c, x, y)
 
 
+def sigmoid(x, out=None):
+  """1 / (1 + exp(-x)) in float32, rounded once to x's dtype (as the OpenCL kernel does). For
+  x << 0 exp overflows to inf and the result is exactly 0, the float32 value of the true one."""
+  y = np.negative(x, dtype=np.float32)
+  if np.ndim(y) == 0: return (np.float32(1.0) / (np.float32(1.0) + np.exp(y))).astype(np.asarray(x).dtype)
+  np.exp(y, out=y)
+  y += np.float32(1.0)
+  np.reciprocal(y, out=y)
+  return y if y.dtype == x.dtype else y.astype(x.dtype)
+
+
 UNARY = {Op.NEG: np.negative, Op.EXP: np.exp, Op.LOG: np.log, Op.SQRT: np.sqrt, Op.RECIP: np.reciprocal,
-         Op.TANH: np.tanh, Op.SIN: np.sin}
+         Op.TANH: np.tanh, Op.SIN: np.sin, Op.SIGMOID: sigmoid}
 BINARY = {Op.ADD: np.add, Op.SUB: np.subtract, Op.MUL: np.multiply, Op.DIV: np.true_divide,
           Op.MAX: np.maximum, Op.POW: np.power, Op.CMPLT: np.less, Op.CMPEQ: np.equal}
 

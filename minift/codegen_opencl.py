@@ -33,6 +33,8 @@ float round_half(float x) { ushort h; vstore_half(x, 0, (__private half*)&h); re
 // tanh rounds to +-1 in float beyond |x| = 13 ln 2; some drivers stop one ulp short, and
 // gradients such as 1 - tanh(x)^2 then differ from NumPy's (and torch's) exact zero
 float tanh_f(float x) { return fabs(x) > 9.0109f ? copysign(1.0f, x) : tanh(x); }
+// exp(-x) overflows to inf for x << 0, and 1/inf is the exact 0 NumPy gives too
+float sigmoid_f(float x) { return 1.0f / (1.0f + exp(-x)); }
 // NumPy's maximum propagates NaN; OpenCL's fmax does not
 float max_f(float a, float b) { return (a > b || a != a) ? a : b; }
 // integer division and power without undefined behaviour (x86 traps on a division by zero)
@@ -47,8 +49,8 @@ long pow_l(long a, long b) {
 """
 
 # ops whose float16 result must be rounded to half (the others are exact on half inputs)
-ROUNDED = {Op.EXP, Op.LOG, Op.SQRT, Op.RECIP, Op.TANH, Op.SIN, Op.ERF, Op.CAST, Op.ADD, Op.SUB, Op.MUL, Op.DIV, Op.POW}
-MATH_FN = {Op.EXP: "exp", Op.LOG: "log", Op.SQRT: "sqrt", Op.TANH: "tanh_f", Op.SIN: "sin", Op.ERF: "erf"}
+ROUNDED = {Op.EXP, Op.LOG, Op.SQRT, Op.RECIP, Op.TANH, Op.SIN, Op.SIGMOID, Op.ERF, Op.CAST, Op.ADD, Op.SUB, Op.MUL, Op.DIV, Op.POW}
+MATH_FN = {Op.EXP: "exp", Op.LOG: "log", Op.SQRT: "sqrt", Op.TANH: "tanh_f", Op.SIN: "sin", Op.SIGMOID: "sigmoid_f", Op.ERF: "erf"}
 INFIX = {Op.ADD: "+", Op.SUB: "-", Op.MUL: "*", Op.CMPLT: "<", Op.CMPEQ: "=="}
 
 

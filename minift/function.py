@@ -100,6 +100,15 @@ class Tanh(Function):
     return (g.alu(Op.MUL, one.alu(Op.SUB, self.out.alu(Op.MUL, self.out))),)
 
 
+class Sigmoid(Function):
+  def forward(self, x):
+    self.out = x.alu(Op.SIGMOID)
+    return self.out
+  def backward(self, g):
+    one = self.out.const_like(1.0)
+    return (g.alu(Op.MUL, self.out.alu(Op.MUL, one.alu(Op.SUB, self.out))),)
+
+
 class Sin(Function):
   def forward(self, x):
     self.x = x

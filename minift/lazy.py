@@ -14,7 +14,7 @@ class Op(Enum):
   # leaves
   BUFFER = auto(); CONST = auto(); RAND = auto()
   # unary
-  NEG = auto(); EXP = auto(); LOG = auto(); SQRT = auto(); RECIP = auto(); TANH = auto(); SIN = auto()
+  NEG = auto(); EXP = auto(); LOG = auto(); SQRT = auto(); RECIP = auto(); TANH = auto(); SIN = auto(); SIGMOID = auto()
   ERF = auto(); CAST = auto()
   # binary
   ADD = auto(); SUB = auto(); MUL = auto(); DIV = auto(); MAX = auto(); POW = auto(); CMPLT = auto(); CMPEQ = auto()
@@ -26,7 +26,7 @@ class Op(Enum):
   CONTIGUOUS = auto(); ASSIGN = auto(); GATHER = auto(); SCATTER_ADD = auto(); COPY = auto()
 
 
-UNARY = {Op.NEG, Op.EXP, Op.LOG, Op.SQRT, Op.RECIP, Op.TANH, Op.SIN, Op.ERF, Op.CAST}
+UNARY = {Op.NEG, Op.EXP, Op.LOG, Op.SQRT, Op.RECIP, Op.TANH, Op.SIN, Op.SIGMOID, Op.ERF, Op.CAST}
 BINARY = {Op.ADD, Op.SUB, Op.MUL, Op.DIV, Op.MAX, Op.POW, Op.CMPLT, Op.CMPEQ}
 ELEMENTWISE = UNARY | BINARY | {Op.WHERE}
 REDUCE = {Op.SUM, Op.RMAX}
