@@ -155,7 +155,8 @@ def test_shared_nodes_are_computed_once(dev):
   (k,) = kernels_of(f(Tensor(x, device="opencl")))
   assert k.shared
   src = cg.render(k, (dtypes.float32,), (x.size,), dev.caps).src
-  assert src.count("exp(") == 1 and "float v0 = " in src
+  body = src[src.index("__kernel"):]   # the prelude's helpers (sigmoid_f) call exp too
+  assert body.count("exp(") == 1 and "float v0 = " in body
   assert_same(f, x)
 
 
