@@ -3,7 +3,7 @@
 Loads are strided views of the input buffers (no copies, pads become np.pad); temporaries
 made inside a kernel are reused in place where the shape and dtype allow it.
 """
-import time
+import itertools, time
 import numpy as np
 from numpy.lib.stride_tricks import as_strided
 from minift.device import Buffer
@@ -11,6 +11,7 @@ from minift.dtype import dtypes
 from minift.lazy import Op
 from minift.schedule import matmul_axes
 from minift.helpers import prod
+from minift.view import View
 
 
 def erf(x):
@@ -73,6 +74,43 @@ def view_array(flat, view):
   return np.pad(inner, [(lo, n - hi) for (lo, hi), n in zip(view.mask, view.shape)])
 
 
+# Elements per block when a kernel is evaluated block by block: NumPy makes a temporary array
+# for every op of a kernel, and at this size they stay in the core's L2 cache instead of each
+# making a round trip to memory (a 10-op chain on 1.5M floats: 2.4x faster).
+BLOCK = 1 << 15
+
+
+class _Env:
+  """What evaluating one kernel's AST needs: the input arrays, AST nodes used twice (computed
+  once), and when evaluating block by block, the arrays made once for every block (loads,
+  BLAS results) and the block of the output being computed."""
+  __slots__ = ("flats", "shared", "memo", "whole", "region")
+
+  def __init__(self, flats, shared, whole=None, region=None):
+    self.flats, self.shared, self.memo, self.whole, self.region = flats, shared, {}, whole, region
+
+
+def _block_shape(shape, region):
+  return tuple(r.stop - r.start for r in region) + tuple(shape[len(region):])
+
+
+def blocks(kernel):
+  """The blocks (tuples of slices over the leading axes) to evaluate kernel in, or None when
+  it is evaluated whole: small kernels, gathers and the like, a matmul with nothing after it
+  (BLAS writes its output in one go), and reductions whose reduced axes are not all inside a
+  block (a bias gradient summed over the batch)."""
+  if kernel.kind not in ("elementwise", "reduce", "matmul") or (kernel.kind == "matmul" and kernel.ast is kernel.reduce): return None
+  shape = kernel.reduce.arg[1] if kernel.kind == "reduce" else kernel.shape
+  if prod(shape) < 2 * BLOCK: return None
+  inner, ax = 1, len(shape) - 1   # blocks split axis ax; the axes after it are whole in every block
+  while inner * shape[ax] <= BLOCK: inner *= shape[ax]; ax -= 1
+  if kernel.kind == "reduce":
+    if min(kernel.reduce.arg[0]) <= ax or tuple(kernel.shape[:ax + 1]) != tuple(shape[:ax + 1]): return None
+  step = max(1, BLOCK // inner)
+  return [tuple(slice(i, i + 1) for i in outer) + (slice(s, min(s + step, shape[ax])),)
+          for outer in itertools.product(*[range(n) for n in shape[:ax]]) for s in range(0, shape[ax], step)]
+
+
 class NumpyDevice:
   name = "numpy"
 
@@ -105,7 +143,14 @@ class NumpyDevice:
         seed, counter = rand_key
         res = rand_uniform(prod(kernel.shape), seed, counter).reshape(kernel.shape)
       else:
-        res, _ = self.eval(kernel.ast, flats, kernel.shape, {}, kernel.shared)
+        regions = blocks(kernel)
+        if regions is not None:
+          if assign_out is not None and _reads_only_its_own_elements(kernel):   # write the blocks straight into the target
+            self.run_blocks(kernel, flats, regions, assign_out.data.reshape(kernel.shape))
+            return assign_out
+          res = self.run_blocks(kernel, flats, regions, np.empty(kernel.shape, kernel.dtype.np))
+        else:
+          res, _ = self.eval(kernel.ast, _Env(flats, kernel.shared), kernel.shape)
     res = np.asarray(res)
     if res.dtype != kernel.dtype.np: res = res.astype(kernel.dtype.np)
     if res.shape != kernel.shape: res = np.broadcast_to(res, kernel.shape)
@@ -116,29 +161,43 @@ class NumpyDevice:
     # input: the output must own its memory, or an assign to it fails or writes the input
     return self.alloc_from(res if res.flags.writeable else res.copy())
 
-  def eval(self, node, flats, shape, memo, shared):
+  def run_blocks(self, kernel, flats, regions, out):
+    """Evaluate kernel block by block into out. Loads and BLAS matmuls are made once, whole;
+    each block then slices them."""
+    whole = {}
+    for node in kernel._nodes():
+      if node.op is Op.BUFFER: whole[id(node)] = view_array(flats[node.arg[0]], node.arg[1])
+      elif node.op is Op.SUM and node.arg[2]: whole[id(node)] = self.matmul(node, flats, kernel.shape)
+    for region in regions:
+      res, _ = self.eval(kernel.ast, _Env(flats, kernel.shared, whole, region), _block_shape(kernel.shape, region))
+      out[region] = res
+    return out
+
+  def eval(self, node, env, shape):
     """(array of `shape` or broadcastable scalar, owned) for a KNode; owned arrays may be
     overwritten by the caller. Nodes used twice in the AST are computed once."""
-    if id(node) in shared:
-      if id(node) not in memo: memo[id(node)] = self._eval(node, flats, shape, memo, shared)[0]
-      return memo[id(node)], False
-    return self._eval(node, flats, shape, memo, shared)
+    if id(node) in env.shared:
+      if id(node) not in env.memo: env.memo[id(node)] = self._eval(node, env, shape)[0]
+      return env.memo[id(node)], False
+    return self._eval(node, env, shape)
 
-  def _eval(self, node, flats, shape, memo, shared):
+  def _eval(self, node, env, shape):
     op = node.op
+    if env.whole is not None and id(node) in env.whole:   # made once for all blocks: this block's part
+      return env.whole[id(node)][env.region], False
     if op is Op.BUFFER:
-      return view_array(flats[node.arg[0]], node.arg[1]), False
+      return view_array(env.flats[node.arg[0]], node.arg[1]), False
     if op is Op.CONST:
       return node.dtype.np(node.arg), False
     if op in UNARY or op in (Op.ERF, Op.CAST):
-      x, owned = self.eval(node.srcs[0], flats, shape, memo, shared)
+      x, owned = self.eval(node.srcs[0], env, shape)
       if op is Op.CAST: return np.asarray(x).astype(node.arg.np), True
       if op is Op.ERF: return erf(np.asarray(x)), True
       if op is Op.RECIP and not np.issubdtype(np.asarray(x).dtype, np.floating): return 1 / x, True
       out = x if owned and isinstance(x, np.ndarray) else None
       return UNARY[op](x, out=out), True
     if op in BINARY:
-      (a, ao), (b, bo) = self.eval(node.srcs[0], flats, shape, memo, shared), self.eval(node.srcs[1], flats, shape, memo, shared)
+      (a, ao), (b, bo) = self.eval(node.srcs[0], env, shape), self.eval(node.srcs[1], env, shape)
       out = None
       if op not in (Op.CMPLT, Op.CMPEQ):
         if ao and isinstance(a, np.ndarray) and a.shape == np.broadcast_shapes(np.shape(a), np.shape(b)) and a.dtype == node.dtype.np: out = a
@@ -147,14 +206,15 @@ class NumpyDevice:
       if op is Op.POW and res.dtype != node.dtype.np: res = res.astype(node.dtype.np)
       return res, True
     if op is Op.WHERE:
-      c, _ = self.eval(node.srcs[0], flats, shape, memo, shared)
-      x, _ = self.eval(node.srcs[1], flats, shape, memo, shared)
-      y, _ = self.eval(node.srcs[2], flats, shape, memo, shared)
+      c, _ = self.eval(node.srcs[0], env, shape)
+      x, _ = self.eval(node.srcs[1], env, shape)
+      y, _ = self.eval(node.srcs[2], env, shape)
       return _where(c, x, y, node.dtype.np), True
     if op in (Op.SUM, Op.RMAX):
       axes, in_shape, is_matmul = node.arg
-      if is_matmul: return self.matmul(node, flats, shape), True
-      x, _ = self.eval(node.srcs[0], flats, in_shape, memo, shared)
+      if is_matmul: return self.matmul(node, env.flats, shape), True
+      if env.region is not None: in_shape = _block_shape(in_shape, env.region)
+      x, _ = self.eval(node.srcs[0], env, in_shape)
       x = np.broadcast_to(x, in_shape)
       if op is Op.SUM:
         acc = np.float32 if node.dtype is dtypes.float16 else None
@@ -163,19 +223,19 @@ class NumpyDevice:
         r = np.max(x, axis=axes, keepdims=True) if prod(in_shape) else np.full([1 if i in axes else s for i, s in enumerate(in_shape)], -np.inf, x.dtype)
       return np.asarray(r, dtype=node.dtype.np).reshape(shape), True
     if op is Op.GATHER:
-      table, _ = self.eval(node.srcs[0], flats, None, memo, shared)
-      idx, _ = self.eval(node.srcs[1], flats, None, memo, shared)
+      table, _ = self.eval(node.srcs[0], env, None)
+      idx, _ = self.eval(node.srcs[1], env, None)
       if idx.size and (idx.min() < 0 or idx.max() >= table.shape[0]):
         raise IndexError(f"embedding index out of range: indices span [{idx.min()}, {idx.max()}] but the table has {table.shape[0]} rows")
       return table[idx], True
     if op is Op.SCATTER_ADD:
-      g, _ = self.eval(node.srcs[0], flats, None, memo, shared)
-      idx, _ = self.eval(node.srcs[1], flats, None, memo, shared)
+      g, _ = self.eval(node.srcs[0], env, None)
+      idx, _ = self.eval(node.srcs[1], env, None)
       out = np.zeros((node.arg, g.shape[-1]), g.dtype)
       np.add.at(out, idx.reshape(-1), g.reshape(-1, g.shape[-1]))
       return out, True
     if op is Op.COPY:
-      return self.eval(node.srcs[0], flats, shape, memo, shared)
+      return self.eval(node.srcs[0], env, shape)
     raise NotImplementedError(f"NumPy backend cannot run {op}")
 
   def matmul(self, node, flats, shape):
@@ -199,3 +259,10 @@ class NumpyDevice:
     order = batch + m + n
     out = out.transpose([order.index(i) for i in sorted(order)])
     return out.astype(node.dtype.np, copy=False).reshape(shape)
+
+
+def _reads_only_its_own_elements(kernel):
+  """True when an assign kernel reads its target only at the element it writes, so blocks can
+  be written straight into the target (a shifted or transposed read would see new values)."""
+  own = View.contiguous(kernel.shape)
+  return all(n.arg[1] == own for n in kernel._nodes() if n.op is Op.BUFFER and n.arg[0] == kernel.assign_target)

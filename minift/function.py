@@ -8,10 +8,26 @@ from minift.lazy import Op, LazyOp, LazyBuffer
 SAVED_FOR_BACKWARD = weakref.WeakSet()
 
 
+def graph_node(t):
+  """What an autograd graph links to for input t: its Function if an op made it, the tensor
+  itself if it is a leaf that requires grad, None if no gradient flows to it. Not the tensor of
+  an op's result: holding it would keep its buffer alive until backward even when no gradient
+  rule reads it."""
+  if not t.requires_grad: return None
+  return t._ctx if t._ctx is not None else t
+
+
 class Function:
+  """One op in the autograd graph: parents are graph_node() of its inputs, in_shapes their
+  shapes, and the attributes forward sets are what backward reads."""
   def __init__(self, *tensors):
     self.needs_input_grad = [t.requires_grad for t in tensors]
     self.requires_grad = any(self.needs_input_grad)
+
+  def free(self):
+    """Drop the links and saved values once backward has used them (parents None: freed)."""
+    self.__dict__.clear()
+    self.parents = None
 
   def forward(self, *args, **kwargs): raise NotImplementedError
 
@@ -24,7 +40,7 @@ class Function:
     lb = ctx.forward(*[t.lazydata for t in tensors], **kwargs)
     out = Tensor(lb, requires_grad=ctx.requires_grad and not Tensor.no_grad and lb.dtype.is_float)
     if out.requires_grad:
-      out._ctx, ctx.parents = ctx, tensors
+      out._ctx, ctx.parents, ctx.in_shapes = ctx, tuple(graph_node(t) for t in tensors), tuple(t.shape for t in tensors)
       for v in vars(ctx).values():   # what backward will read: the scheduler keeps its costly parts
         if isinstance(v, LazyBuffer) and not v.base.realized: SAVED_FOR_BACKWARD.add(v.base)
     return out

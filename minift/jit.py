@@ -123,7 +123,7 @@ class jit:
     for n, (kernel, out_ref, in_refs, rand_key) in enumerate(items):
       if rand_key is not None: rand_key = (Tensor._seed, rand_key[1] - plan["rng0"] + rng_start)
       ins = [get(r) for r in in_refs]
-      target = get(out_ref) if out_ref[0] != "slot" else None
+      target = get(out_ref) if out_ref[0] != "slot" or kernel.assign_target is not None else None   # an assign writes in place, as when captured
       out = run_kernel(kernel, ins, target, rand_key, upcoming(n))
       if out_ref[0] == "slot": slots[out_ref[1]] = out
       for s in frees.get(n, ()): slots[s] = None

@@ -141,7 +141,11 @@ class Tensor:
     if x.shape != self.shape: raise ValueError(f"assign: value of shape {x.shape} does not fit tensor of shape {self.shape}")
     if x.device != self.device: raise ValueError(f"assign: value on {x.device}, tensor on {self.device}")
     if x.dtype != self.dtype: x = x.cast(self.dtype)
-    self._make_buffer()
+    lb = self.lazydata
+    # a reshaped view of a whole realized buffer (a matmul's (M, N, 1) output seen as (M, N)) is
+    # written in place as it is; anything else first becomes a buffer of its own
+    if not (lb.base.realized and lb.view.is_contiguous() and lb.view.numel == prod(lb.base.shape) and _writable(lb.base.buffer)):
+      self._make_buffer()
     lb = self.lazydata
     self.lazydata = lb.own_kernel(Op.ASSIGN, (lb, x.lazydata), None, self.shape)
     return self
@@ -222,39 +226,28 @@ class Tensor:
       gradient = Tensor(gradient, dtype=self.dtype, device=self.device)
     if gradient.shape != self.shape:
       raise ValueError(f"backward(): gradient of shape {gradient.shape} does not match tensor of shape {self.shape}")
-    order = self._toposort()
-    if any(t._ctx is _FREED for t in order):   # torch raises here too; silently skipping would lose gradients
+    if self._ctx is None:   # a leaf: its own gradient
+      self.grad = Tensor(gradient.lazydata) if self.grad is None else self.grad + gradient
+      return self
+    order = _toposort(self._ctx)
+    if any(isinstance(n, F.Function) and n.parents is None for n in order):   # torch raises here too; silently skipping would lose gradients
       raise RuntimeError("backward(): part of this graph was freed by an earlier backward(); compute the loss again")
-    grads = {id(self): gradient.lazydata}
+    grads = {id(self._ctx): gradient.lazydata}
     with no_grad():
-      for t in reversed(order):
-        g = grads.pop(id(t), None)
+      for node in reversed(order):   # a Function (an op's result) or a leaf Tensor
+        g = grads.pop(id(node), None)
         if g is None: continue
-        if t._ctx is None:
-          t.grad = Tensor(g) if t.grad is None else t.grad + Tensor(g)
+        if isinstance(node, Tensor):
+          node.grad = Tensor(g) if node.grad is None else node.grad + Tensor(g)
           continue
-        ctx = t._ctx
-        for parent, pg in zip(ctx.parents, ctx.backward(g)):
-          if pg is None or not parent.requires_grad: continue
-          if pg.shape != parent.shape: raise RuntimeError(f"internal: gradient {pg.shape} for input {parent.shape} in {type(ctx).__name__}")
+        for parent, shape, pg in zip(node.parents, node.in_shapes, node.backward(g)):
+          if pg is None or parent is None: continue
+          if pg.shape != shape: raise RuntimeError(f"internal: gradient {pg.shape} for input {shape} in {type(node).__name__}")
           grads[id(parent)] = pg if id(parent) not in grads else grads[id(parent)].alu(Op.ADD, pg)
-        for v in vars(ctx).values():   # its saved values are now read by the built backward graph
+        for v in vars(node).values():   # its saved values are now read by the built backward graph
           if isinstance(v, LazyBuffer): F.SAVED_FOR_BACKWARD.discard(v.base)
-        t._ctx = _FREED   # free the graph, as torch does without retain_graph
+        node.free()   # free the graph as it goes, as torch does without retain_graph
     return self
-
-  def _toposort(self):
-    order, seen, stack = [], set(), [(self, False)]
-    while stack:
-      t, done = stack.pop()
-      if done: order.append(t); continue
-      if id(t) in seen: continue
-      seen.add(id(t))
-      stack.append((t, True))
-      if t._ctx is not None:
-        for p in t._ctx.parents:
-          if p.requires_grad and id(p) not in seen: stack.append((p, False))
-    return order
 
   # ---- broadcasting helpers
   def _const(self, value, dtype=None):
@@ -759,49 +752,66 @@ class Tensor:
       # chunk): the pieces read last are the ones most likely still in memory
       order = list(range(len(pieces)))
       for start in range(0, h.shape[0], chunk_rows):
-        hc, tc = hd[start:start + chunk_rows], tgt[start:start + chunk_rows]
-        rows, valid = hc.shape[0], (tc != ignore_index)
-        tc = valid.where(tc, 0).long()
-        # four passes over the (rows, vocab) logits: write, max, sum of exp, gradient
-        logits = [None] * len(pieces)
-        for k in order: logits[k] = (hc @ wds[k].T).float().realize()
-        lses = [l.logsumexp(-1, keepdim=True).realize() for l in logits]                 # (rows, 1) each
-        lse = lses[0] if len(lses) == 1 else Tensor.cat(lses, 1).logsumexp(-1, keepdim=True).realize()
-        picked = None
-        for l, s0 in zip(logits, starts):                                                # the target's logit
-          inside = (tc >= s0).where(tc < s0 + l.shape[1], False)
-          flat = Tensor.arange(rows, device=self.device) * l.shape[1] + inside.where(tc - s0, 0)
-          part = l.reshape(-1, 1).embedding(flat).reshape(rows) * inside.float()
-          picked = part if picked is None else picked + part
-        part = ((lse.reshape(rows) - picked) * valid.float()).sum() * inv_n.reshape(())
-        todo = [part]
-        dh = None
-        if need_h or any(need_w):
-          scale = (valid.float() * inv_n.reshape(())).unsqueeze(-1)
-          for k in reversed(order):
-            l, wd, s0 = logits[k], wds[k], starts[k]
-            hit = tc.unsqueeze(-1) == Tensor.arange(s0, s0 + l.shape[1], dtype=tc.dtype, device=self.device)
-            g = (((l - lse).exp() - hit.float()) * scale).cast(wd.dtype).contiguous()
-            if need_h: dh = g @ wd if dh is None else dh + g @ wd
-            if need_w[k]:
-              dwc = g.T @ hc
-              dw[k] = dwc if dw[k] is None else dw[k].assign(dw[k] + dwc)
-              todo.append(dw[k])
-            if len(pieces) > 1: Tensor.realize_all(*todo, *([dh] if dh is not None else []))   # one piece's logits gradient at a time
-          if need_h: dh_parts.append(dh); todo.append(dh)
-        else: order.reverse()
-        Tensor.realize_all(*todo)
-        del logits
+        part, dh = _cross_entropy_chunk(hd[start:start + chunk_rows], tgt[start:start + chunk_rows], wds, starts, order,
+                                        ignore_index, inv_n, need_h, need_w, dw)
+        if dh is not None: dh_parts.append(dh)
         loss = part if loss is None else (loss + part).realize()
       dh = Tensor.cat(dh_parts, 0).reshape(self.shape) if need_h else None
+      dw = [d.cast(w.dtype) if d is not None else None for d, w in zip(dw, pieces)]
     grads = (dh.lazydata if dh is not None else None, *[d.lazydata if d is not None else None for d in dw])
     return F.Stored.apply(self, *pieces, value=loss.lazydata, grads=grads)
 
 
-class _FreedGraph:
-  """The _ctx of a tensor whose graph an earlier backward() used and freed."""
-  parents = ()
-_FREED = _FreedGraph()
+def _cross_entropy_chunk(hc, tc, wds, starts, order, ignore_index, inv_n, need_h, need_w, dw):
+  """One chunk of rows of linear_cross_entropy: (its share of the loss, its gradient w.r.t. the
+  hidden states or None), realized; adds its weight gradients to dw. Its logits die with it.
+  The logits are written, read for their max and sum of exp, then overwritten in place by their
+  gradient softmax - onehot: one (rows, vocab) buffer per piece of the table, never two."""
+  rows, valid = hc.shape[0], (tc != ignore_index)
+  tc = valid.where(tc, 0).long()
+  logits = [None] * len(wds)
+  for k in order: logits[k] = (hc @ wds[k].T).float().realize()
+  lses = [l.logsumexp(-1, keepdim=True).realize() for l in logits]                 # (rows, 1) each
+  lse = lses[0] if len(lses) == 1 else Tensor.cat(lses, 1).logsumexp(-1, keepdim=True).realize()
+  picked = None
+  for l, s0 in zip(logits, starts):                                                # the target's logit
+    inside = (tc >= s0).where(tc < s0 + l.shape[1], False)
+    flat = Tensor.arange(rows, device=hc.device) * l.shape[1] + inside.where(tc - s0, 0)
+    part = l.reshape(-1, 1).embedding(flat).reshape(rows) * inside.float()
+    picked = part if picked is None else picked + part
+  part = (((lse.reshape(rows) - picked) * valid.float()).sum() * inv_n.reshape(())).realize()   # before the logits are overwritten
+  if not (need_h or any(need_w)):
+    order.reverse()
+    return part, None
+  dh, todo = None, []
+  scale = (valid.float() * inv_n.reshape(())).unsqueeze(-1)
+  for k in reversed(order):
+    l, wd, s0 = logits[k], wds[k], starts[k]
+    hit = tc.unsqueeze(-1) == Tensor.arange(s0, s0 + l.shape[1], dtype=tc.dtype, device=hc.device)
+    g = l.assign(((l - lse).exp() - hit.float()) * scale)                       # (rows, vocab), in place
+    if need_h: dh = g @ wd if dh is None else dh + g @ wd
+    if need_w[k]:
+      dwc = g.T @ hc
+      dw[k] = dwc if dw[k] is None else dw[k].assign(dw[k] + dwc)
+      todo.append(dw[k])
+    if len(wds) > 1: Tensor.realize_all(*todo, *([dh] if dh is not None else []))   # one piece's gradient at a time
+  if dh is not None: todo.append(dh)
+  Tensor.realize_all(*todo)
+  return part, dh
+
+
+def _toposort(root):
+  """Graph nodes (Functions, and leaf Tensors that require grad) reachable from root, inputs first."""
+  order, seen, stack = [], set(), [(root, False)]
+  while stack:
+    n, done = stack.pop()
+    if done: order.append(n); continue
+    if id(n) in seen: continue
+    seen.add(id(n))
+    stack.append((n, True))
+    for p in getattr(n, "parents", None) or ():
+      if p is not None and id(p) not in seen: stack.append((p, False))
+  return order
 
 
 def _shape_arg(shape):

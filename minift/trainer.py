@@ -10,6 +10,7 @@ import json, math, os
 from minift.tensor import Tensor, no_grad
 from minift.jit import jit
 from minift import device
+from minift.function import Function, graph_node
 from minift.optim import AdamW, SGD, clip_grad_norm, state_like
 from minift.checkpoint import atomic_folder, atomic_file, save_safetensors
 from minift.data import IGNORE
@@ -30,15 +31,16 @@ def lr_at(step, base_lr, warmup, total, schedule):
 
 # ---- activation checkpointing
 
-class _Recompute:
+class _Recompute(Function):
   """Autograd node of a checkpointed block: keeps only the block's input; backward runs the
   block again (same random numbers) and backpropagates through the recomputed graph."""
 
   def __init__(self, fn, x, rng_counter):
-    self.fn, self.parents, self.rng_counter = fn, (x,), rng_counter
+    self.fn, self.x, self.rng_counter = fn, x.lazydata, rng_counter
+    self.parents, self.in_shapes = (graph_node(x),), (x.shape,)
 
   def backward(self, grad):
-    x = Tensor(self.parents[0].lazydata, requires_grad=True)
+    x = Tensor(self.x, requires_grad=True)
     saved_counter, saved_no_grad = Tensor._rng_counter, Tensor.no_grad
     Tensor._rng_counter, Tensor.no_grad = self.rng_counter, False
     try:

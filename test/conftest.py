@@ -4,11 +4,17 @@ import minift
 
 def _devices():
   # "opencl" only where minift really has it (available_devices() falls back silently otherwise)
-  return ["numpy"] + [d for d in minift.available_devices() if d == "opencl"]
+  return ["numpy", "numpy-blocks"] + [d for d in minift.available_devices() if d == "opencl"]
 
 
 @pytest.fixture(params=_devices())
-def device(request):
+def device(request, monkeypatch):
+  """The backend a test runs on. numpy-blocks is the NumPy backend evaluating every kernel of
+  more than 8 elements block by block (blocks of 4), as it evaluates big kernels."""
+  if request.param == "numpy-blocks":
+    import minift.backend_numpy
+    monkeypatch.setattr(minift.backend_numpy, "BLOCK", 4)
+    return "numpy"
   return request.param
 
 
