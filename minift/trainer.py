@@ -7,7 +7,7 @@ fingerprint of the run's settings: resuming a different run is refused. It is wr
 whole folder swapped in atomically, so a run killed at any moment resumes from the last one.
 """
 import json, math, os
-from minift.tensor import Tensor, no_grad
+from minift.tensor import Tensor, no_grad, _toposort
 from minift.jit import jit
 from minift import device
 from minift.function import Function, graph_node
@@ -45,7 +45,11 @@ class _Recompute(Function):
     Tensor._rng_counter, Tensor.no_grad = self.rng_counter, False
     try:
       out = self.fn(x)
+      leaves = [n for n in _toposort(out._ctx) if isinstance(n, Tensor)] if out._ctx is not None else []
       out.backward(Tensor(grad))
+      # realized now: left lazy, the parameter gradients would keep this block's recomputed
+      # activations alive until the end of the whole backward pass
+      Tensor.realize_all(*[t.grad for t in leaves if t.grad is not None])
     finally:
       Tensor._rng_counter, Tensor.no_grad = saved_counter, saved_no_grad
     return (x.grad.lazydata if x.grad is not None else None,)

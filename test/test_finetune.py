@@ -7,6 +7,7 @@ import pytest
 import torch
 import peft
 import models
+from tiny_lm import save_tiny
 from minift import Tensor, GlobalCounters
 from minift.data import PackedData
 from minift.lora import apply_lora, lora_modules, adapter_state
@@ -96,10 +97,11 @@ def test_gradient_accumulation_is_one_big_batch(tiny):
   for k in a: np.testing.assert_allclose(a[k], b[k], atol=1e-6, err_msg=k)
 
 
-def test_activation_checkpointing_same_gradients_less_memory(tiny):
+def test_activation_checkpointing_same_gradients_less_memory(tmp_path):
+  folder = save_tiny("llama", tmp_path, layers=8)   # deep enough that saved activations dominate the peak
   def grads(checkpointing):
     Tensor.manual_seed(0)
-    model, tok = models.load(tiny["llama"])
+    model, tok = models.load(folder)
     apply_lora(model, TARGETS["llama"], r=4, alpha=8, dropout=0.1)
     if checkpointing: enable_activation_checkpointing(model)
     x = Tensor(np.random.default_rng(0).integers(3, 60, (16, 64)))
@@ -116,8 +118,8 @@ def test_activation_checkpointing_same_gradients_less_memory(tiny):
   plain, peak_plain = grads(False)
   ckpt, peak_ckpt = grads(True)
   for a, b in zip(plain, ckpt): np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)   # dropout replays the same masks
-  # two layers only: weights and logits are a fixed share of the peak, so the saving is partial
-  assert peak_ckpt < 0.9 * peak_plain, (peak_ckpt, peak_plain)
+  # weights, logits and one block's recomputed activations are a fixed share of the peak
+  assert peak_ckpt < 0.6 * peak_plain, (peak_ckpt, peak_plain)
 
 
 def run_cli(*argv, check=True, **kw):

@@ -16,13 +16,13 @@ def char_tokenizer():
   return tok
 
 
-def save_tiny(kind, folder, seed=0):
+def save_tiny(kind, folder, seed=0, layers=2):
   import torch, transformers
   torch.manual_seed(seed)
-  common = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+  common = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=layers, num_attention_heads=4,
                 max_position_embeddings=64, bos_token_id=1, eos_token_id=2, pad_token_id=0)
   if kind == "gpt2":
-    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64,
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=layers, n_head=4, n_positions=64,
                                                                  bos_token_id=1, eos_token_id=2))
   else:
     model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**common, num_key_value_heads=2, tie_word_embeddings=True))
