@@ -368,8 +368,7 @@ class Tensor:
 
   def gelu(self, approximate="none"):
     """GELU: 'none' is the exact erf form, 'tanh' the tanh approximation (GPT-2's gelu_new)."""
-    if approximate == "tanh":
-      return 0.5 * self * (1.0 + (math.sqrt(2.0 / math.pi) * (self + 0.044715 * self * self * self)).tanh())
+    if approximate == "tanh": return F.GeluTanh.apply(self._float())
     if approximate != "none": raise ValueError(f"gelu approximate must be 'none' or 'tanh', not {approximate!r}")
     return 0.5 * self * (1.0 + (self * (1.0 / math.sqrt(2.0))).erf())
 
@@ -706,7 +705,7 @@ class Tensor:
     scale = 1.0 / math.sqrt(d) if scale is None else scale
     qg = q.reshape(b, hkv, g, t, d)                                     # (B, Hkv, G, T, D)
     kg, vg = k.reshape(b, hkv, 1, s, d), v.reshape(b, hkv, 1, s, v.shape[3])
-    scores = (qg @ kg.transpose(-1, -2)) * scale                        # (B, Hkv, G, T, S)
+    scores = (qg * scale) @ kg.transpose(-1, -2)                        # (B, Hkv, G, T, S); scaling q is T*D ops, not T*S
     if is_causal or window is not None:
       qi = Tensor.arange(s - t, s, device=self.device).reshape(t, 1)
       kj = Tensor.arange(s, device=self.device).reshape(1, s)
