@@ -61,12 +61,15 @@ BINARY = {Op.ADD: np.add, Op.SUB: np.subtract, Op.MUL: np.multiply, Op.DIV: np.t
           Op.MAX: np.maximum, Op.POW: np.power, Op.CMPLT: np.less, Op.CMPEQ: np.equal}
 
 
-def view_array(flat, view):
-  """The NumPy array a View describes over a flat array (zeros where masked)."""
+def view_array(flat, view, compact=False):
+  """The NumPy array a View describes over a flat array (zeros where masked). compact: a dim
+  the view broadcasts (stride 0) stays size 1, so ops on it run at its real size (a layernorm's
+  (B, T, 1) statistics, a bias) and broadcast where they meet a full-size operand."""
   if prod(view.shape) == 0: return np.empty(view.shape, flat.dtype)
   item = flat.itemsize
   if view.mask is None:
-    return as_strided(flat[view.offset:], view.shape, tuple(s * item for s in view.strides), writeable=False)
+    shape = tuple(1 if compact and st == 0 else n for n, st in zip(view.shape, view.strides))
+    return as_strided(flat[view.offset:], shape, tuple(s * item for s in view.strides), writeable=False)
   if any(lo >= hi for lo, hi in view.mask): return np.zeros(view.shape, flat.dtype)
   inner_offset = view.offset + sum(lo * st for (lo, _), st in zip(view.mask, view.strides))
   inner_shape = tuple(hi - lo for lo, hi in view.mask)
@@ -74,10 +77,18 @@ def view_array(flat, view):
   return np.pad(inner, [(lo, n - hi) for (lo, hi), n in zip(view.mask, view.shape)])
 
 
-# Elements per block when a kernel is evaluated block by block: NumPy makes a temporary array
-# for every op of a kernel, and at this size they stay in the core's L2 cache instead of each
-# making a round trip to memory (a 10-op chain on 1.5M floats: 2.4x faster).
-BLOCK = 1 << 15
+def _take(arr, region):
+  """Block `region` of an array that may be size 1 (broadcast) on some of the block's axes."""
+  return arr[tuple(r if arr.shape[i] != 1 else slice(None) for i, r in enumerate(region))]
+
+
+# A kernel of at least BLOCKED_FROM elements is evaluated BLOCK elements at a time: NumPy makes
+# a temporary array for every op of a kernel, and blocks keep those small (in the core's cache,
+# and out of the peak memory: a step's cross-entropy over 50k-token logits made several 50 MB
+# temporaries). Smaller kernels run whole: there, the Python cost of each block outweighed the
+# gain (measured on a GPT-2 LoRA step; this machine's 300 MB L3 holds whole kernels anyway).
+BLOCK = 1 << 16
+BLOCKED_FROM = 1 << 21
 
 
 class _Env:
@@ -101,7 +112,7 @@ def blocks(kernel):
   block (a bias gradient summed over the batch)."""
   if kernel.kind not in ("elementwise", "reduce", "matmul") or (kernel.kind == "matmul" and kernel.ast is kernel.reduce): return None
   shape = kernel.reduce.arg[1] if kernel.kind == "reduce" else kernel.shape
-  if prod(shape) < 2 * BLOCK: return None
+  if prod(shape) < BLOCKED_FROM: return None
   inner, ax = 1, len(shape) - 1   # blocks split axis ax; the axes after it are whole in every block
   while inner * shape[ax] <= BLOCK: inner *= shape[ax]; ax -= 1
   if kernel.kind == "reduce":
@@ -166,7 +177,7 @@ class NumpyDevice:
     each block then slices them."""
     whole = {}
     for node in kernel._nodes():
-      if node.op is Op.BUFFER: whole[id(node)] = view_array(flats[node.arg[0]], node.arg[1])
+      if node.op is Op.BUFFER: whole[id(node)] = view_array(flats[node.arg[0]], node.arg[1], compact=True)
       elif node.op is Op.SUM and node.arg[2]: whole[id(node)] = self.matmul(node, flats, kernel.shape)
     for region in regions:
       res, _ = self.eval(kernel.ast, _Env(flats, kernel.shared, whole, region), _block_shape(kernel.shape, region))
@@ -184,9 +195,9 @@ class NumpyDevice:
   def _eval(self, node, env, shape):
     op = node.op
     if env.whole is not None and id(node) in env.whole:   # made once for all blocks: this block's part
-      return env.whole[id(node)][env.region], False
+      return _take(env.whole[id(node)], env.region), False
     if op is Op.BUFFER:
-      return view_array(env.flats[node.arg[0]], node.arg[1]), False
+      return view_array(env.flats[node.arg[0]], node.arg[1], compact=True), False
     if op is Op.CONST:
       return node.dtype.np(node.arg), False
     if op in UNARY or op in (Op.ERF, Op.CAST):
@@ -222,20 +233,19 @@ class NumpyDevice:
       else:
         r = np.max(x, axis=axes, keepdims=True) if prod(in_shape) else np.full([1 if i in axes else s for i, s in enumerate(in_shape)], -np.inf, x.dtype)
       return np.asarray(r, dtype=node.dtype.np).reshape(shape), True
+    full = lambda load: view_array(env.flats[load.arg[0]], load.arg[1])   # operands of own kernels are loads
     if op is Op.GATHER:
-      table, _ = self.eval(node.srcs[0], env, None)
-      idx, _ = self.eval(node.srcs[1], env, None)
+      table, idx = full(node.srcs[0]), full(node.srcs[1])
       if idx.size and (idx.min() < 0 or idx.max() >= table.shape[0]):
         raise IndexError(f"embedding index out of range: indices span [{idx.min()}, {idx.max()}] but the table has {table.shape[0]} rows")
       return table[idx], True
     if op is Op.SCATTER_ADD:
-      g, _ = self.eval(node.srcs[0], env, None)
-      idx, _ = self.eval(node.srcs[1], env, None)
+      g, idx = full(node.srcs[0]), full(node.srcs[1])
       out = np.zeros((node.arg, g.shape[-1]), g.dtype)
       np.add.at(out, idx.reshape(-1), g.reshape(-1, g.shape[-1]))
       return out, True
     if op is Op.COPY:
-      return self.eval(node.srcs[0], env, shape)
+      return full(node.srcs[0]), False
     raise NotImplementedError(f"NumPy backend cannot run {op}")
 
   def matmul(self, node, flats, shape):

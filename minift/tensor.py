@@ -764,33 +764,51 @@ class Tensor:
 def _cross_entropy_chunk(hc, tc, wds, starts, order, ignore_index, inv_n, need_h, need_w, dw):
   """One chunk of rows of linear_cross_entropy: (its share of the loss, its gradient w.r.t. the
   hidden states or None), realized; adds its weight gradients to dw. Its logits die with it.
-  The logits are written, read for their max and sum of exp, then overwritten in place by their
-  gradient softmax - onehot: one (rows, vocab) buffer per piece of the table, never two."""
+
+  Each piece's logits l are one (rows, vocab) buffer, overwritten in place: first by
+  e = exp(l - max), then by the gradient's softmax part e * scale / sum. The gradient's one-hot
+  part (-scale at each row's target) is never written over the whole vocabulary: its product
+  with the table is scale times the target's row of the table (a gather), and its weight
+  gradient a scatter-add of scale * h into the target rows. Five ops per logit in all."""
   rows, valid = hc.shape[0], (tc != ignore_index)
   tc = valid.where(tc, 0).long()
-  logits = [None] * len(wds)
-  for k in order: logits[k] = (hc @ wds[k].T).float().realize()
-  lses = [l.logsumexp(-1, keepdim=True).realize() for l in logits]                 # (rows, 1) each
-  lse = lses[0] if len(lses) == 1 else Tensor.cat(lses, 1).logsumexp(-1, keepdim=True).realize()
-  picked = None
-  for l, s0 in zip(logits, starts):                                                # the target's logit
-    inside = (tc >= s0).where(tc < s0 + l.shape[1], False)
-    flat = Tensor.arange(rows, device=hc.device) * l.shape[1] + inside.where(tc - s0, 0)
-    part = l.reshape(-1, 1).embedding(flat).reshape(rows) * inside.float()
+  logits, maxes, picked = [None] * len(wds), [None] * len(wds), None
+  for k in order:
+    l = logits[k] = (hc @ wds[k].T).float().realize()                             # (rows, vocab_k)
+    inside = (tc >= starts[k]).where(tc < starts[k] + l.shape[1], False)
+    flat = Tensor.arange(rows, device=hc.device) * l.shape[1] + inside.where(tc - starts[k], 0)
+    part = l.reshape(-1, 1).embedding(flat).reshape(rows) * inside.float()        # the target's logit, if in this piece
     picked = part if picked is None else picked + part
-  part = (((lse.reshape(rows) - picked) * valid.float()).sum() * inv_n.reshape(())).realize()   # before the logits are overwritten
+    maxes[k] = l.max(-1, keepdim=True)                                             # (rows, 1)
+    Tensor.realize_all(picked, maxes[k])                                           # read before l is overwritten
+    l.assign((l - maxes[k]).exp())
+  sums = [l.sum(-1, keepdim=True) for l in logits]
+  if len(wds) == 1: lse = sums[0].log() + maxes[0]
+  else:
+    top = Tensor.cat(maxes, 1).max(-1, keepdim=True)                               # logsumexp over the pieces
+    total = None
+    for m, s in zip(maxes, sums): total = (m - top).exp() * s if total is None else total + (m - top).exp() * s
+    lse = total.log() + top
+  lse = lse.realize()                                                              # (rows, 1)
+  part = (((lse.reshape(rows) - picked) * valid.float()).sum() * inv_n.reshape(())).realize()
   if not (need_h or any(need_w)):
     order.reverse()
     return part, None
   dh, todo = None, []
-  scale = (valid.float() * inv_n.reshape(())).unsqueeze(-1)
+  scale = valid.float() * inv_n.reshape(())                                       # (rows,): d loss / d logit is scale * (p - onehot)
   for k in reversed(order):
     l, wd, s0 = logits[k], wds[k], starts[k]
-    hit = tc.unsqueeze(-1) == Tensor.arange(s0, s0 + l.shape[1], dtype=tc.dtype, device=hc.device)
-    g = l.assign(((l - lse).exp() - hit.float()) * scale)                       # (rows, vocab), in place
-    if need_h: dh = g @ wd if dh is None else dh + g @ wd
+    g = l.assign(l * (scale.unsqueeze(-1) * (maxes[k] - lse).exp()))              # softmax part, in place
+    inside = (tc >= s0).where(tc < s0 + l.shape[1], False)
+    hot = (scale * inside.float()).unsqueeze(-1)                                   # (rows, 1): the one-hot part's weight
+    rows_k = inside.where(tc - s0, 0)
+    if need_h:
+      dhk = g @ wd - wd.embedding(rows_k) * hot.cast(wd.dtype)
+      dh = dhk if dh is None else dh + dhk
     if need_w[k]:
-      dwc = g.T @ hc
+      v = (hc * hot).lazydata
+      onehot_part = Tensor(v.own_kernel(Op.SCATTER_ADD, (v, rows_k.lazydata), l.shape[1], (l.shape[1], hc.shape[1])))
+      dwc = g.T @ hc - onehot_part                                                 # (vocab_k, C)
       dw[k] = dwc if dw[k] is None else dw[k].assign(dw[k] + dwc)
       todo.append(dw[k])
     if len(wds) > 1: Tensor.realize_all(*todo, *([dh] if dh is not None else []))   # one piece's gradient at a time

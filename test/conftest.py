@@ -14,6 +14,7 @@ def device(request, monkeypatch):
   if request.param == "numpy-blocks":
     import minift.backend_numpy
     monkeypatch.setattr(minift.backend_numpy, "BLOCK", 4)
+    monkeypatch.setattr(minift.backend_numpy, "BLOCKED_FROM", 9)
     return "numpy"
   return request.param
 
