@@ -73,8 +73,9 @@ def view_array(flat, view, compact=False):
   if any(lo >= hi for lo, hi in view.mask): return np.zeros(view.shape, flat.dtype)
   inner_offset = view.offset + sum(lo * st for (lo, _), st in zip(view.mask, view.strides))
   inner_shape = tuple(hi - lo for lo, hi in view.mask)
-  inner = as_strided(flat[inner_offset:], inner_shape, tuple(s * item for s in view.strides), writeable=False)
-  return np.pad(inner, [(lo, n - hi) for (lo, hi), n in zip(view.mask, view.shape)])
+  out = np.zeros(view.shape, flat.dtype)
+  out[tuple(slice(lo, hi) for lo, hi in view.mask)] = as_strided(flat[inner_offset:], inner_shape, tuple(s * item for s in view.strides), writeable=False)
+  return out
 
 
 def _take(arr, region):

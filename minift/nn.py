@@ -198,12 +198,15 @@ def rope_tables(inv_freq, start, length, device=None):
 
 def apply_rope(x, cos, sin):
   """Rotate (B, H, T, D) by position, pairing element i with i + D/2 (Hugging Face's layout):
-  x * cos + rotate_half(x) * sin, where rotate_half(x) = (-x2, x1). Both halves are views of x,
-  so the whole rotation is one fused kernel."""
+  x * cos + rotate_half(x) * sin, where rotate_half(x) = (-x2, x1). Seen as (..., 2, D/2),
+  (x2, x1) is x with the pair axis flipped: a view, so the rotation is one fused kernel that
+  reads x twice and pads nothing."""
   half = x.shape[-1] // 2
-  swapped = Tensor.cat([x[..., half:], x[..., :half]], dim=-1)        # (x2, x1): views, no copy
-  sign = Tensor(np.repeat(np.array([-1.0, 1.0], np.float32), half), device=x.device)
-  return x * cos + swapped * (sin * sign)
+  pairs = x.shape[:-1] + (2, half)
+  sign = Tensor(np.array([[-1.0], [1.0]], np.float32), device=x.device)               # (2, 1)
+  cos2, sin2 = cos.reshape(cos.shape[:-1] + (2, half)), sin.reshape(sin.shape[:-1] + (2, half))
+  x2 = x.reshape(pairs)                                                               # (B, H, T, 2, D/2)
+  return (x2 * cos2 + x2.flip(-2) * (sin2 * sign)).reshape(x.shape)
 
 
 # ---- KV cache

@@ -37,6 +37,9 @@ class no_grad(contextlib.ContextDecorator):
     Tensor.no_grad = self.prev
 
 
+ATTENTION_BLOCK = 128   # query rows per block of a long causal attention
+
+
 class Tensor:
   __slots__ = ("lazydata", "requires_grad", "grad", "_ctx", "__weakref__")
   no_grad = False
@@ -703,6 +706,16 @@ class Tensor:
       raise ValueError(f"attention: incompatible q {q.shape}, k {k.shape}, v {v.shape}")
     g = hq // hkv
     scale = 1.0 / math.sqrt(d) if scale is None else scale
+    if is_causal and attn_mask is None and t == s and t >= 2 * ATTENTION_BLOCK:
+      # causal over a long sequence: each block of queries against only the keys it can see
+      # (and, with a window, only those still inside it), so the masked-off half of the (T, S)
+      # scores is never computed: 5/8 of the work at T = 512
+      outs = []
+      for i0 in range(0, t, ATTENTION_BLOCK):
+        i1 = min(t, i0 + ATTENTION_BLOCK)
+        lo = 0 if window is None else max(0, i0 - window + 1)
+        outs.append(q[:, :, i0:i1].scaled_dot_product_attention(k[:, :, lo:i1], v[:, :, lo:i1], is_causal=True, scale=scale, window=window))
+      return Tensor.cat(outs, dim=2)
     qg = q.reshape(b, hkv, g, t, d)                                     # (B, Hkv, G, T, D)
     kg, vg = k.reshape(b, hkv, 1, s, d), v.reshape(b, hkv, 1, s, v.shape[3])
     scores = (qg * scale) @ kg.transpose(-1, -2)                        # (B, Hkv, G, T, S); scaling q is T*D ops, not T*S

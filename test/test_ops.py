@@ -877,6 +877,15 @@ class TestAttention:
     helper_test_op([(b, hq, t, d), (b, hkv, s, d), (b, hkv, s, d)], lambda q, k, v: torch_attention(q, k, v, causal, window),
                    lambda q, k, v: q.scaled_dot_product_attention(k, v, is_causal=causal, window=window), device=device)
 
+  @pytest.mark.parametrize("block", [2, 3])
+  @pytest.mark.parametrize("window", [None, 3])
+  def test_sdpa_causal_in_query_blocks(self, block, window, device, monkeypatch):
+    # a long causal attention runs per block of queries against only the keys they see
+    import minift.tensor
+    monkeypatch.setattr(minift.tensor, "ATTENTION_BLOCK", block)
+    helper_test_op([(2, 4, 7, 4), (2, 2, 7, 4), (2, 2, 7, 4)], lambda q, k, v: torch_attention(q, k, v, True, window),
+                   lambda q, k, v: q.scaled_dot_product_attention(k, v, is_causal=True, window=window), device=device)
+
   @pytest.mark.parametrize("causal", [False, True])
   @pytest.mark.parametrize("hq,hkv", [(2, 2), (4, 2)])
   def test_sdpa_vs_torch_builtin(self, causal, hq, hkv, device):
