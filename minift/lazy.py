@@ -100,6 +100,9 @@ class LazyBuffer:
     for s in srcs:
       if s.shape != self.shape: raise ValueError(f"{op.name}: shapes {self.shape} and {s.shape} differ")
       if s.device != self.device: raise ValueError(f"{op.name}: tensors on devices {self.device} and {s.device}")
+    if op is Op.MUL and self.dtype.is_float:   # x * 1 is exactly x (a loss's upstream gradient of ones, say): no pass over x
+      if srcs[0].const_value == 1.0 and srcs[0].dtype == self.dtype: return self
+      if self.const_value == 1.0 and srcs[0].dtype == self.dtype: return srcs[0]
     if op is Op.CAST: dtype = arg
     elif op in (Op.CMPLT, Op.CMPEQ): dtype = dtypes.bool
     elif op is Op.WHERE: dtype = srcs[0].dtype

@@ -779,10 +779,9 @@ def _cross_entropy_chunk(hc, tc, wds, starts, order, ignore_index, inv_n, need_h
   hidden states or None), realized; adds its weight gradients to dw. Its logits die with it.
 
   Each piece's logits l are one (rows, vocab) buffer, overwritten in place: first by
-  e = exp(l - max), then by the gradient's softmax part e * scale / sum. The gradient's one-hot
-  part (-scale at each row's target) is never written over the whole vocabulary: its product
-  with the table is scale times the target's row of the table (a gather), and its weight
-  gradient a scatter-add of scale * h into the target rows. Five ops per logit in all."""
+  e = exp(l - max), then by the gradient e * scale / sum - scale * onehot(target). With a frozen
+  table the one-hot part is never written over the whole vocabulary: its product with the table
+  is scale times the target's row of the table (a gather). Five ops per logit then."""
   rows, valid = hc.shape[0], (tc != ignore_index)
   tc = valid.where(tc, 0).long()
   logits, maxes, picked = [None] * len(wds), [None] * len(wds), None
@@ -811,19 +810,20 @@ def _cross_entropy_chunk(hc, tc, wds, starts, order, ignore_index, inv_n, need_h
   scale = valid.float() * inv_n.reshape(())                                       # (rows,): d loss / d logit is scale * (p - onehot)
   for k in reversed(order):
     l, wd, s0 = logits[k], wds[k], starts[k]
-    g = l.assign(l * (scale.unsqueeze(-1) * (maxes[k] - lse).exp()))              # softmax part, in place
-    inside = (tc >= s0).where(tc < s0 + l.shape[1], False)
-    hot = (scale * inside.float()).unsqueeze(-1)                                   # (rows, 1): the one-hot part's weight
-    rows_k = inside.where(tc - s0, 0)
-    if need_h:
-      dhk = g @ wd - wd.embedding(rows_k) * hot.cast(wd.dtype)
-      dh = dhk if dh is None else dh + dhk
-    if need_w[k]:
-      v = (hc * hot).lazydata
-      onehot_part = Tensor(v.own_kernel(Op.SCATTER_ADD, (v, rows_k.lazydata), l.shape[1], (l.shape[1], hc.shape[1])))
-      dwc = g.T @ hc - onehot_part                                                 # (vocab_k, C)
+    soft = l * (scale.unsqueeze(-1) * (maxes[k] - lse).exp())                     # softmax part
+    if need_w[k]:   # the table trains: its gradient needs the whole gradient, one-hot part included
+      hit = tc.unsqueeze(-1) == Tensor.arange(s0, s0 + l.shape[1], dtype=tc.dtype, device=hc.device)
+      g = l.assign(soft - hit.float() * scale.unsqueeze(-1))                       # in place
+      if need_h: dh = g @ wd if dh is None else dh + g @ wd
+      dwc = g.T @ hc                                                               # (vocab_k, C)
       dw[k] = dwc if dw[k] is None else dw[k].assign(dw[k] + dwc)
       todo.append(dw[k])
+    elif need_h:    # frozen table: the one-hot part's product with it is a gathered row of it
+      g = l.assign(soft)
+      inside = (tc >= s0).where(tc < s0 + l.shape[1], False)
+      hot = (scale * inside.float()).unsqueeze(-1)                                 # (rows, 1)
+      dhk = g @ wd - wd.embedding(inside.where(tc - s0, 0)) * hot.cast(wd.dtype)
+      dh = dhk if dh is None else dh + dhk
     if len(wds) > 1: Tensor.realize_all(*todo, *([dh] if dh is not None else []))   # one piece's gradient at a time
   if dh is not None: todo.append(dh)
   Tensor.realize_all(*todo)

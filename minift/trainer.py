@@ -11,7 +11,7 @@ from minift.tensor import Tensor, no_grad, _toposort
 from minift.jit import jit
 from minift import device
 from minift.function import Function, graph_node
-from minift.optim import AdamW, SGD, clip_grad_norm, state_like
+from minift.optim import AdamW, SGD, grad_norm, clip_scale, state_like
 from minift.checkpoint import atomic_folder, atomic_file, save_safetensors
 from minift.data import IGNORE
 
@@ -116,8 +116,8 @@ class Trainer:
         for p, g in with_grad: p.grad = g      # (before realizing: nothing else may hold the unpaged gradient) the next micro-batch adds to it
         Tensor.realize_all(loss, *writes)
       total = loss if total is None else total + loss
-    norm = clip_grad_norm(self.params, self.args.clip_grad_norm or float("inf"))   # the norm is logged either way
-    self.opt.step()
+    norm = grad_norm(self.params)   # logged either way
+    self.opt.step(clip_scale(norm, self.args.clip_grad_norm) if self.args.clip_grad_norm else None)
     total, norm = total.realize(), norm.realize()
     self.opt.zero_grad()   # gradients kept past the step would be state the jit replay keeps alive between steps
     return total, norm
