@@ -408,7 +408,7 @@ class OpenCLDevice:
   def _self_check(self):
     """A tiny kernel against NumPy, through the same build path (and disk cache) as the rest."""
     for name in ("matmul.cl", "matmul_image.cl"):   # the hand kernels live in the repository's kernels/
-      if not (cg.KERNEL_DIR / name).exists(): raise RuntimeError(f"OpenCL: {cg.KERNEL_DIR / name} is missing (run from a minift checkout)")
+      if not (cg.KERNEL_DIR / name).exists(): raise RuntimeError(f"OpenCL: {cg.KERNEL_DIR / name} is missing (reinstall minift: its kernels/ was not installed)")
     src = ("__kernel void minift_self_check(__global float* out, __global const float* a, __global const half* h) {\n"
            "  int i = get_global_id(0);\n  out[i] = a[i] * 2.0f + vload_half(i, h);\n}\n")
     clk, _ = self.kernel("minift_self_check", src)

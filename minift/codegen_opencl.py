@@ -21,7 +21,9 @@ from minift.schedule import matmul_axes
 from minift.helpers import prod
 from minift.view import View
 
-KERNEL_DIR = Path(__file__).resolve().parent.parent / "kernels"
+# the hand kernels: kernels/ of a checkout, or minift/kernels of an installed package (setup.cfg)
+KERNEL_DIR = next((d for d in (Path(__file__).resolve().parent.parent / "kernels", Path(__file__).resolve().parent / "kernels")
+                   if (d / "matmul.cl").exists()), Path(__file__).resolve().parent.parent / "kernels")
 
 CTYPE = {"bool": "bool", "int32": "int", "int64": "long", "float16": "float", "float32": "float"}   # arithmetic
 STYPE = {"bool": "uchar", "int32": "int", "int64": "long", "float16": "half", "float32": "float"}   # storage

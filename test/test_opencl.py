@@ -1,7 +1,7 @@
 """The OpenCL backend on whatever OpenCL device is here (PoCL in CI): runtime caps, the hand
 kernels of kernels/, codegen against the NumPy backend, the binary cache across processes, build
 errors and the fallback. The op suite (test_ops.py) runs on OpenCL through the device fixture."""
-import importlib.util, json, os, subprocess, sys
+import importlib.util, json, os, shutil, subprocess, sys
 from pathlib import Path
 import numpy as np
 import pytest
@@ -315,6 +315,27 @@ def test_second_process_compiles_nothing(tmp_path):
   assert first["built"] >= 4 and first["cache_hits"] == 0
   assert second["built"] == 0 and second["cache_hits"] == first["built"]
   assert len(list(tmp_path.glob("*.bin"))) == first["built"]
+
+
+def test_installed_package_finds_its_kernels(tmp_path):
+  # a plain (non-editable) install carries kernels/*.cl inside the package as minift/kernels
+  src, site = tmp_path / "src", tmp_path / "site"
+  for part in ("minift", "models", "kernels"):   # from a clean copy: a build/ left in the checkout would be reused
+    shutil.copytree(ROOT / part, src / part, ignore=shutil.ignore_patterns("__pycache__"))
+  for part in ("setup.cfg", "pyproject.toml", "README.md"): shutil.copy(ROOT / part, src / part)
+  r = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--target", str(site), str(src)],
+                     capture_output=True, text=True, timeout=300)
+  assert r.returncode == 0, r.stderr
+  assert (site / "minift" / "kernels" / "matmul.cl").exists()
+  code = ("import numpy as np, minift\nfrom minift import Tensor\nprint(minift.__file__)\n"
+          "a = np.arange(12, dtype=np.float32).reshape(3, 4)\n"
+          "print(Tensor(a, device='opencl').device, np.abs((Tensor(a, device='opencl') @ Tensor(a.T, device='opencl')).numpy() - a @ a.T).max())")
+  r = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, PYTHONPATH=str(site)), cwd=tmp_path,
+                     capture_output=True, text=True, timeout=300)
+  assert r.returncode == 0, r.stderr
+  where, (device, err) = r.stdout.splitlines()[0], r.stdout.splitlines()[1].split()
+  assert where.startswith(str(site)) and device == "opencl" and float(err) == 0.0, r.stdout + r.stderr
+  assert "OpenCL unavailable" not in r.stderr
 
 
 def test_fallback_when_the_device_names_nothing():
