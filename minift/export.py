@@ -17,12 +17,12 @@ def hf_state_dict(model):
   out = {}
   for name, t in model.named_parameters():
     arr = t.numpy().astype(np.float32)
-    table, _, index = name.rpartition(".weight_pieces.")
-    if table:   # a split embedding table: its row pieces, in order, are the HF weight
-      out[f"{table}.weight"] = np.concatenate([out[f"{table}.weight"], arr]) if index != "0" else arr
-      continue
-    out[name] = np.ascontiguousarray(arr.T) if name.endswith(transposed) else arr
-  return out
+    layer, _, index = name.rpartition(".weight_pieces.")
+    if layer:   # a split weight (sharder): its row pieces, in order, are the HF weight
+      name = f"{layer}.weight"
+      arr = np.concatenate([out[name], arr]) if index != "0" else arr
+    out[name] = arr
+  return {k: np.ascontiguousarray(v.T) if k.endswith(transposed) else v for k, v in out.items()}
 
 
 def hf_config(model):

@@ -221,7 +221,7 @@ def _train_round(content, node_config, settings, sharder):
   if fingerprint != settings.model_fingerprint:
     raise Refused(f"base model mismatch: this client's model {node_config['model']} ({summary}; fingerprint {fingerprint}) "
                   f"is not the server's ({settings.model_summary}; fingerprint {settings.model_fingerprint})")
-  if sharder is not None: sharder.split_tables(model)   # after the fingerprint: it names the whole table
+  if sharder is not None: sharder.split_large(model)   # after the fingerprint: it names the whole table
   try:
     apply_lora(model, settings.lora_targets.split(","), settings.lora_rank, settings.lora_alpha)
   except ValueError as e:

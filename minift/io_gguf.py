@@ -120,23 +120,26 @@ class GGUFFile:
 
   def type_name(self, name): return self.tensors[name][1].name
 
-  def dequantize(self, name):
-    """float32 NumPy array of the tensor's shape (a view of the file for F32 tensors)."""
+  def dequantize(self, name, start=None, stop=None):
+    """float32 NumPy array of the tensor's shape (a view of the file for F32 tensors); with
+    start, stop: only those rows of its first dim (a piece of a table)."""
     import gguf
     shape, qtype, offset, nbytes = self.tensors[name]
     if qtype.name not in SUPPORTED_TYPES:
       raise ValueError(f"{self.path}: tensor {name!r} has type {qtype.name}, which minift cannot dequantize (supported: {', '.join(SUPPORTED_TYPES)})")
-    raw = self._mmap[offset:offset + nbytes]
-    if qtype.name == "F32": return raw.view(np.float32).reshape(shape)
     rows = int(np.prod(shape[:-1], dtype=np.int64)) if len(shape) > 1 else 1
-    raw = raw.reshape(rows, nbytes // rows)
-    out = np.empty((rows, shape[-1]), np.float32)
-    step = max(1, (1 << 22) // shape[-1])   # a few million values at a time: dequantize's temporaries stay small
     row_bytes = nbytes // rows
-    for r in range(0, rows, step):
+    start, stop = (0, rows) if start is None else (start, stop)
+    if len(shape) > 2 and (start, stop) != (0, rows): raise ValueError(f"{self.path}: row pieces of {len(shape)}-d tensor {name!r}")
+    raw = self._mmap[offset + start * row_bytes:offset + stop * row_bytes].reshape(stop - start, row_bytes)
+    piece_shape = tuple(shape) if (start, stop) == (0, rows) else (stop - start,) + tuple(shape[1:])
+    if qtype.name == "F32": return raw.view(np.float32).reshape(piece_shape)
+    out = np.empty((stop - start, shape[-1]), np.float32)
+    step = max(1, (1 << 22) // shape[-1])   # a few million values at a time: dequantize's temporaries stay small
+    for r in range(0, stop - start, step):
       out[r:r + step] = gguf.quants.dequantize(raw[r:r + step], qtype)
-      self._drop_pages(offset + r * row_bytes, min(step, rows - r) * row_bytes)
-    return out.reshape(shape)
+      self._drop_pages(offset + (start + r) * row_bytes, min(step, stop - start - r) * row_bytes)
+    return out.reshape(piece_shape)
 
   def _drop_pages(self, offset, nbytes):
     """Unmap the file pages a dequantized tensor was read from: they would otherwise count in
@@ -195,6 +198,7 @@ class _GGUFSource:
   def keys(self): return list(self.names)
   def shape(self, key): return self.g.shape(self.names[key])
   def get(self, key): return self.g.dequantize(self.names[key])
+  def get_rows(self, key, start, stop): return self.g.dequantize(self.names[key], start, stop)
   def file(self, key): return f"{self.g.path} (GGUF tensor {self.names[key]!r})"
 
 

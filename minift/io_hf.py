@@ -130,6 +130,7 @@ def load_weights(model, source, where, transposed=(), dtype=None, convert=None):
       raise ValueError(f"{file_of(key)}: tensor {key!r} has shape {have}, but the model ({type(model).__name__}"
                        f" from its config) expects {want}{' (Conv1D layout, in x out)' if is_t else ''}")
   for name, key in plan.items():
+    if _load_in_pieces(model, source, name, key, dtype): continue
     arr = source.get(key)
     if convert is not None: arr = convert(name, arr)
     t = to_tensor(arr, dtype)
@@ -137,6 +138,29 @@ def load_weights(model, source, where, transposed=(), dtype=None, convert=None):
     model.set_parameter(name, t.T if name.endswith(tuple(transposed)) else t)
     if device.sharder is not None: device.sharder.adopt(model, name)   # paged as it loads
   return model
+
+
+def _load_in_pieces(model, source, name, key, dtype):
+  """Under a sharder, a vocabulary table larger than its budget is read a row piece at a time
+  from a source that can (GGUF: dequantized piecewise) and each piece paged as it comes, so the
+  whole float32 table (671 MB for Gemma 3) never exists. Returns whether it did so. Vocabulary
+  tables only: they are what outgrows a budget, and no conversion (the Q/K unpermutation,
+  Gemma's norm offset) touches them."""
+  from minift.nn import Embedding
+  mod_path, _, attr = name.rpartition(".")
+  mod = model.get_submodule(mod_path)
+  if device.sharder is None or not hasattr(source, "get_rows") or not (isinstance(mod, Embedding) or name == "lm_head.weight"): return False
+  shape = tuple(source.shape(key))
+  itemsize = 2 if dtype is not None and dtypes.from_any(dtype) == dtypes.float16 else 4
+  rows = device.sharder.rows_per_piece(shape, itemsize)
+  if rows is None: return False
+  pieces = []
+  for start in range(0, shape[0], rows):
+    pieces.append(to_tensor(source.get_rows(key, start, min(shape[0], start + rows)), dtype))
+    device.sharder.manage(pieces[-1], f"{mod_path}.weight_pieces.{len(pieces) - 1}")
+  delattr(mod, attr)
+  mod.weight_pieces = pieces
+  return True
 
 
 def load_hf(folder, dtype=None, with_tokenizer=True):

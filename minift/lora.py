@@ -24,8 +24,8 @@ class LoRALinear(Module):
     self.base, self.r, self.alpha, self.dropout = base, r, alpha, dropout
     self.scale = alpha / math.sqrt(r) if rslora else alpha / r   # rank-stabilised LoRA scales by sqrt(r)
     bound = 1.0 / math.sqrt(base.in_features)
-    self.lora_A = Tensor.uniform(r, base.in_features, low=-bound, high=bound, device=base.weight.device).contiguous().realize()
-    self.lora_B = Tensor.zeros(base.out_features, r, device=base.weight.device).contiguous().realize()
+    self.lora_A = Tensor.uniform(r, base.in_features, low=-bound, high=bound, device=base.device).contiguous().realize()
+    self.lora_B = Tensor.zeros(base.out_features, r, device=base.device).contiguous().realize()
     self.lora_A.requires_grad = self.lora_B.requires_grad = True
 
   @staticmethod
@@ -45,7 +45,8 @@ class LoRALinear(Module):
     """A plain Linear with the update folded in: W + scale * B @ A."""
     out = Linear(self.base.in_features, self.base.out_features, bias=self.base.bias is not None)
     delta = (self.lora_B.detach() @ self.lora_A.detach()) * self.scale
-    out.weight = (self.base.weight.float() + delta).cast(self.base.weight.dtype).realize()
+    weight = self.base.whole()
+    out.weight = (weight.float() + delta).cast(weight.dtype).realize()
     out.bias = self.base.bias
     return out
 

@@ -62,40 +62,26 @@ class Module:
     setattr(mod, attr, value)
 
 
-class Linear(Module):
-  """y = x @ weight.T + bias, weight stored (out_features, in_features) as in torch."""
-  def __init__(self, in_features, out_features, bias=True):
-    self.in_features, self.out_features = in_features, out_features
-    self.weight = Tensor.zeros(out_features, in_features)
-    self.bias = Tensor.zeros(out_features) if bias else None
+class RowSplit:
+  """For a layer whose weight's rows can live in separate buffers (Embedding, Linear):
+  split() keeps the weight as row pieces instead, each its own buffer, so the sharder pages a
+  weight larger than its budget piece by piece (and phone GPUs, which cap one allocation near
+  1 GB, never see the whole: Gemma 3 1B's table is 1.2 GB in float32)."""
 
-  def forward(self, x): return x.linear(self.weight, self.bias)
-
-
-class Embedding(Module):
-  """A (num_embeddings, embedding_dim) table. split() keeps it as row pieces instead, each its
-  own buffer: the sharder pages a table larger than its budget piece by piece, and phone GPUs
-  cap single allocations near 1 GB (Gemma 3 1B's table is 1.2 GB in float32)."""
-  def __init__(self, num_embeddings, embedding_dim):
-    self.weight = Tensor.zeros(num_embeddings, embedding_dim)
-
-  def forward(self, idx):
-    if not hasattr(self, "weight_pieces"): return self.weight.embedding(idx)
-    out, start = None, 0
-    for piece in self.weight_pieces:   # each row is in exactly one piece: sum the masked lookups
-      rows = piece.shape[0]
-      inside = (idx >= start).where(idx < start + rows, False)
-      part = piece.embedding(inside.where(idx - start, 0)) * inside.unsqueeze(-1).cast(piece.dtype)
-      out, start = part if out is None else out + part, start + rows
-    return out
-
-  def table(self):
+  def rows(self):
     """The weight, or its list of row pieces once split."""
     return self.weight_pieces if hasattr(self, "weight_pieces") else self.weight
 
+  @property
+  def device(self): return (self.weight_pieces[0] if hasattr(self, "weight_pieces") else self.weight).device
+
+  def whole(self):
+    """The weight as one tensor (the pieces concatenated, lazily, once split)."""
+    return Tensor.cat(self.weight_pieces, 0) if hasattr(self, "weight_pieces") else self.weight
+
   def split(self, max_rows):
     """Replace weight by pieces of at most max_rows rows (parameters weight_pieces.0, .1, ...).
-    A table memory-mapped from a weight file becomes views of that file, nothing is read."""
+    A weight memory-mapped from a weight file becomes views of that file, nothing is read."""
     w = self.weight
     if w.shape[0] <= max_rows: return
     lb = w.lazydata
@@ -112,8 +98,39 @@ class Embedding(Module):
     self.weight_pieces = pieces
 
 
+class Linear(Module, RowSplit):
+  """y = x @ weight.T + bias, weight stored (out_features, in_features) as in torch. Split into
+  row pieces, each piece makes its own slice of the output features."""
+  def __init__(self, in_features, out_features, bias=True):
+    self.in_features, self.out_features = in_features, out_features
+    self.weight = Tensor.zeros(out_features, in_features)
+    self.bias = Tensor.zeros(out_features) if bias else None
+
+  def forward(self, x):
+    if not hasattr(self, "weight_pieces"): return x.linear(self.weight, self.bias)
+    out = project(x, self.weight_pieces)
+    return out + self.bias if self.bias is not None else out
+
+
+class Embedding(Module, RowSplit):
+  """A (num_embeddings, embedding_dim) table; split into row pieces, a lookup sums the pieces'
+  masked lookups."""
+  def __init__(self, num_embeddings, embedding_dim):
+    self.weight = Tensor.zeros(num_embeddings, embedding_dim)
+
+  def forward(self, idx):
+    if not hasattr(self, "weight_pieces"): return self.weight.embedding(idx)
+    out, start = None, 0
+    for piece in self.weight_pieces:   # each row is in exactly one piece: sum the masked lookups
+      rows = piece.shape[0]
+      inside = (idx >= start).where(idx < start + rows, False)
+      part = piece.embedding(inside.where(idx - start, 0)) * inside.unsqueeze(-1).cast(piece.dtype)
+      out, start = part if out is None else out + part, start + rows
+    return out
+
+
 def project(h, weight):
-  """h @ weight.T, for a weight given whole or as a list of row pieces (a split table)."""
+  """h @ weight.T, for a weight given whole or as a list of row pieces (a split weight)."""
   if isinstance(weight, (list, tuple)): return Tensor.cat([h @ piece.T for piece in weight], -1)
   return h @ weight.T
 

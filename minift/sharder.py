@@ -132,7 +132,7 @@ class Sharder:
     source = file_source(buf.data) if kind == "frozen" and buf.device.name == "numpy" else None
     if buf.nbytes > min(self.budget.values()):
       raise ShardError(f"{name} ({size(buf.nbytes)}) is larger than the smallest sharding budget "
-                       f"({size(min(self.budget.values()))}): only embedding tables are split (Sharder.split_tables); raise the budget")
+                       f"({size(min(self.budget.values()))}): only Embedding and Linear weights are split (Sharder.split_large); raise the budget")
     page = self.pages[id(buf)] = Page(buf, name, kind, source)
     weakref.finalize(buf, self._forget, id(buf), weakref.ref(page))
     if source is not None:                       # nothing read yet: leave it in the file
@@ -145,27 +145,34 @@ class Sharder:
 
   def adopt(self, model, name):
     """Page parameter `name` of model as soon as a loader has set it, so loading a model larger
-    than the budget never holds all of it. A table split_tables() will split is left to it."""
-    from minift.nn import Embedding
+    than the budget never holds all of it. A weight split_large() will split is left to it."""
+    from minift.nn import RowSplit
     mod_path, _, attr = name.rpartition(".")
     mod = model.get_submodule(mod_path)
-    if not (isinstance(mod, Embedding) and self._too_big(mod)): self.manage(getattr(mod, attr), name)
+    if not (isinstance(mod, RowSplit) and self._too_big(mod)): self.manage(getattr(mod, attr), name)
+
+  def rows_per_piece(self, shape, itemsize):
+    """Rows per piece for a 2-d weight of `shape` bigger than a quarter of the smallest budget
+    (so a kernel's pages and a prefetched next layer fit together), or None if it fits whole."""
+    quarter = min(self.budget.values()) / 4
+    if shape[0] * shape[1] * itemsize <= quarter: return None
+    return max(1, int(quarter // (shape[1] * itemsize)))
 
   def _too_big(self, mod):
     w = getattr(mod, "weight", None)
-    return w is not None and w.numel() * w.dtype.itemsize > min(self.budget.values()) / 4
+    return w is not None and self.rows_per_piece(w.shape, w.dtype.itemsize) is not None
 
   def _split(self, mod):
     if not self._too_big(mod): return False
-    mod.split(max(1, int(min(self.budget.values()) / 4 // (mod.weight.shape[1] * mod.weight.dtype.itemsize))))
+    mod.split(self.rows_per_piece(mod.weight.shape, mod.weight.dtype.itemsize))
     return True
 
-  def split_tables(self, model):
-    """Split every embedding table bigger than a quarter of the smallest budget into row pieces
-    (Embedding.split), so a kernel's pages and a prefetched next layer fit together. Call it
-    before making the optimizer: the pieces are what trains. Returns the tables split."""
-    from minift.nn import Embedding
-    return [name for name, mod in model.named_modules() if isinstance(mod, Embedding) and self._split(mod)]
+  def split_large(self, model):
+    """Split the weight of every Embedding and Linear bigger than a quarter of the smallest
+    budget into row pieces (RowSplit.split; see rows_per_piece). Call it before making the
+    optimizer: the pieces are what trains. Returns the names of the layers split."""
+    from minift.nn import RowSplit
+    return [name for name, mod in model.named_modules() if isinstance(mod, RowSplit) and self._split(mod)]
 
   def manage_model(self, model, optimizer=None, grad_buffers=None):
     """Every parameter of model, every state tensor of optimizer and the gradient buffers

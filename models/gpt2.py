@@ -96,7 +96,7 @@ class GPT2(Module):
   @property
   def output_weight(self):
     """(vocab, n_embd): the matrix that turns final hidden states into logits (a list of row pieces once split)."""
-    return self.transformer.wte.table() if self.lm_head is None else self.lm_head.weight
+    return self.transformer.wte.rows() if self.lm_head is None else self.lm_head.rows()
 
   def hidden(self, input_ids, cache=None):
     """Final hidden states (B, T, n_embd) for token ids (B, T)."""
@@ -105,7 +105,7 @@ class GPT2(Module):
     if start + T > self.config.n_positions:
       raise ValueError(f"GPT-2 sees at most {self.config.n_positions} positions; asked for {start + T}")
     tr = self.transformer
-    x = tr.wte(input_ids) + tr.wpe.weight[start:start + T]                # (B, T, C)
+    x = tr.wte(input_ids) + tr.wpe.whole()[start:start + T]               # (B, T, C)
     for block in tr.h: x = block(x, cache)
     if cache is not None: cache.advance(T)
     return tr.ln_f(x)

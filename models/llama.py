@@ -122,7 +122,7 @@ class Llama(Module):
   @property
   def output_weight(self):
     """(vocab, hidden): the matrix that turns final hidden states into logits (a list of row pieces once split)."""
-    return self.model.embed_tokens.table() if self.lm_head is None else self.lm_head.weight
+    return self.model.embed_tokens.rows() if self.lm_head is None else self.lm_head.rows()
 
   def hidden(self, input_ids, cache=None):
     """Final hidden states (B, T, hidden) for token ids (B, T)."""

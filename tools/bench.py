@@ -307,7 +307,7 @@ def _shard_step(path, full_ft, budget, checkpointing, steps, prefetch=True):
   model, _ = models.load(path, with_tokenizer=False)
   if full_ft:
     for p in model.parameters(): p.requires_grad = True
-  if sharder: sharder.split_tables(model)
+  if sharder: sharder.split_large(model)
   if full_ft: named = list(model.named_parameters())
   else:
     apply_lora(model, None, r=8, alpha=16)

@@ -161,7 +161,7 @@ def train(args, source, sharder, t_start):
   if args.full_ft:
     for p in model.parameters(): p.requires_grad = True
   if sharder is not None:
-    for name in sharder.split_tables(model): print(f"sharder: {name} split into row pieces to fit --shard_budget_mb {args.shard_budget_mb:g}")
+    for name in sharder.split_large(model): print(f"sharder: {name} split into row pieces to fit --shard_budget_mb {args.shard_budget_mb:g}")
   if args.full_ft:
     named = list(model.named_parameters())
   else:
