@@ -70,12 +70,20 @@ def view_array(flat, view, compact=False):
   if view.mask is None:
     shape = tuple(1 if compact and st == 0 else n for n, st in zip(view.shape, view.strides))
     return as_strided(flat[view.offset:], shape, tuple(s * item for s in view.strides), writeable=False)
-  if any(lo >= hi for lo, hi in view.mask): return np.zeros(view.shape, flat.dtype)
+  out = np.zeros(view.shape, flat.dtype)
+  region, inner = masked_parts(flat, view)
+  if region is not None: out[region] = inner
+  return out
+
+
+def masked_parts(flat, view):
+  """(the box of a masked view that holds values, as slices; those values), or (None, None)
+  when nothing is valid: the rest of the view reads as zero."""
+  if any(lo >= hi for lo, hi in view.mask): return None, None
   inner_offset = view.offset + sum(lo * st for (lo, _), st in zip(view.mask, view.strides))
   inner_shape = tuple(hi - lo for lo, hi in view.mask)
-  out = np.zeros(view.shape, flat.dtype)
-  out[tuple(slice(lo, hi) for lo, hi in view.mask)] = as_strided(flat[inner_offset:], inner_shape, tuple(s * item for s in view.strides), writeable=False)
-  return out
+  inner = as_strided(flat[inner_offset:], inner_shape, tuple(s * flat.itemsize for s in view.strides), writeable=False)
+  return tuple(slice(lo, hi) for lo, hi in view.mask), inner
 
 
 def _take(arr, region):
@@ -197,8 +205,8 @@ class NumpyDevice:
     op = node.op
     if env.whole is not None and id(node) in env.whole:   # made once for all blocks: this block's part
       return _take(env.whole[id(node)], env.region), False
-    if op is Op.BUFFER:
-      return view_array(env.flats[node.arg[0]], node.arg[1], compact=True), False
+    if op is Op.BUFFER:   # a masked view is made as a fresh array: the caller may write it
+      return view_array(env.flats[node.arg[0]], node.arg[1], compact=True), node.arg[1].mask is not None
     if op is Op.CONST:
       return node.dtype.np(node.arg), False
     if op in UNARY or op in (Op.ERF, Op.CAST):
@@ -208,6 +216,17 @@ class NumpyDevice:
       if op is Op.RECIP and not np.issubdtype(np.asarray(x).dtype, np.floating): return 1 / x, True
       out = x if owned and isinstance(x, np.ndarray) else None
       return UNARY[op](x, out=out), True
+    if op is Op.ADD and env.whole is None:
+      padded = [s for s in node.srcs if s.op is Op.BUFFER and s.arg[1].mask is not None and id(s) not in env.shared]
+      if padded:   # x + pad(y) (a cat is a sum of such): add y into x's box only, never write pad(y)'s zeros
+        other = node.srcs[0] if node.srcs[1] is padded[-1] else node.srcs[1]
+        x, owned = self.eval(other, env, shape)
+        if owned and isinstance(x, np.ndarray) and x.shape == tuple(shape) and x.dtype == node.dtype.np:
+          region, inner = masked_parts(env.flats[padded[-1].arg[0]], padded[-1].arg[1])
+          if region is not None: x[region] += inner
+          return x, True
+        y, _ = self.eval(padded[-1], env, shape)
+        return np.add(x, y), True
     if op in BINARY:
       (a, ao), (b, bo) = self.eval(node.srcs[0], env, shape), self.eval(node.srcs[1], env, shape)
       out = None
