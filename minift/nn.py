@@ -1,4 +1,4 @@
-"""Layers that models are built from, and the small pieces they share (RoPE, a KV cache).
+"""Layers that models are built from, and the small pieces they share (RoPE, KV caches).
 
 A Module finds its parameters by attribute name, so a parameter's name is its attribute path:
 `transformer.h.0.attn.c_attn.weight`. The models in models/ pick their attribute names so that
@@ -226,13 +226,14 @@ def apply_rope(x, cos, sin):
   return (x2 * cos2 + x2.flip(-2) * (sin2 * sign)).reshape(x.shape)
 
 
-# ---- KV cache
+# ---- KV caches
 
 class KVCache:
   """Keys and values of every token seen so far, one (k, v) pair per layer, for generation.
   A model's forward reads `length` (the position of its first new token), calls update() in each
   attention layer and finally advance(). The tensors stay lazy until the caller realizes them
-  together with the logits (see tensors())."""
+  together with the logits (see tensors()). The keys grow by concatenation, so every step has new
+  shapes: StaticKVCache is the one a jitted decode step can replay."""
 
   def __init__(self):
     self.layers, self.length = {}, 0
@@ -248,3 +249,83 @@ class KVCache:
   def advance(self, n): self.length += n
 
   def tensors(self): return [t for kv in self.layers.values() for t in kv]
+
+
+class StaticKVCache:
+  """Keys and values in buffers of fixed capacity, one (B, Hkv, capacity, D) pair per layer, made
+  once and written in place (assign): slot j holds position j. A forward over T new tokens has the
+  same shapes at every position, so a one-token decode step can be captured and replayed by
+  minift.jit.
+
+  Where the new tokens go is data, not shape: a model's forward calls begin() with their
+  positions, (T,) int64 (a jitted step passes them as an argument; without them, the next T
+  slots), then each attention layer writes its keys and values with update() and attends over
+  all the slots with mask(window), which hides the slots after each query's position (not
+  written yet) and, with a sliding window, those that fell out of it; rope() gives the rows of
+  the RoPE tables at the positions. `length` counts the tokens written; advance() adds to it."""
+
+  def __init__(self, capacity):
+    if capacity < 1: raise ValueError(f"StaticKVCache: capacity must be at least 1, got {capacity}")
+    self.capacity, self.length = capacity, 0
+    self.layers, self.positions = {}, None
+    self._slots, self._tables, self._step = None, {}, {}
+
+  def begin(self, T, positions=None, device=None):
+    """Start a forward over T new tokens at `positions` (T,) int64, by default the next T slots;
+    returns the positions."""
+    if self.length + T > self.capacity:
+      raise ValueError(f"StaticKVCache: {T} new tokens after {self.length} do not fit its capacity of {self.capacity}")
+    if positions is None: positions = Tensor(np.arange(self.length, self.length + T, dtype=np.int64), device=device)
+    if positions.shape != (T,): raise ValueError(f"StaticKVCache: positions must have shape ({T},), got {positions.shape}")
+    S = self.capacity
+    if self._slots is None: self._slots = Tensor.arange(S, device=positions.device)     # (S,): slot j is position j
+    # the forward's masks, made once and shared by all layers
+    hit = self._slots.reshape(S, 1) == positions.reshape(1, T)                           # (S, T): slot j takes new token i
+    written = hit if T == 1 else hit.float().sum(1, keepdim=True) > 0                     # (S, 1)
+    self.positions, self._step = positions, {"hit": hit.float(), "written": written.reshape(1, 1, S, 1)}
+    return positions
+
+  def update(self, layer, k, v):
+    """Write k, v (B, Hkv, T, D) for `layer` into the slots at the positions, in place; returns
+    the whole buffers (B, Hkv, capacity, D)."""
+    B, H, T, _ = k.shape
+    if layer not in self.layers:
+      self.layers[layer] = tuple(Tensor(np.zeros((B, H, self.capacity, t.shape[3]), t.dtype.np), device=t.device) for t in (k, v))
+    out = []
+    for buf, new in zip(self.layers[layer], (k, v)):
+      # one token broadcasts over the slots; several are placed by a one-hot matmul (exact: x * 1 + 0)
+      placed = new if T == 1 else self._step["hit"] @ new                                 # (B, H, 1 or S, D)
+      out.append(buf.assign(self._step["written"].where(placed, buf)))
+    return tuple(out)
+
+  def mask(self, window=None):
+    """Additive (T, capacity) attention mask: 0 where new token i may see slot j (j <= its
+    position, and j > position - window with a sliding window), else -inf."""
+    if ("mask", window) not in self._step:
+      slots, pos = self._slots.reshape(1, self.capacity), self.positions.reshape(-1, 1)  # (1, S), (T, 1)
+      allowed = slots <= pos
+      if window is not None: allowed = allowed * (slots > pos - window)
+      self._step["mask", window] = allowed.where(0.0, -math.inf).contiguous()
+    return self._step["mask", window]
+
+  def rope(self, inv_freq):
+    """cos and sin (T, head_dim) at the positions: rows of tables over the whole capacity, made
+    once per set of frequencies (the same numbers rope_tables gives for those positions)."""
+    key = inv_freq.tobytes()
+    if key not in self._tables: self._tables[key] = rope_tables(inv_freq, 0, self.capacity, self.positions.device)
+    cos, sin = self._tables[key]
+    return cos.embedding(self.positions), sin.embedding(self.positions)
+
+  def advance(self, n):
+    self.length += n
+    self.positions, self._step = None, {}   # nothing of one forward outlives it
+
+  def tensors(self): return [t for kv in self.layers.values() for t in kv]
+
+
+def causal_attention(q, k, v, cache=None, window=None, scale=None):
+  """Attention of new queries q (B, Hq, T, D) over keys and values (B, Hkv, S, D): the sequence's
+  own or a KVCache's (the queries are the last T of them: causal and window masks align so), or a
+  StaticKVCache's whole buffers, which its mask limits to the slots each query may see."""
+  if isinstance(cache, StaticKVCache): return q.scaled_dot_product_attention(k, v, attn_mask=cache.mask(window), scale=scale)
+  return q.scaled_dot_product_attention(k, v, is_causal=True, window=window, scale=scale)

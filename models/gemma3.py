@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Optional
 from minift.nn import Module, Linear, Embedding, project, RMSNorm, activation, config_from_dict, \
-  rope_parameters, rope_inv_freq, rope_tables, apply_rope
+  rope_parameters, rope_inv_freq, rope_tables, apply_rope, StaticKVCache, causal_attention
 
 
 @dataclass
@@ -73,7 +73,7 @@ class Attention(Module):
     v = self.v_proj(x).reshape(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
     q, k = apply_rope(self.q_norm(q), cos, sin), apply_rope(self.k_norm(k), cos, sin)
     if cache is not None: k, v = cache.update(self.layer_idx, k, v)                  # (B, nkv, S, hd)
-    y = q.scaled_dot_product_attention(k, v, is_causal=True, window=self.window, scale=self.scale)  # (B, nh, T, hd)
+    y = causal_attention(q, k, v, cache, window=self.window, scale=self.scale)       # (B, nh, T, hd)
     y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)                 # (B, T, nh * hd)
     return self.o_proj(y)
 
@@ -141,11 +141,17 @@ class Gemma3(Module):
     """(vocab, hidden): the matrix that turns final hidden states into logits (a list of row pieces once split)."""
     return self.model.embed_tokens.rows() if self.lm_head is None else self.lm_head.rows()
 
-  def hidden(self, input_ids, cache=None):
-    """Final hidden states (B, T, hidden) for token ids (B, T)."""
+  def hidden(self, input_ids, cache=None, positions=None):
+    """Final hidden states (B, T, hidden) for token ids (B, T). With a StaticKVCache, positions
+    (T,) int64 are where the tokens go (data, so a jitted decode step replays; default: the next
+    free slots)."""
     B, T = input_ids.shape
-    start = cache.length if cache is not None else 0
-    rope = {kind: rope_tables(f, start, T) for kind, f in self._inv_freq.items()}   # (T, hd) each
+    if isinstance(cache, StaticKVCache):
+      cache.begin(T, positions, input_ids.device)
+      rope = {kind: cache.rope(f) for kind, f in self._inv_freq.items()}            # (T, hd) each: the rows at the positions
+    else:
+      start = cache.length if cache is not None else 0
+      rope = {kind: rope_tables(f, start, T) for kind, f in self._inv_freq.items()} # (T, hd) each
     x = self.model.embed_tokens(input_ids) * self._embed_scale                       # (B, T, C)
     for layer in self.model.layers: x = layer(x, rope, cache)
     if cache is not None: cache.advance(T)
@@ -157,9 +163,9 @@ class Gemma3(Module):
     cap = self.config.final_logit_softcapping
     return logits if cap is None else (logits / cap).tanh() * cap
 
-  def forward(self, input_ids, cache=None):
+  def forward(self, input_ids, cache=None, positions=None):
     """Logits (B, T, vocab)."""
-    return self.logits(self.hidden(input_ids, cache))
+    return self.logits(self.hidden(input_ids, cache, positions))
 
   @staticmethod
   def hf_name(key): return key

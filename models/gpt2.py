@@ -7,7 +7,8 @@ weights as (in, out); here every Linear is (out, in), so those four are transpos
 """
 from dataclasses import dataclass
 from typing import Optional
-from minift.nn import Module, Linear, Embedding, project, LayerNorm, activation, config_from_dict
+from minift.nn import Module, Linear, Embedding, project, LayerNorm, activation, config_from_dict, \
+  StaticKVCache, causal_attention
 
 
 @dataclass
@@ -42,7 +43,7 @@ class CausalSelfAttention(Module):
     k = k.reshape(B, T, self.n_head, self.head_dim).transpose(1, 2)        # (B, nh, T, hd)
     v = v.reshape(B, T, self.n_head, self.head_dim).transpose(1, 2)        # (B, nh, T, hd)
     if cache is not None: k, v = cache.update(self.layer_idx, k, v)        # (B, nh, S, hd)
-    y = q.scaled_dot_product_attention(k, v, is_causal=True, scale=self.scale)  # (B, nh, T, hd)
+    y = causal_attention(q, k, v, cache, scale=self.scale)                 # (B, nh, T, hd)
     y = y.transpose(1, 2).reshape(B, T, C)                                 # (B, T, C)
     return self.c_proj(y)
 
@@ -98,14 +99,20 @@ class GPT2(Module):
     """(vocab, n_embd): the matrix that turns final hidden states into logits (a list of row pieces once split)."""
     return self.transformer.wte.rows() if self.lm_head is None else self.lm_head.rows()
 
-  def hidden(self, input_ids, cache=None):
-    """Final hidden states (B, T, n_embd) for token ids (B, T)."""
+  def hidden(self, input_ids, cache=None, positions=None):
+    """Final hidden states (B, T, n_embd) for token ids (B, T). With a StaticKVCache, positions
+    (T,) int64 are where the tokens go (data, so a jitted decode step replays; default: the next
+    free slots)."""
     B, T = input_ids.shape
     start = cache.length if cache is not None else 0
     if start + T > self.config.n_positions:
       raise ValueError(f"GPT-2 sees at most {self.config.n_positions} positions; asked for {start + T}")
     tr = self.transformer
-    x = tr.wte(input_ids) + tr.wpe.whole()[start:start + T]               # (B, T, C)
+    if isinstance(cache, StaticKVCache):
+      positions = cache.begin(T, positions, input_ids.device)
+      x = tr.wte(input_ids) + tr.wpe(positions)                           # (B, T, C): the rows at the positions
+    else:
+      x = tr.wte(input_ids) + tr.wpe.whole()[start:start + T]             # (B, T, C)
     for block in tr.h: x = block(x, cache)
     if cache is not None: cache.advance(T)
     return tr.ln_f(x)
@@ -114,9 +121,9 @@ class GPT2(Module):
     """Logits (..., vocab) from final hidden states (..., n_embd)."""
     return project(h, self.output_weight)
 
-  def forward(self, input_ids, cache=None):
+  def forward(self, input_ids, cache=None, positions=None):
     """Logits (B, T, vocab)."""
-    return self.logits(self.hidden(input_ids, cache))
+    return self.logits(self.hidden(input_ids, cache, positions))
 
   @staticmethod
   def hf_name(key):

@@ -15,7 +15,8 @@ from minift import Tensor, no_grad
 from minift.io_hf import SafetensorsFile
 from minift.io_gguf import unpermute_qk
 from models import load, GPT2, Llama, Gemma3
-from models.generation import generate, pick_token
+from minift.nn import KVCache, StaticKVCache
+from models.generation import generate, pick_token, StaticDecoder
 from models.evaluate import perplexity_windows, token_nll
 
 VOCAB = 96
@@ -444,6 +445,84 @@ def test_pick_token_sampling():
   assert {pick_token(logits, 1.0, top_p=0.1, rng=rng) for _ in range(50)} == {1}
   a = [pick_token(logits, 2.0, rng=np.random.default_rng(7)) for _ in range(5)]
   assert a == [pick_token(logits, 2.0, rng=np.random.default_rng(7)) for _ in range(5)]
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama", "qwen2", "gemma3"])
+def test_static_cache_matches_full_forward(hf_models, kind, monkeypatch):
+  """The fast path (a StaticKVCache and a jit-replayed one-token step) against one forward over the
+  whole sequence: greedy tokens equal, logits within 1e-5 on two rows at once. 11 prompt tokens
+  and 25 in all: more than Gemma's sliding window of 8 in the prompt and in the decode steps."""
+  model, _ = load(hf_models[kind][1], with_tokenizer=False)
+  prompt = [int(i) for i in ids_batch(4, (1, 11))[0]]
+  new = list(generate(model, prompt, 14))
+  seq = prompt + new
+  full = minift_logits(model, np.array([seq]))[0]                     # (25, vocab)
+  assert new == [int(np.argmax(full[i])) for i in range(len(prompt) - 1, len(seq) - 1)]
+
+  rows, P = ids_batch(5, (2, 25)), 11
+  full = minift_logits(model, rows)                                   # (2, 25, vocab)
+  calls = {"hidden": 0}
+  real_hidden = model.hidden
+  def counting(*args, **kwargs):
+    calls["hidden"] += 1
+    return real_hidden(*args, **kwargs)
+  monkeypatch.setattr(model, "hidden", counting)
+  dec = StaticDecoder(model, rows.shape[1])
+  got = [dec.prefill(rows[:, :P])]
+  for i in range(P, rows.shape[1]): got.append(dec.step(rows[:, i]))
+  np.testing.assert_allclose(np.stack(got, 1), full[:, P - 1:], atol=1e-5, rtol=0)
+  assert calls["hidden"] == 3    # the prefill and two steps; the other 12 steps were replays
+  with pytest.raises(ValueError, match="all 25 slots of the cache are used"): dec.step(rows[:, 0])
+
+  # the growing KVCache, still there for whoever uses it, agrees too
+  cache, got = KVCache(), []
+  with no_grad():
+    for x in [rows[:, :P]] + [rows[:, i:i + 1] for i in range(P, rows.shape[1])]:
+      got.append(model.logits(real_hidden(Tensor(x), cache)[:, -1]).numpy())
+  np.testing.assert_allclose(np.stack(got, 1), full[:, P - 1:], atol=1e-5, rtol=0)
+
+
+def test_static_cache_writes_only_its_slots(hf_models):
+  """A prefill in two chunks lands in the same slots as one; the slots after them stay zero."""
+  model, _ = load(hf_models["qwen2"][1], with_tokenizer=False)
+  ids = ids_batch(6, (1, 9))
+  one, two = StaticKVCache(12), StaticKVCache(12)
+  with no_grad():
+    a = model(Tensor(ids), one).numpy()
+    b = np.concatenate([model(Tensor(ids[:, :4]), two).numpy(), model(Tensor(ids[:, 4:]), two).numpy()], 1)
+  np.testing.assert_allclose(b, a, atol=1e-5, rtol=0)
+  assert one.length == two.length == 9
+  for (k1, v1), (k2, v2) in zip(one.layers.values(), two.layers.values()):
+    np.testing.assert_allclose(k2.numpy(), k1.numpy(), atol=1e-6, rtol=0)
+    assert not k1.numpy()[:, :, 9:].any() and not v2.numpy()[:, :, 9:].any()
+  with pytest.raises(ValueError, match="4 new tokens after 9 do not fit its capacity of 12"):
+    model(Tensor(ids[:, :4]), one)
+
+
+def test_sampling_with_a_seed_is_reproducible(hf_models):
+  """Sampling draws from the same numbers for the same seed, and picks what pick_token picks from
+  the full forward's logits of the sampled sequence with that seed's generator."""
+  model, _ = load(hf_models["gemma3"][1], with_tokenizer=False)
+  prompt = [int(i) for i in ids_batch(7, (1, 5))[0]]
+  kw = dict(temperature=1.5, top_k=40, top_p=0.95)
+  a = list(generate(model, prompt, 16, seed=11, **kw))
+  assert a == list(generate(model, prompt, 16, seed=11, **kw)) and len(a) == 16
+  full = minift_logits(model, np.array([prompt + a]))[0]
+  rng = np.random.default_rng(11)
+  assert a == [pick_token(full[i], rng=rng, **kw) for i in range(len(prompt) - 1, len(prompt) + len(a) - 1)]
+  runs = {tuple(generate(model, prompt, 16, seed=s, **kw)) for s in range(4)}
+  assert len(runs) > 1   # the seed matters
+
+
+def test_generation_stops_at_the_context_and_rejects_bad_prompts(hf_models):
+  model, _ = load(hf_models["llama"][1], with_tokenizer=False)   # max_position_embeddings 128
+  with pytest.raises(ValueError, match="the prompt has no tokens"): list(generate(model, [], 5))
+  with pytest.raises(ValueError, match="the prompt has 129 tokens, more than the model's context of 128"):
+    list(generate(model, [5] * 129, 5))
+  assert len(list(generate(model, [5] * 128, 5))) == 1     # the context is full after the first new token
+  assert len(list(generate(model, [5] * 126, 5))) == 3
+  assert list(generate(model, [5] * 4, 0)) == []
+  with pytest.raises(ValueError, match="capacity 129 is above the model's context of 128"): StaticDecoder(model, 129)
 
 
 def test_perplexity_windows_protocol():
