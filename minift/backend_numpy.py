@@ -3,7 +3,7 @@
 Loads are strided views of the input buffers (no copies, pads become np.pad); temporaries
 made inside a kernel are reused in place where the shape and dtype allow it.
 """
-import itertools, time
+import functools, itertools, time
 import numpy as np
 from numpy.lib.stride_tricks import as_strided
 from minift.device import Buffer
@@ -65,15 +65,25 @@ def view_array(flat, view, compact=False):
   """The NumPy array a View describes over a flat array (zeros where masked). compact: a dim
   the view broadcasts (stride 0) stays size 1, so ops on it run at its real size (a layernorm's
   (B, T, 1) statistics, a bias) and broadcast where they meet a full-size operand."""
-  if prod(view.shape) == 0: return np.empty(view.shape, flat.dtype)
-  item = flat.itemsize
   if view.mask is None:
-    shape = tuple(1 if compact and st == 0 else n for n, st in zip(view.shape, view.strides))
-    return as_strided(flat[view.offset:], shape, tuple(s * item for s in view.strides), writeable=False)
+    shape, strides, offset = _strided(view, flat.itemsize, compact)
+    if shape is None: return np.empty(view.shape, flat.dtype)
+    # the ndarray constructor, not as_strided: a kernel makes several of these every run, and
+    # as_strided's detour through __array_interface__ cost more than many small kernels' math
+    return np.ndarray(shape, flat.dtype, flat, offset, strides)
+  if prod(view.shape) == 0: return np.empty(view.shape, flat.dtype)
   out = np.zeros(view.shape, flat.dtype)
   region, inner = masked_parts(flat, view)
   if region is not None: out[region] = inner
   return out
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _strided(view, itemsize, compact):
+  """(shape, byte strides, byte offset) of an unmasked view; shape None when it is empty."""
+  if prod(view.shape) == 0: return None, None, None
+  shape = tuple(1 if compact and st == 0 else n for n, st in zip(view.shape, view.strides))
+  return shape, tuple(st * itemsize for st in view.strides), view.offset * itemsize
 
 
 def masked_parts(flat, view):
