@@ -70,7 +70,9 @@ def view_array(flat, view, compact=False):
     if shape is None: return np.empty(view.shape, flat.dtype)
     # the ndarray constructor, not as_strided: a kernel makes several of these every run, and
     # as_strided's detour through __array_interface__ cost more than many small kernels' math
-    return np.ndarray(shape, flat.dtype, flat, offset, strides)
+    arr = np.ndarray(shape, flat.dtype, flat, offset, strides)
+    arr.flags.writeable = False   # a load never writes its input (a kernel that only loads must copy it)
+    return arr
   if prod(view.shape) == 0: return np.empty(view.shape, flat.dtype)
   out = np.zeros(view.shape, flat.dtype)
   region, inner = masked_parts(flat, view)
