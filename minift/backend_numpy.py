@@ -3,7 +3,7 @@
 Loads are strided views of the input buffers (no copies, pads become np.pad); temporaries
 made inside a kernel are reused in place where the shape and dtype allow it.
 """
-import functools, itertools, time
+import itertools, time
 import numpy as np
 from numpy.lib.stride_tricks import as_strided
 from minift.device import Buffer
@@ -80,12 +80,17 @@ def view_array(flat, view, compact=False):
   return out
 
 
-@functools.lru_cache(maxsize=1 << 16)
 def _strided(view, itemsize, compact):
-  """(shape, byte strides, byte offset) of an unmasked view; shape None when it is empty."""
-  if prod(view.shape) == 0: return None, None, None
-  shape = tuple(1 if compact and st == 0 else n for n, st in zip(view.shape, view.strides))
-  return shape, tuple(st * itemsize for st in view.strides), view.offset * itemsize
+  """(shape, byte strides, byte offset) of an unmasked view; shape None when it is empty. Kept
+  on the View (immutable): hashing a View for a cache lookup cost more than this."""
+  cache = view.__dict__.setdefault("_numpy_layouts", {})
+  key = (itemsize, compact)
+  if key not in cache:
+    if prod(view.shape) == 0: cache[key] = None, None, None
+    else:
+      shape = tuple(1 if compact and st == 0 else n for n, st in zip(view.shape, view.strides))
+      cache[key] = shape, tuple(st * itemsize for st in view.strides), view.offset * itemsize
+  return cache[key]
 
 
 def masked_parts(flat, view):
@@ -96,6 +101,14 @@ def masked_parts(flat, view):
   inner_shape = tuple(hi - lo for lo, hi in view.mask)
   inner = as_strided(flat[inner_offset:], inner_shape, tuple(s * flat.itemsize for s in view.strides), writeable=False)
   return tuple(slice(lo, hi) for lo, hi in view.mask), inner
+
+
+def _holds_result(x, other, dtype):
+  """x (an array the caller owns) can take the result of x op other in place: the broadcast of
+  the two has x's shape and x has the result's dtype."""
+  if not isinstance(x, np.ndarray) or x.dtype != dtype: return False
+  o = np.shape(other)
+  return len(o) <= x.ndim and all(d == 1 or d == e for d, e in zip(reversed(o), reversed(x.shape)))
 
 
 def _take(arr, region):
@@ -175,7 +188,10 @@ class NumpyDevice:
         seed, counter = rand_key
         res = rand_uniform(prod(kernel.shape), seed, counter).reshape(kernel.shape)
       else:
-        regions = blocks(kernel)
+        cached = kernel.__dict__.get("_numpy_blocks")   # a replayed kernel runs every step: work it out once
+        if cached is None or cached[0] != (BLOCK, BLOCKED_FROM):
+          cached = kernel._numpy_blocks = (BLOCK, BLOCKED_FROM), blocks(kernel)
+        regions = cached[1]
         if regions is not None:
           if assign_out is not None and _reads_only_its_own_elements(kernel):   # write the blocks straight into the target
             self.run_blocks(kernel, flats, regions, assign_out.data.reshape(kernel.shape))
@@ -229,22 +245,25 @@ class NumpyDevice:
       out = x if owned and isinstance(x, np.ndarray) else None
       return UNARY[op](x, out=out), True
     if op is Op.ADD and env.whole is None:
-      padded = [s for s in node.srcs if s.op is Op.BUFFER and s.arg[1].mask is not None and id(s) not in env.shared]
-      if padded:   # x + pad(y) (a cat is a sum of such): add y into x's box only, never write pad(y)'s zeros
-        other = node.srcs[0] if node.srcs[1] is padded[-1] else node.srcs[1]
+      if node.plan is None:   # the padded load of x + pad(y), if any (False: none)
+        padded = [s for s in node.srcs if s.op is Op.BUFFER and s.arg[1].mask is not None and id(s) not in env.shared]
+        node.plan = padded[-1] if padded else False
+      padded = node.plan
+      if padded is not False:   # x + pad(y) (a cat is a sum of such): add y into x's box only, never write pad(y)'s zeros
+        other = node.srcs[0] if node.srcs[1] is padded else node.srcs[1]
         x, owned = self.eval(other, env, shape)
         if owned and isinstance(x, np.ndarray) and x.shape == tuple(shape) and x.dtype == node.dtype.np:
-          region, inner = masked_parts(env.flats[padded[-1].arg[0]], padded[-1].arg[1])
+          region, inner = masked_parts(env.flats[padded.arg[0]], padded.arg[1])
           if region is not None: x[region] += inner
           return x, True
-        y, _ = self.eval(padded[-1], env, shape)
+        y, _ = self.eval(padded, env, shape)
         return np.add(x, y), True
     if op in BINARY:
       (a, ao), (b, bo) = self.eval(node.srcs[0], env, shape), self.eval(node.srcs[1], env, shape)
       out = None
-      if op not in (Op.CMPLT, Op.CMPEQ):
-        if ao and isinstance(a, np.ndarray) and a.shape == np.broadcast_shapes(np.shape(a), np.shape(b)) and a.dtype == node.dtype.np: out = a
-        elif bo and isinstance(b, np.ndarray) and b.shape == np.broadcast_shapes(np.shape(a), np.shape(b)) and b.dtype == node.dtype.np: out = b
+      if op is not Op.CMPLT and op is not Op.CMPEQ:
+        if ao and _holds_result(a, b, node.dtype.np): out = a
+        elif bo and _holds_result(b, a, node.dtype.np): out = b
       res = BINARY[op](a, b, out=out)
       if op is Op.POW and res.dtype != node.dtype.np: res = res.astype(node.dtype.np)
       return res, True
@@ -258,7 +277,7 @@ class NumpyDevice:
       if is_matmul: return self.matmul(node, env.flats, shape), True
       if env.region is not None: in_shape = _block_shape(in_shape, env.region)
       x, _ = self.eval(node.srcs[0], env, in_shape)
-      x = np.broadcast_to(x, in_shape)
+      if np.shape(x) != tuple(in_shape): x = np.broadcast_to(x, in_shape)
       if op is Op.SUM:
         acc = np.float32 if node.dtype is dtypes.float16 else None
         r = np.sum(x, axis=axes, keepdims=True, dtype=acc)
@@ -285,22 +304,34 @@ class NumpyDevice:
     axes, in_shape, _ = node.arg
     if prod(in_shape) == 0: return np.zeros(shape, node.dtype.np)   # an empty dim (k == 0 sums to zeros)
     la, lb = node.srcs[0].srcs
-    batch, m, n, k = matmul_axes(la.arg[1], lb.arg[1], axes)
-    a = view_array(flats[la.arg[0]], la.arg[1])
-    b = view_array(flats[lb.arg[0]], lb.arg[1])
-    size = lambda axs: prod(in_shape[i] for i in axs)
-    def operand(x, drop, order, rows, cols):
-      x = x[tuple(0 if i in drop else slice(None) for i in range(len(in_shape)))]
-      kept = [i for i in range(len(in_shape)) if i not in drop]
-      x = x.transpose([kept.index(i) for i in order]).reshape(size(batch), rows, cols)
-      return x.astype(np.float32) if x.dtype == np.float16 else x
-    a3 = operand(a, n, batch + m + k, size(m), size(k))
-    b3 = operand(b, m, batch + k + n, size(k), size(n))
-    out = np.matmul(a3[0], b3[0])[None] if a3.shape[0] == 1 else np.matmul(a3, b3)
-    out = out.reshape([in_shape[i] for i in batch + m + n])
-    order = batch + m + n
-    out = out.transpose([order.index(i) for i in sorted(order)])
+    if node.plan is None: node.plan = _matmul_plan(la.arg[1], lb.arg[1], axes, in_shape)
+    plan_a, plan_b, out_shape, out_order, single = node.plan
+    a3 = _operand(view_array(flats[la.arg[0]], la.arg[1]), plan_a)
+    b3 = _operand(view_array(flats[lb.arg[0]], lb.arg[1]), plan_b)
+    out = np.matmul(a3[0], b3[0])[None] if single else np.matmul(a3, b3)
+    out = out.reshape(out_shape).transpose(out_order)
     return out.astype(node.dtype.np, copy=False).reshape(shape)
+
+
+def _matmul_plan(va, vb, axes, in_shape):
+  """How to lay out a matmul's operands as (batch, rows, cols) arrays and its (batch, m, n)
+  result back in the kernel's axis order; kept on the SUM node (a decode step runs the same few
+  hundred small matmuls every token)."""
+  batch, m, n, k = matmul_axes(va, vb, axes)
+  size = lambda axs: prod(in_shape[i] for i in axs)
+  def operand(drop, order, rows, cols):   # index away the other side's axes, then order and merge the rest
+    kept = [i for i in range(len(in_shape)) if i not in drop]
+    return (tuple(0 if i in drop else slice(None) for i in range(len(in_shape))),
+            tuple(kept.index(i) for i in order), (size(batch), rows, cols))
+  order = batch + m + n
+  return (operand(n, batch + m + k, size(m), size(k)), operand(m, batch + k + n, size(k), size(n)),
+          tuple(in_shape[i] for i in order), tuple(order.index(i) for i in sorted(order)), size(batch) == 1)
+
+
+def _operand(x, plan):
+  index, order, shape3 = plan
+  x = x[index].transpose(order).reshape(shape3)
+  return x.astype(np.float32) if x.dtype == np.float16 else x
 
 
 def _reads_only_its_own_elements(kernel):

@@ -36,6 +36,7 @@ class dtypes:
   def from_any(x):
     """A DType from a DType, a string ('float32', 'half', ...) or a NumPy dtype."""
     if isinstance(x, DType): return x
+    if isinstance(x, np.dtype) and x in _BY_NUMPY: return _BY_NUMPY[x]   # every kernel output asks
     if isinstance(x, str):
       alias = {"float": "float32", "half": "float16", "int": "int32", "long": "int64", "fp32": "float32", "fp16": "float16"}
       x = alias.get(x, x)
@@ -52,3 +53,6 @@ class dtypes:
   @staticmethod
   def promote(a, b):
     return a if a.priority >= b.priority else b
+
+
+_BY_NUMPY = {np.dtype(d.np): d for d in dtypes.all()}

@@ -11,6 +11,9 @@ from minift.view import View
 
 
 class Op(Enum):
+  # members are singletons: hash by identity in C (Enum's own __hash__ is Python code, called
+  # for every `op in TABLE` of every kernel the NumPy backend evaluates)
+  __hash__ = object.__hash__
   # leaves
   BUFFER = auto(); CONST = auto(); RAND = auto()
   # unary

@@ -20,10 +20,11 @@ from minift.dtype import dtypes
 class KNode:
   """One node of a kernel AST. LOAD: arg=(input index, View). CONST: arg=value.
   SUM/RMAX: arg=(axes, input shape, matmul: bool). Elementwise ops: arg as in the lazy op."""
-  __slots__ = ("op", "srcs", "arg", "dtype")
+  __slots__ = ("op", "srcs", "arg", "dtype", "plan")
 
   def __init__(self, op, srcs, arg, dtype):
     self.op, self.srcs, self.arg, self.dtype = op, srcs, arg, dtype
+    self.plan = None   # what a backend works out once for this node (the NumPy matmul's layout)
 
   def __repr__(self):
     if self.op is Op.BUFFER: return f"LOAD{self.arg[0]}{list(self.arg[1].shape)}"
