@@ -1,5 +1,5 @@
 """Small shared helpers: env flags, products, global counters."""
-import functools, os, sys
+import math, os, sys
 
 sys.setrecursionlimit(max(sys.getrecursionlimit(), 20000))
 
@@ -14,8 +14,7 @@ def getenv(key, default=0):
 DEBUG = getenv("DEBUG", 0)
 
 
-def prod(xs):
-  return functools.reduce(lambda a, b: a * b, xs, 1)
+prod = math.prod   # of a shape: 1 for ()
 
 
 def strides_for(shape):

@@ -1,7 +1,7 @@
 """Capture and replay of a step function.
 
-The first call runs normally; the second runs while recording every kernel it launches with
-the buffers it used; later calls with the same input shapes replay that list of kernels on the
+The first call runs normally (see jit's warmup); the second runs while recording every kernel it
+launches with the buffers it used; later calls with the same input shapes replay that list of kernels on the
 new inputs, skipping graph building and scheduling.
 
 Rules for a jitted function (as in tinygrad's TinyJit): tensors that change from call to call
@@ -46,8 +46,12 @@ def _tensors_in(obj):
 
 
 class jit:
-  def __init__(self, fn):
-    self.fn, self.calls, self.key, self.plan = fn, 0, None, None
+  """warmup: plain calls before the one that records. 1 by default: a first call may make state
+  (optimizer moments, a cache's buffers) that must exist before a recording can refer to it. A
+  caller whose state already exists passes 0 and saves one unrecorded call (a decode step)."""
+  def __init__(self, fn, warmup=1):
+    if warmup < 0: raise ValueError(f"jit: warmup must be >= 0, got {warmup}")
+    self.fn, self.warmup, self.calls, self.key, self.plan = fn, warmup, 0, None, None
     functools.update_wrapper(self, fn)
 
   def __get__(self, obj, objtype=None):
@@ -63,8 +67,8 @@ class jit:
            tuple(repr(a) for a in args if not _tensors_in(a)), tuple(sorted((k, repr(v)) for k, v in kwargs.items() if not _tensors_in(v))))
     if key != self.key: self.calls, self.key, self.plan = 0, key, None
     self.calls += 1
-    if self.calls == 1: return self._realized(self.fn(*args, **kwargs))
-    if self.calls == 2: return self._capture(inputs, args, kwargs)
+    if self.calls <= self.warmup: return self._realized(self.fn(*args, **kwargs))
+    if self.calls == self.warmup + 1: return self._capture(inputs, args, kwargs)
     return self._replay(inputs)
 
   @staticmethod

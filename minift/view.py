@@ -5,10 +5,12 @@ dim, outside which the value reads as zero (what pad makes). Every movement op i
 view; when a view cannot express an op (e.g. merging dims of a transposed view) the op returns
 None and the caller inserts a copy kernel.
 """
+import functools
 from dataclasses import dataclass
 from minift.helpers import prod, strides_for
 
 
+@functools.lru_cache(maxsize=1 << 14)   # tuples of ints: a cheap key; models reshape the same few shapes in every layer
 def _reshape_strides(old_shape, old_strides, new_shape):
   """Strides that give new_shape over the same memory as (old_shape, old_strides), or None."""
   olds = [(s, st) for s, st in zip(old_shape, old_strides) if s != 1]

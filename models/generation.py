@@ -25,14 +25,15 @@ def pick_token(logits, temperature=0.0, top_k=None, top_p=None, rng=None):
 class StaticDecoder:
   """Next-token logits for growing sequences (a batch of B rows), with a StaticKVCache of
   `capacity` slots: prefill() runs the prompt the normal way, then each step() feeds one token per
-  row through a one-token forward whose shapes never change (the position is data), so from the
-  third step on minift.jit replays its kernels without building or scheduling a graph."""
+  row through a one-token forward whose shapes never change (the position is data), so minift.jit
+  records the first step and replays its kernels from the second on, without building or
+  scheduling a graph."""
 
   def __init__(self, model, capacity):
     if capacity > model.max_context:
       raise ValueError(f"StaticDecoder: capacity {capacity} is above the model's context of {model.max_context} tokens")
     self.model, self.cache = model, StaticKVCache(capacity)
-    self._step = jit(self._last_logits)
+    self._step = jit(self._last_logits, warmup=0)   # prefill made the cache's buffers: record the first step
 
   def _last_logits(self, ids, positions):
     return self.model.logits(self.model.hidden(ids, self.cache, positions)[:, -1])   # (B, vocab): the last position only

@@ -1,6 +1,7 @@
 """Capture and replay: the third and later calls replay kernels without building or
 scheduling a graph, and give the same results as running eagerly."""
 import numpy as np
+import pytest
 import minift.tensor
 from minift import Tensor, jit
 from minift.optim import AdamW
@@ -56,7 +57,8 @@ def test_learning_rate_changes_reach_replayed_steps():
   np.testing.assert_allclose(wj, we, rtol=1e-6, atol=1e-7)
 
 
-def test_replay_skips_graph_building_and_scheduling(monkeypatch):
+@pytest.mark.parametrize("warmup", [1, 0, 2])
+def test_replay_skips_graph_building_and_scheduling(monkeypatch, warmup):
   w1, w2 = _model()
   calls = {"fn": 0, "schedule": 0}
   real = minift.tensor.create_schedule
@@ -64,18 +66,22 @@ def test_replay_skips_graph_building_and_scheduling(monkeypatch):
     calls["schedule"] += 1
     return real(outs)
   monkeypatch.setattr(minift.tensor, "create_schedule", counting)
-  @jit
   def f(x):
     calls["fn"] += 1
     return (x @ w1).relu() @ w2
+  f = jit(f, warmup=warmup)
   x = np.ones((3, 8), np.float32)
   outs = [f(Tensor(x * i)).numpy() for i in range(5)]
-  assert calls["fn"] == 2
+  assert calls["fn"] == warmup + 1   # the plain calls and the recorded one; the rest replayed
   for i, o in enumerate(outs):
     np.testing.assert_allclose(o, np.maximum((x * i) @ w1.numpy(), 0) @ w2.numpy(), rtol=1e-5)
   n = calls["schedule"]
   f(Tensor(x))
   assert calls["schedule"] == n   # a replayed call schedules nothing
+
+
+def test_jit_warmup_must_not_be_negative():
+  with pytest.raises(ValueError, match="warmup must be >= 0"): jit(lambda x: x, warmup=-1)
 
 
 def test_new_shapes_recapture():
