@@ -1,8 +1,8 @@
 """Capture and replay of a step function.
 
-The first call runs normally (see jit's warmup); the second runs while recording every kernel it
-launches with the buffers it used; later calls with the same input shapes replay that list of kernels on the
-new inputs, skipping graph building and scheduling.
+The first call runs normally (jit's `warmup` sets how many do); the next runs while recording
+every kernel it launches with the buffers it used; later calls with the same input shapes replay
+that list of kernels on the new inputs, skipping graph building and scheduling.
 
 Rules for a jitted function (as in tinygrad's TinyJit): tensors that change from call to call
 must be passed as arguments; state kept across calls (parameters, optimizer moments, step

@@ -471,7 +471,7 @@ def test_static_cache_matches_full_forward(hf_models, kind, monkeypatch):
   got = [dec.prefill(rows[:, :P])]
   for i in range(P, rows.shape[1]): got.append(dec.step(rows[:, i]))
   np.testing.assert_allclose(np.stack(got, 1), full[:, P - 1:], atol=1e-5, rtol=0)
-  assert calls["hidden"] == 2    # the prefill and the recorded first step; the other 12 steps were replays
+  assert calls["hidden"] == 2    # the prefill and the recorded first step; the other 13 steps were replays
   with pytest.raises(ValueError, match="all 25 slots of the cache are used"): dec.step(rows[:, 0])
 
   # the growing KVCache, still there for whoever uses it, agrees too
