@@ -784,10 +784,10 @@ def _cross_entropy_chunk(hc, tc, wds, starts, order, ignore_index, inv_n, need_h
   is scale times the target's row of the table (a gather). Five ops per logit then."""
   rows, valid = hc.shape[0], (tc != ignore_index)
   tc = valid.where(tc, 0).long()
-  logits, maxes, picked = [None] * len(wds), [None] * len(wds), None
+  logits, maxes, insides, picked = [None] * len(wds), [None] * len(wds), [None] * len(wds), None
   for k in order:
     l = logits[k] = (hc @ wds[k].T).float().realize()                             # (rows, vocab_k)
-    inside = (tc >= starts[k]).where(tc < starts[k] + l.shape[1], False)
+    inside = insides[k] = (tc >= starts[k]).where(tc < starts[k] + l.shape[1], False)   # the target is in this piece
     flat = Tensor.arange(rows, device=hc.device) * l.shape[1] + inside.where(tc - starts[k], 0)
     part = l.reshape(-1, 1).embedding(flat).reshape(rows) * inside.float()        # the target's logit, if in this piece
     picked = part if picked is None else picked + part
@@ -820,9 +820,8 @@ def _cross_entropy_chunk(hc, tc, wds, starts, order, ignore_index, inv_n, need_h
       todo.append(dw[k])
     elif need_h:    # frozen table: the one-hot part's product with it is a gathered row of it
       g = l.assign(soft)
-      inside = (tc >= s0).where(tc < s0 + l.shape[1], False)
-      hot = (scale * inside.float()).unsqueeze(-1)                                 # (rows, 1)
-      dhk = g @ wd - wd.embedding(inside.where(tc - s0, 0)) * hot.cast(wd.dtype)
+      hot = (scale * insides[k].float()).unsqueeze(-1)                             # (rows, 1)
+      dhk = g @ wd - wd.embedding(insides[k].where(tc - s0, 0)) * hot.cast(wd.dtype)
       dh = dhk if dh is None else dh + dhk
     if len(wds) > 1: Tensor.realize_all(*todo, *([dh] if dh is not None else []))   # one piece's gradient at a time
   if dh is not None: todo.append(dh)
