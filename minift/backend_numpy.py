@@ -3,7 +3,7 @@
 Loads are strided views of the input buffers (no copies, pads become np.pad); temporaries
 made inside a kernel are reused in place where the shape and dtype allow it.
 """
-import itertools, time
+import ctypes, itertools, time
 import numpy as np
 from numpy.lib.stride_tricks import as_strided
 from minift.device import Buffer
@@ -12,6 +12,7 @@ from minift.lazy import Op
 from minift.schedule import matmul_axes
 from minift.helpers import prod
 from minift.view import View
+from minift import cloops
 
 
 def erf(x):
@@ -181,8 +182,19 @@ class NumpyDevice:
 
   def synchronize_time(self, start): return time.perf_counter() - start
 
+  def prepare(self, kernels):
+    """Build the C loops of a schedule's kernels in one compiler run (cloops.py)."""
+    cloops.prepare(kernels, lambda k: [b.dtype for b in k.inputs])
+
   def run(self, kernel, ins, assign_out=None, rand_key=None):
     flats = [b.data if b.device is self else b.device.to_numpy(b) for b in ins]   # a copy from another device
+    fn = kernel.__dict__.get("_c_fn")
+    if fn is None and kernel.kind in ("elementwise", "reduce", "matmul"):
+      if "_c_name" not in kernel.__dict__: cloops.prepare([kernel], lambda k: [b.dtype for b in ins])
+      if kernel._c_name is not None:
+        fn = kernel._c_fn = cloops.compiler.get(kernel._c_name)
+        if fn is not None: fn.argtypes = [ctypes.c_void_p] * (len(ins) + 1 + (kernel.kind == "matmul"))
+    if fn: return self.run_c(kernel, fn, flats, assign_out)
     with np.errstate(all="ignore"):
       if kernel.kind == "rand":
         seed, counter = rand_key
@@ -208,6 +220,24 @@ class NumpyDevice:
     # a kernel that only loads (contiguous, copy, a constant) gives a read-only view of its
     # input: the output must own its memory, or an assign to it fails or writes the input
     return self.alloc_from(res if res.flags.writeable else res.copy())
+
+  def run_c(self, kernel, fn, flats, assign_out):
+    """Run a kernel's compiled loop; a matmul's product comes from BLAS first, and its
+    epilogue is written over it (each element reads only its own product)."""
+    extra, out = [], None
+    if kernel.kind == "matmul":
+      mm = np.ascontiguousarray(self.matmul(kernel.reduce, flats, kernel.shape), dtype=np.float32).reshape(-1)
+      extra = [mm.ctypes.data]
+      if kernel.dtype is dtypes.float32: out = mm
+    in_place = assign_out is not None and _reads_only_its_own_elements(kernel)
+    if in_place: out = assign_out.data
+    elif out is None: out = np.empty(prod(kernel.shape), kernel.dtype.np)
+    fn(out.ctypes.data, *[f.ctypes.data for f in flats], *extra)
+    if in_place: return assign_out
+    if assign_out is not None:
+      assign_out.data[...] = out
+      return assign_out
+    return self.alloc_from(out)
 
   def run_blocks(self, kernel, flats, regions, out):
     """Evaluate kernel block by block into out. Loads and BLAS matmuls are made once, whole;
@@ -308,29 +338,31 @@ class NumpyDevice:
     plan_a, plan_b, out_shape, out_order, single = node.plan
     a3 = _operand(view_array(flats[la.arg[0]], la.arg[1]), plan_a)
     b3 = _operand(view_array(flats[lb.arg[0]], lb.arg[1]), plan_b)
-    out = np.matmul(a3[0], b3[0])[None] if single else np.matmul(a3, b3)
-    out = out.reshape(out_shape).transpose(out_order)
+    out = np.matmul(a3, b3).reshape(out_shape).transpose(out_order)
     return out.astype(node.dtype.np, copy=False).reshape(shape)
 
 
 def _matmul_plan(va, vb, axes, in_shape):
-  """How to lay out a matmul's operands as (batch, rows, cols) arrays and its (batch, m, n)
+  """How to lay out a matmul's operands as (*batch, rows, cols) arrays and its (*batch, m, n)
   result back in the kernel's axis order; kept on the SUM node (a decode step runs the same few
-  hundred small matmuls every token)."""
+  hundred small matmuls every token). Batch axes stay separate: merging them (attention's batch
+  and heads) would copy an operand whose heads are interleaved in memory."""
   batch, m, n, k = matmul_axes(va, vb, axes)
   size = lambda axs: prod(in_shape[i] for i in axs)
+  batch_shape = tuple(in_shape[i] for i in batch)
+  single = size(batch) == 1
   def operand(drop, order, rows, cols):   # index away the other side's axes, then order and merge the rest
     kept = [i for i in range(len(in_shape)) if i not in drop]
     return (tuple(0 if i in drop else slice(None) for i in range(len(in_shape))),
-            tuple(kept.index(i) for i in order), (size(batch), rows, cols))
+            tuple(kept.index(i) for i in order), (rows, cols) if single else batch_shape + (rows, cols))
   order = batch + m + n
   return (operand(n, batch + m + k, size(m), size(k)), operand(m, batch + k + n, size(k), size(n)),
-          tuple(in_shape[i] for i in order), tuple(order.index(i) for i in sorted(order)), size(batch) == 1)
+          tuple(in_shape[i] for i in order), tuple(order.index(i) for i in sorted(order)), single)
 
 
 def _operand(x, plan):
-  index, order, shape3 = plan
-  x = x[index].transpose(order).reshape(shape3)
+  index, order, shape = plan
+  x = x[index].transpose(order).reshape(shape)
   return x.astype(np.float32) if x.dtype == np.float16 else x
 
 

@@ -118,6 +118,9 @@ _capturing = []   # jit capture lists currently recording
 def run_schedule(schedule):
   """Run kernels in order. Each kernel is detached from the graph after it runs, so
   intermediates are freed as soon as nothing later reads them."""
+  for name in {k.device for k in schedule}:   # a backend may build the schedule's kernels in one go
+    device = get_device(name)
+    if hasattr(device, "prepare"): device.prepare([k for k in schedule if k.device == name])
   schedule.reverse()
   while schedule:
     k = schedule.pop()

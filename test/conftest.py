@@ -4,17 +4,24 @@ import minift
 
 def _devices():
   # "opencl" only where minift really has it (available_devices() falls back silently otherwise)
-  return ["numpy", "numpy-blocks"] + [d for d in minift.available_devices() if d == "opencl"]
+  return ["numpy", "numpy-blocks", "numpy-c"] + [d for d in minift.available_devices() if d == "opencl"]
 
 
 @pytest.fixture(params=_devices())
 def device(request, monkeypatch):
   """The backend a test runs on. numpy-blocks is the NumPy backend evaluating every kernel of
-  more than 8 elements block by block (blocks of 4), as it evaluates big kernels."""
+  more than 8 elements block by block (blocks of 4), as it evaluates big kernels. numpy-c is the
+  NumPy backend running every kernel it can as a compiled C loop (cloops.py), as it runs big
+  kernels when a C compiler is there."""
   if request.param == "numpy-blocks":
     import minift.backend_numpy
     monkeypatch.setattr(minift.backend_numpy, "BLOCK", 4)
     monkeypatch.setattr(minift.backend_numpy, "BLOCKED_FROM", 9)
+    return "numpy"
+  if request.param == "numpy-c":
+    import minift.cloops
+    if not minift.cloops.compiler.available: pytest.fail("numpy-c: no working C compiler (cc) on this machine")
+    monkeypatch.setattr(minift.cloops, "C_FROM", 0)
     return "numpy"
   return request.param
 

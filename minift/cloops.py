@@ -1,0 +1,382 @@
+"""Fused CPU loops for the NumPy backend: elementwise kernels, reductions and matmul epilogues
+rendered to C and built with the system C compiler (cc, or $CC), where one exists.
+
+NumPy evaluates a fused kernel one pass per op, each pass through a temporary array; the C
+loop computes every element once, in registers. BLAS still does the matmuls: a matmul kernel's
+epilogue runs in C over the product NumPy made. Kernels that use something rendered here does
+not cover (float16, integer division, gathers, a reduction over leading axes) stay with NumPy.
+
+Rounding: + - * / sqrt and comparisons round as NumPy does (no FMA contraction, no fast-math).
+exp, tanh and sigmoid use the polynomials below (within about 1 ulp, and vectorisable); sums
+accumulate in double. So a kernel differs from its NumPy evaluation by about an ulp.
+
+Every kernel the schedule runs is rendered first, and the new ones are compiled together
+(one compiler run per schedule, not per kernel) into a shared library cached on disk under
+$MINIFT_CACHE_DIR/c or ~/.cache/minift/c. MINIFT_CLOOPS=0 turns the whole path off.
+"""
+import ctypes, hashlib, os, shutil, subprocess, tempfile
+from pathlib import Path
+from minift.codegen_opencl import literal
+from minift.device import log
+from minift.dtype import dtypes
+from minift.helpers import prod
+from minift.lazy import Op
+
+# Kernels of fewer elements than this run in NumPy: there, a compile is not worth it.
+C_FROM = 1 << 12
+
+PRELUDE = r"""#include <math.h>
+#include <stdint.h>
+typedef union { float f; int32_t i; } bits32;
+/* exp(x) = 2^n * e^r, n = round(x / ln 2), |r| <= ln2 / 2, e^r by its Taylor series to r^7
+   (error < 1 ulp); 2^n is applied in two halves so that the result may be subnormal */
+static inline float exp_f(float x) {
+  float xc = x < -104.0f ? -104.0f : (x > 89.0f ? 89.0f : x);
+  float n = rintf(xc * 1.44269504088896341f);
+  float r = xc - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  float p = 1.0f + r * (1.0f + r * (0.5f + r * (0.166666672f + r * (0.0416666679f + r * (8.33333377e-3f + r * (1.38888892e-3f + r * 1.98412701e-4f))))));
+  int32_t ni = (int32_t)n, n1 = ni / 2, n2 = ni - n1;
+  bits32 s1, s2; s1.i = (n1 + 127) << 23; s2.i = (n2 + 127) << 23;
+  float y = (p * s1.f) * s2.f;
+  y = x < -104.0f ? 0.0f : y;
+  return x != x ? x : y;
+}
+/* tanh: the odd Taylor series below |x| = 0.4, (1 - e^-2|x|) / (1 + e^-2|x|) above, and
+   exactly +-1 beyond 9.0109 (as float tanh rounds there) */
+static inline float tanh_f(float x) {
+  float a = fabsf(x), x2 = x * x;
+  float small = a * (1.0f + x2 * (-0.333333343f + x2 * (0.133333340f + x2 * (-0.0539682545f + x2 * (0.0218694881f + x2 * (-8.86323582e-3f + x2 * (3.59212654e-3f + x2 * -1.45583438e-3f)))))));
+  float e = exp_f(-2.0f * a);
+  float big = (1.0f - e) / (1.0f + e);
+  float t = a < 0.4f ? small : big;
+  t = a > 9.0109f ? 1.0f : t;
+  return copysignf(t, x);
+}
+static inline float sigmoid_f(float x) { return 1.0f / (1.0f + exp_f(-x)); }
+/* NumPy's maximum propagates NaN */
+static inline float max_f(float a, float b) { return (a > b || a != a) ? a : b; }
+"""
+
+CTYPE = {"bool": "int", "int32": "int32_t", "int64": "int64_t", "float32": "float"}     # arithmetic
+PTYPE = {"bool": "uint8_t", "int32": "int32_t", "int64": "int64_t", "float32": "float"}  # storage
+UTYPE = {"int32": "uint32_t", "int64": "uint64_t"}   # integer + - * wrap around, as NumPy's do
+MATH = {Op.EXP: "exp_f", Op.LOG: "logf", Op.SQRT: "sqrtf", Op.TANH: "tanh_f", Op.SIN: "sinf", Op.SIGMOID: "sigmoid_f", Op.ERF: "erff"}
+INFIX = {Op.ADD: "+", Op.SUB: "-", Op.MUL: "*", Op.DIV: "/", Op.CMPLT: "<", Op.CMPEQ: "=="}
+
+
+class Unsupported(Exception):
+  """The kernel uses something this renderer does not cover: NumPy evaluates it."""
+
+
+def _check(ok, what):
+  if not ok: raise Unsupported(what)
+
+
+class _Loops:
+  """The loop nest of a kernel: its axes in groups that merge into one loop each (adjacent axes
+  whose strides chain in every load and that no pad masks). kept: loops over output elements;
+  reduced: loops a reduction runs inside them."""
+
+  def __init__(self, shape, reduced, views):
+    self.shape = shape
+    kept_axes = [a for a in range(len(shape)) if a not in reduced and shape[a] != 1]
+    red_axes = [a for a in sorted(reduced) if shape[a] != 1]
+    _check(not red_axes or not kept_axes or max(kept_axes) < min(red_axes), "reduction over leading axes")
+    self.kept = self._merge(kept_axes, views)
+    self.reduced = self._merge(red_axes, [v for v in views if v.shape == tuple(shape)] if reduced else views)
+
+  def _merge(self, axes, views):
+    groups = []
+    for a in axes:
+      unmasked = lambda v, ax: v.shape[ax] == 1 or v.mask is None or v.mask[ax] == (0, v.shape[ax])
+      if groups and all(v.shape[a] == 1 or (v.strides[groups[-1][-1]] == v.strides[a] * self.shape[a]
+                                            and unmasked(v, a) and unmasked(v, groups[-1][-1])) for v in views):
+        groups[-1].append(a)
+      else: groups.append([a])
+    return groups
+
+  def size(self, group): return prod(self.shape[a] for a in group)
+
+
+class Renderer:
+  """C source for one kernel: `void NAME(out, in0, in1, ...)`, plus one more pointer (the
+  matmul's product) for a matmul epilogue."""
+
+  def __init__(self, kernel, in_dtypes):
+    self.kernel, self.in_dtypes = kernel, in_dtypes
+    reduce = kernel.reduce
+    outer = list(_subtree(kernel.ast, stop=reduce))              # the epilogue (all of an elementwise kernel)
+    inner = list(_subtree(reduce.srcs[0])) if kernel.kind == "reduce" else []   # what a reduction sums
+    if kernel.kind == "reduce":
+      _check(reduce.dtype is dtypes.float32, "non-float reduction")
+      _check(not any(n.op in (Op.SUM, Op.RMAX) for n in inner), "nested reduction")
+      _check(not {id(n) for n in outer if n.op is not Op.CONST} & {id(n) for n in inner}, "node inside and after the reduction")
+      shape, axes = reduce.arg[1], reduce.arg[0]
+      _check(tuple(1 if a in axes else n for a, n in enumerate(shape)) == tuple(kernel.shape), "reduce shape")
+    else:
+      _check(kernel.kind == "elementwise" or (kernel.kind == "matmul" and kernel.ast is not reduce), "kernel kind")
+      shape, axes = kernel.shape, ()
+    for node in outer + inner:
+      if node is reduce: continue
+      _check(node.dtype.name in CTYPE, f"{node.dtype.name} values")
+      if node.op is Op.BUFFER: _check(in_dtypes[node.arg[0]].name in PTYPE, "input dtype")
+    views = [n.arg[1] for n in outer + inner if n.op is Op.BUFFER]
+    _check(all(len(v.shape) == len(shape) for v in views), "view rank")
+    self.loops = _Loops(tuple(shape), set(axes), views)
+    self.names, self.lines, self.count = {}, [], 0
+
+  # ---- expressions
+
+  def index(self, strides_of, groups):
+    """The flat index of element (loop variables) for axis strides strides_of(axis)."""
+    terms = []
+    for var, group in groups:
+      st = strides_of(group[-1])
+      if st: terms.append(var if st == 1 else f"{var}*{st}" if st > 0 else f"{var}*({st})")
+    return terms
+
+  def load(self, node, groups):
+    i, view = node.arg
+    dtype = self.in_dtypes[i]
+    conds = []
+    if view.mask is not None:
+      if any(lo >= hi for lo, hi in view.mask): return literal(0, node.dtype)
+      for var, group in groups:
+        for a in group:
+          lo, hi = view.mask[a]
+          if (lo, hi) == (0, view.shape[a]): continue
+          if lo > 0: conds.append(f"{var}>={lo}")
+          if hi < view.shape[a]: conds.append(f"{var}<{hi}")
+      for a, n in enumerate(view.shape):   # size-1 axes in no loop: their coordinate is 0
+        if n == 1 and not view.mask[a][0] <= 0 < view.mask[a][1]: return literal(0, node.dtype)
+    terms = self.index(lambda a: view.strides[a], groups) + ([str(view.offset)] if view.offset else [])
+    code = f"p{i}[{' + '.join(terms) or '0'}]"
+    if dtype is dtypes.bool: code = f"({code}!=0)"
+    return f"({' && '.join(conds)} ? {code} : {literal(0, node.dtype)})" if conds else code
+
+  def value(self, node, groups):
+    name = self.names.get(id(node))
+    if name is not None: return name
+    code = self._value(node, groups)
+    if id(node) not in self.kernel.shared or node.op in (Op.CONST,): return code
+    name = f"v{self.count}"
+    self.count += 1
+    self.lines.append(f"const {CTYPE[node.dtype.name]} {name} = {code};")
+    self.names[id(node)] = name
+    return name
+
+  def _value(self, node, groups):
+    op, out = node.op, node.dtype
+    if op is Op.BUFFER: return self.load(node, groups)
+    if op is Op.CONST: return literal(node.arg, out)
+    if node is self.kernel.reduce: return self.reduced_value
+    _check(op in MATH or op in INFIX or op in (Op.NEG, Op.RECIP, Op.CAST, Op.MAX, Op.POW, Op.WHERE), op.name)
+    srcs = [self.value(s, groups) for s in node.srcs]
+    a = srcs[0]
+    src = node.srcs[0].dtype
+    if op is Op.CAST:
+      to = node.arg
+      if to is dtypes.bool: return f"({a}!=0)"
+      _check(not (src.is_float and to.is_int), "float to int cast")
+      return f"(({CTYPE[to.name]}){a})"
+    if op is Op.WHERE: return f"({a} ? {srcs[1]} : {srcs[2]})"
+    if op in (Op.CMPLT, Op.CMPEQ): return f"({a}{INFIX[op]}{srcs[1]})"
+    _check(out is not dtypes.bool, f"{op.name} on bool")
+    if out.is_int:   # wrapping arithmetic; no division or power
+      _check(op in (Op.ADD, Op.SUB, Op.MUL, Op.NEG, Op.MAX), f"integer {op.name}")
+      u, t = UTYPE[out.name], CTYPE[out.name]
+      if op is Op.NEG: return f"(({t})(0-({u}){a}))"
+      if op is Op.MAX: return f"({a}>{srcs[1]} ? {a} : {srcs[1]})"
+      return f"(({t})(({u}){a}{INFIX[op]}({u}){srcs[1]}))"
+    if op in MATH: return f"{MATH[op]}({a})"
+    if op is Op.NEG: return f"(-{a})"
+    if op is Op.RECIP: return f"(1.0f/{a})"
+    if op is Op.MAX: return f"max_f({a}, {srcs[1]})"
+    if op is Op.POW: return f"powf({a}, {srcs[1]})"
+    return f"({a}{INFIX[op]}{srcs[1]})"
+
+  # ---- the loop nest
+
+  def render(self, name):
+    k, loops = self.kernel, self.loops
+    kept = [(f"i{g}", group) for g, group in enumerate(loops.kept)]
+    red = [(f"r{g}", group) for g, group in enumerate(loops.reduced)]
+    out_strides = _contiguous(k.shape)
+    out_index = " + ".join(self.index(lambda a: out_strides[a], kept)) or "0"
+    args = ["void* out_"] + [f"const void* in{i}" for i in range(len(self.in_dtypes))]
+    body = [f"{PTYPE[k.dtype.name]}* out = ({PTYPE[k.dtype.name]}*)out_;"]
+    body += [f"const {PTYPE[d.name]}* p{i} = (const {PTYPE[d.name]}*)in{i};" for i, d in enumerate(self.in_dtypes)]
+    if k.kind == "matmul":   # the product, contiguous in the kernel's shape; it may be out itself
+      args.append("const float* mm")
+      self.reduced_value = f"mm[{out_index}]"
+    lines, indent = [], ""
+    # one thread: split across cores (OpenMP parallel for), loops ran slower in a training step,
+    # where they took the cores from the BLAS threads between matmuls
+    for g, (var, group) in enumerate(kept):
+      if g == len(kept) - 1 and not red: lines.append(indent + "#pragma omp simd")
+      lines.append(f"{indent}for (long {var} = 0; {var} < {loops.size(group)}; {var}++) {{")
+      indent += "  "
+    if k.kind == "reduce":
+      r = k.reduce
+      self.lines = []
+      src = self.value(r.srcs[0], kept + red)
+      inner = self.lines
+      if r.op is Op.SUM:
+        lines += [indent + "double acc = 0.0;"]
+        update, pragma = [f"acc += (double)({src});"], "#pragma omp simd reduction(+:acc)"
+      else:
+        lines += [indent + "float acc = -INFINITY; int anynan = 0;"]
+        update = ["const float x = " + src + ";", "acc = acc > x ? acc : x;", "anynan |= x != x;"]
+        pragma = "#pragma omp simd reduction(max:acc) reduction(|:anynan)"
+      rindent = indent
+      for g, (var, group) in enumerate(red):
+        if g == len(red) - 1: lines.append(rindent + pragma)
+        lines.append(f"{rindent}for (long {var} = 0; {var} < {loops.size(group)}; {var}++) {{")
+        rindent += "  "
+      lines += [rindent + s for s in inner + update]
+      lines += [indent + "  " * (len(red) - g - 1) + "}" for g in range(len(red))]
+      if r.op is Op.RMAX: lines.append(indent + "if (anynan) acc = NAN;")
+      self.reduced_value = "((float)acc)"
+    self.lines, self.names = [], {}
+    value = self.value(k.ast, kept)
+    store = f"out[{out_index}] = ({PTYPE[k.dtype.name]})({value});"
+    lines += [indent + s for s in self.lines + [store]]
+    lines += ["  " * (len(kept) - g - 1) + "}" for g in range(len(kept))]
+    return f"void {name}({', '.join(args)}) {{\n  " + "\n  ".join(body + lines) + "\n}\n"
+
+
+def _subtree(node, stop=None):
+  """The nodes under node (each once), not looking below `stop`."""
+  seen, stack = set(), [node]
+  while stack:
+    n = stack.pop()
+    if id(n) in seen: continue
+    seen.add(id(n)); yield n
+    if n is not stop: stack.extend(n.srcs)
+
+
+def _contiguous(shape):
+  strides, acc = [0] * len(shape), 1
+  for a in range(len(shape) - 1, -1, -1):
+    strides[a] = acc if shape[a] != 1 else 0
+    acc *= shape[a]
+  return strides
+
+
+def render(kernel, in_dtypes):
+  """(function name, C source) of a kernel; raises Unsupported."""
+  src = Renderer(kernel, in_dtypes).render("KERNEL")
+  # the name keys the disk cache: it covers everything the library is built from
+  name = "k_" + hashlib.sha256((PRELUDE + src + compiler.signature).encode()).hexdigest()[:24]
+  return name, src.replace("void KERNEL(", f"void {name}(", 1)
+
+
+# ---- building
+
+def cache_dir():
+  env = os.environ.get("MINIFT_CACHE_DIR")
+  return Path(env) / "c" if env else Path.home() / ".cache" / "minift" / "c"
+
+
+class Compiler:
+  """Builds rendered kernels into shared libraries, one per batch, cached on disk; finds a
+  function again by its name (a hash of its source and of the compiler) in this process or in
+  the cache."""
+
+  FLAGS = ["-O3", "-fno-math-errno", "-ffp-contract=off", "-fPIC", "-shared"]
+  OPTIONAL = ["-march=native", "-fopenmp-simd"]   # each dropped where the compiler refuses it
+
+  def __init__(self):
+    self.functions, self.index, self._flags, self.failed = {}, None, None, None
+    self.cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+
+  @property
+  def available(self):
+    return self.cc is not None and self.failed is None and os.environ.get("MINIFT_CLOOPS", "1") != "0" and self.flags is not None
+
+  @property
+  def flags(self):
+    """The compiler's flags, found once by building a small loop with each optional flag."""
+    if self._flags is None and self.failed is None:
+      test = PRELUDE + "void probe(float* x) {\n#pragma omp simd\n for (long i = 0; i < 64; i++) x[i] = exp_f(x[i]);\n}\n"
+      flags = list(self.FLAGS)
+      with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "p.c").write_text(test)
+        for extra in ([*self.OPTIONAL], [self.OPTIONAL[1]], [self.OPTIONAL[0]], []):
+          res = self._cc(flags + extra, Path(tmp) / "p.c", Path(tmp) / "p.so")
+          if res.returncode == 0:
+            self._flags = flags + extra
+            break
+        else: self._fail(res.stderr)
+    return self._flags
+
+  def _cc(self, flags, c_file, so_file):
+    try: return subprocess.run([self.cc, *flags, "-o", str(so_file), str(c_file), "-lm"], capture_output=True, text=True)
+    except OSError as e: return subprocess.CompletedProcess([], 1, "", str(e))
+
+  def _fail(self, stderr):
+    self.failed = stderr[-2000:]
+    log.warning(f"the C compiler {self.cc} failed; the NumPy backend evaluates every kernel with NumPy:\n{self.failed}")
+
+  @property
+  def signature(self): return f"{self.cc} {' '.join(self.flags or [])}"
+
+  def _load_index(self):
+    """{function name: library path} of every library in the cache."""
+    self.index = {}
+    for listing in cache_dir().glob("*.txt"):
+      lib = listing.with_suffix(".so")
+      if lib.exists(): self.index.update((n, lib) for n in listing.read_text().split())
+
+  def get(self, name):
+    fn = self.functions.get(name)
+    if fn is None:
+      if self.index is None: self._load_index()
+      lib = self.index.get(name)
+      if lib is None: return None
+      fn = self.functions[name] = getattr(ctypes.CDLL(str(lib)), name)
+      fn.restype = None
+    return fn
+
+  def build(self, sources):
+    """Compile {name: source} (names not yet built) into one library."""
+    src = PRELUDE + "\n".join(sources[n] for n in sorted(sources))
+    key = hashlib.sha256((src + self.signature).encode()).hexdigest()[:32]
+    folder = cache_dir()
+    folder.mkdir(parents=True, exist_ok=True)
+    lib = folder / f"{key}.so"
+    if not lib.exists():
+      with tempfile.TemporaryDirectory(dir=folder) as tmp:
+        (Path(tmp) / "k.c").write_text(src)
+        res = self._cc(self.flags, Path(tmp) / "k.c", Path(tmp) / "k.so")
+        if res.returncode != 0: return self._fail(res.stderr)
+        os.replace(Path(tmp) / "k.so", lib)   # atomic: another process may be building the same library
+    listing = lib.with_suffix(".txt")
+    if not listing.exists():
+      tmp = listing.with_suffix(f".txt.{os.getpid()}")
+      tmp.write_text("\n".join(sorted(sources)))
+      os.replace(tmp, listing)
+    if self.index is None: self._load_index()
+    self.index.update((n, lib) for n in sources)
+
+
+compiler = Compiler()
+
+
+def prepare(kernels, in_dtypes_of):
+  """Render every kernel C can run and build the new ones in one compiler run. Sets
+  kernel._c_name (None: NumPy evaluates it)."""
+  if not compiler.available: return
+  todo = {}
+  for k in kernels:
+    if "_c_name" in k.__dict__: continue
+    k._c_name = None
+    if k.kind not in ("elementwise", "reduce", "matmul"): continue
+    size = prod(k.reduce.arg[1]) if k.kind == "reduce" else prod(k.shape)
+    if size < C_FROM or size == 0: continue
+    try: name, src = render(k, in_dtypes_of(k))
+    except Unsupported: continue
+    k._c_name = name
+    if compiler.get(name) is None: todo[name] = src
+  if todo: compiler.build(todo)
