@@ -191,7 +191,7 @@ class NumpyDevice:
     fn = kernel.__dict__.get("_c_fn")
     if fn is None and kernel.kind in ("elementwise", "reduce", "matmul"):
       if "_c_name" not in kernel.__dict__: cloops.prepare([kernel], lambda k: [b.dtype for b in ins])
-      if kernel._c_name is not None:
+      if kernel.__dict__.get("_c_name") is not None:   # not set: no compiler
         fn = kernel._c_fn = cloops.compiler.get(kernel._c_name)
         if fn is not None: fn.argtypes = [ctypes.c_void_p] * (len(ins) + 1 + (kernel.kind == "matmul"))
     if fn: return self.run_c(kernel, fn, flats, assign_out)
@@ -335,10 +335,11 @@ class NumpyDevice:
     if prod(in_shape) == 0: return np.zeros(shape, node.dtype.np)   # an empty dim (k == 0 sums to zeros)
     la, lb = node.srcs[0].srcs
     if node.plan is None: node.plan = _matmul_plan(la.arg[1], lb.arg[1], axes, in_shape)
-    plan_a, plan_b, out_shape, out_order, single = node.plan
+    plan_a, plan_b, out_shape, out_order, swap = node.plan
     a3 = _operand(view_array(flats[la.arg[0]], la.arg[1]), plan_a)
     b3 = _operand(view_array(flats[lb.arg[0]], lb.arg[1]), plan_b)
-    out = np.matmul(a3, b3).reshape(out_shape).transpose(out_order)
+    out = np.matmul(b3.swapaxes(-1, -2), a3.swapaxes(-1, -2)) if swap else np.matmul(a3, b3)
+    out = out.reshape(out_shape).transpose(out_order)
     return out.astype(node.dtype.np, copy=False).reshape(shape)
 
 
@@ -346,7 +347,9 @@ def _matmul_plan(va, vb, axes, in_shape):
   """How to lay out a matmul's operands as (*batch, rows, cols) arrays and its (*batch, m, n)
   result back in the kernel's axis order; kept on the SUM node (a decode step runs the same few
   hundred small matmuls every token). Batch axes stay separate: merging them (attention's batch
-  and heads) would copy an operand whose heads are interleaved in memory."""
+  and heads) would copy an operand whose heads are interleaved in memory. swap: the kernel
+  wants n before m (a weight gradient x^T @ dy written as (in, out)): compute b^T @ a^T, which
+  BLAS writes in that order, instead of a transposed result that would then be copied."""
   batch, m, n, k = matmul_axes(va, vb, axes)
   size = lambda axs: prod(in_shape[i] for i in axs)
   batch_shape = tuple(in_shape[i] for i in batch)
@@ -355,9 +358,10 @@ def _matmul_plan(va, vb, axes, in_shape):
     kept = [i for i in range(len(in_shape)) if i not in drop]
     return (tuple(0 if i in drop else slice(None) for i in range(len(in_shape))),
             tuple(kept.index(i) for i in order), (rows, cols) if single else batch_shape + (rows, cols))
-  order = batch + m + n
+  swap = sorted(batch + m + n) != list(batch + m + n) and sorted(batch + n + m) == list(batch + n + m)
+  order = batch + n + m if swap else batch + m + n
   return (operand(n, batch + m + k, size(m), size(k)), operand(m, batch + k + n, size(k), size(n)),
-          tuple(in_shape[i] for i in order), tuple(order.index(i) for i in sorted(order)), single)
+          tuple(in_shape[i] for i in order), tuple(order.index(i) for i in sorted(order)), swap)
 
 
 def _operand(x, plan):

@@ -21,15 +21,17 @@ from minift.device import log
 from minift.dtype import dtypes
 from minift.helpers import prod
 from minift.lazy import Op
+from minift.view import View
 
 # Kernels of fewer elements than this run in NumPy: there, a compile is not worth it.
 C_FROM = 1 << 12
 
 PRELUDE = r"""#include <math.h>
 #include <stdint.h>
-typedef union { float f; int32_t i; } bits32;
+typedef union { float f; uint32_t i; } bits32;
 /* exp(x) = 2^n * e^r, n = round(x / ln 2), |r| <= ln2 / 2, e^r by its Taylor series to r^7
-   (error < 1 ulp); 2^n is applied in two halves so that the result may be subnormal */
+   (error < 1 ulp); 2^n is applied in two halves so that the result may be subnormal. NaN
+   passes through the arithmetic as NaN. */
 static inline float exp_f(float x) {
   float xc = x < -104.0f ? -104.0f : (x > 89.0f ? 89.0f : x);
   float n = rintf(xc * 1.44269504088896341f);
@@ -37,21 +39,18 @@ static inline float exp_f(float x) {
   r = r - n * -2.12194440e-4f;
   float p = 1.0f + r * (1.0f + r * (0.5f + r * (0.166666672f + r * (0.0416666679f + r * (8.33333377e-3f + r * (1.38888892e-3f + r * 1.98412701e-4f))))));
   int32_t ni = (int32_t)n, n1 = ni / 2, n2 = ni - n1;
-  bits32 s1, s2; s1.i = (n1 + 127) << 23; s2.i = (n2 + 127) << 23;
+  bits32 s1, s2; s1.i = (uint32_t)(n1 + 127) << 23; s2.i = (uint32_t)(n2 + 127) << 23;
   float y = (p * s1.f) * s2.f;
-  y = x < -104.0f ? 0.0f : y;
-  return x != x ? x : y;
+  return x < -104.0f ? 0.0f : y;
 }
-/* tanh: the odd Taylor series below |x| = 0.4, (1 - e^-2|x|) / (1 + e^-2|x|) above, and
-   exactly +-1 beyond 9.0109 (as float tanh rounds there) */
+/* tanh: the odd Taylor series below |x| = 0.4, (1 - e^-2|x|) / (1 + e^-2|x|) above (which
+   rounds to exactly 1 from |x| = 9) */
 static inline float tanh_f(float x) {
   float a = fabsf(x), x2 = x * x;
   float small = a * (1.0f + x2 * (-0.333333343f + x2 * (0.133333340f + x2 * (-0.0539682545f + x2 * (0.0218694881f + x2 * (-8.86323582e-3f + x2 * (3.59212654e-3f + x2 * -1.45583438e-3f)))))));
   float e = exp_f(-2.0f * a);
   float big = (1.0f - e) / (1.0f + e);
-  float t = a < 0.4f ? small : big;
-  t = a > 9.0109f ? 1.0f : t;
-  return copysignf(t, x);
+  return copysignf(a < 0.4f ? small : big, x);
 }
 static inline float sigmoid_f(float x) { return 1.0f / (1.0f + exp_f(-x)); }
 /* NumPy's maximum propagates NaN */
@@ -104,7 +103,8 @@ class Renderer:
   matmul's product) for a matmul epilogue."""
 
   def __init__(self, kernel, in_dtypes):
-    self.kernel, self.in_dtypes = kernel, in_dtypes
+    self.kernel, self.in_dtypes, self.views = kernel, in_dtypes, {}
+    self.out_shape = tuple(kernel.shape)
     reduce = kernel.reduce
     outer = list(_subtree(kernel.ast, stop=reduce))              # the epilogue (all of an elementwise kernel)
     inner = list(_subtree(reduce.srcs[0])) if kernel.kind == "reduce" else []   # what a reduction sums
@@ -113,7 +113,9 @@ class Renderer:
       _check(not any(n.op in (Op.SUM, Op.RMAX) for n in inner), "nested reduction")
       _check(not {id(n) for n in outer if n.op is not Op.CONST} & {id(n) for n in inner}, "node inside and after the reduction")
       shape, axes = reduce.arg[1], reduce.arg[0]
-      _check(tuple(1 if a in axes else n for a, n in enumerate(shape)) == tuple(kernel.shape), "reduce shape")
+      self.out_shape = tuple(1 if a in axes else n for a, n in enumerate(shape))
+      if self.out_shape != tuple(kernel.shape):   # the result reshaped: (256, 1) summed rows written as (256,)
+        self.views.update((id(n), _unsqueezed(n.arg[1], self.out_shape)) for n in outer if n.op is Op.BUFFER)
     else:
       _check(kernel.kind == "elementwise" or (kernel.kind == "matmul" and kernel.ast is not reduce), "kernel kind")
       shape, axes = kernel.shape, ()
@@ -121,7 +123,7 @@ class Renderer:
       if node is reduce: continue
       _check(node.dtype.name in CTYPE, f"{node.dtype.name} values")
       if node.op is Op.BUFFER: _check(in_dtypes[node.arg[0]].name in PTYPE, "input dtype")
-    views = [n.arg[1] for n in outer + inner if n.op is Op.BUFFER]
+    views = [self.view(n) for n in outer + inner if n.op is Op.BUFFER]
     _check(all(len(v.shape) == len(shape) for v in views), "view rank")
     self.loops = _Loops(tuple(shape), set(axes), views)
     self.names, self.lines, self.count = {}, [], 0
@@ -136,8 +138,10 @@ class Renderer:
       if st: terms.append(var if st == 1 else f"{var}*{st}" if st > 0 else f"{var}*({st})")
     return terms
 
+  def view(self, node): return self.views.get(id(node), node.arg[1])
+
   def load(self, node, groups):
-    i, view = node.arg
+    i, view = node.arg[0], self.view(node)
     dtype = self.in_dtypes[i]
     conds = []
     if view.mask is not None:
@@ -182,7 +186,9 @@ class Renderer:
       return f"(({CTYPE[to.name]}){a})"
     if op is Op.WHERE: return f"({a} ? {srcs[1]} : {srcs[2]})"
     if op in (Op.CMPLT, Op.CMPEQ): return f"({a}{INFIX[op]}{srcs[1]})"
-    _check(out is not dtypes.bool, f"{op.name} on bool")
+    if out is dtypes.bool:   # NumPy: * is and, + and maximum are or
+      _check(op in (Op.MUL, Op.ADD, Op.MAX), f"{op.name} on bool")
+      return f"({a}&&{srcs[1]})" if op is Op.MUL else f"({a}||{srcs[1]})"
     if out.is_int:   # wrapping arithmetic; no division or power
       _check(op in (Op.ADD, Op.SUB, Op.MUL, Op.NEG, Op.MAX), f"integer {op.name}")
       u, t = UTYPE[out.name], CTYPE[out.name]
@@ -202,7 +208,7 @@ class Renderer:
     k, loops = self.kernel, self.loops
     kept = [(f"i{g}", group) for g, group in enumerate(loops.kept)]
     red = [(f"r{g}", group) for g, group in enumerate(loops.reduced)]
-    out_strides = _contiguous(k.shape)
+    out_strides = _contiguous(self.out_shape)
     out_index = " + ".join(self.index(lambda a: out_strides[a], kept)) or "0"
     args = ["void* out_"] + [f"const void* in{i}" for i in range(len(self.in_dtypes))]
     body = [f"{PTYPE[k.dtype.name]}* out = ({PTYPE[k.dtype.name]}*)out_;"]
@@ -254,6 +260,18 @@ def _subtree(node, stop=None):
     if id(n) in seen: continue
     seen.add(id(n)); yield n
     if n is not stop: stack.extend(n.srcs)
+
+
+def _unsqueezed(view, shape):
+  """view, which has shape's sizes but for some size-1 axes, as a view of shape."""
+  _check([n for n in view.shape if n != 1] == [n for n in shape if n != 1], "reduce shape")
+  _check(view.mask is None or all(view.mask[a] == (0, 1) for a, n in enumerate(view.shape) if n == 1), "masked size-1 axis")
+  real = iter([(st, None if view.mask is None else view.mask[a]) for a, (n, st) in enumerate(zip(view.shape, view.strides)) if n != 1])
+  strides, mask = [], []
+  for n in shape:
+    st, m = next(real) if n != 1 else (0, (0, 1))
+    strides.append(st); mask.append(m or (0, n))
+  return View(tuple(shape), tuple(strides), view.offset, None if view.mask is None else tuple(mask))
 
 
 def _contiguous(shape):

@@ -1,0 +1,148 @@
+"""The NumPy backend's compiled C loops (minift/cloops.py): accuracy of the polynomial exp and
+tanh against float64, special values against NumPy, which kernels run in C, the disk cache, and
+the fallback to NumPy when there is no working compiler. The op suite itself also runs on the
+numpy-c device (conftest.py)."""
+import logging
+import numpy as np
+import pytest
+import minift.cloops as cloops
+from minift import Tensor
+from minift.schedule import create_schedule
+
+pytestmark = pytest.mark.skipif(not cloops.compiler.available, reason="needs a C compiler (cc); .ci/run has gcc")
+
+
+@pytest.fixture
+def force_c(monkeypatch):
+  monkeypatch.setattr(cloops, "C_FROM", 0)
+
+
+def ulp_error(got, want64):
+  """|got - want| in units of the float32 spacing at want (finite values only)."""
+  with np.errstate(over="ignore"): want32 = want64.astype(np.float32)
+  fin = np.isfinite(want32)
+  spacing = np.maximum(np.spacing(np.abs(want32[fin])), np.spacing(np.float32(0))).astype(np.float64)
+  return np.abs(got[fin].astype(np.float64) - want64[fin]) / spacing
+
+
+GRID = np.concatenate([np.linspace(-110, 95, 400_001), np.linspace(-1, 1, 200_001),
+                       np.geomspace(1e-30, 1, 20_000), -np.geomspace(1e-30, 1, 20_000)]).astype(np.float32)
+
+
+@pytest.mark.parametrize("name, fn, ref, max_ulp", [
+  ("exp", Tensor.exp, np.exp, 1.5),        # NumPy's own float32 exp is within 2.5 ulp here
+  ("tanh", Tensor.tanh, np.tanh, 2.5),
+])
+def test_polynomials_against_float64(force_c, name, fn, ref, max_ulp):
+  with np.errstate(over="ignore"):
+    want = ref(GRID.astype(np.float64))
+  got = fn(Tensor(GRID)).numpy()
+  err = ulp_error(got, want)
+  assert err.max() <= max_ulp, f"{name}: {err.max():.2f} ulp at x={GRID[np.isfinite(want.astype(np.float32))][err.argmax()]}"
+  with np.errstate(over="ignore"):
+    assert np.array_equal(np.isinf(got), np.isinf(want.astype(np.float32))), f"{name}: overflow to inf at other inputs"
+
+
+SPECIAL = np.array([0.0, -0.0, 1e-45, -1e-45, 1e-38, 1e-20, -1e-20, 0.3999, 0.4001, 1.0, -1.0, 9.0, 9.02, -9.02,
+                    20.0, 87.0, 88.72, 88.73, 89.0, 100.0, -87.0, -100.0, -103.9, -104.0, -110.0,
+                    np.inf, -np.inf, np.nan, -np.nan], np.float32)
+
+
+@pytest.mark.parametrize("name", ["exp", "tanh", "sigmoid", "log", "sqrt", "reciprocal", "relu", "neg"])
+def test_special_values_match_numpy(force_c, name):
+  x = np.concatenate([SPECIAL, -SPECIAL])
+  got = getattr(Tensor(x), name)().numpy()
+  with np.errstate(all="ignore"):
+    want = {"exp": np.exp, "tanh": np.tanh, "sigmoid": lambda v: 1 / (1 + np.exp(-v)), "log": np.log, "sqrt": np.sqrt,
+            "reciprocal": np.reciprocal, "relu": lambda v: np.where(v > 0, v, 0), "neg": np.negative}[name](x).astype(np.float32)
+  assert np.array_equal(np.isnan(got), np.isnan(want)), f"{name}: NaN at {x[np.isnan(got) != np.isnan(want)]}"
+  ok = ~np.isnan(want)
+  np.testing.assert_allclose(got[ok], want[ok], rtol=3e-7, atol=1e-44, err_msg=name)
+
+
+def test_max_and_sum_propagate_nan(force_c):
+  x = np.arange(24, dtype=np.float32).reshape(4, 6)
+  x[1, 3], x[2, 0] = np.nan, np.inf
+  y = np.full((4, 6), 5.0, np.float32)
+  np.testing.assert_array_equal(Tensor(x).maximum(Tensor(y)).numpy(), np.maximum(x, y))
+  np.testing.assert_array_equal(Tensor(x).max(-1).numpy(), x.max(-1))
+  np.testing.assert_array_equal(Tensor(x).sum(-1).numpy(), x.sum(-1))
+
+
+def _kernels(t):
+  return create_schedule([t.lazydata])
+
+
+def test_what_runs_in_c(force_c):
+  a, b = Tensor(np.ones((8, 16), np.float32)), Tensor(np.ones((16, 4), np.float32))
+  h = Tensor(np.ones((8, 16), np.float16))
+  cases = {
+    "elementwise": ((a * 2 + 1).exp(), True),
+    "row reduction": (a.sum(-1), True),
+    "matmul epilogue": ((a @ b).relu(), True),
+    "plain matmul (BLAS writes it)": (a @ b, False),
+    "float16": (h * 2, False),
+    "reduction over the leading axis": (a.sum(0), False),
+  }
+  for what, (t, in_c) in cases.items():
+    kernels = _kernels(t)
+    cloops.prepare(kernels, lambda k: [x.dtype for x in k.inputs])
+    assert (kernels[-1]._c_name is not None) == in_c, what
+
+
+def test_c_equals_numpy_on_a_training_step(monkeypatch):
+  """A tiny GPT-2 LoRA step: the C loops give NumPy's losses and gradients (to ~1 ulp per op)."""
+  from tiny_gpt import init_weights, block_minift
+  weights, _ = init_weights(vocab=8, ctx=8, d=64, heads=4, layers=1)
+  x0 = np.random.default_rng(0).standard_normal((2, 64, 64)).astype(np.float32)
+  def step():
+    p = {k: Tensor(v, requires_grad=True) for k, v in weights.items()}
+    x = Tensor(x0, requires_grad=True)
+    out = block_minift(p, 0, x, 4)
+    loss = (out * out).mean()
+    loss.backward()
+    return loss.numpy(), x.grad.numpy(), [p[k].grad.numpy() for k in sorted(p) if p[k].grad is not None]
+  monkeypatch.setattr(cloops, "C_FROM", 0)
+  ran = []
+  real = cloops.prepare
+  monkeypatch.setattr(cloops, "prepare", lambda ks, d: (real(ks, d), ran.extend(k.__dict__.get("_c_name") for k in ks)))
+  with_c = step()
+  assert sum(n is not None for n in ran) >= len(ran) // 2, f"only {sum(n is not None for n in ran)} of {len(ran)} kernels ran in C"
+  monkeypatch.setenv("MINIFT_CLOOPS", "0")
+  numpy_only = step()
+  np.testing.assert_allclose(with_c[0], numpy_only[0], rtol=1e-6)
+  np.testing.assert_allclose(with_c[1], numpy_only[1], rtol=1e-4, atol=1e-7)
+  for g_c, g_np in zip(with_c[2], numpy_only[2]): np.testing.assert_allclose(g_c, g_np, rtol=1e-4, atol=1e-6)
+
+
+def test_disk_cache_is_used_by_a_new_process(tmp_path, monkeypatch, force_c):
+  monkeypatch.setenv("MINIFT_CACHE_DIR", str(tmp_path))
+  x = np.linspace(-3, 3, 40, dtype=np.float32).reshape(5, 8)
+  want = np.tanh(x * 3 + 1)
+  fresh = cloops.Compiler()
+  monkeypatch.setattr(cloops, "compiler", fresh)
+  np.testing.assert_allclose((Tensor(x) * 3 + 1).tanh().numpy(), want, rtol=1e-6)
+  assert list((tmp_path / "c").glob("*.so")), "nothing was written to the cache"
+  again = cloops.Compiler()   # a new process: knows nothing, must not compile
+  again._flags = fresh.flags
+  monkeypatch.setattr(again, "build", lambda sources: pytest.fail(f"compiled {len(sources)} kernels that the cache holds"))
+  monkeypatch.setattr(cloops, "compiler", again)
+  np.testing.assert_allclose((Tensor(x) * 3 + 1).tanh().numpy(), want, rtol=1e-6)
+  assert again.functions, "the kernel did not run from the cached library"
+
+
+def test_a_failing_compiler_falls_back_to_numpy(tmp_path, monkeypatch, force_c):
+  monkeypatch.setenv("MINIFT_CACHE_DIR", str(tmp_path))
+  monkeypatch.setenv("CC", "/bin/false")
+  broken = cloops.Compiler()
+  monkeypatch.setattr(cloops, "compiler", broken)
+  x = np.linspace(-3, 3, 40, dtype=np.float32)
+  seen = []
+  handler = logging.Handler()
+  handler.emit = lambda record: seen.append(record.getMessage())
+  logging.getLogger("minift").addHandler(handler)
+  try: got = (Tensor(x) * 2).exp().numpy()
+  finally: logging.getLogger("minift").removeHandler(handler)
+  np.testing.assert_allclose(got, np.exp(x * 2), rtol=1e-6)
+  assert not broken.available
+  assert len(seen) == 1 and "/bin/false" in seen[0] and "NumPy" in seen[0], seen   # one warning, naming the compiler
