@@ -362,19 +362,21 @@ class Compiler:
     src = PRELUDE + "\n".join(sources[n] for n in sorted(sources))
     key = hashlib.sha256((src + self.signature).encode()).hexdigest()[:32]
     folder = cache_dir()
-    folder.mkdir(parents=True, exist_ok=True)
-    lib = folder / f"{key}.so"
-    if not lib.exists():
-      with tempfile.TemporaryDirectory(dir=folder) as tmp:
-        (Path(tmp) / "k.c").write_text(src)
-        res = self._cc(self.flags, Path(tmp) / "k.c", Path(tmp) / "k.so")
-        if res.returncode != 0: return self._fail(res.stderr)
-        os.replace(Path(tmp) / "k.so", lib)   # atomic: another process may be building the same library
-    listing = lib.with_suffix(".txt")
-    if not listing.exists():
-      tmp = listing.with_suffix(f".txt.{os.getpid()}")
-      tmp.write_text("\n".join(sorted(sources)))
-      os.replace(tmp, listing)
+    lib, listing = folder / f"{key}.so", folder / f"{key}.txt"
+    try:
+      folder.mkdir(parents=True, exist_ok=True)
+      if not lib.exists():
+        with tempfile.TemporaryDirectory(dir=folder) as tmp:
+          (Path(tmp) / "k.c").write_text(src)
+          res = self._cc(self.flags, Path(tmp) / "k.c", Path(tmp) / "k.so")
+          if res.returncode != 0: return self._fail(res.stderr)
+          os.replace(Path(tmp) / "k.so", lib)   # atomic: another process may be building the same library
+      if not listing.exists():
+        tmp = listing.with_suffix(f".txt.{os.getpid()}")
+        tmp.write_text("\n".join(sorted(sources)))
+        os.replace(tmp, listing)
+    except OSError as e:   # an unwritable cache folder, a full disk
+      return self._fail(f"{folder}: {e}")
     if self.index is None: self._load_index()
     self.index.update((n, lib) for n in sources)
 

@@ -9,7 +9,10 @@ import minift.cloops as cloops
 from minift import Tensor
 from minift.schedule import create_schedule
 
-pytestmark = pytest.mark.skipif(not cloops.compiler.available, reason="needs a C compiler (cc); .ci/run has gcc")
+
+@pytest.fixture(autouse=True)
+def _needs_a_compiler():
+  if not cloops.compiler.available: pytest.fail(f"no working C compiler (cc, or $CC): {cloops.compiler.failed}")
 
 
 @pytest.fixture
@@ -131,9 +134,11 @@ def test_disk_cache_is_used_by_a_new_process(tmp_path, monkeypatch, force_c):
   assert again.functions, "the kernel did not run from the cached library"
 
 
-def test_a_failing_compiler_falls_back_to_numpy(tmp_path, monkeypatch, force_c):
+@pytest.mark.parametrize("why", ["compiler fails", "cache unwritable"])
+def test_a_failing_compiler_falls_back_to_numpy(tmp_path, monkeypatch, force_c, why):
+  if why == "compiler fails": monkeypatch.setenv("CC", "/bin/false")
+  else: (tmp_path / "c").write_text("a file where the cache folder should be")
   monkeypatch.setenv("MINIFT_CACHE_DIR", str(tmp_path))
-  monkeypatch.setenv("CC", "/bin/false")
   broken = cloops.Compiler()
   monkeypatch.setattr(cloops, "compiler", broken)
   x = np.linspace(-3, 3, 40, dtype=np.float32)
@@ -145,4 +150,5 @@ def test_a_failing_compiler_falls_back_to_numpy(tmp_path, monkeypatch, force_c):
   finally: logging.getLogger("minift").removeHandler(handler)
   np.testing.assert_allclose(got, np.exp(x * 2), rtol=1e-6)
   assert not broken.available
-  assert len(seen) == 1 and "/bin/false" in seen[0] and "NumPy" in seen[0], seen   # one warning, naming the compiler
+  culprit = "/bin/false" if why == "compiler fails" else str(tmp_path / "c")
+  assert len(seen) == 1 and culprit in seen[0] and "NumPy" in seen[0], seen   # one warning, naming the culprit
