@@ -14,11 +14,11 @@ Every kernel the schedule runs is rendered first, and the new ones are compiled 
 (one compiler run per schedule, not per kernel) into a shared library cached on disk under
 $MINIFT_CACHE_DIR/c or ~/.cache/minift/c. MINIFT_CLOOPS=0 turns the whole path off.
 """
-import ctypes, hashlib, os, shutil, subprocess, tempfile
+import ctypes, hashlib, os, platform, shutil, subprocess, tempfile
 from pathlib import Path
 from minift.codegen_opencl import literal
 from minift.device import log
-from minift.dtype import dtypes
+from minift.dtype import DType, dtypes
 from minift.helpers import prod
 from minift.lazy import Op
 from minift.view import View
@@ -30,8 +30,9 @@ PRELUDE = r"""#include <math.h>
 #include <stdint.h>
 typedef union { float f; uint32_t i; } bits32;
 /* exp(x) = 2^n * e^r, n = round(x / ln 2), |r| <= ln2 / 2, e^r by its Taylor series to r^7
-   (error < 1 ulp); 2^n is applied in two halves so that the result may be subnormal. NaN
-   passes through the arithmetic as NaN. */
+   (error < 1 ulp); 2^n is applied in two halves so that the result may be subnormal. Written
+   as selects, not branches, so that gcc vectorises it: `return x < -104 ? 0 : y` alone (NaN
+   would pass through anyway) left an exp-sum loop scalar and 7x slower. */
 static inline float exp_f(float x) {
   float xc = x < -104.0f ? -104.0f : (x > 89.0f ? 89.0f : x);
   float n = rintf(xc * 1.44269504088896341f);
@@ -41,16 +42,19 @@ static inline float exp_f(float x) {
   int32_t ni = (int32_t)n, n1 = ni / 2, n2 = ni - n1;
   bits32 s1, s2; s1.i = (uint32_t)(n1 + 127) << 23; s2.i = (uint32_t)(n2 + 127) << 23;
   float y = (p * s1.f) * s2.f;
-  return x < -104.0f ? 0.0f : y;
+  y = x < -104.0f ? 0.0f : y;
+  return x != x ? x : y;
 }
-/* tanh: the odd Taylor series below |x| = 0.4, (1 - e^-2|x|) / (1 + e^-2|x|) above (which
-   rounds to exactly 1 from |x| = 9) */
+/* tanh: the odd Taylor series below |x| = 0.4, (1 - e^-2|x|) / (1 + e^-2|x|) above, and
+   exactly +-1 beyond 9.0109 (as float tanh rounds there) */
 static inline float tanh_f(float x) {
   float a = fabsf(x), x2 = x * x;
   float small = a * (1.0f + x2 * (-0.333333343f + x2 * (0.133333340f + x2 * (-0.0539682545f + x2 * (0.0218694881f + x2 * (-8.86323582e-3f + x2 * (3.59212654e-3f + x2 * -1.45583438e-3f)))))));
   float e = exp_f(-2.0f * a);
   float big = (1.0f - e) / (1.0f + e);
-  return copysignf(a < 0.4f ? small : big, x);
+  float t = a < 0.4f ? small : big;
+  t = a > 9.0109f ? 1.0f : t;
+  return copysignf(t, x);
 }
 static inline float sigmoid_f(float x) { return 1.0f / (1.0f + exp_f(-x)); }
 /* NumPy's maximum propagates NaN */
@@ -292,6 +296,13 @@ def render(kernel, in_dtypes):
 
 # ---- building
 
+def _cpu_id():
+  try:
+    with open("/proc/cpuinfo") as f:
+      return next((line for line in f if line.split(":")[0].strip() in ("flags", "Features")), "")
+  except OSError: return platform.machine() + platform.processor()
+
+
 def cache_dir():
   env = os.environ.get("MINIFT_CACHE_DIR")
   return Path(env) / "c" if env else Path.home() / ".cache" / "minift" / "c"
@@ -306,7 +317,7 @@ class Compiler:
   OPTIONAL = ["-march=native", "-fopenmp-simd"]   # each dropped where the compiler refuses it
 
   def __init__(self):
-    self.functions, self.index, self._flags, self.failed = {}, None, None, None
+    self.functions, self.index, self._flags, self._signature, self.failed = {}, None, None, None, None
     self.cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
 
   @property
@@ -338,7 +349,11 @@ class Compiler:
     log.warning(f"the C compiler {self.cc} failed; the NumPy backend evaluates every kernel with NumPy:\n{self.failed}")
 
   @property
-  def signature(self): return f"{self.cc} {' '.join(self.flags or [])}"
+  def signature(self):
+    """What a cached library depends on besides its source: the compiler, its flags, and the
+    CPU (-march=native code from one machine may not run on another sharing the home folder)."""
+    if self._signature is None: self._signature = f"{self.cc} {' '.join(self.flags or [])} {_cpu_id()}"
+    return self._signature
 
   def _load_index(self):
     """{function name: library path} of every library in the cache."""
@@ -384,6 +399,24 @@ class Compiler:
 compiler = Compiler()
 
 
+def structure(kernel, in_dtypes):
+  """A hashable key of everything render() reads: an eager model call schedules the same
+  kernels again on every call, and looking them up costs a fraction of rendering them."""
+  nodes = kernel._nodes()
+  index = {id(n): i for i, n in enumerate(nodes)}
+  parts = [kernel.kind, tuple(kernel.shape), kernel.dtype.name, tuple(d.name for d in in_dtypes)]
+  for n in nodes:
+    arg = n.arg
+    if n.op is Op.BUFFER: arg = (arg[0], arg[1].shape, arg[1].strides, arg[1].offset, arg[1].mask)
+    elif isinstance(arg, DType): arg = arg.name
+    elif isinstance(arg, float): arg = repr(arg)   # -0.0 == 0.0 and nan != nan as dict keys
+    parts.append((n.op, n.dtype.name, arg, tuple(index[id(s)] for s in n.srcs), id(n) in kernel.shared))
+  return tuple(parts)
+
+
+_rendered = {}   # structure -> (name, source), or None where C does not cover the kernel
+
+
 def prepare(kernels, in_dtypes_of):
   """Render every kernel C can run and build the new ones in one compiler run. Sets
   kernel._c_name (None: NumPy evaluates it)."""
@@ -395,8 +428,14 @@ def prepare(kernels, in_dtypes_of):
     if k.kind not in ("elementwise", "reduce", "matmul"): continue
     size = prod(k.reduce.arg[1]) if k.kind == "reduce" else prod(k.shape)
     if size < C_FROM or size == 0: continue
-    try: name, src = render(k, in_dtypes_of(k))
-    except Unsupported: continue
+    in_dtypes = in_dtypes_of(k)
+    key = structure(k, in_dtypes)
+    if key not in _rendered:
+      if len(_rendered) > 20000: _rendered.clear()   # shapes that change forever (a growing sequence)
+      try: _rendered[key] = render(k, in_dtypes)
+      except Unsupported: _rendered[key] = None
+    if _rendered[key] is None: continue
+    name, src = _rendered[key]
     k._c_name = name
     if compiler.get(name) is None: todo[name] = src
   if todo: compiler.build(todo)

@@ -152,3 +152,22 @@ def test_a_failing_compiler_falls_back_to_numpy(tmp_path, monkeypatch, force_c, 
   assert not broken.available
   culprit = "/bin/false" if why == "compiler fails" else str(tmp_path / "c")
   assert len(seen) == 1 and culprit in seen[0] and "NumPy" in seen[0], seen   # one warning, naming the culprit
+
+
+def test_rendered_once_per_structure(force_c, monkeypatch):
+  """An eager call schedules the same kernels again: they are looked up, not rendered again;
+  kernels that differ only in a constant's sign (x * 0.0, x * -0.0: -0.0 == 0.0 in Python) are
+  not mixed up."""
+  renders = []
+  real = cloops.render
+  monkeypatch.setattr(cloops, "render", lambda k, d: renders.append(k) or real(k, d))
+  monkeypatch.setattr(cloops, "_rendered", {})
+  x = np.array([-0.0, 0.0, 1.5, -2.0] * 3, np.float32).reshape(3, 4)
+  names = []
+  for data in (x, x * 3):
+    kernels = _kernels((Tensor(data) * 2 + 1).exp())
+    cloops.prepare(kernels, lambda k: [i.dtype for i in k.inputs])
+    names.append(kernels[-1]._c_name)
+  assert names[0] == names[1] and len(renders) == 1
+  for zero in (0.0, -0.0):   # a CONST each; their kernels have one structure but for the sign
+    np.testing.assert_array_equal(np.signbit((Tensor(x) * zero).numpy()), np.signbit(x * np.float32(zero)), err_msg=repr(zero))
