@@ -342,8 +342,8 @@ class Compiler:
     return self._flags
 
   def _cc(self, flags, c_file, so_file):
-    try: return subprocess.run([self.cc, *flags, "-o", str(so_file), str(c_file), "-lm"], capture_output=True, text=True)
-    except OSError as e: return subprocess.CompletedProcess([], 1, "", str(e))
+    try: return subprocess.run([self.cc, *flags, "-o", str(so_file), str(c_file), "-lm"], capture_output=True, text=True, timeout=900)
+    except (OSError, subprocess.TimeoutExpired) as e: return subprocess.CompletedProcess([], 1, "", str(e))
 
   def _fail(self, stderr):
     self.failed = stderr[-2000:]
