@@ -1,4 +1,6 @@
-"""The NumPy backend: evaluates each kernel's AST with NumPy; matmuls go to BLAS.
+"""The NumPy backend: matmuls go to BLAS; elementwise kernels, reductions and matmul epilogues
+run as compiled C loops where cloops.py can build them (a C compiler, the kernel's ops and
+dtypes covered), and every other kernel's AST is evaluated with NumPy.
 
 Loads are strided views of the input buffers (no copies, pads become np.pad); temporaries
 made inside a kernel are reused in place where the shape and dtype allow it.
