@@ -20,7 +20,7 @@ from pathlib import Path
 from minift.codegen_opencl import literal
 from minift.device import log
 from minift.dtype import DType, dtypes
-from minift.helpers import prod
+from minift.helpers import prod, strides_for
 from minift.lazy import Op
 from minift.view import View
 
@@ -111,8 +111,8 @@ class Renderer:
     self.kernel, self.in_dtypes, self.views = kernel, in_dtypes, {}
     self.out_shape = tuple(kernel.shape)
     reduce = kernel.reduce
-    outer = list(_subtree(kernel.ast, stop=reduce))              # the epilogue (all of an elementwise kernel)
-    inner = list(_subtree(reduce.srcs[0])) if kernel.kind == "reduce" else []   # what a reduction sums
+    outer = kernel._nodes(stop=reduce)                                   # the epilogue (all of an elementwise kernel)
+    inner = kernel._nodes(reduce.srcs[0]) if kernel.kind == "reduce" else []   # what a reduction sums
     if kernel.kind == "reduce":
       _check(reduce.dtype is dtypes.float32, "non-float reduction")
       _check(not any(n.op in (Op.SUM, Op.RMAX) for n in inner), "nested reduction")
@@ -168,7 +168,7 @@ class Renderer:
     name = self.names.get(id(node))
     if name is not None: return name
     code = self._value(node, groups)
-    if id(node) not in self.kernel.shared or node.op in (Op.CONST,): return code
+    if id(node) not in self.kernel.shared or node.op is Op.CONST: return code
     name = f"v{self.count}"
     self.count += 1
     self.lines.append(f"const {CTYPE[node.dtype.name]} {name} = {code};")
@@ -213,7 +213,7 @@ class Renderer:
     k, loops = self.kernel, self.loops
     kept = [(f"i{g}", group) for g, group in enumerate(loops.kept)]
     red = [(f"r{g}", group) for g, group in enumerate(loops.reduced)]
-    out_strides = _contiguous(self.out_shape)
+    out_strides = strides_for(self.out_shape)
     out_index = " + ".join(self.index(lambda a: out_strides[a], kept)) or "0"
     args = ["void* out_"] + [f"const void* in{i}" for i in range(len(self.in_dtypes))]
     body = [f"{PTYPE[k.dtype.name]}* out = ({PTYPE[k.dtype.name]}*)out_;"]
@@ -257,16 +257,6 @@ class Renderer:
     return f"void {name}({', '.join(args)}) {{\n  " + "\n  ".join(body + lines) + "\n}\n"
 
 
-def _subtree(node, stop=None):
-  """The nodes under node (each once), not looking below `stop`."""
-  seen, stack = set(), [node]
-  while stack:
-    n = stack.pop()
-    if id(n) in seen: continue
-    seen.add(id(n)); yield n
-    if n is not stop: stack.extend(n.srcs)
-
-
 def _unsqueezed(view, shape):
   """view, which has shape's sizes but for some size-1 axes, as a view of shape."""
   _check([n for n in view.shape if n != 1] == [n for n in shape if n != 1], "reduce shape")
@@ -277,14 +267,6 @@ def _unsqueezed(view, shape):
     st, m = next(real) if n != 1 else (0, (0, 1))
     strides.append(st); mask.append(m or (0, n))
   return View(tuple(shape), tuple(strides), view.offset, None if view.mask is None else tuple(mask))
-
-
-def _contiguous(shape):
-  strides, acc = [0] * len(shape), 1
-  for a in range(len(shape) - 1, -1, -1):
-    strides[a] = acc if shape[a] != 1 else 0
-    acc *= shape[a]
-  return strides
 
 
 def render(kernel, in_dtypes):

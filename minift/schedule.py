@@ -51,12 +51,14 @@ class Kernel:
       for src in n.srcs: parents[id(src)] = parents.get(id(src), 0) + 1
     self.shared = {k for k, v in parents.items() if v > 1}   # DAG nodes used more than once
 
-  def _nodes(self):
-    seen, stack, out = set(), [self.ast], []
+  def _nodes(self, root=None, stop=None):
+    """The AST's nodes under root (the whole AST by default), each once, not looking below stop."""
+    seen, stack, out = set(), [self.ast if root is None else root], []
     while stack:
       n = stack.pop()
       if id(n) in seen: continue
-      seen.add(id(n)); out.append(n); stack.extend(n.srcs)
+      seen.add(id(n)); out.append(n)
+      if n is not stop: stack.extend(n.srcs)
     return out
 
   @property
