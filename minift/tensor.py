@@ -730,7 +730,11 @@ class Tensor:
       m = attn_mask.reshape((1,) * (5 - attn_mask.ndim) + attn_mask.shape) if attn_mask.ndim < 5 else attn_mask
       if attn_mask.ndim == 4: m = attn_mask.reshape(attn_mask.shape[0], -1 if attn_mask.shape[1] == 1 else hkv, 1 if attn_mask.shape[1] == 1 else g, t, s) if attn_mask.shape[1] in (1, hq) else attn_mask
       scores = m.where(scores, -math.inf) if m.dtype is dtypes.bool else scores + m
-    out = scores.softmax(-1) @ vg                                       # (B, Hkv, G, T, Dv)
+    # softmax(scores) @ v, written (e @ v) / l with e = exp(scores - max) and l = sum(e): the exp
+    # is made once (the matmul needs it made, and the sum reads it), the division is T*Dv ops
+    # instead of T*S, and the backward's row sum is sum(g * out) over Dv, not over S
+    e = (scores - scores.detach().max(-1, keepdim=True)).exp()
+    out = (e @ vg) / e.sum(-1, keepdim=True)                            # (B, Hkv, G, T, Dv)
     return out.reshape(b, hq, t, v.shape[3])
 
   def linear_cross_entropy(self, weight, target, ignore_index=-100, chunk_rows=256, denominator=None):
