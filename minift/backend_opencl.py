@@ -16,7 +16,7 @@ import numpy as np
 import pyopencl as cl
 from minift.device import Buffer, log
 from minift.dtype import dtypes
-from minift.helpers import DEBUG, prod
+from minift.helpers import DEBUG, prod, prune_cache, touch_cache
 from minift.lazy import LazyOp, Op
 from minift.schedule import Kernel, KNode
 from minift.view import View
@@ -263,6 +263,7 @@ class OpenCLDevice:
       try:
         prg = cl.Program(self.ctx, [self.device], [path.read_bytes()]).build(BUILD_OPTIONS)
         self.stats["cache_hits"] += 1
+        touch_cache(path)
       except (cl.Error, OSError):   # a stale or truncated binary: rebuild from source
         prg = None
     if prg is None:
@@ -282,6 +283,7 @@ class OpenCLDevice:
       tmp = path.with_suffix(f".{os.getpid()}.tmp")
       tmp.write_bytes(prg.binaries[0])
       os.replace(tmp, path)   # atomic: a concurrent process never reads half a file
+      prune_cache(path.parent, "*.bin")
     except OSError as e:
       if not self._cache_warned:
         self._cache_warned = True

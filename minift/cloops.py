@@ -20,7 +20,7 @@ from pathlib import Path
 from minift.codegen_opencl import literal
 from minift.device import log
 from minift.dtype import DType, dtypes
-from minift.helpers import prod, strides_for
+from minift.helpers import prod, prune_cache, strides_for, touch_cache
 from minift.lazy import Op
 from minift.view import View
 
@@ -351,8 +351,13 @@ class Compiler:
       if self.index is None: self._load_index()
       lib = self.index.get(name)
       if lib is None: return None
-      fn = self.functions[name] = getattr(ctypes.CDLL(str(lib)), name)
+      try: fn = getattr(ctypes.CDLL(str(lib)), name)
+      except OSError:   # pruned by another process since the index was read: NumPy runs it
+        self.index = {n: p for n, p in self.index.items() if p != lib}
+        return None
       fn.restype = None
+      self.functions[name] = fn
+      touch_cache(lib)
     return fn
 
   def build(self, sources):
@@ -377,6 +382,9 @@ class Compiler:
       return self._fail(f"{folder}: {e}")
     if self.index is None: self._load_index()
     self.index.update((n, lib) for n in sources)
+    if prune_cache(folder, "*.so", companions=(".txt",)):   # libraries this process loaded stay mapped
+      kept = {p for p in set(self.index.values()) if p.exists()}
+      self.index = {n: p for n, p in self.index.items() if p in kept}
 
 
 compiler = Compiler()

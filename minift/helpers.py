@@ -26,6 +26,38 @@ def strides_for(shape):
   return tuple(reversed(strides))
 
 
+def prune_cache(folder, pattern, companions=()):
+  """Keep a disk cache of built kernels (files `pattern` in `folder`) under MINIFT_CACHE_MAX_MB
+  (512 by default; 0: no limit): delete the least recently used first, each with its companion
+  files (the same name with another suffix). A load marks a file used (touch_cache). Best effort:
+  an error leaves the cache as it is; the newest file always stays. Returns how many were deleted."""
+  raw = os.environ.get("MINIFT_CACHE_MAX_MB", "512")
+  try: limit = float(raw) * 2**20
+  except ValueError: raise ValueError(f"MINIFT_CACHE_MAX_MB must be a number of megabytes, not {raw!r}") from None
+  if limit <= 0: return 0
+  try:
+    files = []
+    for f in folder.glob(pattern):
+      st = f.stat()
+      extra = sum(c.stat().st_size for c in (f.with_suffix(s) for s in companions) if c.exists())
+      files.append((st.st_mtime, st.st_size + extra, f))
+  except OSError: return 0
+  total, deleted = sum(size for _, size, _ in files), 0
+  for _, size, f in sorted(files, key=lambda x: x[0])[:-1]:
+    if total <= limit: break
+    try:
+      for c in [f, *(f.with_suffix(s) for s in companions)]: c.unlink(missing_ok=True)
+    except OSError: continue
+    total, deleted = total - size, deleted + 1
+  return deleted
+
+
+def touch_cache(path):
+  """Mark a cache file used now, for prune_cache's least-recently-used order."""
+  try: os.utime(path)
+  except OSError: pass   # a read-only cache is still a cache
+
+
 def normalize_axis(axis, ndim, what="axis"):
   if not -ndim <= axis < max(ndim, 1):
     raise IndexError(f"{what} {axis} is out of range for a tensor with {ndim} dims")

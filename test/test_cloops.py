@@ -1,12 +1,13 @@
 """The NumPy backend's compiled C loops (minift/cloops.py): accuracy of the polynomial exp and
-tanh against float64, special values against NumPy, which kernels run in C, the disk cache, and
-the fallback to NumPy when there is no working compiler. The op suite itself also runs on the
+tanh against float64, special values against NumPy, which kernels run in C, the disk cache and
+its pruning, and the fallback to NumPy when there is no working compiler. The op suite itself also runs on the
 numpy-c device (conftest.py)."""
-import logging
+import logging, os
 import numpy as np
 import pytest
 import minift.cloops as cloops
 from minift import Tensor
+from minift.helpers import prune_cache, touch_cache
 from minift.schedule import create_schedule
 
 
@@ -171,3 +172,39 @@ def test_rendered_once_per_structure(force_c, monkeypatch):
   assert names[0] == names[1] and len(renders) == 1
   for zero in (0.0, -0.0):   # a CONST each; their kernels have one structure but for the sign
     np.testing.assert_array_equal(np.signbit((Tensor(x) * zero).numpy()), np.signbit(x * np.float32(zero)), err_msg=repr(zero))
+
+
+def test_cache_pruning_drops_the_least_recently_used(tmp_path, monkeypatch):
+  for i, name in enumerate("abc"):
+    (tmp_path / f"{name}.so").write_bytes(b"\0" * 700_000)
+    (tmp_path / f"{name}.txt").write_text("k_" + name)
+    os.utime(tmp_path / f"{name}.so", (1000 + i, 1000 + i))   # built a, then b, then c
+  touch_cache(tmp_path / "a.so")                              # a was loaded since
+  monkeypatch.setenv("MINIFT_CACHE_MAX_MB", "2")              # 2.1 MB held: one library must go
+  assert prune_cache(tmp_path, "*.so", companions=(".txt",)) == 1
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["a.so", "a.txt", "c.so", "c.txt"]
+  monkeypatch.setenv("MINIFT_CACHE_MAX_MB", "0.001")           # the newest stays, whatever the limit
+  assert prune_cache(tmp_path, "*.so", companions=(".txt",)) == 1
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["a.so", "a.txt"]
+  monkeypatch.setenv("MINIFT_CACHE_MAX_MB", "lots")
+  with pytest.raises(ValueError, match="MINIFT_CACHE_MAX_MB"): prune_cache(tmp_path, "*.so")
+
+
+def test_a_full_cache_is_pruned_and_kernels_still_run(tmp_path, monkeypatch, force_c):
+  monkeypatch.setenv("MINIFT_CACHE_DIR", str(tmp_path))
+  monkeypatch.setenv("MINIFT_CACHE_MAX_MB", "0.001")   # smaller than one library
+  fresh = cloops.Compiler()
+  monkeypatch.setattr(cloops, "compiler", fresh)
+  x = np.linspace(-3, 3, 40, dtype=np.float32).reshape(5, 8)
+  np.testing.assert_allclose((Tensor(x) * 3 + 1).tanh().numpy(), np.tanh(x * 3 + 1), rtol=1e-6)
+  np.testing.assert_allclose((Tensor(x) * 5 - 2).exp().numpy(), np.exp(x * 5 - 2), rtol=1e-6)
+  assert len(list((tmp_path / "c").glob("*.so"))) == 1, "the older library was not pruned"
+  assert len(fresh.functions) == 2, "a kernel did not run in C"
+  # another process whose index still names the pruned library: NumPy runs the kernel
+  later = cloops.Compiler()
+  later._flags = fresh.flags
+  later.index = {n: tmp_path / "c" / "gone.so" for n in fresh.functions}
+  monkeypatch.setattr(later, "build", lambda sources: None)
+  monkeypatch.setattr(cloops, "compiler", later)
+  np.testing.assert_allclose((Tensor(x) * 3 + 1).tanh().numpy(), np.tanh(x * 3 + 1), rtol=1e-6)
+  assert not later.functions and not later.index

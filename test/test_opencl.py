@@ -317,6 +317,15 @@ def test_second_process_compiles_nothing(tmp_path):
   assert len(list(tmp_path.glob("*.bin"))) == first["built"]
 
 
+def test_a_full_binary_cache_keeps_only_the_newest(tmp_path):
+  code = ("import numpy as np\nfrom minift import Tensor\n"
+          "x = Tensor(np.arange(12, dtype=np.float32).reshape(3, 4), device='opencl')\n"
+          "print(((x @ x.T).relu() + x.sum(1, keepdim=True)).softmax(-1).numpy().sum())")
+  r = _child(code, MINIFT_CACHE_DIR=str(tmp_path), MINIFT_CACHE_MAX_MB="0.000001")   # smaller than any binary
+  assert abs(float(r.stdout.split()[-1]) - 3.0) < 1e-5   # three softmax rows: the kernels still ran
+  assert len(list(tmp_path.glob("*.bin"))) == 1
+
+
 def test_installed_package_finds_its_kernels(tmp_path):
   # a plain (non-editable) install carries kernels/*.cl inside the package as minift/kernels
   src, site = tmp_path / "src", tmp_path / "site"
