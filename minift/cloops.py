@@ -131,7 +131,7 @@ class Renderer:
     views = [self.view(n) for n in outer + inner if n.op is Op.BUFFER]
     _check(all(len(v.shape) == len(shape) for v in views), "view rank")
     self.loops = _Loops(tuple(shape), set(axes), views)
-    self.names, self.lines, self.count = {}, [], 0
+    self.names, self.lines, self.count, self.segment = {}, [], 0, None
 
   # ---- expressions
 
@@ -155,6 +155,9 @@ class Renderer:
         for a in group:
           lo, hi = view.mask[a]
           if (lo, hi) == (0, view.shape[a]): continue
+          if self.segment is not None and var == self.segment[0]:   # decided for the whole segment
+            if self.segment[2] <= lo or self.segment[1] >= hi: return literal(0, node.dtype)
+            continue
           if lo > 0: conds.append(f"{var}>={lo}")
           if hi < view.shape[a]: conds.append(f"{var}<{hi}")
       for a, n in enumerate(view.shape):   # size-1 axes in no loop: their coordinate is 0
@@ -177,7 +180,10 @@ class Renderer:
 
   def _value(self, node, groups):
     op, out = node.op, node.dtype
-    if op is Op.BUFFER: return self.load(node, groups)
+    if op is Op.BUFFER:
+      code = self.load(node, groups)
+      if self.segment is not None and code == literal(0, out): self.absent.add(id(node))   # masked off here
+      return code
     if op is Op.CONST: return literal(node.arg, out)
     if node is self.kernel.reduce: return self.reduced_value
     _check(op in MATH or op in INFIX or op in (Op.NEG, Op.RECIP, Op.CAST, Op.MAX, Op.POW, Op.WHERE), op.name)
@@ -200,6 +206,10 @@ class Renderer:
       if op is Op.NEG: return f"(({t})(0-({u}){a}))"
       if op is Op.MAX: return f"({a}>{srcs[1]} ? {a} : {srcs[1]})"
       return f"(({t})(({u}){a}{INFIX[op]}({u}){srcs[1]}))"
+    if op is Op.ADD and self.segment is not None:   # a load masked off in this piece adds nothing:
+      absent = [id(s) in self.absent for s in node.srcs]   # x + 0.0 would turn a -0.0 of x into +0.0
+      if all(absent): self.absent.add(id(node))
+      if any(absent): return srcs[absent.index(False)] if not all(absent) else a
     if op in MATH: return f"{MATH[op]}({a})"
     if op is Op.NEG: return f"(-{a})"
     if op is Op.RECIP: return f"(1.0f/{a})"
@@ -208,6 +218,19 @@ class Renderer:
     return f"({a}{INFIX[op]}{srcs[1]})"
 
   # ---- the loop nest
+
+  def segments(self, kept):
+    """Where loads are masked along the innermost loop (a cat, a pad): that loop cut at the mask
+    edges, [(start, stop)], so that no load inside a piece needs a condition and the compiler
+    vectorises each; None where nothing is masked there, or the pieces would be too many."""
+    if self.kernel.kind == "reduce" or not kept or len(kept[-1][1]) != 1: return None
+    axis, n = kept[-1][1][0], self.loops.size(kept[-1][1])
+    cuts = {0, n}
+    for node in self.kernel._nodes(stop=self.kernel.reduce):
+      view = self.view(node) if node.op is Op.BUFFER else None
+      if view is not None and view.mask is not None: cuts.update(min(max(c, 0), n) for c in view.mask[axis])
+    cuts = sorted(cuts)
+    return list(zip(cuts, cuts[1:])) if 2 < len(cuts) <= 9 else None
 
   def render(self, name):
     k, loops = self.kernel, self.loops
@@ -224,10 +247,22 @@ class Renderer:
     lines, indent = [], ""
     # one thread: split across cores (OpenMP parallel for), loops ran slower in a training step,
     # where they took the cores from the BLAS threads between matmuls
-    for g, (var, group) in enumerate(kept):
+    pieces = self.segments(kept)
+    for g, (var, group) in enumerate(kept[:-1] if pieces else kept):
       if g == len(kept) - 1 and not red: lines.append(indent + "#pragma omp simd")
       lines.append(f"{indent}for (long {var} = 0; {var} < {loops.size(group)}; {var}++) {{")
       indent += "  "
+    if pieces:   # the innermost loop once per piece, each with its loads decided
+      var = kept[-1][0]
+      for start, stop in pieces:
+        self.segment, self.lines, self.names, self.absent = (var, start, stop), [], {}, set()
+        value = self.value(k.ast, kept)
+        lines += [indent + "#pragma omp simd", f"{indent}for (long {var} = {start}; {var} < {stop}; {var}++) {{"]
+        lines += [indent + "  " + s for s in self.lines + [f"out[{out_index}] = ({PTYPE[k.dtype.name]})({value});"]]
+        lines.append(indent + "}")
+      self.segment = None
+      lines += ["  " * (len(kept) - g - 2) + "}" for g in range(len(kept) - 1)]
+      return f"void {name}({', '.join(args)}) {{\n  " + "\n  ".join(body + lines) + "\n}\n"
     if k.kind == "reduce":
       r = k.reduce
       self.lines = []
