@@ -783,9 +783,10 @@ def _cross_entropy_chunk(hc, tc, wds, starts, order, ignore_index, inv_n, need_h
   hidden states or None), realized; adds its weight gradients to dw. Its logits die with it.
 
   Each piece's logits l are one (rows, vocab) buffer, overwritten in place: first by
-  e = exp(l - max), then by the gradient e * scale / sum - scale * onehot(target). With a frozen
-  table the one-hot part is never written over the whole vocabulary: its product with the table
-  is scale times the target's row of the table (a gather). Five ops per logit then."""
+  e = exp(l - max), then, where the table trains, by the gradient e * scale / sum - scale *
+  onehot(target). A frozen table's gradient is never written over the whole vocabulary: the
+  hidden states' gradient is (e @ table) * scale / sum (a scale per row, on the product) minus
+  scale times the target's row of the table (a gather)."""
   rows, valid = hc.shape[0], (tc != ignore_index)
   tc = valid.where(tc, 0).long()
   logits, maxes, insides, picked = [None] * len(wds), [None] * len(wds), [None] * len(wds), None
@@ -814,18 +815,19 @@ def _cross_entropy_chunk(hc, tc, wds, starts, order, ignore_index, inv_n, need_h
   scale = valid.float() * inv_n.reshape(())                                       # (rows,): d loss / d logit is scale * (p - onehot)
   for k in reversed(order):
     l, wd, s0 = logits[k], wds[k], starts[k]
-    soft = l * (scale.unsqueeze(-1) * (maxes[k] - lse).exp())                     # softmax part
+    row_scale = scale.unsqueeze(-1) * (maxes[k] - lse).exp()                      # (rows, 1): softmax = e * row_scale
     if need_w[k]:   # the table trains: its gradient needs the whole gradient, one-hot part included
+      soft = l * row_scale
       hit = tc.unsqueeze(-1) == Tensor.arange(s0, s0 + l.shape[1], dtype=tc.dtype, device=hc.device)
       g = l.assign(soft - hit.float() * scale.unsqueeze(-1))                       # in place
       if need_h: dh = g @ wd if dh is None else dh + g @ wd
       dwc = g.T @ hc                                                               # (vocab_k, C)
       dw[k] = dwc if dw[k] is None else dw[k].assign(dw[k] + dwc)
       todo.append(dw[k])
-    elif need_h:    # frozen table: the one-hot part's product with it is a gathered row of it
-      g = l.assign(soft)
+    elif need_h:    # frozen table: the one-hot part's product with it is a gathered row of it, and the
+      # row scale is applied to the (rows, C) product, not written over the (rows, vocab) e
       hot = (scale * insides[k].float()).unsqueeze(-1)                             # (rows, 1)
-      dhk = g @ wd - wd.embedding(insides[k].where(tc - s0, 0)) * hot.cast(wd.dtype)
+      dhk = (l @ wd) * row_scale - wd.embedding(insides[k].where(tc - s0, 0)) * hot.cast(wd.dtype)
       dh = dhk if dh is None else dh + dhk
     if len(wds) > 1: Tensor.realize_all(*todo, *([dh] if dh is not None else []))   # one piece's gradient at a time
   if dh is not None: todo.append(dh)
