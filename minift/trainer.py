@@ -7,6 +7,7 @@ fingerprint of the run's settings: resuming a different run is refused. It is wr
 whole folder swapped in atomically, so a run killed at any moment resumes from the last one.
 """
 import json, math, os
+import numpy as np
 from minift.tensor import Tensor, no_grad, _toposort
 from minift.jit import jit
 from minift import device
@@ -148,11 +149,23 @@ class Trainer:
 
   # ---- checkpoints
 
+  def _state_tensors(self):
+    """(checkpoint key prefix, parameter name, tensor) of every trained value: parameters and
+    the optimizer's per-parameter state."""
+    yield from (("param", n, t) for n, t in self.named_params)
+    for prefix, attr in (("adam_m", "m"), ("adam_v", "v"), ("momentum", "buf")):
+      yield from ((prefix, n, t) for (n, _), t in zip(self.named_params, getattr(self.opt, attr, [])))
+
   def save_checkpoint(self, folder, state):
-    tensors = {f"param.{n}": t.numpy() for n, t in self.named_params}
-    for (n, _), m in zip(self.named_params, getattr(self.opt, "m", [])): tensors[f"adam_m.{n}"] = m.numpy()
-    for (n, _), v in zip(self.named_params, getattr(self.opt, "v", [])): tensors[f"adam_v.{n}"] = v.numpy()
-    for (n, _), b in zip(self.named_params, getattr(self.opt, "buf", [])): tensors[f"momentum.{n}"] = b.numpy()
+    """Parameters, optimizer state, RNG and `state`, written atomically. A weight the sharder
+    split into row pieces is saved whole, under its own name, so that a run resumed under
+    another budget (other pieces, or none) reads it back."""
+    tensors, pieces = {}, {}
+    for prefix, n, t in self._state_tensors():
+      layer, _, index = n.rpartition(".weight_pieces.")
+      if layer: pieces.setdefault(f"{prefix}.{layer}.weight", []).append((int(index), t.numpy()))
+      else: tensors[f"{prefix}.{n}"] = t.numpy()
+    for key, parts in pieces.items(): tensors[key] = np.concatenate([a for _, a in sorted(parts, key=lambda p: p[0])])
     if hasattr(self.opt, "t"): tensors["adam_t"] = self.opt.t.numpy()
     state = dict(state, rng_seed=Tensor._seed, rng_counter=Tensor._rng_counter)
     with atomic_folder(folder) as tmp:
@@ -160,17 +173,26 @@ class Trainer:
       with open(os.path.join(tmp, "state.json"), "w") as f: json.dump(state, f, indent=2, sort_keys=True)
 
   def load_checkpoint(self, folder):
+    """Restore what save_checkpoint wrote (a weight saved whole is cut into this run's row
+    pieces, if it has any); returns the saved state."""
     from safetensors.numpy import load_file
     with open(os.path.join(folder, "state.json")) as f: state = json.load(f)
     tensors = load_file(os.path.join(folder, "trainable.safetensors"))
+    next_row = {}   # a whole saved weight -> its first row not yet given to a piece of this run
     def put(key, t):
-      if key not in tensors: raise KeyError(f"checkpoint {folder}: missing {key}")
-      if tuple(tensors[key].shape) != t.shape: raise ValueError(f"checkpoint {folder}: {key} has shape {tensors[key].shape}, the run needs {t.shape}")
-      t.assign(tensors[key])
-    for n, t in self.named_params: put(f"param.{n}", t)
-    for (n, _), m in zip(self.named_params, getattr(self.opt, "m", [])): put(f"adam_m.{n}", m)
-    for (n, _), v in zip(self.named_params, getattr(self.opt, "v", [])): put(f"adam_v.{n}", v)
-    for (n, _), b in zip(self.named_params, getattr(self.opt, "buf", [])): put(f"momentum.{n}", b)
+      layer, _, _ = key.rpartition(".weight_pieces.")
+      if key in tensors: value = tensors[key]
+      elif layer and f"{layer}.weight" in tensors:   # saved whole, split in this run: this piece's rows
+        whole, start = tensors[f"{layer}.weight"], next_row.get(layer, 0)
+        value = whole[start:start + t.shape[0]]
+        next_row[layer] = start + t.shape[0]
+      else: raise ValueError(f"checkpoint {folder}: it has no {key}; it was saved by a run that trains other parameters")
+      if tuple(value.shape) != t.shape: raise ValueError(f"checkpoint {folder}: {key} has shape {value.shape}, the run needs {t.shape}")
+      t.assign(value)
+    for prefix, n, t in self._state_tensors(): put(f"{prefix}.{n}", t)
+    for layer, rows in next_row.items():
+      if rows != tensors[f"{layer}.weight"].shape[0]:
+        raise ValueError(f"checkpoint {folder}: {layer}.weight has {tensors[f'{layer}.weight'].shape[0]} rows, the run's pieces {rows}")
     if hasattr(self.opt, "t"): put("adam_t", self.opt.t)
     Tensor._seed, Tensor._rng_counter = state["rng_seed"], state["rng_counter"]
     return state

@@ -212,6 +212,25 @@ def test_finetune_cli_sharded_same_adapter(tiny, tmp_path):
   assert out.returncode == 0
 
 
+def test_resume_under_another_budget(tiny, tmp_path):
+  """A checkpoint does not depend on the budget that split the weights: a full fine-tuning run
+  stopped after 2 steps under one budget resumes under another (other row pieces) or under none,
+  and ends where 4 straight steps end."""
+  from safetensors.numpy import load_file
+  common = ["--model", tiny["llama"], "--data", tiny["text"], "--seq_len", "32", "--quiet", "--val_fraction", "0.1",
+            "--full_ft", "--save_interval", "2", "--schedule", "constant"]   # so --max_steps does not change the lr
+  budget = lambda kb, name: ["--shard_budget_mb", str(kb * KB), "--shard_dir", str(tmp_path / name)]
+  run_cli(*common, "--max_steps", "4", "--out", str(tmp_path / "straight"), *budget(20, "s0"))
+  straight = load_file(str(tmp_path / "straight" / "model" / "model.safetensors"))
+  for name, later in (("other_budget", budget(50, "s2")), ("no_sharder", [])):
+    run_cli(*common, "--max_steps", "2", "--out", str(tmp_path / name), *budget(20, "s1"))
+    resumed = run_cli(*common, "--max_steps", "4", "--out", str(tmp_path / name), "--resume", *later)
+    assert "resumed from" in resumed.stdout and "at step 2" in resumed.stdout
+    final = load_file(str(tmp_path / name / "model" / "model.safetensors"))
+    assert final.keys() == straight.keys()
+    for k in straight: np.testing.assert_allclose(final[k], straight[k], rtol=1e-5, atol=1e-7, err_msg=f"{name}: {k}")
+
+
 def test_gguf_table_is_read_in_pieces(tmp_path):
   """Under a sharder, a GGUF vocabulary table over the budget is dequantized and paged a row
   piece at a time while loading (the whole float32 table never exists); the pieces are exactly
