@@ -43,11 +43,38 @@ def write_json(path, obj):
   with atomic_file(path, "w") as f: json.dump(obj, f, indent=2, sort_keys=True)
 
 
+SAFETENSORS_DTYPES = {np.dtype(t): n for t, n in [(np.float64, "F64"), (np.float32, "F32"), (np.float16, "F16"), (np.int64, "I64"),
+                                                   (np.int32, "I32"), (np.int16, "I16"), (np.int8, "I8"), (np.uint8, "U8"), (np.bool_, "BOOL")]}
+
+
+class Later:
+  """A tensor for save_safetensors made only when its turn to be written comes: a checkpoint
+  of a sharded run pages its tensors in one at a time instead of holding them all at once."""
+  def __init__(self, shape, dtype, make): self.shape, self.dtype, self.make = tuple(shape), np.dtype(dtype), make
+
+
 def save_safetensors(path, tensors, metadata=None):
-  """tensors: {name: np.ndarray}; written atomically."""
-  from safetensors.numpy import save
-  blob = save({k: np.ascontiguousarray(v) for k, v in tensors.items()}, metadata=metadata)
-  with atomic_file(path) as f: f.write(blob)
+  """tensors: {name: np.ndarray or Later}; written atomically in the safetensors format, one
+  tensor at a time straight to the file (the library's save() would build the whole file in
+  memory first: twice the size of the tensors, at the moment a phone has least to spare)."""
+  header, offset = {}, 0
+  if metadata: header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+  for name in sorted(tensors):
+    t = tensors[name]
+    if np.dtype(t.dtype) not in SAFETENSORS_DTYPES: raise ValueError(f"{path}: cannot save {name!r} of dtype {t.dtype} as safetensors")
+    size = int(np.prod(t.shape, dtype=np.int64)) * np.dtype(t.dtype).itemsize
+    header[name] = {"dtype": SAFETENSORS_DTYPES[np.dtype(t.dtype)], "shape": [int(n) for n in t.shape], "data_offsets": [offset, offset + size]}
+    offset += size
+  head = json.dumps(header, separators=(",", ":")).encode()
+  head += b" " * (-len(head) % 8)   # the data starts 8-byte aligned
+  with atomic_file(path) as f:
+    f.write(len(head).to_bytes(8, "little") + head)
+    for name in sorted(tensors):
+      t = tensors[name]
+      arr = np.asarray(t.make() if isinstance(t, Later) else t, order="C")   # (ascontiguousarray makes a 0-d array 1-d)
+      if arr.shape != t.shape or arr.dtype != np.dtype(t.dtype): raise ValueError(f"{path}: {name!r} came out {arr.dtype}{arr.shape}, not {np.dtype(t.dtype)}{t.shape}")
+      f.write(arr.reshape(-1).view(np.uint8).data if arr.size else b"")
+      del arr
 
 
 @contextlib.contextmanager

@@ -3,26 +3,38 @@ model.safetensors (HF names and layouts) and the tokenizer. Used after full fine
 to save a base model with a LoRA adapter merged in."""
 import dataclasses, json, os
 import numpy as np
-from minift.checkpoint import atomic_folder, save_safetensors
+from minift.checkpoint import Later, atomic_folder, save_safetensors
 from minift.lora import lora_modules, model_type
 
 HF_ARCHITECTURES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
                     "gemma3_text": "Gemma3ForCausalLM"}
 
 
-def hf_state_dict(model):
-  """{HF key: float32 array}; GPT-2's Conv1D weights go back to (in, out)."""
+def hf_tensors(model):
+  """{HF key: Later float32 array}: each made only when it is written, so that saving a sharded
+  model pages one weight in at a time. GPT-2's Conv1D weights go back to (in, out); a weight the
+  sharder split is its row pieces, in order."""
   if lora_modules(model): raise ValueError("merge the LoRA adapters first (minift.lora.merge_lora) before exporting the model")
   transposed = getattr(model, "TRANSPOSED", ())
-  out = {}
+  parts = {}
   for name, t in model.named_parameters():
-    arr = t.numpy().astype(np.float32)
     layer, _, index = name.rpartition(".weight_pieces.")
-    if layer:   # a split weight (sharder): its row pieces, in order, are the HF weight
-      name = f"{layer}.weight"
-      arr = np.concatenate([out[name], arr]) if index != "0" else arr
-    out[name] = arr
-  return {k: np.ascontiguousarray(v.T) if k.endswith(transposed) else v for k, v in out.items()}
+    parts.setdefault(f"{layer}.weight" if layer else name, []).append((int(index) if layer else 0, t))
+  out = {}
+  for key, ts in parts.items():
+    ts = [t for _, t in sorted(ts, key=lambda p: p[0])]
+    shape = (sum(t.shape[0] for t in ts), *ts[0].shape[1:])
+    flip = key.endswith(tuple(transposed))
+    def make(ts=ts, flip=flip):
+      arr = np.concatenate([t.numpy().astype(np.float32) for t in ts]) if len(ts) > 1 else ts[0].numpy().astype(np.float32)
+      return np.ascontiguousarray(arr.T) if flip else arr
+    out[key] = Later(shape[::-1] if flip else shape, np.float32, make)
+  return out
+
+
+def hf_state_dict(model):
+  """{HF key: float32 array} (hf_tensors, all made)."""
+  return {k: v.make() for k, v in hf_tensors(model).items()}
 
 
 def hf_config(model):
@@ -34,7 +46,7 @@ def hf_config(model):
 
 def save_hf(model, folder, tokenizer=None):
   """The model (and tokenizer) as an HF folder; replaces `folder` atomically."""
-  state = hf_state_dict(model)
+  state = hf_tensors(model)
   with atomic_folder(folder) as tmp:
     save_safetensors(os.path.join(tmp, "model.safetensors"), state, metadata={"format": "pt"})
     with open(os.path.join(tmp, "config.json"), "w") as f: json.dump(hf_config(model), f, indent=2)

@@ -158,6 +158,38 @@ def test_kill_and_resume_gives_the_same_adapter(tiny, tmp_path):
   assert steps == list(range(1, 21))
 
 
+def test_safetensors_written_one_tensor_at_a_time(tmp_path):
+  """Checkpoints and exports stream their tensors to the file: a Later tensor is made only when
+  its turn comes, after the one before it was let go; the safetensors library reads the file
+  back exactly (dtypes, shapes, an empty tensor, metadata); a tensor that comes out wrong is an
+  error and leaves no file."""
+  import weakref
+  from safetensors import safe_open
+  from minift.checkpoint import Later, save_safetensors
+  alive = []
+  def make(i):
+    def f():
+      assert not any(r() is not None for r in alive), "an earlier tensor is still held"
+      a = np.full((1000, 3), i, np.float32)
+      alive.append(weakref.ref(a))
+      return a
+    return f
+  tensors = {f"t{i}": Later((1000, 3), np.float32, make(i)) for i in range(4)}
+  tensors.update(half=np.arange(5, dtype=np.float16), count=np.array(7, np.int64), none=np.zeros((0, 2), np.float32))
+  path = str(tmp_path / "x.safetensors")
+  save_safetensors(path, tensors, metadata={"format": "pt"})
+  assert len(alive) == 4
+  with safe_open(path, "np") as f:
+    assert f.metadata() == {"format": "pt"} and sorted(f.keys()) == sorted(tensors)
+    for k in tensors:
+      want = np.full((1000, 3), int(k[1]), np.float32) if k.startswith("t") else tensors[k]
+      got = f.get_tensor(k)
+      assert got.dtype == want.dtype and got.shape == want.shape and np.array_equal(got, want), k
+  with pytest.raises(ValueError, match="'bad' came out"):
+    save_safetensors(str(tmp_path / "y.safetensors"), {"bad": Later((2, 2), np.float32, lambda: np.zeros(3, np.float32))})
+  assert not os.path.exists(tmp_path / "y.safetensors") and os.listdir(tmp_path) == ["x.safetensors"]
+
+
 def test_cli_outputs_and_peft_loading(tiny, tmp_path):
   out = str(tmp_path / "run")
   r = run_cli("--model", tiny["gpt2"], "--data", tiny["text"], "--seq_len", "32", "--max_steps", "6", "--out", out, "--eval_interval", "3")
