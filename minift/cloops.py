@@ -131,7 +131,7 @@ class Renderer:
     views = [self.view(n) for n in outer + inner if n.op is Op.BUFFER]
     _check(all(len(v.shape) == len(shape) for v in views), "view rank")
     self.loops = _Loops(tuple(shape), set(axes), views)
-    self.names, self.lines, self.count, self.segment = {}, [], 0, None
+    self.names, self.lines, self.count, self.segment, self.absent = {}, [], 0, None, set()   # segment, absent: see render()
 
   # ---- expressions
 
