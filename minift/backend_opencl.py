@@ -5,7 +5,7 @@ built once per process and once per machine (program binaries cached on disk), a
 one in-order queue. Buffers are cl.Buffers, recycled through a freed-buffer cache keyed by size.
 
 Environment: MINIFT_CL_DEVICE picks the device ("platform:device" indices or a name substring;
-GPUs before CPUs by default); MINIFT_CACHE_DIR moves the binary cache (~/.cache/minift/cl).
+GPUs before CPUs by default); the binary cache is ~/.cache/minift/cl ($MINIFT_CACHE_DIR/cl).
 Any failure here (no pyopencl, no platform, a failed self-check) makes device.py fall back to
 NumPy with one warning.
 """
@@ -120,7 +120,8 @@ def select_device(spec=""):
 
 
 def default_cache_dir():
-  return Path(os.environ.get("MINIFT_CACHE_DIR") or Path.home() / ".cache" / "minift" / "cl")
+  env = os.environ.get("MINIFT_CACHE_DIR")   # the cache root, shared with the C loops (c/ beside cl/)
+  return Path(env) / "cl" if env else Path.home() / ".cache" / "minift" / "cl"
 
 
 class _Plan:

@@ -314,7 +314,7 @@ def test_second_process_compiles_nothing(tmp_path):
   second = json.loads(_child(code, MINIFT_CACHE_DIR=str(tmp_path)).stdout.splitlines()[-1])
   assert first["built"] >= 4 and first["cache_hits"] == 0
   assert second["built"] == 0 and second["cache_hits"] == first["built"]
-  assert len(list(tmp_path.glob("*.bin"))) == first["built"]
+  assert len(list((tmp_path / "cl").glob("*.bin"))) == first["built"]
 
 
 def test_a_full_binary_cache_keeps_only_the_newest(tmp_path):
@@ -323,7 +323,7 @@ def test_a_full_binary_cache_keeps_only_the_newest(tmp_path):
           "print(((x @ x.T).relu() + x.sum(1, keepdim=True)).softmax(-1).numpy().sum())")
   r = _child(code, MINIFT_CACHE_DIR=str(tmp_path), MINIFT_CACHE_MAX_MB="0.000001")   # smaller than any binary
   assert abs(float(r.stdout.split()[-1]) - 3.0) < 1e-5   # three softmax rows: the kernels still ran
-  assert len(list(tmp_path.glob("*.bin"))) == 1
+  assert len(list((tmp_path / "cl").glob("*.bin"))) == 1
 
 
 def test_installed_package_finds_its_kernels(tmp_path):
