@@ -49,8 +49,14 @@ SAFETENSORS_DTYPES = {np.dtype(t): n for t, n in [(np.float64, "F64"), (np.float
 
 class Later:
   """A tensor for save_safetensors made only when its turn to be written comes: a checkpoint
-  of a sharded run pages its tensors in one at a time instead of holding them all at once."""
+  of a sharded run pages its tensors in one at a time instead of holding them all at once.
+  make() gives the array, or its row blocks in order (a split weight, piece by piece)."""
   def __init__(self, shape, dtype, make): self.shape, self.dtype, self.make = tuple(shape), np.dtype(dtype), make
+
+  def array(self):
+    """The whole array, its blocks joined."""
+    made = self.make()
+    return made if isinstance(made, np.ndarray) else np.concatenate(list(made))
 
 
 def save_safetensors(path, tensors, metadata=None):
@@ -71,10 +77,17 @@ def save_safetensors(path, tensors, metadata=None):
     f.write(len(head).to_bytes(8, "little") + head)
     for name in sorted(tensors):
       t = tensors[name]
-      arr = np.asarray(t.make() if isinstance(t, Later) else t, order="C")   # (ascontiguousarray makes a 0-d array 1-d)
-      if arr.shape != t.shape or arr.dtype != np.dtype(t.dtype): raise ValueError(f"{path}: {name!r} came out {arr.dtype}{arr.shape}, not {np.dtype(t.dtype)}{t.shape}")
-      f.write(arr.reshape(-1).view(np.uint8).data if arr.size else b"")
-      del arr
+      made = t.make() if isinstance(t, Later) else t
+      blocks, rows = ([made] if isinstance(made, np.ndarray) else made), 0
+      for block in blocks:
+        arr = np.asarray(block, order="C")   # (ascontiguousarray makes a 0-d array 1-d)
+        if arr.shape[1:] != t.shape[1:] or arr.dtype != np.dtype(t.dtype) or (not t.shape and arr.shape):
+          raise ValueError(f"{path}: {name!r} came out {arr.dtype}{arr.shape}, not {np.dtype(t.dtype)}{t.shape}")
+        rows += arr.shape[0] if t.shape else 1
+        f.write(arr.reshape(-1).view(np.uint8).data if arr.size else b"")
+        del arr, block
+      if rows != (t.shape[0] if t.shape else 1): raise ValueError(f"{path}: {name!r} came out with {rows} rows, not {t.shape[0]}")
+      del made, blocks   # let this tensor go before the next is made
 
 
 @contextlib.contextmanager

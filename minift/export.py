@@ -25,16 +25,16 @@ def hf_tensors(model):
     ts = [t for _, t in sorted(ts, key=lambda p: p[0])]
     shape = (sum(t.shape[0] for t in ts), *ts[0].shape[1:])
     flip = key.endswith(tuple(transposed))
-    def make(ts=ts, flip=flip):
-      arr = np.concatenate([t.numpy().astype(np.float32) for t in ts]) if len(ts) > 1 else ts[0].numpy().astype(np.float32)
-      return np.ascontiguousarray(arr.T) if flip else arr
+    def make(ts=ts, flip=flip):   # a split weight is written piece by piece, unless it must be transposed
+      if not flip: return (t.numpy().astype(np.float32) for t in ts)
+      return np.ascontiguousarray(np.concatenate([t.numpy().astype(np.float32) for t in ts]).T)
     out[key] = Later(shape[::-1] if flip else shape, np.float32, make)
   return out
 
 
 def hf_state_dict(model):
   """{HF key: float32 array} (hf_tensors, all made)."""
-  return {k: v.make() for k, v in hf_tensors(model).items()}
+  return {k: v.array() for k, v in hf_tensors(model).items()}
 
 
 def hf_config(model):

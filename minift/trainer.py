@@ -7,7 +7,6 @@ fingerprint of the run's settings: resuming a different run is refused. It is wr
 whole folder swapped in atomically, so a run killed at any moment resumes from the last one.
 """
 import json, math, os
-import numpy as np
 from minift.tensor import Tensor, no_grad, _toposort
 from minift.jit import jit
 from minift import device
@@ -168,7 +167,7 @@ class Trainer:
     for key, parts in pieces.items():
       parts = [t for _, t in sorted(parts, key=lambda p: p[0])]
       tensors[key] = Later((sum(t.shape[0] for t in parts), *parts[0].shape[1:]), parts[0].dtype.np,
-                           lambda parts=parts: np.concatenate([t.numpy() for t in parts]))
+                           lambda parts=parts: (t.numpy() for t in parts))   # written piece by piece
     if hasattr(self.opt, "t"): tensors["adam_t"] = self.opt.t.numpy()
     state = dict(state, rng_seed=Tensor._seed, rng_counter=Tensor._rng_counter)
     with atomic_folder(folder) as tmp:

@@ -185,9 +185,14 @@ def test_safetensors_written_one_tensor_at_a_time(tmp_path):
       want = np.full((1000, 3), int(k[1]), np.float32) if k.startswith("t") else tensors[k]
       got = f.get_tensor(k)
       assert got.dtype == want.dtype and got.shape == want.shape and np.array_equal(got, want), k
-  with pytest.raises(ValueError, match="'bad' came out"):
-    save_safetensors(str(tmp_path / "y.safetensors"), {"bad": Later((2, 2), np.float32, lambda: np.zeros(3, np.float32))})
-  assert not os.path.exists(tmp_path / "y.safetensors") and os.listdir(tmp_path) == ["x.safetensors"]
+  # a split weight: its row pieces, made and written one after another
+  blocks = Later((5, 3), np.float32, lambda: (np.full((n, 3), n, np.float32) for n in (2, 3)))
+  save_safetensors(str(tmp_path / "w.safetensors"), {"w": blocks})
+  with safe_open(str(tmp_path / "w.safetensors"), "np") as f: np.testing.assert_array_equal(f.get_tensor("w"), np.repeat([[2.0], [3.0]], [2, 3], 0) * np.ones(3))
+  for bad, what in ((Later((2, 2), np.float32, lambda: np.zeros(3, np.float32)), "came out"),
+                    (Later((5, 3), np.float32, lambda: (np.zeros((2, 3), np.float32) for _ in range(2))), "came out with 4 rows, not 5")):
+    with pytest.raises(ValueError, match=f"'bad' {what}"): save_safetensors(str(tmp_path / "y.safetensors"), {"bad": bad})
+  assert not os.path.exists(tmp_path / "y.safetensors") and sorted(os.listdir(tmp_path)) == ["w.safetensors", "x.safetensors"]
 
 
 def test_cli_outputs_and_peft_loading(tiny, tmp_path):
