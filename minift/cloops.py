@@ -247,18 +247,21 @@ class Renderer:
     lines, indent = [], ""
     # one thread: split across cores (OpenMP parallel for), loops ran slower in a training step,
     # where they took the cores from the BLAS threads between matmuls
-    pieces = self.segments(kept)
-    for g, (var, group) in enumerate(kept[:-1] if pieces else kept):
-      if g == len(kept) - 1 and not red: lines.append(indent + "#pragma omp simd")
+    store = lambda value: f"out[{out_index}] = ({PTYPE[k.dtype.name]})({value});"
+    cut = self.segments(kept)
+    # an elementwise or epilogue kernel's innermost loop is vectorised: once whole, or once per
+    # piece where masked loads cut it (each piece with its loads decided)
+    pieces = cut or ([(0, loops.size(kept[-1][1]))] if kept and k.kind != "reduce" else None)
+    for var, group in (kept[:-1] if pieces else kept):
       lines.append(f"{indent}for (long {var} = 0; {var} < {loops.size(group)}; {var}++) {{")
       indent += "  "
-    if pieces:   # the innermost loop once per piece, each with its loads decided
+    if pieces:
       var = kept[-1][0]
       for start, stop in pieces:
-        self.segment, self.lines, self.names, self.absent = (var, start, stop), [], {}, set()
+        self.segment, self.lines, self.names, self.absent = (var, start, stop) if cut else None, [], {}, set()
         value = self.value(k.ast, kept)
         lines += [indent + "#pragma omp simd", f"{indent}for (long {var} = {start}; {var} < {stop}; {var}++) {{"]
-        lines += [indent + "  " + s for s in self.lines + [f"out[{out_index}] = ({PTYPE[k.dtype.name]})({value});"]]
+        lines += [indent + "  " + s for s in self.lines + [store(value)]]
         lines.append(indent + "}")
       self.segment = None
       lines += ["  " * (len(kept) - g - 2) + "}" for g in range(len(kept) - 1)]
@@ -286,8 +289,7 @@ class Renderer:
       self.reduced_value = "((float)acc)"
     self.lines, self.names = [], {}
     value = self.value(k.ast, kept)
-    store = f"out[{out_index}] = ({PTYPE[k.dtype.name]})({value});"
-    lines += [indent + s for s in self.lines + [store]]
+    lines += [indent + s for s in self.lines + [store(value)]]
     lines += ["  " * (len(kept) - g - 1) + "}" for g in range(len(kept))]
     return f"void {name}({', '.join(args)}) {{\n  " + "\n  ".join(body + lines) + "\n}\n"
 
