@@ -5,6 +5,7 @@ import dataclasses, json, os
 import numpy as np
 from minift.checkpoint import Later, atomic_folder, save_safetensors
 from minift.lora import lora_modules, model_type
+from minift.nn import joined_row_pieces
 
 HF_ARCHITECTURES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
                     "gemma3_text": "Gemma3ForCausalLM"}
@@ -16,14 +17,8 @@ def hf_tensors(model):
   sharder split is its row pieces, in order."""
   if lora_modules(model): raise ValueError("merge the LoRA adapters first (minift.lora.merge_lora) before exporting the model")
   transposed = getattr(model, "TRANSPOSED", ())
-  parts = {}
-  for name, t in model.named_parameters():
-    layer, _, index = name.rpartition(".weight_pieces.")
-    parts.setdefault(f"{layer}.weight" if layer else name, []).append((int(index) if layer else 0, t))
   out = {}
-  for key, ts in parts.items():
-    ts = [t for _, t in sorted(ts, key=lambda p: p[0])]
-    shape = (sum(t.shape[0] for t in ts), *ts[0].shape[1:])
+  for key, (shape, ts) in joined_row_pieces(model.named_parameters()).items():
     flip = key.endswith(tuple(transposed))
     def make(ts=ts, flip=flip):   # a split weight is written piece by piece, unless it must be transposed
       if not flip: return (t.numpy().astype(np.float32) for t in ts)

@@ -62,6 +62,21 @@ class Module:
     setattr(mod, attr, value)
 
 
+def joined_row_pieces(named):
+  """(name, tensor) pairs -> {name: (shape, [tensors])}: a split weight's row pieces
+  ("x.weight_pieces.3") in order under the weight's own name ("x.weight") and whole shape, any
+  other tensor alone under its name. How checkpoints and exports see a split weight."""
+  groups = {}
+  for name, t in named:
+    layer, _, index = name.rpartition(".weight_pieces.")
+    groups.setdefault(f"{layer}.weight" if layer else name, []).append((int(index) if layer else 0, t))
+  out = {}
+  for name, parts in groups.items():
+    ts = [t for _, t in sorted(parts, key=lambda p: p[0])]
+    out[name] = ((sum(t.shape[0] for t in ts), *ts[0].shape[1:]) if len(ts) > 1 else tuple(ts[0].shape), ts)
+  return out
+
+
 class RowSplit:
   """For a layer whose weight's rows can live in separate buffers (Embedding, Linear):
   split() keeps the weight as row pieces instead, each its own buffer, so the sharder pages a

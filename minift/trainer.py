@@ -14,6 +14,7 @@ from minift.function import Function, graph_node
 from minift.optim import AdamW, SGD, grad_norm, clip_scale, state_like
 from minift.checkpoint import Later, atomic_folder, atomic_file, save_safetensors
 from minift.data import IGNORE
+from minift.nn import joined_row_pieces
 
 SCHEDULES = ("linear", "cosine", "constant")
 
@@ -159,15 +160,11 @@ class Trainer:
     """Parameters, optimizer state, RNG and `state`, written atomically. A weight the sharder
     split into row pieces is saved whole, under its own name, so that a run resumed under
     another budget (other pieces, or none) reads it back."""
-    tensors, pieces = {}, {}
-    for prefix, n, t in self._state_tensors():   # each made (paged in) only when it is written
-      layer, _, index = n.rpartition(".weight_pieces.")
-      if layer: pieces.setdefault(f"{prefix}.{layer}.weight", []).append((int(index), t))
-      else: tensors[f"{prefix}.{n}"] = Later(t.shape, t.dtype.np, t.numpy)
-    for key, parts in pieces.items():
-      parts = [t for _, t in sorted(parts, key=lambda p: p[0])]
-      tensors[key] = Later((sum(t.shape[0] for t in parts), *parts[0].shape[1:]), parts[0].dtype.np,
-                           lambda parts=parts: (t.numpy() for t in parts))   # written piece by piece
+    tensors, by_prefix = {}, {}
+    for prefix, n, t in self._state_tensors(): by_prefix.setdefault(prefix, []).append((n, t))
+    for prefix, named in by_prefix.items():
+      for name, (shape, parts) in joined_row_pieces(named).items():   # each made (paged in) only when written, piece by piece
+        tensors[f"{prefix}.{name}"] = Later(shape, parts[0].dtype.np, lambda parts=parts: (t.numpy() for t in parts))
     if hasattr(self.opt, "t"): tensors["adam_t"] = self.opt.t.numpy()
     state = dict(state, rng_seed=Tensor._seed, rng_counter=Tensor._rng_counter)
     with atomic_folder(folder) as tmp:
