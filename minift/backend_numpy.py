@@ -5,7 +5,8 @@ dtypes covered), and every other kernel's AST is evaluated with NumPy.
 Loads are strided views of the input buffers (no copies, pads become np.pad); temporaries
 made inside a kernel are reused in place where the shape and dtype allow it.
 """
-import ctypes, itertools, time
+import ctypes, itertools, os, time
+from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 from numpy.lib.stride_tricks import as_strided
 from minift.device import Buffer
@@ -195,7 +196,7 @@ class NumpyDevice:
       if "_c_name" not in kernel.__dict__: cloops.prepare([kernel], lambda k: [b.dtype for b in ins])
       if kernel.__dict__.get("_c_name") is not None:   # not set: no compiler
         fn = kernel._c_fn = cloops.compiler.get(kernel._c_name)
-        if fn is not None: fn.argtypes = [ctypes.c_void_p] * (len(ins) + 1 + (kernel.kind == "matmul"))
+        if fn is not None: fn.argtypes = [ctypes.c_void_p] * (len(ins) + 1 + (kernel.kind == "matmul")) + [ctypes.c_long] * 2
     if fn: return self.run_c(kernel, fn, flats, assign_out)
     with np.errstate(all="ignore"):
       if kernel.kind == "rand":
@@ -234,7 +235,7 @@ class NumpyDevice:
     in_place = assign_out is not None and _reads_only_its_own_elements(kernel)
     if in_place: out = assign_out.data
     elif out is None: out = np.empty(prod(kernel.shape), kernel.dtype.np)
-    fn(out.ctypes.data, *[f.ctypes.data for f in flats], *extra)
+    call_in_parts(fn, out, [f.ctypes.data for f in flats] + extra, *kernel._c_split)
     if in_place: return assign_out
     if assign_out is not None:
       assign_out.data[...] = out
@@ -343,6 +344,40 @@ class NumpyDevice:
     out = np.matmul(b3.swapaxes(-1, -2), a3.swapaxes(-1, -2)) if swap else np.matmul(a3, b3)
     out = out.reshape(out_shape).transpose(out_order)
     return out.astype(node.dtype.np, copy=False).reshape(shape)
+
+
+# ---- compiled loops on every core
+
+PARTS_FROM = 1 << 18   # elements a kernel reads or writes per part at least: handing out a part costs ~20 us
+_pool, _pool_size = None, 0   # worker threads, made on first use
+_CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+os.register_at_fork(after_in_child=lambda: globals().update(_pool=None, _pool_size=0))   # a forked child has none of them
+
+
+def thread_count():
+  """Cores the compiled loops use: $MINIFT_THREADS, else every core this process may run on."""
+  env = os.environ.get("MINIFT_THREADS")
+  if env is None: return _CORES
+  if not env.isdigit() or int(env) < 1: raise ValueError(f"MINIFT_THREADS={env!r}: expected a whole number of threads >= 1")
+  return int(env)
+
+
+def call_in_parts(fn, out, args, outer, work):
+  """A compiled loop fn(out, *args, lo, hi) over [0, outer) of its outermost loop, cut into one
+  part per thread when there is enough work (`work` elements read or written). ctypes lets go
+  of the GIL while C runs, so the parts run at once. Each output element is computed the same
+  way in any part, so the result does not depend on the thread count."""
+  global _pool, _pool_size
+  args = (out.ctypes.data, *args)
+  parts = min(thread_count(), outer, work // PARTS_FROM)
+  if parts <= 1: return fn(*args, 0, outer)
+  if _pool_size < parts - 1:   # more threads asked for ($MINIFT_THREADS raised): a bigger pool
+    if _pool is not None: _pool.shutdown(wait=False)
+    _pool, _pool_size = ThreadPoolExecutor(parts - 1, thread_name_prefix="minift-loops"), parts - 1
+  cuts = [outer * i // parts for i in range(parts + 1)]
+  others = [_pool.submit(fn, *args, lo, hi) for lo, hi in zip(cuts[1:-1], cuts[2:])]
+  fn(*args, cuts[0], cuts[1])
+  for f in others: f.result()
 
 
 def _matmul_plan(va, vb, axes, in_shape):

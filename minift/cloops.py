@@ -9,7 +9,9 @@ epilogue runs in C over the product NumPy made. Kernels that use what this file 
 Rounding: + - * / sqrt and comparisons round as NumPy does (no FMA contraction, no fast-math).
 exp, tanh and sigmoid use the polynomials below (exp within 1.5 ulp of float64, tanh within
 2.5: test_cloops.py; vectorisable); sums accumulate in double. So a kernel differs from its
-NumPy evaluation by an ulp or two. The loops run on one core (see render()).
+NumPy evaluation by an ulp or two. A big kernel's outermost loop is cut into parts that run on
+every core at once (backend_numpy.call_in_parts; $MINIFT_THREADS sets how many); each element is
+computed the same way in any part, so the thread count never changes a result.
 
 Every kernel the schedule runs is rendered first, and the new ones are compiled together
 (one compiler run per schedule, not per kernel) into a shared library cached on disk under
@@ -104,8 +106,8 @@ class _Loops:
 
 
 class Renderer:
-  """C source for one kernel: `void NAME(out, in0, in1, ...)`, plus one more pointer (the
-  matmul's product) for a matmul epilogue."""
+  """C source for one kernel: `void NAME(out, in0, in1, ..., lo, hi)`, with one more pointer
+  (the matmul's product) before lo for a matmul epilogue; lo and hi bound its outermost loop."""
 
   def __init__(self, kernel, in_dtypes):
     self.kernel, self.in_dtypes, self.views = kernel, in_dtypes, {}
@@ -219,6 +221,10 @@ class Renderer:
 
   # ---- the loop nest
 
+  def outer_size(self):
+    """The range of the outermost loop, the one that lo and hi bound (1: no loop over outputs)."""
+    return self.loops.size(self.loops.kept[0]) if self.loops.kept else 1
+
   def segments(self, kept):
     """Where loads are masked along the innermost loop (a cat, a pad): that loop cut at the mask
     edges, [(start, stop)], so that no load inside a piece needs a condition and the compiler
@@ -244,23 +250,26 @@ class Renderer:
     if k.kind == "matmul":   # the product, contiguous in the kernel's shape; it may be out itself
       args.append("const float* mm")
       self.reduced_value = f"mm[{out_index}]"
+    args += ["long lo", "long hi"]
     lines, indent = [], ""
-    # one thread: split across cores (OpenMP parallel for), loops ran slower in a training step,
-    # where they took the cores from the BLAS threads between matmuls
+    def loop(var, start, stop, outermost):   # the outermost loop keeps to [lo, hi): the part of it this call runs
+      if not outermost: return f"for (long {var} = {start}; {var} < {stop}; {var}++) {{"
+      if (start, stop) == (0, self.outer_size()): return f"for (long {var} = lo; {var} < hi; {var}++) {{"
+      return f"for (long {var} = lo > {start} ? lo : {start}; {var} < (hi < {stop} ? hi : {stop}); {var}++) {{"
     store = lambda value: f"out[{out_index}] = ({PTYPE[k.dtype.name]})({value});"
     cut = self.segments(kept)
     # an elementwise or epilogue kernel's innermost loop is vectorised: once whole, or once per
     # piece where masked loads cut it (each piece with its loads decided)
     pieces = cut or ([(0, loops.size(kept[-1][1]))] if kept and k.kind != "reduce" else None)
-    for var, group in (kept[:-1] if pieces else kept):
-      lines.append(f"{indent}for (long {var} = 0; {var} < {loops.size(group)}; {var}++) {{")
+    for g, (var, group) in enumerate(kept[:-1] if pieces else kept):
+      lines.append(indent + loop(var, 0, loops.size(group), g == 0))
       indent += "  "
     if pieces:
       var = kept[-1][0]
       for start, stop in pieces:
         self.segment, self.lines, self.names, self.absent = (var, start, stop) if cut else None, [], {}, set()
         value = self.value(k.ast, kept)
-        lines += [indent + "#pragma omp simd", f"{indent}for (long {var} = {start}; {var} < {stop}; {var}++) {{"]
+        lines += [indent + "#pragma omp simd", indent + loop(var, start, stop, len(kept) == 1)]
         lines += [indent + "  " + s for s in self.lines + [store(value)]]
         lines.append(indent + "}")
       self.segment = None
@@ -281,7 +290,7 @@ class Renderer:
       rindent = indent
       for g, (var, group) in enumerate(red):
         if g == len(red) - 1: lines.append(rindent + pragma)
-        lines.append(f"{rindent}for (long {var} = 0; {var} < {loops.size(group)}; {var}++) {{")
+        lines.append(rindent + loop(var, 0, loops.size(group), False))
         rindent += "  "
       lines += [rindent + s for s in inner + update]
       lines += [indent + "  " * (len(red) - g - 1) + "}" for g in range(len(red))]
@@ -307,11 +316,12 @@ def _unsqueezed(view, shape):
 
 
 def render(kernel, in_dtypes):
-  """(function name, C source) of a kernel; raises Unsupported."""
-  src = Renderer(kernel, in_dtypes).render("KERNEL")
+  """(function name, C source, range of its outermost loop) of a kernel; raises Unsupported."""
+  renderer = Renderer(kernel, in_dtypes)
+  src = renderer.render("KERNEL")
   # the name keys the disk cache: it covers everything the library is built from
   name = "k_" + hashlib.sha256((PRELUDE + src + compiler.signature).encode()).hexdigest()[:24]
-  return name, src.replace("void KERNEL(", f"void {name}(", 1)
+  return name, src.replace("void KERNEL(", f"void {name}(", 1), renderer.outer_size()
 
 
 # ---- building
@@ -442,12 +452,13 @@ def structure(kernel, in_dtypes):
   return tuple(parts)
 
 
-_rendered = {}   # structure -> (name, source), or None where C does not cover the kernel
+_rendered = {}   # structure -> (name, source, outer range), or None where C does not cover the kernel
 
 
 def prepare(kernels, in_dtypes_of):
   """Render every kernel C can run and build the new ones in one compiler run. Sets
-  kernel._c_name (None: NumPy evaluates it)."""
+  kernel._c_name (None: NumPy evaluates it) and kernel._c_split: (range of the outermost loop,
+  elements the kernel reads or writes), what the backend needs to run it in parts."""
   if not compiler.available: return
   todo = {}
   for k in kernels:
@@ -463,7 +474,7 @@ def prepare(kernels, in_dtypes_of):
       try: _rendered[key] = render(k, in_dtypes)
       except Unsupported: _rendered[key] = None
     if _rendered[key] is None: continue
-    name, src = _rendered[key]
-    k._c_name = name
+    name, src, outer = _rendered[key]
+    k._c_name, k._c_split = name, (outer, size)
     if compiler.get(name) is None: todo[name] = src
   if todo: compiler.build(todo)

@@ -119,6 +119,51 @@ def test_c_equals_numpy_on_a_training_step(monkeypatch):
   for g_c, g_np in zip(with_c[2], numpy_only[2]): np.testing.assert_allclose(g_c, g_np, rtol=1e-4, atol=1e-6)
 
 
+def test_loops_cut_into_parts_give_the_same_bits(monkeypatch, force_c):
+  """A big kernel runs its outermost loop in parts on worker threads. A training step (cats,
+  pads, reductions, matmul epilogues, in-place updates) gives the same bits with 1 or 3 threads;
+  and run part by part, last part first, each part writes its own rows of the output only."""
+  from minift import backend_numpy as bn
+  from tiny_gpt import init_weights, block_minift
+  weights, _ = init_weights(vocab=8, ctx=8, d=64, heads=4, layers=1)
+  x0 = np.random.default_rng(1).standard_normal((3, 40, 64)).astype(np.float32)
+  def step():
+    p = {k: Tensor(v, requires_grad=True) for k, v in weights.items()}
+    x = Tensor(x0, requires_grad=True)
+    loss = (block_minift(p, 0, x, 4) ** 2).mean()
+    loss.backward()
+    flat = x.grad.reshape(-1)
+    joined = Tensor.cat([flat[:1000] * 2, flat[:777].exp()])   # one loop, cut in two pieces at the seam
+    return [loss.numpy(), x.grad.numpy(), joined.numpy()] + [p[k].grad.numpy() for k in sorted(p) if p[k].grad is not None]
+  monkeypatch.setattr(bn, "PARTS_FROM", 1)
+  monkeypatch.setenv("MINIFT_THREADS", "1")
+  want = step()
+  monkeypatch.setenv("MINIFT_THREADS", "3")
+  threaded = step()
+  split = []
+  def part_by_part(fn, out, args, outer, work):
+    rows = out.reshape(outer, -1).view(np.uint8)   # the outermost loop runs over the output's leading rows
+    cuts = [0, outer // 3, outer] if outer > 1 else [0, outer]
+    for lo, hi in reversed(list(zip(cuts, cuts[1:]))):
+      before = rows.copy()
+      fn(out.ctypes.data, *args, lo, hi)
+      changed = (rows != before).any(1)
+      assert not changed[:lo].any() and not changed[hi:].any(), f"part [{lo}, {hi}) of {outer} wrote outside its rows"
+    split.append(outer)
+  monkeypatch.setattr(bn, "call_in_parts", part_by_part)
+  by_parts = step()
+  assert sum(n > 1 for n in split) > 10, split
+  for got_threads, got_parts, w in zip(threaded, by_parts, want):
+    assert np.array_equal(got_threads, w) and np.array_equal(got_parts, w)
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "two", ""])
+def test_bad_thread_count_is_an_error_naming_the_variable(monkeypatch, force_c, value):
+  monkeypatch.setenv("MINIFT_THREADS", value)
+  with pytest.raises(ValueError, match="MINIFT_THREADS"):
+    (Tensor(np.ones((4, 8), np.float32)) * 2).numpy()
+
+
 def test_disk_cache_is_used_by_a_new_process(tmp_path, monkeypatch, force_c):
   monkeypatch.setenv("MINIFT_CACHE_DIR", str(tmp_path))
   x = np.linspace(-3, 3, 40, dtype=np.float32).reshape(5, 8)

@@ -15,11 +15,11 @@ eval: tokens/s scoring a 512-token window with the pip-shipped SmolLM2-135M and 
 GGUFs vs transformers; load: peak RSS while loading them vs their float32 weight size.
 """
 import argparse, json, os, statistics, sys, time
-import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "test"))
-from minift import Tensor, jit   # noqa: E402
+from minift import Tensor, jit   # noqa: E402  (before NumPy: minift/__init__.py sets how OpenBLAS threads idle)
+import numpy as np   # noqa: E402
 
 
 def peak_rss_mb():

@@ -25,6 +25,7 @@ Prints per-subject accuracy, then micro and macro averages; the last line is
 import argparse, csv, glob, json, os, sys, time
 from collections import defaultdict
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import minift   # noqa: F401,E402  (before NumPy: minift/__init__.py sets how OpenBLAS threads idle)
 import numpy as np
 from tqdm import tqdm
 

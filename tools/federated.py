@@ -191,13 +191,14 @@ class Federation:
 
   def add_supernode(self, node_config, blas_threads=None):
     """Start a SuperNode whose ClientApp gets node_config ({key: value}); returns its process.
-    blas_threads: BLAS threads of its ClientApps, unless the environment sets them already."""
+    blas_threads: BLAS threads (and minift's loop threads) of its ClientApps, unless the
+    environment sets them already."""
     i = len(self.nodes)
     path = os.path.join(self.folder, f"node-{i}.toml")
     write_toml(path, node_config)
     env = dict(self.env)
     if blas_threads:
-      for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"): env.setdefault(var, str(blas_threads))
+      for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "MINIFT_THREADS"): env.setdefault(var, str(blas_threads))
     proc = self._spawn([flower_command("flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{self.port}",
                         "--port", str(free_port()), "--node-config", path], f"supernode-{i}.log", env)
     self.nodes.append(proc)
