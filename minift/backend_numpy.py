@@ -348,10 +348,11 @@ class NumpyDevice:
 
 # ---- compiled loops on every core
 
-PARTS_FROM = 1 << 18   # elements a kernel reads or writes per part at least: handing out a part costs ~20 us
+PARTS_FROM = 1 << 17   # elements a kernel reads or writes per part at least: handing out a part costs ~20-60 us
 _pool, _pool_size = None, 0   # worker threads, made on first use
 _CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-os.register_at_fork(after_in_child=lambda: globals().update(_pool=None, _pool_size=0))   # a forked child has none of them
+if hasattr(os, "register_at_fork"):   # a forked child has none of the threads (no fork on Windows)
+  os.register_at_fork(after_in_child=lambda: globals().update(_pool=None, _pool_size=0))
 
 
 def thread_count():
