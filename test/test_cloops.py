@@ -120,9 +120,10 @@ def test_c_equals_numpy_on_a_training_step(monkeypatch):
 
 
 def test_loops_cut_into_parts_give_the_same_bits(monkeypatch, force_c):
-  """A big kernel runs its outermost loop in parts on worker threads. A training step (cats,
-  pads, reductions, matmul epilogues, in-place updates) gives the same bits with 1 or 3 threads;
-  and run part by part, last part first, each part writes its own rows of the output only."""
+  """A big kernel runs its outermost loop in parts on worker threads. A GPT-2 block's forward
+  and backward (reductions, matmul epilogues, cats) and a 1-D loop cut at a seam give the same
+  bits with 1 or 3 threads; run part by part, last part first, each part writes only its own
+  rows of the output."""
   from minift import backend_numpy as bn
   from tiny_gpt import init_weights, block_minift
   weights, _ = init_weights(vocab=8, ctx=8, d=64, heads=4, layers=1)
