@@ -378,7 +378,15 @@ def call_in_parts(fn, out, args, outer, work):
   cuts = [outer * i // parts for i in range(parts + 1)]
   others = [_pool.submit(fn, *args, lo, hi) for lo, hi in zip(cuts[1:-1], cuts[2:])]
   fn(*args, cuts[0], cuts[1])
-  for f in others: f.result()
+  interrupted = None
+  for f in others:
+    while True:
+      try:
+        f.result()
+        break
+      except KeyboardInterrupt as e:   # the part still writes into out: returning now would free it under the thread
+        interrupted = e
+  if interrupted is not None: raise interrupted
 
 
 def _matmul_plan(va, vb, axes, in_shape):

@@ -158,6 +158,34 @@ def test_loops_cut_into_parts_give_the_same_bits(monkeypatch, force_c):
     assert np.array_equal(got_threads, w) and np.array_equal(got_parts, w)
 
 
+def test_ctrl_c_waits_for_the_other_parts(monkeypatch, force_c):
+  """A Ctrl-C while the main thread waits for the other parts is raised only once they are done:
+  they write into the output, which the unwinding would free under them."""
+  import concurrent.futures, time
+  from minift import backend_numpy as bn
+  monkeypatch.setattr(bn, "PARTS_FROM", 1)
+  monkeypatch.setenv("MINIFT_THREADS", "2")
+  x = Tensor(np.ones((64, 64), np.float32))
+  (x * 3).numpy()   # compiled and the pool made before the timed part
+  finished, real_submit = [], bn._pool.submit
+  def slow_submit(fn, *args):
+    def part(*a):
+      time.sleep(0.2)
+      fn(*a)
+      finished.append(True)
+    return real_submit(part, *args)
+  monkeypatch.setattr(bn._pool, "submit", slow_submit)
+  real_result, calls = concurrent.futures.Future.result, []
+  def interrupted_once(self, *a, **k):
+    calls.append(1)
+    if len(calls) == 1: raise KeyboardInterrupt
+    return real_result(self, *a, **k)
+  monkeypatch.setattr(concurrent.futures.Future, "result", interrupted_once)
+  with pytest.raises(KeyboardInterrupt):
+    (x * 2).numpy()
+  assert finished == [True]
+
+
 @pytest.mark.parametrize("value", ["0", "-1", "two", ""])
 def test_bad_thread_count_is_an_error_naming_the_variable(monkeypatch, force_c, value):
   monkeypatch.setenv("MINIFT_THREADS", value)
