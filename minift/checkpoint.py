@@ -53,10 +53,15 @@ class Later:
   make() gives the array, or its row blocks in order (a split weight, piece by piece)."""
   def __init__(self, shape, dtype, make): self.shape, self.dtype, self.make = tuple(shape), np.dtype(dtype), make
 
+  def blocks(self):
+    """The array's row blocks, in order: [the array] where make() gave it whole."""
+    made = self.make()
+    return [made] if isinstance(made, np.ndarray) else made
+
   def array(self):
     """The whole array, its blocks joined."""
-    made = self.make()
-    return made if isinstance(made, np.ndarray) else np.concatenate(list(made))
+    blocks = list(self.blocks())
+    return blocks[0] if len(blocks) == 1 else np.concatenate(blocks)
 
 
 def save_safetensors(path, tensors, metadata=None):
@@ -77,8 +82,7 @@ def save_safetensors(path, tensors, metadata=None):
     f.write(len(head).to_bytes(8, "little") + head)
     for name in sorted(tensors):
       t = tensors[name]
-      made = t.make() if isinstance(t, Later) else t
-      blocks, rows = ([made] if isinstance(made, np.ndarray) else made), 0
+      blocks, rows = (t.blocks() if isinstance(t, Later) else [t]), 0
       for block in blocks:
         arr = np.asarray(block, order="C")   # (ascontiguousarray makes a 0-d array 1-d)
         if arr.shape[1:] != t.shape[1:] or arr.dtype != np.dtype(t.dtype) or (not t.shape and arr.shape):
@@ -87,7 +91,7 @@ def save_safetensors(path, tensors, metadata=None):
         f.write(arr.reshape(-1).view(np.uint8).data if arr.size else b"")
         del arr, block
       if rows != (t.shape[0] if t.shape else 1): raise ValueError(f"{path}: {name!r} came out with {rows} rows, not {t.shape[0]}")
-      del made, blocks   # let this tensor go before the next is made
+      del blocks   # let this tensor go before the next is made
 
 
 @contextlib.contextmanager
