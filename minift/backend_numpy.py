@@ -162,6 +162,7 @@ def blocks(kernel):
 
 class NumpyDevice:
   name = "numpy"
+  runs_attention = True   # Tensor.scaled_dot_product_attention may make ATTENTION kernels for it
 
   def alloc_from(self, arr):
     arr = np.ascontiguousarray(arr).reshape(-1)
@@ -198,6 +199,7 @@ class NumpyDevice:
         fn = kernel._c_fn = cloops.compiler.get(kernel._c_name)
         if fn is not None: fn.argtypes = [ctypes.c_void_p] * (len(ins) + 1 + (kernel.kind == "matmul")) + [ctypes.c_long] * 2
     if fn: return self.run_c(kernel, fn, flats, assign_out)
+    if kernel.kind == "attention": return self.alloc_from(self.attention(kernel, flats))
     with np.errstate(all="ignore"):
       if kernel.kind == "rand":
         seed, counter = rand_key
@@ -241,6 +243,23 @@ class NumpyDevice:
       assign_out.data[...] = out
       return assign_out
     return self.alloc_from(out)
+
+  def attention(self, kernel, flats):
+    """An ATTENTION kernel's output (B, Hq, T, Dv), flat: the compiled loop where there is a
+    compiler, else NumPy, a block of queries at a time."""
+    q, k, v = (np.ascontiguousarray(view_array(flats[n.arg[0]], n.arg[1])) for n in kernel.ast.srcs)
+    scale, causal, window = kernel.ast.arg
+    B, Hq, T, D = q.shape
+    Hkv, S, Dv = k.shape[1], k.shape[2], v.shape[3]
+    fn = cloops.attention_function()
+    if fn is None:
+      with np.errstate(all="ignore"): return attention_numpy(q, k, v, scale, causal, window).reshape(-1)
+    out, failed = np.empty(B * Hq * T * Dv, np.float32), np.zeros(1, np.int32)
+    blocks = -(-T // cloops.ATTENTION_ROWS)
+    call_in_parts(fn, out, [q.ctypes.data, k.ctypes.data, v.ctypes.data, failed.ctypes.data, B, Hq, Hkv, T, S, D, Dv, scale, int(causal), window or 0],
+                  B * Hq * blocks, B * Hq * T * max(S, 1))
+    if failed[0]: raise MemoryError(f"attention {q.shape} x {k.shape}: no memory for the scratch of {S} keys")
+    return out
 
   def run_blocks(self, kernel, flats, regions, out):
     """Evaluate kernel block by block into out. Loads and BLAS matmuls are made once, whole;
@@ -387,6 +406,27 @@ def call_in_parts(fn, out, args, outer, work):
       except KeyboardInterrupt as e:   # the part still writes into out: returning now would free it under the thread
         interrupted = e
   if interrupted is not None: raise interrupted
+
+
+def attention_numpy(q, k, v, scale, causal, window, rows=128):
+  """What the compiled attention loop computes, in NumPy: softmax(q k^T * scale, masked) v for q
+  (B, Hq, T, D), k (B, Hkv, S, D), v (B, Hkv, S, Dv), `rows` queries at a time (the (T, S) scores
+  of a long sequence would not fit in memory at once). Query i is aligned with key i + S - T."""
+  B, Hq, T, D = q.shape
+  Hkv, S, Dv = k.shape[1], k.shape[2], v.shape[3]
+  qg = q.reshape(B, Hkv, Hq // Hkv, T, D) * np.float32(scale)
+  kt, vg = k.reshape(B, Hkv, 1, S, D).swapaxes(-1, -2), v.reshape(B, Hkv, 1, S, Dv)
+  out = np.empty((B, Hkv, Hq // Hkv, T, Dv), np.float32)
+  keys = np.arange(S)
+  for i0 in range(0, T, rows):
+    scores = qg[:, :, :, i0:i0 + rows] @ kt
+    aligned = np.arange(i0, min(T, i0 + rows))[:, None] + (S - T)
+    allowed = keys <= aligned if causal else np.ones((len(aligned), S), bool)
+    if window: allowed &= keys > aligned - window
+    scores = np.where(allowed, scores, np.float32(-np.inf))
+    e = np.exp(scores - scores.max(-1, keepdims=True))
+    out[:, :, :, i0:i0 + rows] = (e @ vg) / e.sum(-1, keepdims=True)
+  return out.reshape(B, Hq, T, Dv)
 
 
 def _matmul_plan(va, vb, axes, in_shape):

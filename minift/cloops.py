@@ -324,6 +324,169 @@ def render(kernel, in_dtypes):
   return name, src.replace("void KERNEL(", f"void {name}(", 1), renderer.outer_size()
 
 
+# ---- attention
+
+# softmax(q k^T * scale, masked) v for the NumPy backend's ATTENTION kernels (no gradient: an
+# evaluation or generation forward), ATTENTION_ROWS queries at a time. The block's scores over the
+# keys any of its rows sees stay in a scratch array, so the (T, S) scores are never written out,
+# and the masked-off keys of a causal block are skipped. The products are computed in register
+# tiles of 4 rows; the block's 8 tiles take turns on each tile of keys (and of values) while it
+# is in the L1 cache. Unlike the rendered loops, products are contracted into FMAs (the scores and
+# products are sums over D and over the keys, as BLAS computes them); row sums accumulate in double.
+ATTENTION_ROWS = 32
+ATTENTION_SOURCE = r"""
+#define ATT_BLOCK 32               /* query rows per unit of work (ATTENTION_ROWS) */
+#define ATT_ROWS 4                 /* query rows per register tile */
+#ifdef __AVX512F__
+#define ATT_W 4                    /* 16-float vectors per register tile: 16 of 32 registers hold the sums */
+#else
+#define ATT_W 1
+#endif
+#define ATT_TILE (16 * ATT_W)
+typedef float att_v16 __attribute__((vector_size(64), aligned(4)));
+#if defined(__GNUC__) && !defined(__clang__)
+#define ATT_CONTRACT __attribute__((optimize("fp-contract=fast")))   /* on the caller too, or gcc does not inline */
+#else
+#define ATT_CONTRACT
+#endif
+#define ATT_FN static inline ATT_CONTRACT
+
+/* sc[r][j0 .. j0 + 16 w) = sum_d qs[d][r] * kt[d][j0 ..], for the tile's 4 rows */
+ATT_FN void att_scores(const float* qs, const float* kt, long sp, long d_len, long j0, float* sc, const int w) {
+#ifdef __clang__
+  _Pragma("clang fp contract(fast)")
+#endif
+  att_v16 acc[ATT_ROWS][ATT_W];
+  for (int r = 0; r < ATT_ROWS; r++) for (int c = 0; c < w; c++) acc[r][c] = (att_v16){0};
+  for (long d = 0; d < d_len; d++) {
+    att_v16 kv[ATT_W];
+    for (int c = 0; c < w; c++) kv[c] = *(const att_v16*)(kt + d * sp + j0 + 16 * c);
+    for (int r = 0; r < ATT_ROWS; r++) {
+      float x = qs[d * ATT_ROWS + r];
+      for (int c = 0; c < w; c++) acc[r][c] += x * kv[c];
+    }
+  }
+  for (int r = 0; r < ATT_ROWS; r++) for (int c = 0; c < w; c++) *(att_v16*)(sc + r * sp + j0 + 16 * c) = acc[r][c];
+}
+
+/* o[r][c0 .. c0 + 16 w) (+)= sum_{j in [j0, j1)} p[r][j] * vp[j][c0 ..], for the tile's 4 rows */
+ATT_FN void att_values(const float* p, long sp, const float* vp, long dvp, long j0, long j1, long c0, float* o, int first, const int w) {
+#ifdef __clang__
+  _Pragma("clang fp contract(fast)")
+#endif
+  att_v16 acc[ATT_ROWS][ATT_W];
+  for (int r = 0; r < ATT_ROWS; r++) for (int c = 0; c < w; c++) acc[r][c] = first ? (att_v16){0} : *(att_v16*)(o + r * dvp + c0 + 16 * c);
+  for (long j = j0; j < j1; j++) {
+    att_v16 vv[ATT_W];
+    for (int c = 0; c < w; c++) vv[c] = *(const att_v16*)(vp + j * dvp + c0 + 16 * c);
+    for (int r = 0; r < ATT_ROWS; r++) {
+      float x = p[r * sp + j];
+      for (int c = 0; c < w; c++) acc[r][c] += x * vv[c];
+    }
+  }
+  for (int r = 0; r < ATT_ROWS; r++) for (int c = 0; c < w; c++) *(att_v16*)(o + r * dvp + c0 + 16 * c) = acc[r][c];
+}
+
+/* out (B, Hq, T, Dv) from q (B, Hq, T, D), k (B, Hkv, S, D), v (B, Hkv, S, Dv), all contiguous.
+   Query i (aligned with key i + S - T) sees keys j <= i + S - T when causal, and, with a window
+   (> 0), only j > i + S - T - window. Units [lo, hi) of the B * Hq * ceil(T / ATT_BLOCK) query
+   blocks: one part of the work. failed[0] is set where the scratch memory could not be had. */
+ATT_CONTRACT void ATTENTION_NAME(float* out, const float* q, const float* k, const float* v, int32_t* failed,
+                                 long B, long Hq, long Hkv, long T, long S, long D, long Dv, float scale,
+                                 long causal, long window, long lo, long hi) {
+  long G = Hq / Hkv, off = S - T, blocks = (T + ATT_BLOCK - 1) / ATT_BLOCK;
+  long sp = (S + ATT_TILE - 1) / ATT_TILE * ATT_TILE + ATT_TILE;   /* a tile may start anywhere below S */
+  long dvp = (Dv + 15) / 16 * 16;
+  long vp_size = dvp == Dv ? 0 : S * dvp;
+  float* kt = malloc(sizeof(float) * (D * sp + vp_size + ATT_BLOCK * (sp + D + dvp)));
+  if (!kt) { failed[0] = 1; return; }
+  float *vp = kt + D * sp, *sc = vp + vp_size, *qs = sc + ATT_BLOCK * sp, *o = qs + ATT_BLOCK * D;
+  long packed = -1;
+  for (long u = lo; u < hi; u++) {
+    long bh = u / blocks, i0 = (u % blocks) * ATT_BLOCK, b = bh / Hq, h = bh % Hq, kvh = b * Hkv + h / G;
+    long rows = T - i0 < ATT_BLOCK ? T - i0 : ATT_BLOCK, tiles = (rows + ATT_ROWS - 1) / ATT_ROWS;
+    if (kvh != packed) {   /* this (batch, kv head)'s keys transposed to (D, sp) and values padded to (S, dvp), zeros after */
+      const float *K = k + kvh * S * D, *V = v + kvh * S * Dv;
+      for (long j0 = 0; j0 < S; j0 += 16)   /* 16 keys at a time: whole cache lines read and written */
+        for (long d = 0; d < D; d++) for (long j = j0; j < j0 + 16 && j < S; j++) kt[d * sp + j] = K[j * D + d];
+      for (long d = 0; d < D; d++) for (long j = S; j < sp; j++) kt[d * sp + j] = 0.0f;
+      if (dvp == Dv) vp = (float*)V;   /* rows of whole vectors already */
+      else for (long j = 0; j < S; j++) for (long c = 0; c < dvp; c++) vp[j * dvp + c] = c < Dv ? V[j * Dv + c] : 0.0f;
+      packed = kvh;
+    }
+    const float* Q = q + (bh * T + i0) * D;   /* each tile's queries, scaled, as (D, 4) */
+    for (long t = 0; t < tiles; t++)
+      for (long d = 0; d < D; d++) for (int r = 0; r < ATT_ROWS; r++) {
+        long row = t * ATT_ROWS + r;
+        qs[(t * D + d) * ATT_ROWS + r] = row < rows ? Q[row * D + d] * scale : 0.0f;
+      }
+    /* the keys some row of the block sees: [j0, j1) */
+    long j0 = window > 0 ? i0 + off - window + 1 : 0, j1 = causal ? i0 + rows + off : S;
+    if (j0 < 0) j0 = 0;
+    if (j1 > S) j1 = S;
+    if (j1 < j0) j1 = j0;
+    for (long j = j0; j < j1; ) {
+      int w = j + ATT_TILE <= j1 ? ATT_W : 1;
+      for (long t = 0; t < tiles; t++) {
+        if (w == ATT_W) att_scores(qs + t * D * ATT_ROWS, kt, sp, D, j, sc + t * ATT_ROWS * sp, ATT_W);
+        else att_scores(qs + t * D * ATT_ROWS, kt, sp, D, j, sc + t * ATT_ROWS * sp, 1);
+      }
+      j += 16 * w;
+    }
+    double sums[ATT_BLOCK];
+    for (long r = 0; r < rows; r++) {   /* softmax of each row over its own keys; zeros elsewhere in [j0, j1) */
+      float* s = sc + r * sp;
+      long a = i0 + r + off, r0 = window > 0 ? a - window + 1 : 0, r1 = causal ? a + 1 : S;
+      if (r0 < j0) r0 = j0;
+      if (r1 > j1) r1 = j1;
+      if (r1 < r0) r1 = r0;
+      float m = -INFINITY;   /* (a NaN score need not reach m: exp(NaN - m) makes the row's sum NaN) */
+#pragma omp simd reduction(max:m)
+      for (long x = r0; x < r1; x++) m = m > s[x] ? m : s[x];
+      double l = 0.0;
+#pragma omp simd reduction(+:l)
+      for (long x = r0; x < r1; x++) { float e = exp_f(s[x] - m); s[x] = e; l += (double)e; }
+      for (long x = j0; x < r0; x++) s[x] = 0.0f;
+      for (long x = r1; x < j1; x++) s[x] = 0.0f;
+      sums[r] = l;
+    }
+    for (long c = 0; c < dvp; ) {
+      int w = c + ATT_TILE <= dvp ? ATT_W : 1;
+      for (long jc = j0; jc < j1 || jc == j0; jc += 64) {   /* 64 keys of values, shared by the block's tiles */
+        long jend = jc + 64 < j1 ? jc + 64 : j1;
+        for (long t = 0; t < tiles; t++) {
+          const float* p = sc + t * ATT_ROWS * sp;
+          float* ot = o + t * ATT_ROWS * dvp;
+          if (w == ATT_W) att_values(p, sp, vp, dvp, jc, jend, c, ot, jc == j0, ATT_W);
+          else att_values(p, sp, vp, dvp, jc, jend, c, ot, jc == j0, 1);
+        }
+      }
+      c += 16 * w;
+    }
+    for (long r = 0; r < rows; r++) {
+      float l = (float)sums[r];
+      for (long x = 0; x < Dv; x++) out[(bh * T + i0 + r) * Dv + x] = o[r * dvp + x] / l;
+    }
+  }
+  free(kt);
+}
+"""
+
+
+def attention_function():
+  """The compiled attention loop (ATTENTION_SOURCE), built on first use; None without a compiler."""
+  if not compiler.available: return None
+  name = "attention_" + hashlib.sha256((PRELUDE + ATTENTION_SOURCE + compiler.signature).encode()).hexdigest()[:24]
+  fn = compiler.get(name)
+  if fn is None:
+    compiler.build({name: "#include <stdlib.h>\n" + ATTENTION_SOURCE.replace("ATTENTION_NAME", name)})
+    fn = compiler.get(name)
+    if fn is None: return None
+  if fn.argtypes is None:
+    fn.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_long] * 7 + [ctypes.c_float] + [ctypes.c_long] * 4
+  return fn
+
+
 # ---- building
 
 def _cpu_id():

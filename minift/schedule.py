@@ -3,7 +3,7 @@
 A kernel computes one base. Its AST is a tree of KNodes: LOAD (an input base through a View),
 CONST, elementwise ops and at most one reduce. The fusion rules (DESIGN.md section 1):
   * a base is materialized when it is an output, an own-kernel op (contiguous, assign, gather,
-    scatter-add, rand, copy), used by two or more kernels-to-be, or cannot be inlined;
+    scatter-add, rand, copy, attention), used by two or more kernels-to-be, or cannot be inlined;
   * elementwise bases are inlined into their consumer, movement ops pushed down to the loads
     (a pad, or a view that cannot be pushed, materializes instead);
   * elementwise producers fuse into a reduce's input; elementwise consumers fuse as its epilogue
@@ -41,7 +41,7 @@ class Kernel:
     nodes = self._nodes()
     ops = [n.op for n in nodes]
     reduces = [n for n in nodes if n.op in REDUCE]
-    if any(o in (Op.GATHER, Op.SCATTER_ADD, Op.RAND) for o in ops): self.kind = ast.op.name.lower()
+    if any(o in (Op.GATHER, Op.SCATTER_ADD, Op.RAND, Op.ATTENTION) for o in ops): self.kind = ast.op.name.lower()
     elif reduces and reduces[0].arg[2]: self.kind = "matmul"
     elif reduces: self.kind = "reduce"
     else: self.kind = "elementwise"
@@ -107,7 +107,7 @@ class _KernelBuilder:
       target, value = base.srcs
       assign_target = self.input_index(target.base)
       ast = self.value(value, False)
-    elif base.op in (Op.GATHER, Op.SCATTER_ADD):
+    elif base.op in (Op.GATHER, Op.SCATTER_ADD, Op.ATTENTION):
       ast = KNode(base.op, tuple(self.operand(s) for s in base.srcs), base.arg, base.dtype)
     elif base.op is Op.RAND:
       ast = KNode(Op.RAND, (), base.arg, base.dtype)
