@@ -162,7 +162,7 @@ def blocks(kernel):
 
 class NumpyDevice:
   name = "numpy"
-  runs_attention = True   # Tensor.scaled_dot_product_attention may make ATTENTION kernels for it
+  runs_attention = True   # Tensor.scaled_dot_product_attention may make ATTENTION (and ATTENTION_BACKWARD) kernels for it
 
   def alloc_from(self, arr):
     arr = np.ascontiguousarray(arr).reshape(-1)
@@ -199,7 +199,7 @@ class NumpyDevice:
         fn = kernel._c_fn = cloops.compiler.get(kernel._c_name)
         if fn is not None: fn.argtypes = [ctypes.c_void_p] * (len(ins) + 1 + (kernel.kind == "matmul")) + [ctypes.c_long] * 2
     if fn: return self.run_c(kernel, fn, flats, assign_out)
-    if kernel.kind == "attention": return self.alloc_from(self.attention(kernel, flats))
+    if kernel.kind in ("attention", "attention_backward"): return self.alloc_from(self.attention(kernel, flats))
     with np.errstate(all="ignore"):
       if kernel.kind == "rand":
         seed, counter = rand_key
@@ -245,19 +245,24 @@ class NumpyDevice:
     return self.alloc_from(out)
 
   def attention(self, kernel, flats):
-    """An ATTENTION kernel's output (B, Hq, T, Dv), flat: the compiled loop where there is a
-    compiler, else NumPy, a block of queries at a time."""
-    q, k, v = (np.ascontiguousarray(view_array(flats[n.arg[0]], n.arg[1])) for n in kernel.ast.srcs)
-    scale, causal, window = kernel.ast.arg
+    """An ATTENTION kernel's output (B, Hq, T, Dv), or an ATTENTION_BACKWARD kernel's gradients
+    of q, k and v one after the other, flat: the compiled loops where there is a compiler, else
+    NumPy, a block of queries at a time."""
+    arrays = [np.ascontiguousarray(view_array(flats[n.arg[0]], n.arg[1])) for n in kernel.ast.srcs]
+    q, k, v = arrays[:3]
+    backward, (scale, causal, window) = kernel.kind == "attention_backward", kernel.ast.arg
     B, Hq, T, D = q.shape
     Hkv, S, Dv = k.shape[1], k.shape[2], v.shape[3]
-    fn = cloops.attention_function()
-    if fn is None:
-      with np.errstate(all="ignore"): return attention_numpy(q, k, v, scale, causal, window).reshape(-1)
-    out, failed = np.empty(B * Hq * T * Dv, np.float32), np.zeros(1, np.int32)
-    blocks = -(-T // cloops.ATTENTION_ROWS)
-    call_in_parts(fn, out, [q.ctypes.data, k.ctypes.data, v.ctypes.data, failed.ctypes.data, B, Hq, Hkv, T, S, D, Dv, scale, int(causal), window or 0],
-                  B * Hq * blocks, B * Hq * T * max(S, 1))
+    fns = cloops.attention_functions()
+    if fns is None:
+      with np.errstate(all="ignore"):
+        if not backward: return attention_numpy(q, k, v, scale, causal, window).reshape(-1)
+        return np.concatenate([g.reshape(-1) for g in attention_backward_numpy(q, k, v, arrays[3], scale, causal, window)])
+    out, failed = np.empty(prod(kernel.shape), np.float32), np.zeros(1, np.int32)
+    # parts: blocks of queries forward; (batch, kv head) pairs backward, each owning its keys' gradients
+    units = B * Hkv if backward else B * Hq * -(-T // cloops.ATTENTION_ROWS)
+    call_in_parts(fns[backward], out, [a.ctypes.data for a in arrays] + [failed.ctypes.data, B, Hq, Hkv, T, S, D, Dv, scale, int(causal), window or 0],
+                  units, B * Hq * T * max(S, 1))
     if failed[0]: raise MemoryError(f"attention {q.shape} x {k.shape}: no memory for the scratch of {S} keys")
     return out
 
@@ -408,25 +413,49 @@ def call_in_parts(fn, out, args, outer, work):
   if interrupted is not None: raise interrupted
 
 
+def _attention_blocks(q, k, v, scale, causal, window, rows):
+  """(queries i0:i1, q * scale grouped (B, Hkv, G, rows, D), softmax (B, Hkv, G, rows, S)) of
+  each block of `rows` queries, for q (B, Hq, T, D) and k (B, Hkv, S, D)."""
+  B, Hq, T, D = q.shape
+  Hkv, S = k.shape[1], k.shape[2]
+  qg = q.reshape(B, Hkv, Hq // Hkv, T, D) * np.float32(scale)
+  kt, keys = k.reshape(B, Hkv, 1, S, D).swapaxes(-1, -2), np.arange(S)
+  for i0 in range(0, T, rows):
+    i1 = min(T, i0 + rows)
+    aligned = np.arange(i0, i1)[:, None] + (S - T)   # query i sees keys up to i + S - T
+    allowed = keys <= aligned if causal else np.ones((i1 - i0, S), bool)
+    if window: allowed &= keys > aligned - window
+    scores = np.where(allowed, qg[:, :, :, i0:i1] @ kt, np.float32(-np.inf))
+    e = np.exp(scores - scores.max(-1, keepdims=True))
+    yield i0, i1, qg[:, :, :, i0:i1], e / e.sum(-1, keepdims=True)
+
+
 def attention_numpy(q, k, v, scale, causal, window, rows=128):
   """What the compiled attention loop computes, in NumPy: softmax(q k^T * scale, masked) v for q
   (B, Hq, T, D), k (B, Hkv, S, D), v (B, Hkv, S, Dv), `rows` queries at a time (the (T, S) scores
-  of a long sequence would not fit in memory at once). Query i is aligned with key i + S - T."""
+  of a long sequence would not fit in memory at once)."""
+  B, Hq, T, _ = q.shape
+  Hkv, S, Dv = k.shape[1], k.shape[2], v.shape[3]
+  vg, out = v.reshape(B, Hkv, 1, S, Dv), np.empty((B, Hkv, Hq // Hkv, T, Dv), np.float32)
+  for i0, i1, _, p in _attention_blocks(q, k, v, scale, causal, window, rows): out[:, :, :, i0:i1] = p @ vg
+  return out.reshape(B, Hq, T, Dv)
+
+
+def attention_backward_numpy(q, k, v, dout, scale, causal, window, rows=128):
+  """The gradients (dq, dk, dv) of attention_numpy's output for dout (B, Hq, T, Dv)."""
   B, Hq, T, D = q.shape
   Hkv, S, Dv = k.shape[1], k.shape[2], v.shape[3]
-  qg = q.reshape(B, Hkv, Hq // Hkv, T, D) * np.float32(scale)
-  kt, vg = k.reshape(B, Hkv, 1, S, D).swapaxes(-1, -2), v.reshape(B, Hkv, 1, S, Dv)
-  out = np.empty((B, Hkv, Hq // Hkv, T, Dv), np.float32)
-  keys = np.arange(S)
-  for i0 in range(0, T, rows):
-    scores = qg[:, :, :, i0:i0 + rows] @ kt
-    aligned = np.arange(i0, min(T, i0 + rows))[:, None] + (S - T)
-    allowed = keys <= aligned if causal else np.ones((len(aligned), S), bool)
-    if window: allowed &= keys > aligned - window
-    scores = np.where(allowed, scores, np.float32(-np.inf))
-    e = np.exp(scores - scores.max(-1, keepdims=True))
-    out[:, :, :, i0:i0 + rows] = (e @ vg) / e.sum(-1, keepdims=True)
-  return out.reshape(B, Hq, T, Dv)
+  G = Hq // Hkv
+  kg, vg, dog = k.reshape(B, Hkv, 1, S, D), v.reshape(B, Hkv, 1, S, Dv), dout.reshape(B, Hkv, G, T, Dv)
+  dq, dk, dv = np.empty((B, Hkv, G, T, D), np.float32), np.zeros((B, Hkv, S, D), np.float32), np.zeros((B, Hkv, S, Dv), np.float32)
+  for i0, i1, qs, p in _attention_blocks(q, k, v, scale, causal, window, rows):
+    do = dog[:, :, :, i0:i1]
+    dp = do @ vg.swapaxes(-1, -2)
+    ds = p * (dp - (p * dp).sum(-1, keepdims=True))
+    dq[:, :, :, i0:i1] = (ds @ kg) * np.float32(scale)
+    dk += (ds.swapaxes(-1, -2) @ qs).sum(2)
+    dv += (p.swapaxes(-1, -2) @ do).sum(2)
+  return dq.reshape(B, Hq, T, D), dk, dv
 
 
 def _matmul_plan(va, vb, axes, in_shape):

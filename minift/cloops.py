@@ -5,6 +5,7 @@ NumPy evaluates a fused kernel one pass per op, each pass through a temporary ar
 loop computes every element once, in registers. BLAS still does the matmuls: a matmul kernel's
 epilogue runs in C over the product NumPy made. Kernels that use what this file does not render
 (float16, integer division, gathers, a reduction over leading axes) stay with NumPy.
+Attention and its gradients are not rendered: they run the fixed loops of ATTENTION_SOURCE.
 
 Rounding: + - * / sqrt and comparisons round as NumPy does (no FMA contraction, no fast-math).
 exp, tanh and sigmoid use the polynomials below (exp within 1.5 ulp of float64, tanh within
@@ -387,6 +388,93 @@ ATT_FN void att_values(const float* p, long sp, const float* vp, long dvp, long 
   for (int r = 0; r < ATT_ROWS; r++) for (int c = 0; c < w; c++) *(att_v16*)(o + r * dvp + c0 + 16 * c) = acc[r][c];
 }
 
+/* dst[j0 + kk][c0 .. c0 + 16 w) += sum_{r < rows} coef[r][j0 + kk] * x[r][c0 ..], for 4 keys kk
+   (a gradient of keys or values: a block's rows summed into every key they saw) */
+ATT_FN void att_accumulate(const float* coef, long sp, long j0, const float* x, long xs, long rows, float* dst, long ds, long c0, const int w) {
+#ifdef __clang__
+  _Pragma("clang fp contract(fast)")
+#endif
+  att_v16 acc[ATT_ROWS][ATT_W];
+  for (int kk = 0; kk < ATT_ROWS; kk++) for (int c = 0; c < w; c++) acc[kk][c] = *(att_v16*)(dst + (j0 + kk) * ds + c0 + 16 * c);
+  for (long r = 0; r < rows; r++) {
+    att_v16 xv[ATT_W];
+    for (int c = 0; c < w; c++) xv[c] = *(const att_v16*)(x + r * xs + c0 + 16 * c);
+    for (int kk = 0; kk < ATT_ROWS; kk++) {
+      float a = coef[r * sp + j0 + kk];
+      for (int c = 0; c < w; c++) acc[kk][c] += a * xv[c];
+    }
+  }
+  for (int kk = 0; kk < ATT_ROWS; kk++) for (int c = 0; c < w; c++) *(att_v16*)(dst + (j0 + kk) * ds + c0 + 16 * c) = acc[kk][c];
+}
+
+/* src (S, n) rows to dst (n, sp), zeros in columns S .. sp; 16 rows at a time: whole cache lines */
+static void att_transpose(const float* src, long S, long n, long sp, float* dst) {
+  for (long j0 = 0; j0 < S; j0 += 16)
+    for (long d = 0; d < n; d++) for (long j = j0; j < j0 + 16 && j < S; j++) dst[d * sp + j] = src[j * n + d];
+  for (long d = 0; d < n; d++) for (long j = S; j < sp; j++) dst[d * sp + j] = 0.0f;
+}
+
+/* rows [0, rows) of src (n wide, times scale) into dst as 4-row tiles (n, 4) ("tiles") and as
+   rows padded to np wide ("padded", where not NULL); zeros for the rows after them */
+static void att_load_rows(const float* src, long rows, long n, float scale, float* tiles, float* padded, long np) {
+  long ntiles = (rows + ATT_ROWS - 1) / ATT_ROWS;
+  for (long t = 0; t < ntiles; t++)
+    for (long d = 0; d < n; d++) for (int r = 0; r < ATT_ROWS; r++) {
+      long row = t * ATT_ROWS + r;
+      tiles[(t * n + d) * ATT_ROWS + r] = row < rows ? src[row * n + d] * scale : 0.0f;
+    }
+  if (padded) for (long r = 0; r < rows; r++) for (long c = 0; c < np; c++) padded[r * np + c] = c < n ? src[r * n + c] * scale : 0.0f;
+}
+
+/* sc[r][j] for the block's tiles and keys [j0, j1): sum over d of tiles[d][r] * kt[d][j] */
+static inline void att_block_scores(const float* tiles, long ntiles, const float* kt, long sp, long n, long j0, long j1, float* sc) {
+  for (long j = j0; j < j1; ) {
+    int w = j + ATT_TILE <= j1 ? ATT_W : 1;
+    for (long t = 0; t < ntiles; t++) {
+      if (w == ATT_W) att_scores(tiles + t * n * ATT_ROWS, kt, sp, n, j, sc + t * ATT_ROWS * sp, ATT_W);
+      else att_scores(tiles + t * n * ATT_ROWS, kt, sp, n, j, sc + t * ATT_ROWS * sp, 1);
+    }
+    j += 16 * w;
+  }
+}
+
+/* o[r][0 .. np) = sum_{j in [j0, j1)} p[r][j] * rows[j][..] for the block's tiles (rows np wide) */
+static inline void att_block_products(const float* p, long ntiles, long sp, const float* rows, long np, long j0, long j1, float* o) {
+  for (long c = 0; c < np; ) {
+    int w = c + ATT_TILE <= np ? ATT_W : 1;
+    for (long jc = j0; jc < j1 || jc == j0; jc += 64) {   /* 64 keys' rows at a time, shared by the block's tiles */
+      long jend = jc + 64 < j1 ? jc + 64 : j1;
+      for (long t = 0; t < ntiles; t++) {
+        if (w == ATT_W) att_values(p + t * ATT_ROWS * sp, sp, rows, np, jc, jend, c, o + t * ATT_ROWS * np, jc == j0, ATT_W);
+        else att_values(p + t * ATT_ROWS * sp, sp, rows, np, jc, jend, c, o + t * ATT_ROWS * np, jc == j0, 1);
+      }
+    }
+    c += 16 * w;
+  }
+}
+
+/* the keys [r0, r1) query row a (aligned with key a) sees, within the block's [j0, j1) */
+static inline void att_row_keys(long a, long causal, long window, long S, long j0, long j1, long* r0, long* r1) {
+  long lo = window > 0 ? a - window + 1 : 0, hi = causal ? a + 1 : S;
+  if (lo < j0) lo = j0;
+  if (hi > j1) hi = j1;
+  if (hi < lo) hi = lo;
+  *r0 = lo; *r1 = hi;
+}
+
+/* s[r0 .. r1) = exp(s - max), zeros elsewhere in [j0, j1 + 4); returns their sum */
+ATT_CONTRACT static double att_exp_row(float* s, long j0, long r0, long r1, long j1) {
+  float m = -INFINITY;   /* (a NaN score need not reach m: exp(NaN - m) makes the row's sum NaN) */
+#pragma omp simd reduction(max:m)
+  for (long x = r0; x < r1; x++) m = m > s[x] ? m : s[x];
+  double l = 0.0;
+#pragma omp simd reduction(+:l)
+  for (long x = r0; x < r1; x++) { float e = exp_f(s[x] - m); s[x] = e; l += (double)e; }
+  for (long x = j0; x < r0; x++) s[x] = 0.0f;
+  for (long x = r1; x < j1 + 4; x++) s[x] = 0.0f;
+  return l;
+}
+
 /* out (B, Hq, T, Dv) from q (B, Hq, T, D), k (B, Hkv, S, D), v (B, Hkv, S, Dv), all contiguous.
    Query i (aligned with key i + S - T) sees keys j <= i + S - T when causal, and, with a window
    (> 0), only j > i + S - T - window. Units [lo, hi) of the B * Hq * ceil(T / ATT_BLOCK) query
@@ -396,8 +484,7 @@ ATT_CONTRACT void ATTENTION_NAME(float* out, const float* q, const float* k, con
                                  long causal, long window, long lo, long hi) {
   long G = Hq / Hkv, off = S - T, blocks = (T + ATT_BLOCK - 1) / ATT_BLOCK;
   long sp = (S + ATT_TILE - 1) / ATT_TILE * ATT_TILE + ATT_TILE;   /* a tile may start anywhere below S */
-  long dvp = (Dv + 15) / 16 * 16;
-  long vp_size = dvp == Dv ? 0 : S * dvp;
+  long dvp = (Dv + 15) / 16 * 16, vp_size = dvp == Dv ? 0 : S * dvp;
   float* kt = malloc(sizeof(float) * (D * sp + vp_size + ATT_BLOCK * (sp + D + dvp)));
   if (!kt) { failed[0] = 1; return; }
   float *vp = kt + D * sp, *sc = vp + vp_size, *qs = sc + ATT_BLOCK * sp, *o = qs + ATT_BLOCK * D;
@@ -405,64 +492,26 @@ ATT_CONTRACT void ATTENTION_NAME(float* out, const float* q, const float* k, con
   for (long u = lo; u < hi; u++) {
     long bh = u / blocks, i0 = (u % blocks) * ATT_BLOCK, b = bh / Hq, h = bh % Hq, kvh = b * Hkv + h / G;
     long rows = T - i0 < ATT_BLOCK ? T - i0 : ATT_BLOCK, tiles = (rows + ATT_ROWS - 1) / ATT_ROWS;
-    if (kvh != packed) {   /* this (batch, kv head)'s keys transposed to (D, sp) and values padded to (S, dvp), zeros after */
-      const float *K = k + kvh * S * D, *V = v + kvh * S * Dv;
-      for (long j0 = 0; j0 < S; j0 += 16)   /* 16 keys at a time: whole cache lines read and written */
-        for (long d = 0; d < D; d++) for (long j = j0; j < j0 + 16 && j < S; j++) kt[d * sp + j] = K[j * D + d];
-      for (long d = 0; d < D; d++) for (long j = S; j < sp; j++) kt[d * sp + j] = 0.0f;
-      if (dvp == Dv) vp = (float*)V;   /* rows of whole vectors already */
+    if (kvh != packed) {   /* this (batch, kv head)'s keys as (D, sp), its values as rows dvp wide */
+      const float* V = v + kvh * S * Dv;
+      att_transpose(k + kvh * S * D, S, D, sp, kt);
+      if (dvp == Dv) vp = (float*)V;
       else for (long j = 0; j < S; j++) for (long c = 0; c < dvp; c++) vp[j * dvp + c] = c < Dv ? V[j * Dv + c] : 0.0f;
       packed = kvh;
     }
-    const float* Q = q + (bh * T + i0) * D;   /* each tile's queries, scaled, as (D, 4) */
-    for (long t = 0; t < tiles; t++)
-      for (long d = 0; d < D; d++) for (int r = 0; r < ATT_ROWS; r++) {
-        long row = t * ATT_ROWS + r;
-        qs[(t * D + d) * ATT_ROWS + r] = row < rows ? Q[row * D + d] * scale : 0.0f;
-      }
-    /* the keys some row of the block sees: [j0, j1) */
-    long j0 = window > 0 ? i0 + off - window + 1 : 0, j1 = causal ? i0 + rows + off : S;
+    att_load_rows(q + (bh * T + i0) * D, rows, D, scale, qs, 0, 0);
+    long j0 = window > 0 ? i0 + off - window + 1 : 0, j1 = causal ? i0 + rows + off : S;   /* the keys some row sees */
     if (j0 < 0) j0 = 0;
     if (j1 > S) j1 = S;
     if (j1 < j0) j1 = j0;
-    for (long j = j0; j < j1; ) {
-      int w = j + ATT_TILE <= j1 ? ATT_W : 1;
-      for (long t = 0; t < tiles; t++) {
-        if (w == ATT_W) att_scores(qs + t * D * ATT_ROWS, kt, sp, D, j, sc + t * ATT_ROWS * sp, ATT_W);
-        else att_scores(qs + t * D * ATT_ROWS, kt, sp, D, j, sc + t * ATT_ROWS * sp, 1);
-      }
-      j += 16 * w;
-    }
+    att_block_scores(qs, tiles, kt, sp, D, j0, j1, sc);
     double sums[ATT_BLOCK];
-    for (long r = 0; r < rows; r++) {   /* softmax of each row over its own keys; zeros elsewhere in [j0, j1) */
-      float* s = sc + r * sp;
-      long a = i0 + r + off, r0 = window > 0 ? a - window + 1 : 0, r1 = causal ? a + 1 : S;
-      if (r0 < j0) r0 = j0;
-      if (r1 > j1) r1 = j1;
-      if (r1 < r0) r1 = r0;
-      float m = -INFINITY;   /* (a NaN score need not reach m: exp(NaN - m) makes the row's sum NaN) */
-#pragma omp simd reduction(max:m)
-      for (long x = r0; x < r1; x++) m = m > s[x] ? m : s[x];
-      double l = 0.0;
-#pragma omp simd reduction(+:l)
-      for (long x = r0; x < r1; x++) { float e = exp_f(s[x] - m); s[x] = e; l += (double)e; }
-      for (long x = j0; x < r0; x++) s[x] = 0.0f;
-      for (long x = r1; x < j1; x++) s[x] = 0.0f;
-      sums[r] = l;
+    for (long r = 0; r < rows; r++) {
+      long r0, r1;
+      att_row_keys(i0 + r + off, causal, window, S, j0, j1, &r0, &r1);
+      sums[r] = att_exp_row(sc + r * sp, j0, r0, r1, j1);
     }
-    for (long c = 0; c < dvp; ) {
-      int w = c + ATT_TILE <= dvp ? ATT_W : 1;
-      for (long jc = j0; jc < j1 || jc == j0; jc += 64) {   /* 64 keys of values, shared by the block's tiles */
-        long jend = jc + 64 < j1 ? jc + 64 : j1;
-        for (long t = 0; t < tiles; t++) {
-          const float* p = sc + t * ATT_ROWS * sp;
-          float* ot = o + t * ATT_ROWS * dvp;
-          if (w == ATT_W) att_values(p, sp, vp, dvp, jc, jend, c, ot, jc == j0, ATT_W);
-          else att_values(p, sp, vp, dvp, jc, jend, c, ot, jc == j0, 1);
-        }
-      }
-      c += 16 * w;
-    }
+    att_block_products(sc, tiles, sp, vp, dvp, j0, j1, o);
     for (long r = 0; r < rows; r++) {
       float l = (float)sums[r];
       for (long x = 0; x < Dv; x++) out[(bh * T + i0 + r) * Dv + x] = o[r * dvp + x] / l;
@@ -470,21 +519,93 @@ ATT_CONTRACT void ATTENTION_NAME(float* out, const float* q, const float* k, con
   }
   free(kt);
 }
+
+/* The gradients of ATTENTION_NAME's out (dout, (B, Hq, T, Dv)) with respect to q, k and v, written
+   one after the other into out. The softmax is made again from the scores (nothing of the forward
+   is kept); with P = softmax and dP = dout v^T, dS = P (dP - rowsum(P dP)), and
+   dq = scale dS k, dk = scale dS^T q, dv = P^T dout. Units [lo, hi) of the B * Hkv (batch, kv
+   head) pairs: a part owns the keys' and values' gradients of its pairs. */
+ATT_CONTRACT void ATTENTION_BACKWARD_NAME(float* out, const float* q, const float* k, const float* v, const float* dout, int32_t* failed,
+                                          long B, long Hq, long Hkv, long T, long S, long D, long Dv, float scale,
+                                          long causal, long window, long lo, long hi) {
+  long G = Hq / Hkv, off = S - T;
+  long sp = (S + ATT_TILE - 1) / ATT_TILE * ATT_TILE + ATT_TILE;
+  long dp = (D + 15) / 16 * 16, dvp = (Dv + 15) / 16 * 16;
+  float *dq = out, *dk = out + B * Hq * T * D, *dv = dk + B * Hkv * S * D;
+  float* kt = malloc(sizeof(float) * (D * sp + Dv * sp + 2 * sp * dp + sp * dvp + ATT_BLOCK * (2 * sp + D + Dv + 2 * dp + dvp)));
+  if (!kt) { failed[0] = 1; return; }
+  float *vt = kt + D * sp, *kp = vt + Dv * sp, *dka = kp + sp * dp, *dva = dka + sp * dp;
+  float *sc = dva + sp * dvp, *ds = sc + ATT_BLOCK * sp, *qs = ds + ATT_BLOCK * sp, *dos = qs + ATT_BLOCK * D;
+  float *qr = dos + ATT_BLOCK * Dv, *dor = qr + ATT_BLOCK * dp, *o = dor + ATT_BLOCK * dvp;
+  for (long u = lo; u < hi; u++) {
+    const float *K = k + u * S * D, *V = v + u * S * Dv;
+    long b = u / Hkv, kvh = u % Hkv;
+    att_transpose(K, S, D, sp, kt);
+    att_transpose(V, S, Dv, sp, vt);
+    for (long j = 0; j < sp; j++) for (long c = 0; c < dp; c++) kp[j * dp + c] = j < S && c < D ? K[j * D + c] : 0.0f;
+    for (long x = 0; x < sp * dp; x++) dka[x] = 0.0f;
+    for (long x = 0; x < sp * dvp; x++) dva[x] = 0.0f;
+    for (long h = kvh * G; h < (kvh + 1) * G; h++) {
+      long bh = b * Hq + h;
+      for (long i0 = 0; i0 < T; i0 += ATT_BLOCK) {
+        long rows = T - i0 < ATT_BLOCK ? T - i0 : ATT_BLOCK, tiles = (rows + ATT_ROWS - 1) / ATT_ROWS;
+        att_load_rows(q + (bh * T + i0) * D, rows, D, scale, qs, qr, dp);
+        att_load_rows(dout + (bh * T + i0) * Dv, rows, Dv, 1.0f, dos, dor, dvp);
+        long j0 = window > 0 ? i0 + off - window + 1 : 0, j1 = causal ? i0 + rows + off : S;
+        if (j0 < 0) j0 = 0;
+        if (j1 > S) j1 = S;
+        if (j1 < j0) j1 = j0;
+        att_block_scores(qs, tiles, kt, sp, D, j0, j1, sc);     /* scores */
+        att_block_scores(dos, tiles, vt, sp, Dv, j0, j1, ds);   /* dP */
+        for (long r = 0; r < rows; r++) {
+          float *p = sc + r * sp, *g = ds + r * sp;
+          long r0, r1;
+          att_row_keys(i0 + r + off, causal, window, S, j0, j1, &r0, &r1);
+          float inv = (float)(1.0 / att_exp_row(p, j0, r0, r1, j1));
+          double dot = 0.0;
+#pragma omp simd reduction(+:dot)
+          for (long x = r0; x < r1; x++) { p[x] *= inv; dot += (double)(p[x] * g[x]); }
+          float rowsum = (float)dot;
+          for (long x = j0; x < r0; x++) g[x] = 0.0f;
+#pragma omp simd
+          for (long x = r0; x < r1; x++) g[x] = p[x] * (g[x] - rowsum);
+          for (long x = r1; x < j1 + 4; x++) g[x] = 0.0f;
+        }
+        att_block_products(ds, tiles, sp, kp, dp, j0, j1, o);   /* dS k */
+        for (long r = 0; r < rows; r++) for (long x = 0; x < D; x++) dq[(bh * T + i0 + r) * D + x] = o[r * dp + x] * scale;
+        for (long j = j0; j < j1; j += ATT_ROWS) {   /* 4 keys at a time; the scores past j1 are zeros */
+          long c = 0;
+          for (; c + ATT_TILE <= dp; c += ATT_TILE) att_accumulate(ds, sp, j, qr, dp, rows, dka, dp, c, ATT_W);
+          for (; c < dp; c += 16) att_accumulate(ds, sp, j, qr, dp, rows, dka, dp, c, 1);
+          for (c = 0; c + ATT_TILE <= dvp; c += ATT_TILE) att_accumulate(sc, sp, j, dor, dvp, rows, dva, dvp, c, ATT_W);
+          for (; c < dvp; c += 16) att_accumulate(sc, sp, j, dor, dvp, rows, dva, dvp, c, 1);
+        }
+      }
+    }
+    for (long j = 0; j < S; j++) {
+      for (long x = 0; x < D; x++) dk[(u * S + j) * D + x] = dka[j * dp + x];
+      for (long x = 0; x < Dv; x++) dv[(u * S + j) * Dv + x] = dva[j * dvp + x];
+    }
+  }
+  free(kt);
+}
 """
 
 
-def attention_function():
-  """The compiled attention loop (ATTENTION_SOURCE), built on first use; None without a compiler."""
+def attention_functions():
+  """(forward, backward): the compiled attention loops (ATTENTION_SOURCE), built on first use;
+  None without a compiler."""
   if not compiler.available: return None
   name = "attention_" + hashlib.sha256((PRELUDE + ATTENTION_SOURCE + compiler.signature).encode()).hexdigest()[:24]
-  fn = compiler.get(name)
-  if fn is None:
-    compiler.build({name: "#include <stdlib.h>\n" + ATTENTION_SOURCE.replace("ATTENTION_NAME", name)})
-    fn = compiler.get(name)
-    if fn is None: return None
-  if fn.argtypes is None:
-    fn.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_long] * 7 + [ctypes.c_float] + [ctypes.c_long] * 4
-  return fn
+  fns = compiler.get(name), compiler.get(name + "_backward")
+  if None in fns:
+    src = "#include <stdlib.h>\n" + ATTENTION_SOURCE.replace("ATTENTION_BACKWARD_NAME", name + "_backward").replace("ATTENTION_NAME", name)
+    compiler.build({name: src, name + "_backward": ""})   # both names listed: the cache finds each function by its name
+    fns = compiler.get(name), compiler.get(name + "_backward")
+    if None in fns: return None
+  for fn, tensors in zip(fns, (3, 4)):
+    if fn.argtypes is None: fn.argtypes = [ctypes.c_void_p] * (tensors + 2) + [ctypes.c_long] * 7 + [ctypes.c_float] + [ctypes.c_long] * 4
+  return fns
 
 
 # ---- building

@@ -320,6 +320,21 @@ class Gather(Function):
     return (g.own_kernel(Op.SCATTER_ADD, (g, self.idx), self.rows, (self.rows, g.shape[-1])), None)
 
 
+class Attention(Function):
+  """softmax(q k^T * scale, masked) v as one kernel, and its gradients as one more, for backends
+  that run them (runs_attention): the (T, S) scores and softmax are made inside the kernels and
+  never stored; the backward makes them again from q and k."""
+  def forward(self, q, k, v, scale, causal, window):
+    self.q, self.k, self.v, self.arg = q, k, v, (scale, causal, window)
+    return q.own_kernel(Op.ATTENTION, (q, k, v), self.arg, q.shape[:3] + (v.shape[3],))
+  def backward(self, g):
+    inputs = (self.q, self.k, self.v)
+    sizes = [math.prod(x.shape) for x in inputs]
+    flat = g.own_kernel(Op.ATTENTION_BACKWARD, (*inputs, g), self.arg, (sum(sizes),))   # dq, dk, dv one after the other
+    starts = [0, sizes[0], sizes[0] + sizes[1], sum(sizes)]
+    return tuple(flat.shrink(((a, b),)).reshape(x.shape) for a, b, x in zip(starts, starts[1:], inputs))
+
+
 class Stored(Function):
   """An op whose gradients were computed (and realized) in forward; backward scales them."""
   def forward(self, *xs, value, grads):

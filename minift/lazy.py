@@ -26,14 +26,14 @@ class Op(Enum):
   # reduce
   SUM = auto(); RMAX = auto()
   # ops that always are kernels of their own
-  CONTIGUOUS = auto(); ASSIGN = auto(); GATHER = auto(); SCATTER_ADD = auto(); COPY = auto(); ATTENTION = auto()
+  CONTIGUOUS = auto(); ASSIGN = auto(); GATHER = auto(); SCATTER_ADD = auto(); COPY = auto(); ATTENTION = auto(); ATTENTION_BACKWARD = auto()
 
 
 UNARY = {Op.NEG, Op.EXP, Op.LOG, Op.SQRT, Op.RECIP, Op.TANH, Op.SIN, Op.SIGMOID, Op.ERF, Op.CAST}
 BINARY = {Op.ADD, Op.SUB, Op.MUL, Op.DIV, Op.MAX, Op.POW, Op.CMPLT, Op.CMPEQ}
 ELEMENTWISE = UNARY | BINARY | {Op.WHERE}
 REDUCE = {Op.SUM, Op.RMAX}
-OWN_KERNEL = {Op.CONTIGUOUS, Op.ASSIGN, Op.GATHER, Op.SCATTER_ADD, Op.COPY, Op.RAND, Op.ATTENTION}
+OWN_KERNEL = {Op.CONTIGUOUS, Op.ASSIGN, Op.GATHER, Op.SCATTER_ADD, Op.COPY, Op.RAND, Op.ATTENTION, Op.ATTENTION_BACKWARD}
 
 
 class LazyOp:

@@ -3,7 +3,7 @@
 A kernel computes one base. Its AST is a tree of KNodes: LOAD (an input base through a View),
 CONST, elementwise ops and at most one reduce. The fusion rules (DESIGN.md section 1):
   * a base is materialized when it is an output, an own-kernel op (contiguous, assign, gather,
-    scatter-add, rand, copy, attention), used by two or more kernels-to-be, or cannot be inlined;
+    scatter-add, rand, copy, attention and its backward), used by two or more kernels-to-be, or cannot be inlined;
   * elementwise bases are inlined into their consumer, movement ops pushed down to the loads
     (a pad, or a view that cannot be pushed, materializes instead);
   * elementwise producers fuse into a reduce's input; elementwise consumers fuse as its epilogue
@@ -41,7 +41,7 @@ class Kernel:
     nodes = self._nodes()
     ops = [n.op for n in nodes]
     reduces = [n for n in nodes if n.op in REDUCE]
-    if any(o in (Op.GATHER, Op.SCATTER_ADD, Op.RAND, Op.ATTENTION) for o in ops): self.kind = ast.op.name.lower()
+    if any(o in (Op.GATHER, Op.SCATTER_ADD, Op.RAND, Op.ATTENTION, Op.ATTENTION_BACKWARD) for o in ops): self.kind = ast.op.name.lower()
     elif reduces and reduces[0].arg[2]: self.kind = "matmul"
     elif reduces: self.kind = "reduce"
     else: self.kind = "elementwise"
@@ -107,7 +107,7 @@ class _KernelBuilder:
       target, value = base.srcs
       assign_target = self.input_index(target.base)
       ast = self.value(value, False)
-    elif base.op in (Op.GATHER, Op.SCATTER_ADD, Op.ATTENTION):
+    elif base.op in (Op.GATHER, Op.SCATTER_ADD, Op.ATTENTION, Op.ATTENTION_BACKWARD):
       ast = KNode(base.op, tuple(self.operand(s) for s in base.srcs), base.arg, base.dtype)
     elif base.op is Op.RAND:
       ast = KNode(Op.RAND, (), base.arg, base.dtype)
@@ -202,12 +202,18 @@ def half_source(lb):
   return lb
 
 
+# own kernels whose inputs are buffers (operand()), never fused into them
+BUFFER_OPERANDS = {Op.GATHER, Op.SCATTER_ADD, Op.COPY, Op.ATTENTION, Op.ATTENTION_BACKWARD}
+
+
 def _forced(base, lb, consumer):
   """Bases that a consumer cannot inline whatever the grouping: reduces seen through a view
-  that changes element order (broadcasts), elementwise bases seen through a pad, and matmul
-  operands."""
-  out = []
+  that changes element order (broadcasts), elementwise bases seen through a pad, matmul
+  operands and the inputs of own kernels that read buffers (known here, so that
+  _keep_saved_reductions knows a saved input is materialized anyway)."""
   b = lb.base
+  if consumer.op in BUFFER_OPERANDS: return [b]
+  out = []
   if b.op in REDUCE and not (lb.view.is_contiguous() and lb.view.numel == prod(b.shape)): out.append(b)
   if b.op in ELEMENTWISE and any(kind == "pad" for kind, _ in lb.moves): out.append(b)
   if consumer.op is Op.SUM and b.op is Op.MUL and not b.realized and b.dtype.is_float:

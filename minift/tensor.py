@@ -706,11 +706,10 @@ class Tensor:
       raise ValueError(f"attention: incompatible q {q.shape}, k {k.shape}, v {v.shape}")
     g = hq // hkv
     scale = 1.0 / math.sqrt(d) if scale is None else scale
-    needs_grad = not Tensor.no_grad and (q.requires_grad or k.requires_grad or v.requires_grad)
-    if (attn_mask is None and not needs_grad and (window is None or window >= 1) and getattr(get_device(q.device), "runs_attention", False)
+    if (attn_mask is None and (window is None or window >= 1) and getattr(get_device(q.device), "runs_attention", False)
         and q.device == k.device == v.device and {q.dtype, k.dtype, v.dtype} == {dtypes.float32}):
-      # a forward without gradients (evaluation, generation): one kernel that never writes the scores out
-      return Tensor(q.lazydata.own_kernel(Op.ATTENTION, (q.lazydata, k.lazydata, v.lazydata), (float(scale), bool(is_causal), window), (b, hq, t, v.shape[3])))
+      # one kernel (and one for the gradients) that never writes the scores out
+      return F.Attention.apply(q, k, v, scale=float(scale), causal=bool(is_causal), window=window)
     if is_causal and attn_mask is None and t == s and t >= 2 * ATTENTION_BLOCK:
       # causal over a long sequence: each block of queries against only the keys it can see
       # (and, with a window, only those still inside it), so the masked-off half of the (T, S)

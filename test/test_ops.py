@@ -911,36 +911,46 @@ class TestAttention:
                    lambda q, k, v: q.scaled_dot_product_attention(k, v, attn_mask=Tensor(hmask, device=device)), device=device)
 
 
-  # Without gradients the NumPy backend runs attention as one ATTENTION kernel (cloops.py's C
-  # loop, or NumPy without a compiler). The shapes cross its 32-query blocks and 64-key tiles,
-  # and have head sizes that are not whole 16-float vectors, fewer queries than keys, one query.
+  # The NumPy backend runs attention as one ATTENTION kernel and its gradients as one
+  # ATTENTION_BACKWARD kernel (cloops.py's C loops, or NumPy without a compiler). The shapes cross
+  # the 32-query blocks and 64-key tiles of the C loops and NumPy's 128-query blocks, and have
+  # head sizes that are not whole 16-float vectors, fewer queries than keys, one query.
   @pytest.mark.parametrize("cloops", ["1", "0"])
   @pytest.mark.parametrize("b,hq,hkv,t,s,d,dv", [(1, 9, 3, 70, 70, 64, 64), (2, 4, 1, 37, 37, 256, 256), (2, 6, 2, 5, 70, 24, 8),
-                                                 (1, 2, 2, 1, 50, 16, 16), (1, 3, 1, 33, 33, 80, 80), (1, 1, 1, 3, 3, 1, 1)])
+                                                 (1, 2, 2, 1, 50, 16, 16), (1, 3, 1, 33, 33, 80, 80), (1, 1, 1, 3, 3, 1, 1),
+                                                 (1, 2, 1, 150, 150, 16, 16)])
   @pytest.mark.parametrize("causal,window", [(False, None), (True, None), (True, 5), (False, 7)])
-  def test_sdpa_without_gradients_is_one_kernel(self, b, hq, hkv, t, s, d, dv, causal, window, cloops, monkeypatch):
+  def test_sdpa_as_attention_kernels(self, b, hq, hkv, t, s, d, dv, causal, window, cloops, monkeypatch):
     from minift.lazy import Op
     monkeypatch.setenv("MINIFT_CLOOPS", cloops)
     rng = np.random.default_rng(0)
-    q, k, v = (rng.standard_normal(shape).astype(np.float32) for shape in [(b, hq, t, d), (b, hkv, s, d), (b, hkv, s, dv)])
-    with minift.no_grad():
-      out = Tensor(q).scaled_dot_product_attention(Tensor(k), Tensor(v), is_causal=causal, window=window)
-      assert out.lazydata.base.op is Op.ATTENTION
-      got = out.numpy()
-    want = torch_attention(*(torch.tensor(x, dtype=torch.float64) for x in (q, k, v)), causal, window).numpy()
-    np.testing.assert_allclose(got, want, atol=2e-6, rtol=1e-5)
+    arrays = [rng.standard_normal(shape).astype(np.float32) for shape in [(b, hq, t, d), (b, hkv, s, d), (b, hkv, s, dv), (b, hq, t, dv)]]
+    q, k, v = (Tensor(x, requires_grad=True) for x in arrays[:3])
+    out = q.scaled_dot_product_attention(k, v, is_causal=causal, window=window)
+    assert out.lazydata.base.op is Op.ATTENTION
+    out.backward(Tensor(arrays[3]))
+    assert q.grad.lazydata.base.op is Op.ATTENTION_BACKWARD
+    tq, tk, tv = (torch.tensor(x, dtype=torch.float64, requires_grad=True) for x in arrays[:3])
+    want = torch_attention(tq, tk, tv, causal, window)
+    want.backward(torch.tensor(arrays[3], dtype=torch.float64))
+    np.testing.assert_allclose(out.numpy(), want.detach().numpy(), atol=2e-6, rtol=1e-5)
+    for mine, theirs in zip((q, k, v), (tq, tk, tv)):
+      np.testing.assert_allclose(mine.grad.numpy(), theirs.grad.numpy(), atol=2e-5, rtol=1e-4)
 
-  def test_sdpa_without_gradients_in_parts_gives_the_same_bits(self, monkeypatch):
-    # 6 heads of 256 queries: the C loop is cut into parts (one per thread); a block of queries
-    # is computed the same way in whichever part it falls
+  def test_sdpa_attention_kernels_in_parts_give_the_same_bits(self, monkeypatch):
+    # 2 x 6 heads of 256 queries: the C loops are cut into parts (one per thread); a block of
+    # queries (forward) or a (batch, kv head) pair (backward) is computed the same way in
+    # whichever part it falls
     rng = np.random.default_rng(1)
-    q, k, v = (Tensor(rng.standard_normal(shape).astype(np.float32)) for shape in [(1, 6, 256, 32), (1, 2, 256, 32), (1, 2, 256, 32)])
-    outs = []
+    arrays = [rng.standard_normal(shape).astype(np.float32) for shape in [(2, 6, 256, 32), (2, 2, 256, 32), (2, 2, 256, 32), (2, 6, 256, 32)]]
+    results = []
     for threads in ("1", "3"):
       monkeypatch.setenv("MINIFT_THREADS", threads)
-      with minift.no_grad(): outs.append(q.scaled_dot_product_attention(k, v, is_causal=True).numpy())
-    np.testing.assert_array_equal(outs[0], outs[1])
-    np.testing.assert_allclose(outs[0], torch_attention(*(torch.tensor(x.numpy(), dtype=torch.float64) for x in (q, k, v)), True).numpy(), atol=2e-6, rtol=1e-5)
+      q, k, v = (Tensor(x, requires_grad=True) for x in arrays[:3])
+      out = q.scaled_dot_product_attention(k, v, is_causal=True)
+      out.backward(Tensor(arrays[3]))
+      results.append([out.numpy(), q.grad.numpy(), k.grad.numpy(), v.grad.numpy()])
+    for one, three in zip(*results): np.testing.assert_array_equal(one, three)
 
 
 # ---------------------------------------------------------------- tensor plumbing and autograd
