@@ -352,59 +352,25 @@ typedef float att_v16 __attribute__((vector_size(64), aligned(4)));
 #endif
 #define ATT_FN static inline ATT_CONTRACT
 
-/* sc[r][j0 .. j0 + 16 w) = sum_d qs[d][r] * kt[d][j0 ..], for the tile's 4 rows */
-ATT_FN void att_scores(const float* qs, const float* kt, long sp, long d_len, long j0, float* sc, const int w) {
+/* The one register tile every product here is made of: 4 rows x 16 w columns of
+   dst[r][..] (+)= sum_{i < n} a[i * a_i + r * a_r] * b[i * b_i ..] (a sum of n outer products).
+   The scores are (q tiles) x (keys transposed), the outputs and dq (probabilities) x (rows of
+   values or keys), dk and dv (probabilities, transposed) x (rows of queries or output grads). */
+ATT_FN void att_tile(const float* a, long a_i, long a_r, const float* b, long b_i, long n, float* dst, long ds, int accumulate, const int w) {
 #ifdef __clang__
   _Pragma("clang fp contract(fast)")
 #endif
   att_v16 acc[ATT_ROWS][ATT_W];
-  for (int r = 0; r < ATT_ROWS; r++) for (int c = 0; c < w; c++) acc[r][c] = (att_v16){0};
-  for (long d = 0; d < d_len; d++) {
-    att_v16 kv[ATT_W];
-    for (int c = 0; c < w; c++) kv[c] = *(const att_v16*)(kt + d * sp + j0 + 16 * c);
+  for (int r = 0; r < ATT_ROWS; r++) for (int c = 0; c < w; c++) acc[r][c] = accumulate ? *(att_v16*)(dst + r * ds + 16 * c) : (att_v16){0};
+  for (long i = 0; i < n; i++) {
+    att_v16 bv[ATT_W];
+    for (int c = 0; c < w; c++) bv[c] = *(const att_v16*)(b + i * b_i + 16 * c);
     for (int r = 0; r < ATT_ROWS; r++) {
-      float x = qs[d * ATT_ROWS + r];
-      for (int c = 0; c < w; c++) acc[r][c] += x * kv[c];
+      float x = a[i * a_i + r * a_r];
+      for (int c = 0; c < w; c++) acc[r][c] += x * bv[c];
     }
   }
-  for (int r = 0; r < ATT_ROWS; r++) for (int c = 0; c < w; c++) *(att_v16*)(sc + r * sp + j0 + 16 * c) = acc[r][c];
-}
-
-/* o[r][c0 .. c0 + 16 w) (+)= sum_{j in [j0, j1)} p[r][j] * vp[j][c0 ..], for the tile's 4 rows */
-ATT_FN void att_values(const float* p, long sp, const float* vp, long dvp, long j0, long j1, long c0, float* o, int first, const int w) {
-#ifdef __clang__
-  _Pragma("clang fp contract(fast)")
-#endif
-  att_v16 acc[ATT_ROWS][ATT_W];
-  for (int r = 0; r < ATT_ROWS; r++) for (int c = 0; c < w; c++) acc[r][c] = first ? (att_v16){0} : *(att_v16*)(o + r * dvp + c0 + 16 * c);
-  for (long j = j0; j < j1; j++) {
-    att_v16 vv[ATT_W];
-    for (int c = 0; c < w; c++) vv[c] = *(const att_v16*)(vp + j * dvp + c0 + 16 * c);
-    for (int r = 0; r < ATT_ROWS; r++) {
-      float x = p[r * sp + j];
-      for (int c = 0; c < w; c++) acc[r][c] += x * vv[c];
-    }
-  }
-  for (int r = 0; r < ATT_ROWS; r++) for (int c = 0; c < w; c++) *(att_v16*)(o + r * dvp + c0 + 16 * c) = acc[r][c];
-}
-
-/* dst[j0 + kk][c0 .. c0 + 16 w) += sum_{r < rows} coef[r][j0 + kk] * x[r][c0 ..], for 4 keys kk
-   (a gradient of keys or values: a block's rows summed into every key they saw) */
-ATT_FN void att_accumulate(const float* coef, long sp, long j0, const float* x, long xs, long rows, float* dst, long ds, long c0, const int w) {
-#ifdef __clang__
-  _Pragma("clang fp contract(fast)")
-#endif
-  att_v16 acc[ATT_ROWS][ATT_W];
-  for (int kk = 0; kk < ATT_ROWS; kk++) for (int c = 0; c < w; c++) acc[kk][c] = *(att_v16*)(dst + (j0 + kk) * ds + c0 + 16 * c);
-  for (long r = 0; r < rows; r++) {
-    att_v16 xv[ATT_W];
-    for (int c = 0; c < w; c++) xv[c] = *(const att_v16*)(x + r * xs + c0 + 16 * c);
-    for (int kk = 0; kk < ATT_ROWS; kk++) {
-      float a = coef[r * sp + j0 + kk];
-      for (int c = 0; c < w; c++) acc[kk][c] += a * xv[c];
-    }
-  }
-  for (int kk = 0; kk < ATT_ROWS; kk++) for (int c = 0; c < w; c++) *(att_v16*)(dst + (j0 + kk) * ds + c0 + 16 * c) = acc[kk][c];
+  for (int r = 0; r < ATT_ROWS; r++) for (int c = 0; c < w; c++) *(att_v16*)(dst + r * ds + 16 * c) = acc[r][c];
 }
 
 /* src (S, n) rows to dst (n, sp), zeros in columns S .. sp; 16 rows at a time: whole cache lines */
@@ -431,8 +397,9 @@ static inline void att_block_scores(const float* tiles, long ntiles, const float
   for (long j = j0; j < j1; ) {
     int w = j + ATT_TILE <= j1 ? ATT_W : 1;
     for (long t = 0; t < ntiles; t++) {
-      if (w == ATT_W) att_scores(tiles + t * n * ATT_ROWS, kt, sp, n, j, sc + t * ATT_ROWS * sp, ATT_W);
-      else att_scores(tiles + t * n * ATT_ROWS, kt, sp, n, j, sc + t * ATT_ROWS * sp, 1);
+      const float* a = tiles + t * n * ATT_ROWS;
+      if (w == ATT_W) att_tile(a, ATT_ROWS, 1, kt + j, sp, n, sc + t * ATT_ROWS * sp + j, sp, 0, ATT_W);
+      else att_tile(a, ATT_ROWS, 1, kt + j, sp, n, sc + t * ATT_ROWS * sp + j, sp, 0, 1);
     }
     j += 16 * w;
   }
@@ -445,8 +412,10 @@ static inline void att_block_products(const float* p, long ntiles, long sp, cons
     for (long jc = j0; jc < j1 || jc == j0; jc += 64) {   /* 64 keys' rows at a time, shared by the block's tiles */
       long jend = jc + 64 < j1 ? jc + 64 : j1;
       for (long t = 0; t < ntiles; t++) {
-        if (w == ATT_W) att_values(p + t * ATT_ROWS * sp, sp, rows, np, jc, jend, c, o + t * ATT_ROWS * np, jc == j0, ATT_W);
-        else att_values(p + t * ATT_ROWS * sp, sp, rows, np, jc, jend, c, o + t * ATT_ROWS * np, jc == j0, 1);
+        const float* a = p + t * ATT_ROWS * sp + jc;
+        float* dst = o + t * ATT_ROWS * np + c;
+        if (w == ATT_W) att_tile(a, 1, sp, rows + jc * np + c, np, jend - jc, dst, np, jc != j0, ATT_W);
+        else att_tile(a, 1, sp, rows + jc * np + c, np, jend - jc, dst, np, jc != j0, 1);
       }
     }
     c += 16 * w;
@@ -575,10 +544,10 @@ ATT_CONTRACT void ATTENTION_BACKWARD_NAME(float* out, const float* q, const floa
         for (long r = 0; r < rows; r++) for (long x = 0; x < D; x++) dq[(bh * T + i0 + r) * D + x] = o[r * dp + x] * scale;
         for (long j = j0; j < j1; j += ATT_ROWS) {   /* 4 keys at a time; the scores past j1 are zeros */
           long c = 0;
-          for (; c + ATT_TILE <= dp; c += ATT_TILE) att_accumulate(ds, sp, j, qr, dp, rows, dka, dp, c, ATT_W);
-          for (; c < dp; c += 16) att_accumulate(ds, sp, j, qr, dp, rows, dka, dp, c, 1);
-          for (c = 0; c + ATT_TILE <= dvp; c += ATT_TILE) att_accumulate(sc, sp, j, dor, dvp, rows, dva, dvp, c, ATT_W);
-          for (; c < dvp; c += 16) att_accumulate(sc, sp, j, dor, dvp, rows, dva, dvp, c, 1);
+          for (; c + ATT_TILE <= dp; c += ATT_TILE) att_tile(ds + j, sp, 1, qr + c, dp, rows, dka + j * dp + c, dp, 1, ATT_W);
+          for (; c < dp; c += 16) att_tile(ds + j, sp, 1, qr + c, dp, rows, dka + j * dp + c, dp, 1, 1);
+          for (c = 0; c + ATT_TILE <= dvp; c += ATT_TILE) att_tile(sc + j, sp, 1, dor + c, dvp, rows, dva + j * dvp + c, dvp, 1, ATT_W);
+          for (; c < dvp; c += 16) att_tile(sc + j, sp, 1, dor + c, dvp, rows, dva + j * dvp + c, dvp, 1, 1);
         }
       }
     }
