@@ -327,13 +327,14 @@ def render(kernel, in_dtypes):
 
 # ---- attention
 
-# softmax(q k^T * scale, masked) v for the NumPy backend's ATTENTION kernels (no gradient: an
-# evaluation or generation forward), ATTENTION_ROWS queries at a time. The block's scores over the
-# keys any of its rows sees stay in a scratch array, so the (T, S) scores are never written out,
-# and the masked-off keys of a causal block are skipped. The products are computed in register
-# tiles of 4 rows; the block's 8 tiles take turns on each tile of keys (and of values) while it
-# is in the L1 cache. Unlike the rendered loops, products are contracted into FMAs (the scores and
-# products are sums over D and over the keys, as BLAS computes them); row sums accumulate in double.
+# softmax(q k^T * scale, masked) v for the NumPy backend's ATTENTION kernels, and its gradients
+# for ATTENTION_BACKWARD, ATTENTION_ROWS queries at a time. The block's scores over the keys any of
+# its rows sees stay in a scratch array, so the (T, S) scores are never written out, and the
+# masked-off keys of a causal block are skipped; the backward makes them again. The products are
+# computed in register tiles of 4 rows; the block's 8 tiles take turns on each tile of keys (and
+# of values) while it is in the L1 cache. Unlike the rendered loops, products are contracted into
+# FMAs (they are sums over D and over the keys, as BLAS computes them); row sums accumulate in
+# double.
 ATTENTION_ROWS = 32
 ATTENTION_SOURCE = r"""
 #define ATT_BLOCK 32               /* query rows per unit of work (ATTENTION_ROWS) */
@@ -346,7 +347,7 @@ ATTENTION_SOURCE = r"""
 #define ATT_TILE (16 * ATT_W)
 typedef float att_v16 __attribute__((vector_size(64), aligned(4)));
 #if defined(__GNUC__) && !defined(__clang__)
-#define ATT_CONTRACT __attribute__((optimize("fp-contract=fast")))   /* on the caller too, or gcc does not inline */
+#define ATT_CONTRACT __attribute__((optimize("fp-contract=fast")))   /* gcc inlines only into functions that have it too */
 #else
 #define ATT_CONTRACT
 #endif
