@@ -413,7 +413,7 @@ def call_in_parts(fn, out, args, outer, work):
   if interrupted is not None: raise interrupted
 
 
-def _attention_blocks(q, k, v, scale, causal, window, rows):
+def _attention_blocks(q, k, scale, causal, window, rows):
   """(queries i0:i1, q * scale grouped (B, Hkv, G, rows, D), softmax (B, Hkv, G, rows, S)) of
   each block of `rows` queries, for q (B, Hq, T, D) and k (B, Hkv, S, D)."""
   B, Hq, T, D = q.shape
@@ -437,7 +437,7 @@ def attention_numpy(q, k, v, scale, causal, window, rows=128):
   B, Hq, T, _ = q.shape
   Hkv, S, Dv = k.shape[1], k.shape[2], v.shape[3]
   vg, out = v.reshape(B, Hkv, 1, S, Dv), np.empty((B, Hkv, Hq // Hkv, T, Dv), np.float32)
-  for i0, i1, _, p in _attention_blocks(q, k, v, scale, causal, window, rows): out[:, :, :, i0:i1] = p @ vg
+  for i0, i1, _, p in _attention_blocks(q, k, scale, causal, window, rows): out[:, :, :, i0:i1] = p @ vg
   return out.reshape(B, Hq, T, Dv)
 
 
@@ -448,7 +448,7 @@ def attention_backward_numpy(q, k, v, dout, scale, causal, window, rows=128):
   G = Hq // Hkv
   kg, vg, dog = k.reshape(B, Hkv, 1, S, D), v.reshape(B, Hkv, 1, S, Dv), dout.reshape(B, Hkv, G, T, Dv)
   dq, dk, dv = np.empty((B, Hkv, G, T, D), np.float32), np.zeros((B, Hkv, S, D), np.float32), np.zeros((B, Hkv, S, Dv), np.float32)
-  for i0, i1, qs, p in _attention_blocks(q, k, v, scale, causal, window, rows):
+  for i0, i1, qs, p in _attention_blocks(q, k, scale, causal, window, rows):
     do = dog[:, :, :, i0:i1]
     dp = do @ vg.swapaxes(-1, -2)
     ds = p * (dp - (p * dp).sum(-1, keepdims=True))

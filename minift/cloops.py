@@ -18,7 +18,7 @@ Every kernel the schedule runs is rendered first, and the new ones are compiled 
 (one compiler run per schedule, not per kernel) into a shared library cached on disk under
 $MINIFT_CACHE_DIR/c or ~/.cache/minift/c. MINIFT_CLOOPS=0 turns the whole path off.
 """
-import ctypes, hashlib, os, platform, shutil, subprocess, tempfile
+import ctypes, functools, hashlib, os, platform, shutil, subprocess, tempfile
 from pathlib import Path
 from minift.codegen_opencl import literal
 from minift.device import log
@@ -432,6 +432,15 @@ static inline void att_row_keys(long a, long causal, long window, long S, long j
   *r0 = lo; *r1 = hi;
 }
 
+/* the keys [j0, j1) some query of the block [i0, i0 + rows) sees: from its first row's first key
+   to its last row's last */
+static inline void att_block_keys(long i0, long rows, long off, long causal, long window, long S, long* j0, long* j1) {
+  long unused;
+  att_row_keys(i0 + off, causal, window, S, 0, S, j0, &unused);
+  att_row_keys(i0 + rows - 1 + off, causal, window, S, 0, S, &unused, j1);
+  if (*j1 < *j0) *j1 = *j0;
+}
+
 /* s[r0 .. r1) = exp(s - max), zeros elsewhere in [j0, j1 + 4); returns their sum */
 ATT_CONTRACT static double att_exp_row(float* s, long j0, long r0, long r1, long j1) {
   float m = -INFINITY;   /* (a NaN score need not reach m: exp(NaN - m) makes the row's sum NaN) */
@@ -470,10 +479,8 @@ ATT_CONTRACT void ATTENTION_NAME(float* out, const float* q, const float* k, con
       packed = kvh;
     }
     att_load_rows(q + (bh * T + i0) * D, rows, D, scale, qs, 0, 0);
-    long j0 = window > 0 ? i0 + off - window + 1 : 0, j1 = causal ? i0 + rows + off : S;   /* the keys some row sees */
-    if (j0 < 0) j0 = 0;
-    if (j1 > S) j1 = S;
-    if (j1 < j0) j1 = j0;
+    long j0, j1;
+    att_block_keys(i0, rows, off, causal, window, S, &j0, &j1);
     att_block_scores(qs, tiles, kt, sp, D, j0, j1, sc);
     double sums[ATT_BLOCK];
     for (long r = 0; r < rows; r++) {
@@ -521,10 +528,8 @@ ATT_CONTRACT void ATTENTION_BACKWARD_NAME(float* out, const float* q, const floa
         long rows = T - i0 < ATT_BLOCK ? T - i0 : ATT_BLOCK, tiles = (rows + ATT_ROWS - 1) / ATT_ROWS;
         att_load_rows(q + (bh * T + i0) * D, rows, D, scale, qs, qr, dp);
         att_load_rows(dout + (bh * T + i0) * Dv, rows, Dv, 1.0f, dos, dor, dvp);
-        long j0 = window > 0 ? i0 + off - window + 1 : 0, j1 = causal ? i0 + rows + off : S;
-        if (j0 < 0) j0 = 0;
-        if (j1 > S) j1 = S;
-        if (j1 < j0) j1 = j0;
+        long j0, j1;
+        att_block_keys(i0, rows, off, causal, window, S, &j0, &j1);
         att_block_scores(qs, tiles, kt, sp, D, j0, j1, sc);     /* scores */
         att_block_scores(dos, tiles, vt, sp, Dv, j0, j1, ds);   /* dP */
         for (long r = 0; r < rows; r++) {
@@ -562,11 +567,16 @@ ATT_CONTRACT void ATTENTION_BACKWARD_NAME(float* out, const float* q, const floa
 """
 
 
+@functools.lru_cache(maxsize=None)
+def _attention_name(signature):
+  return "attention_" + hashlib.sha256((PRELUDE + ATTENTION_SOURCE + signature).encode()).hexdigest()[:24]
+
+
 def attention_functions():
   """(forward, backward): the compiled attention loops (ATTENTION_SOURCE), built on first use;
   None without a compiler."""
   if not compiler.available: return None
-  name = "attention_" + hashlib.sha256((PRELUDE + ATTENTION_SOURCE + compiler.signature).encode()).hexdigest()[:24]
+  name = _attention_name(compiler.signature)   # (hashed once: every attention kernel asks)
   fns = compiler.get(name), compiler.get(name + "_backward")
   if None in fns:
     src = "#include <stdlib.h>\n" + ATTENTION_SOURCE.replace("ATTENTION_BACKWARD_NAME", name + "_backward").replace("ATTENTION_NAME", name)
