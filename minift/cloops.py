@@ -5,7 +5,8 @@ NumPy evaluates a fused kernel one pass per op, each pass through a temporary ar
 loop computes every element once, in registers. BLAS still does the matmuls: a matmul kernel's
 epilogue runs in C over the product NumPy made. Kernels that use what this file does not render
 (float16, integer division, gathers, a reduction over leading axes) stay with NumPy.
-Attention and its gradients are not rendered: they run the fixed loops of ATTENTION_SOURCE.
+Attention and its gradients are not rendered: they run the fixed loops of ATTENTION_SOURCE,
+whose sums use FMA (the rounding below is that of the rendered loops).
 
 Rounding: + - * / sqrt and comparisons round as NumPy does (no FMA contraction, no fast-math).
 exp, tanh and sigmoid use the polynomials below (exp within 1.5 ulp of float64, tanh within
