@@ -86,7 +86,9 @@ class Trainer:
     if args.optimizer == "adamw": self.opt = AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
     else: self.opt = SGD(params, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
     # under the sharder, gradients get buffers of their own that it pages like the weights
-    self.grad_buffers = [state_like(p, "gradient") for p in self.opt.params] if device.sharder is not None else None
+    # (not when it pages only the optimizer: the backward then keeps no second copy of them)
+    paged = device.sharder is not None and not device.sharder.optimizer_only
+    self.grad_buffers = [state_like(p, "gradient") for p in self.opt.params] if paged else None
     self.step_fn = jit(self._step)
     self.use_linear_ce = getattr(getattr(model, "config", None), "final_logit_softcapping", None) is None
 

@@ -171,6 +171,27 @@ def test_bad_shard_dir_and_budgets(tmp_path):
   assert not os.path.exists(folder)   # cleaned on close
 
 
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_paging_only_optimizer_moments_is_exact(tiny, kind):
+  """Full fine-tuning with only Adam's moments paged: the same bits as in memory, within the
+  budget, weights and gradients never paged, and each moment's file rewritten in place."""
+  ref_losses, ref_final, _ = train(tiny[kind], tiny["text"], kind, full_ft=True)
+  model, _ = models.load(tiny[kind], with_tokenizer=False)
+  largest = max(t.numpy().nbytes for t in model.parameters())
+  with Sharder(ram_budget_mb=3 * largest / 2**20, trace=True, optimizer_only=True) as sh:   # one weight's two moments and a bit
+    losses, final, _ = train(tiny[kind], tiny["text"], kind, full_ft=True, sharder=sh, split=True)   # (split: nothing is)
+    assert_bounded(sh)
+    assert {p.kind for p in sh.pages.values()} == {"optimizer"}
+    assert sum(p.nbytes for p in sh.pages.values()) > 2 * sh.budget["ram"]
+    files = {p.file for p in sh.pages.values() if p.file}
+    assert sh.stats["writes"] > len(files)   # pages went out more than once, each to its own file
+  np.testing.assert_array_equal(losses, ref_losses)
+  for k in ref_final: np.testing.assert_array_equal(final[k], ref_final[k], err_msg=k)
+  with Sharder(ram_budget_mb=largest / 2**20, optimizer_only=True) as sh:   # a weight's two moments cannot fit together
+    with pytest.raises(ShardError, match=r"optimizer update of .* reads its 2 moments .* raise --shard_budget_mb to at least"):
+      train(tiny[kind], tiny["text"], kind, full_ft=True, sharder=sh)
+
+
 def test_split_embedding_and_pieces_cross_entropy_match_whole():
   rng = np.random.default_rng(0)
   table = rng.standard_normal((50, 16)).astype(np.float32)
@@ -210,6 +231,20 @@ def test_finetune_cli_sharded_same_adapter(tiny, tmp_path):
   bad = run_cli(*common, "--out", str(tmp_path / "bad"), "--shard_budget_mb", "-1", check=False)
   assert bad.returncode != 0 and "--shard_budget_mb must be a positive" in bad.stderr
   assert out.returncode == 0
+
+
+def test_finetune_cli_optimizer_only_same_weights(tiny, tmp_path):
+  from safetensors.numpy import load_file
+  common = ["--model", tiny["gpt2"], "--data", tiny["text"], "--max_steps", "3", "--seq_len", "32", "--quiet", "--val_fraction", "0.1", "--full_ft"]
+  run_cli(*common, "--out", str(tmp_path / "plain"))
+  out = run_cli(*common, "--out", str(tmp_path / "paged"), "--shard_optimizer_only", "--shard_budget_mb", str(64 * KB), "--shard_dir", str(tmp_path / "shards"))
+  assert "split into row pieces" not in out.stdout   # weights stay whole: the sums are the same
+  plain, paged = (load_file(str(tmp_path / n / "model" / "model.safetensors")) for n in ("plain", "paged"))
+  assert plain.keys() == paged.keys()
+  for k in plain: np.testing.assert_array_equal(paged[k], plain[k], err_msg=k)
+  assert os.listdir(tmp_path / "shards") == []
+  small = run_cli(*common, "--out", str(tmp_path / "small"), "--shard_optimizer_only", "--shard_budget_mb", str(4 * KB), check=False)
+  assert small.returncode != 0 and "moments are paged whole (--shard_optimizer_only); raise the budget" in small.stderr
 
 
 def test_resume_under_another_budget(tiny, tmp_path):

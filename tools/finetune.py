@@ -66,6 +66,8 @@ def parse_args(argv=None):
   a("--shard_enable", action="store_true", help="page weights, trainable state and optimizer moments to disk under --shard_budget_mb")
   a("--shard_budget_mb", type=float, default=None, help="host RAM the paged tensors may use, in MiB (default 512 with --shard_enable; implies it)")
   a("--gpu_budget_mb", type=float, default=None, help="OpenCL device memory the paged tensors may use, in MiB (implies --shard_enable)")
+  a("--shard_optimizer_only", action="store_true", help="page only the optimizer moments (weights and gradients stay in memory): "
+    "a full fine-tune's Adam moments are twice the weights and only the update reads them; implies --shard_enable")
   a("--shard_dir", default=None, help="where the shard folder is made (default: the system temp folder); removed at exit")
   a("--shard_fp16_disk", action="store_true", help="write paged-out frozen float32 weights as float16 (half the disk traffic, fp16 rounding)")
   a("--shard_fp16_trainable", action="store_true", help="also trainable weights (loses precision; off by default; optimizer moments always stay float32)")
@@ -99,7 +101,7 @@ def parse_args(argv=None):
     if value < 0 or not math.isfinite(value): ap.error(f"{flag} must be a finite number >= 0, got {value}")
   for flag, value in (("--shard_budget_mb", args.shard_budget_mb), ("--gpu_budget_mb", args.gpu_budget_mb)):
     if value is not None and not (value > 0 and math.isfinite(value)): ap.error(f"{flag} must be a positive number of MiB, got {value}")
-  args.shard = args.shard_enable or args.shard_budget_mb is not None or args.gpu_budget_mb is not None
+  args.shard = args.shard_enable or args.shard_optimizer_only or args.shard_budget_mb is not None or args.gpu_budget_mb is not None
   if args.shard and args.shard_budget_mb is None: args.shard_budget_mb = 512.0
   if not 0 <= args.lora_dropout < 1: ap.error(f"--lora_dropout must be in [0, 1), got {args.lora_dropout}")
   if not 0 <= args.val_fraction < 1: ap.error(f"--val_fraction must be in [0, 1), got {args.val_fraction}")
@@ -136,7 +138,8 @@ def main(argv=None):
   sharder = None
   try:
     if args.shard:
-      sharder = Sharder(args.shard_budget_mb, args.gpu_budget_mb, args.shard_dir, args.shard_fp16_disk, args.shard_fp16_trainable, args.prefetch)
+      sharder = Sharder(args.shard_budget_mb, args.gpu_budget_mb, args.shard_dir, args.shard_fp16_disk, args.shard_fp16_trainable, args.prefetch,
+                        optimizer_only=args.shard_optimizer_only)
     return train(args, source, sharder, t_start)
   except ShardError as e:   # a budget too small, a full or unwritable disk: the last checkpoint is intact
     raise SystemExit(f"error: {e}") from None
