@@ -10,7 +10,8 @@ expression), softmax and layernorm (vs NumPy), block (a GPT-2-small block, d=768
 batch 4 x 128, forward + backward vs torch on CPU), overhead (Python time per replayed
 training step, as a share of the step); `all` runs these. lora_step and full_step: one
 training step of a random GPT-2 small (batch 4 x 128; LoRA r=8 on c_attn and attn.c_proj, or
-every parameter) against PyTorch + peft, plus peak RSS of each in a separate process.
+every parameter) against PyTorch + peft, plus peak RSS of each in a separate process;
+full_step also runs with the AdamW moments paged to disk (--shard_optimizer_only).
 eval: tokens/s scoring a 512-token window with the pip-shipped SmolLM2-135M and Gemma 3 270M
 GGUFs vs transformers; load: peak RSS while loading them vs their float32 weight size.
 """
@@ -183,7 +184,12 @@ def _gpt2_small_folder():
   return folder
 
 
-def _step_minift(folder, full_ft, device):
+MOMENTS_BUDGET_MB = 320   # RAM for Adam's paged moments: GPT-2 small's largest, wte's two, are 295 MiB
+
+
+def _step_minift(folder, full_ft, device, moments_budget_mb=None):
+  """One training step of minift as a function; moments_budget_mb: page the optimizer's moments
+  to disk under that RAM budget (Sharder optimizer_only, --shard_optimizer_only)."""
   import models
   from minift.lora import apply_lora, lora_modules
   from minift.trainer import Trainer
@@ -195,7 +201,11 @@ def _step_minift(folder, full_ft, device):
   else:
     apply_lora(model, GPT2_SMALL_TARGETS, r=8, alpha=16)
     named = [(f"{p}.{n}", getattr(m, n)) for p, m in lora_modules(model) for n in ("lora_A", "lora_B")]
+  if moments_budget_mb:
+    from minift.sharder import Sharder
+    sharder = Sharder(moments_budget_mb, optimizer_only=True)   # before the optimizer: its moments are paged from the start
   trainer = Trainer(model, [t for _, t in named], SimpleNamespace(optimizer="adamw", lr=1e-4, weight_decay=0.0, momentum=0.0, clip_grad_norm=1.0), named)
+  if moments_budget_mb: sharder.manage_model(model, trainer.opt)
   rng = np.random.default_rng(0)
   x, y = rng.integers(0, 50257, (4, 128)), rng.integers(0, 50257, (4, 128))
   return lambda: trainer.train_step([(x, y)], 1e-4)
@@ -218,14 +228,17 @@ def _step_torch(folder, full_ft):
   return step
 
 
-def _peak_rss_mb(which, full_ft, device, steps=3):
-  """Peak RSS of a separate process that runs `steps` training steps of one framework."""
+def _steps_in_new_process(which, full_ft, device, steps=3, moments_budget_mb=None):
+  """Peak RSS of a separate process that runs `steps` training steps of one framework, and the
+  median time of its steps after the first two."""
   import subprocess
-  code = (f"import sys; sys.argv = ['bench']; import bench; folder = bench._gpt2_small_folder(); "
-          f"step = bench._step_{which}(folder, {full_ft}{', ' + repr(device) if which == 'minift' else ''}); "
-          f"[step() for _ in range({steps})]; print(bench.peak_rss_mb())")
+  args = f"{full_ft}, {device!r}, {moments_budget_mb}" if which == "minift" else f"{full_ft}"
+  code = (f"import sys, statistics; sys.argv = ['bench']; import bench; folder = bench._gpt2_small_folder(); "
+          f"step = bench._step_{which}(folder, {args}); "
+          f"times = bench.timed(step, {steps}); print(bench.peak_rss_mb(), statistics.median(times[2:] or times))")
   out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=os.path.dirname(os.path.abspath(__file__)), check=True)
-  return float(out.stdout.strip().splitlines()[-1])
+  rss, step_s = map(float, out.stdout.split()[-2:])
+  return rss, step_s
 
 
 def _bench_train_step(rows, device, repeat, full_ft):
@@ -237,9 +250,16 @@ def _bench_train_step(rows, device, repeat, full_ft):
   name = "full_step" if full_ft else "lora_step"
   row(rows, name, "GPT-2 small, 4x128" + ("" if full_ft else ", r=8"), o, r, "torch+peft" if not full_ft else "torch",
       f"({torch.get_num_threads()} torch threads)")
-  rss_ours, rss_ref = _peak_rss_mb("minift", full_ft, device), _peak_rss_mb("torch", full_ft, device)
+  (rss_ours, _), (rss_ref, _) = _steps_in_new_process("minift", full_ft, device), _steps_in_new_process("torch", full_ft, device)
   rows[-1].update(peak_rss_mb=rss_ours, ref_peak_rss_mb=rss_ref, rss_ratio=rss_ours / rss_ref)
   print(f"{name:<12} {'peak RSS':<28} minift {rss_ours:9.0f} MB   {'reference':<9} {rss_ref:9.0f} MB   ratio {rss_ours/rss_ref:5.2f}", flush=True)
+  if full_ft:   # the same with Adam's moments paged to disk: their own process, timed there against the torch median above
+    rss_paged, step_paged = _steps_in_new_process("minift", True, device, steps=repeat + 2, moments_budget_mb=MOMENTS_BUDGET_MB)
+    rows.append(dict(task=name, shape=f"GPT-2 small, 4x128, moments paged ({MOMENTS_BUDGET_MB} MB)", minift_ms=step_paged * 1e3, ref_ms=r * 1e3,
+                     reference="torch", speed_vs_ref=r / step_paged, note="not alternated: timed in its own process",
+                     peak_rss_mb=rss_paged, ref_peak_rss_mb=rss_ref, rss_ratio=rss_paged / rss_ref))
+    print(f"{name:<12} {'moments paged: step':<28} minift {step_paged*1e3:9.2f} ms   {'torch':<9} {r*1e3:9.2f} ms   speed {r/step_paged:5.2f}x (own process)", flush=True)
+    print(f"{name:<12} {'moments paged: peak RSS':<28} minift {rss_paged:9.0f} MB   {'reference':<9} {rss_ref:9.0f} MB   ratio {rss_paged/rss_ref:5.2f}", flush=True)
 
 
 def bench_lora_step(rows, device, repeat): _bench_train_step(rows, device, repeat, full_ft=False)
