@@ -188,11 +188,13 @@ class Sharder:
       # a weight's update reads all its moments at once (state tensors come as one list per
       # kind of moment, in weight order): together they must fit the budget
       per_weight = len(states) // len(names) if names else 0
-      for j, name in enumerate(names):
-        need = sum(math.prod(t.shape) * t.dtype.itemsize for t in states[j::len(names)][:per_weight])
-        if need > self.budget["ram"]:
+      for j, name in enumerate(names if per_weight else []):   # (plain SGD has no state)
+        moments = states[j::len(names)][:per_weight]
+        need = sum(math.prod(t.shape) * t.dtype.itemsize for t in moments)
+        tier, flag = ("ram", "--shard_budget_mb") if moments[0].device == "numpy" else ("gpu", "--gpu_budget_mb")   # where kernels read them
+        if need > self.budget[tier]:
           raise ShardError(f"the optimizer update of {name} reads its {per_weight} moments ({size(need)}) at once: more than the "
-                           f"RAM budget of {size(self.budget['ram'])}; raise --shard_budget_mb to at least {math.ceil(need / MB)}")
+                           f"{tier} budget of {size(self.budget[tier])}; raise {flag} to at least {math.ceil(need / MB)}")
       for i, t in enumerate(states):
         self.manage(t, f"optimizer.{i}" if i >= len(names) * 2 else f"optimizer.{'mv'[i // len(names)]}.{names[i % len(names)]}", kind="optimizer")
       for name, t in zip(names, grad_buffers or []): self.manage(t, f"grad.{name}", kind="gradient")

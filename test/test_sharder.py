@@ -245,6 +245,15 @@ def test_finetune_cli_optimizer_only_same_weights(tiny, tmp_path):
   assert os.listdir(tmp_path / "shards") == []
   small = run_cli(*common, "--out", str(tmp_path / "small"), "--shard_optimizer_only", "--shard_budget_mb", str(4 * KB), check=False)
   assert small.returncode != 0 and "moments are paged whole (--shard_optimizer_only); raise the budget" in small.stderr
+  # stopped after 2 steps with the moments paged (the checkpoint reads them back from disk),
+  # resumed in memory: it ends where the 3 straight steps ended
+  fixed = [*common, "--schedule", "constant", "--save_interval", "2"]   # so --max_steps does not change the lr
+  run_cli(*fixed, "--out", str(tmp_path / "straight"))
+  run_cli(*fixed, "--out", str(tmp_path / "resumed"), "--max_steps", "2", "--shard_optimizer_only", "--shard_budget_mb", str(64 * KB))
+  resumed = run_cli(*fixed, "--out", str(tmp_path / "resumed"), "--resume")
+  assert "at step 2" in resumed.stdout
+  straight, final = (load_file(str(tmp_path / n / "model" / "model.safetensors")) for n in ("straight", "resumed"))
+  for k in straight: np.testing.assert_array_equal(final[k], straight[k], err_msg=k)
 
 
 def test_resume_under_another_budget(tiny, tmp_path):
