@@ -123,7 +123,8 @@ class Sharder:
   def manage(self, tensor, name, kind=None):
     """Page the buffer under `tensor` (realized first). kind: 'frozen' (nothing writes it),
     'trainable' or 'optimizer' (default: from tensor.requires_grad). A frozen weight still memory-mapped from its file is
-    dropped from memory right away and read from the file when needed."""
+    dropped from memory right away and read from the file when needed. Under optimizer_only any
+    other kind is left alone (returns None)."""
     if tensor.lazydata.base.buffer is None: tensor.realize()
     buf = tensor.lazydata.base.buffer
     if buf is None: raise ValueError(f"sharder: {name} is not a buffer (a lazy view of a computation)")

@@ -228,17 +228,14 @@ def _step_torch(folder, full_ft):
   return step
 
 
-def _steps_in_new_process(which, full_ft, device, steps=3, moments_budget_mb=None):
-  """Peak RSS of a separate process that runs `steps` training steps of one framework, and the
-  median time of its steps after the first two."""
+def _peak_rss_mb(which, full_ft, device, steps=3, moments_budget_mb=None):
+  """Peak RSS of a separate process that runs `steps` training steps of one framework."""
   import subprocess
   args = f"{full_ft}, {device!r}, {moments_budget_mb}" if which == "minift" else f"{full_ft}"
-  code = (f"import sys, statistics; sys.argv = ['bench']; import bench; folder = bench._gpt2_small_folder(); "
-          f"step = bench._step_{which}(folder, {args}); "
-          f"times = bench.timed(step, {steps}); print(bench.peak_rss_mb(), statistics.median(times[2:] or times))")
+  code = (f"import sys; sys.argv = ['bench']; import bench; folder = bench._gpt2_small_folder(); "
+          f"step = bench._step_{which}(folder, {args}); [step() for _ in range({steps})]; print(bench.peak_rss_mb())")
   out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=os.path.dirname(os.path.abspath(__file__)), check=True)
-  rss, step_s = map(float, out.stdout.split()[-2:])
-  return rss, step_s
+  return float(out.stdout.strip().splitlines()[-1])
 
 
 def _bench_train_step(rows, device, repeat, full_ft):
@@ -250,16 +247,21 @@ def _bench_train_step(rows, device, repeat, full_ft):
   name = "full_step" if full_ft else "lora_step"
   row(rows, name, "GPT-2 small, 4x128" + ("" if full_ft else ", r=8"), o, r, "torch+peft" if not full_ft else "torch",
       f"({torch.get_num_threads()} torch threads)")
-  (rss_ours, _), (rss_ref, _) = _steps_in_new_process("minift", full_ft, device), _steps_in_new_process("torch", full_ft, device)
+  rss_ours, rss_ref = _peak_rss_mb("minift", full_ft, device), _peak_rss_mb("torch", full_ft, device)
   rows[-1].update(peak_rss_mb=rss_ours, ref_peak_rss_mb=rss_ref, rss_ratio=rss_ours / rss_ref)
   print(f"{name:<12} {'peak RSS':<28} minift {rss_ours:9.0f} MB   {'reference':<9} {rss_ref:9.0f} MB   ratio {rss_ours/rss_ref:5.2f}", flush=True)
-  if full_ft:   # the same with Adam's moments paged to disk: their own process, timed there against the torch median above
-    rss_paged, step_paged = _steps_in_new_process("minift", True, device, steps=repeat + 2, moments_budget_mb=MOMENTS_BUDGET_MB)
-    rows.append(dict(task=name, shape=f"GPT-2 small, 4x128, moments paged ({MOMENTS_BUDGET_MB} MB)", minift_ms=step_paged * 1e3, ref_ms=r * 1e3,
-                     reference="torch", speed_vs_ref=r / step_paged, note="not alternated: timed in its own process",
-                     peak_rss_mb=rss_paged, ref_peak_rss_mb=rss_ref, rss_ratio=rss_paged / rss_ref))
-    print(f"{name:<12} {'moments paged: step':<28} minift {step_paged*1e3:9.2f} ms   {'torch':<9} {r*1e3:9.2f} ms   speed {r/step_paged:5.2f}x (own process)", flush=True)
-    print(f"{name:<12} {'moments paged: peak RSS':<28} minift {rss_paged:9.0f} MB   {'reference':<9} {rss_ref:9.0f} MB   ratio {rss_paged/rss_ref:5.2f}", flush=True)
+  if full_ft:   # the same with Adam's moments paged to disk (--shard_optimizer_only), alternated with torch again
+    from minift import device as minift_device
+    del ours
+    paged = _step_minift(folder, True, device, MOMENTS_BUDGET_MB)
+    try:
+      paged(); paged()
+      o, r = side_by_side(paged, ref, repeat)
+    finally: minift_device.sharder.close(restore=False)
+    row(rows, name, f"the same, moments paged ({MOMENTS_BUDGET_MB} MB)", o, r, "torch")
+    rss_paged = _peak_rss_mb("minift", True, device, moments_budget_mb=MOMENTS_BUDGET_MB)
+    rows[-1].update(peak_rss_mb=rss_paged, ref_peak_rss_mb=rss_ref, rss_ratio=rss_paged / rss_ref)
+    print(f"{name:<12} {'peak RSS':<28} minift {rss_paged:9.0f} MB   {'reference':<9} {rss_ref:9.0f} MB   ratio {rss_paged/rss_ref:5.2f}", flush=True)
 
 
 def bench_lora_step(rows, device, repeat): _bench_train_step(rows, device, repeat, full_ft=False)
