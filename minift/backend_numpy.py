@@ -349,7 +349,8 @@ class NumpyDevice:
       return table[idx], True
     if op is Op.SCATTER_ADD:
       g, idx = full(node.srcs[0]), full(node.srcs[1])
-      out = np.zeros((node.arg, g.shape[-1]), g.dtype)
+      # onto zeros, or onto a copy of a third operand (LazyBuffer._scatter_onto)
+      out = np.array(full(node.srcs[2]), g.dtype).reshape(node.arg, -1) if len(node.srcs) == 3 else np.zeros((node.arg, g.shape[-1]), g.dtype)
       np.add.at(out, idx.reshape(-1), g.reshape(-1, g.shape[-1]))
       return out, True
     if op is Op.COPY:

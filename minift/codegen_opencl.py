@@ -352,9 +352,16 @@ def render_gather(kernel, in_dtypes, idx, max_local):
 
 
 def render_scatter_add(kernel, in_dtypes, idx, max_local):
-  """out[index[n], c] += g[n, c] into a zeroed out. One work-item per column walks n in order:
+  """out[index[n], c] += g[n, c] into a zeroed out, or into a copy of a third operand (a whole
+  buffer: the runtime copies it into out first). One work-item per column walks n in order:
   deterministic and the same order of additions as NumPy's add.at, with no atomics."""
-  grad, index = kernel.ast.srcs
+  grad, index = kernel.ast.srcs[:2]
+  fill = {"zero_fill": True}
+  if len(kernel.ast.srcs) == 3:
+    onto = kernel.ast.srcs[2]
+    if onto.op is not Op.BUFFER or onto.arg[1] != View.contiguous(kernel.shape):
+      raise NotImplementedError("OpenCL codegen: a scatter-add onto anything but a whole buffer")
+    fill = {"fill_from": onto.arg[0]}
   rows, cols = kernel.shape
   nidx = prod(index.arg[1].shape)
   gnd = len(grad.arg[1].shape)
@@ -370,7 +377,7 @@ def render_scatter_add(kernel, in_dtypes, idx, max_local):
           "  " + store(dt, "o", (f"round_half({load(dt, 'out', 'o')} + {g})" if dt is dtypes.float16 else f"{load(dt, 'out', 'o')} + {g}")),
           "}"]
   src = PRELUDE + signature(kernel.name, kernel, in_dtypes, ["__global int* err"]) + " {\n  " + "\n  ".join(body) + "\n}\n"
-  return Rendered(kernel.name, src, *_launch_1d(cols, max_local), extra_args=("err",), notes={"zero_fill": True})
+  return Rendered(kernel.name, src, *_launch_1d(cols, max_local), extra_args=("err",), notes=fill)
 
 
 def render_rand(kernel, idx, max_local):

@@ -106,11 +106,24 @@ class LazyBuffer:
     if op is Op.MUL and self.dtype.is_float:   # x * 1 is exactly x (a loss's upstream gradient of ones, say): no pass over x
       if srcs[0].const_value == 1.0 and srcs[0].dtype == self.dtype: return self
       if self.const_value == 1.0 and srcs[0].dtype == self.dtype: return srcs[0]
+    if op is Op.ADD:   # rows scatter-added onto zeros, plus y: scatter them onto y instead
+      for scatter, onto in ((self, srcs[0]), (srcs[0], self)):
+        if scatter._scatters_onto_zeros() and onto.is_unviewed() and onto.dtype == scatter.dtype: return scatter._scatter_onto(onto)
     if op is Op.CAST: dtype = arg
     elif op in (Op.CMPLT, Op.CMPEQ): dtype = dtypes.bool
     elif op is Op.WHERE: dtype = srcs[0].dtype
     else: dtype = self.dtype
     return LazyBuffer(LazyOp(op, (self,) + srcs, arg, self.shape, dtype, self.device))
+
+  def _scatters_onto_zeros(self):
+    return self.base.op is Op.SCATTER_ADD and len(self.base.srcs) == 2 and not self.realized and self.is_unviewed()
+
+  def _scatter_onto(self, onto):
+    """This scatter-add with `onto` (its shape, a whole buffer) as the start instead of zeros. A
+    tied table's gradient (GPT-2's wte: the LM head's product plus the embedding's rows) then
+    needs neither a zeroed (vocab, C) buffer nor a pass adding two of them."""
+    base = self.base
+    return LazyBuffer(LazyOp(Op.SCATTER_ADD, base.srcs + (onto,), base.arg, base.shape, base.dtype, base.device))
 
   def reduce(self, op, axes):
     """Reduce over axes, keeping them as size-1 dims."""

@@ -747,6 +747,33 @@ class TestNN:
     helper_test_op([(5, 2)], lambda t: TF.embedding(torch.tensor(idx), t), lambda t: t.embedding(idx), device=device)
     helper_test_op([(5, 2)], lambda t: TF.embedding(torch.tensor([4, 4]), t), lambda t: t.embedding([4, 4]), device=device)
 
+  @pytest.mark.parametrize("head", ["linear_cross_entropy", "two_lookups", "transposed"])
+  def test_tied_table_grad_scatters_onto_the_other_grad(self, head, device):
+    """A table used as an embedding and again (a tied LM head): its gradient is the lookup's
+    rows scatter-added onto the other use's gradient, one SCATTER_ADD kernel with no zeroed
+    table and no ADD of two tables, where that gradient is a whole buffer. Through a matmul
+    with table.T the other gradient is a permuted view, and the ADD stays."""
+    from minift.lazy import Op
+    rng = np.random.default_rng(0)
+    table, h = rng.standard_normal((11, 6)).astype(np.float32), rng.standard_normal((3, 6)).astype(np.float32)
+    idx, idx2, target = np.array([[2, 7, 2, 10], [0, 2, 7, 7]]), np.array([1, 2, 2]), np.array([4, 2, 9])
+    def loss(t, hh, lib):
+      emb = (lambda i: TF.embedding(torch.tensor(i), t)) if lib is torch else t.embedding
+      rows = emb(idx).sum(1).square().sum()
+      if head == "linear_cross_entropy":
+        if lib is torch: return rows + TF.cross_entropy(hh @ t.T, torch.tensor(target))
+        return rows + hh.linear_cross_entropy(t, Tensor(target, device=device), chunk_rows=2)
+      if head == "two_lookups": return rows + emb(idx2).square().sum()
+      return rows + (hh @ t.T).square().sum()
+    tt = torch.tensor(table, requires_grad=True)
+    loss(tt, torch.tensor(h), torch).backward()
+    mt = Tensor(table, requires_grad=True, device=device)
+    loss(mt, Tensor(h, device=device), minift).backward()
+    grad = mt.grad.lazydata
+    if head == "transposed": assert grad.base.op is Op.ADD
+    else: assert grad.base.op is Op.SCATTER_ADD and len(grad.base.srcs) == 3
+    np.testing.assert_allclose(mt.grad.numpy(), tt.grad.numpy(), atol=1e-5, rtol=1e-5)
+
   @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
   @pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
   @pytest.mark.parametrize("ignore", [False, True])
