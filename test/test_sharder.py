@@ -174,7 +174,8 @@ def test_bad_shard_dir_and_budgets(tmp_path):
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])
 def test_paging_only_optimizer_moments_is_exact(tiny, kind):
   """Full fine-tuning with only Adam's moments paged: the same bits as in memory, within the
-  budget, weights and gradients never paged, and each moment's file rewritten in place."""
+  budget, weights and gradients never paged, and each moment written back to its one file again
+  and again."""
   ref_losses, ref_final, _ = train(tiny[kind], tiny["text"], kind, full_ft=True)
   model, _ = models.load(tiny[kind], with_tokenizer=False)
   largest = max(t.numpy().nbytes for t in model.parameters())
