@@ -199,7 +199,12 @@ class NumpyDevice:
         fn = kernel._c_fn = cloops.compiler.get(kernel._c_name)
         if fn is not None: fn.argtypes = [ctypes.c_void_p] * (len(ins) + 1 + (kernel.kind == "matmul")) + [ctypes.c_long] * 2
     if fn: return self.run_c(kernel, fn, flats, assign_out)
+    if kernel.kind == "scatter_add" and assign_out is not None and assign_out.data.flags.writeable:   # onto its third operand's buffer, in place (jit._donated)
+      g, idx = (view_array(flats[n.arg[0]], n.arg[1]) for n in kernel.ast.srcs[:2])
+      np.add.at(assign_out.data.reshape(kernel.shape), idx.reshape(-1), g.reshape(-1, kernel.shape[-1]))
+      return assign_out
     if kernel.kind in ("attention", "attention_backward"): return self.alloc_from(self.attention(kernel, flats))
+    if kernel.kind == "scatter_add": assign_out = None   # onto a read-only buffer: a copy of it after all
     with np.errstate(all="ignore"):
       if kernel.kind == "rand":
         seed, counter = rand_key

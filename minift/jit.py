@@ -13,6 +13,7 @@ import functools, weakref
 from minift.tensor import Tensor
 from minift.lazy import LazyBuffer, LazyOp, Op
 from minift.device import _capturing, run_kernel
+from minift.view import View
 
 
 class _Capture:
@@ -103,7 +104,7 @@ class jit:
     for n, (_, o, ins, _) in enumerate(items):
       for r in ins + [o]:
         if r[0] == "slot": last_use[r[1]] = n
-    self.plan = dict(items=items, last_use=last_use, out_slots=out_slots, nslots=len(cap.slots),
+    self.plan = dict(items=items, last_use=last_use, out_slots=out_slots, nslots=len(cap.slots), donated=_donated(items, last_use, out_slots),
                      returns=[(resolve(r), shape, view, moves) for r, shape, view, moves in returns],
                      rng_used=Tensor._rng_counter - rng0, rng0=rng0, structure=ret)
     return ret
@@ -128,6 +129,7 @@ class jit:
       if rand_key is not None: rand_key = (Tensor._seed, rand_key[1] - plan["rng0"] + rng_start)
       ins = [get(r) for r in in_refs]
       target = get(out_ref) if out_ref[0] != "slot" or kernel.assign_target is not None else None   # an assign writes in place, as when captured
+      if n in plan["donated"]: target = ins[plan["donated"][n]]
       out = run_kernel(kernel, ins, target, rand_key, upcoming(n))
       if out_ref[0] == "slot": slots[out_ref[1]] = out
       for s in frees.get(n, ()): slots[s] = None
@@ -139,6 +141,21 @@ class jit:
   def _wrap(buf, shape, view, moves):
     base = LazyOp(Op.BUFFER, (), None, shape, buf.dtype, buf.device.name, buf)
     return Tensor(LazyBuffer(base, view, moves))
+
+
+def _donated(items, last_use, out_slots):
+  """{kernel number: input} for the scatter-adds onto a third operand that may write into that
+  operand's buffer instead of a copy of it: a buffer made during the step (a slot) that no later
+  kernel reads and the step does not return. A tied table's gradient (GPT-2's wte) is then the
+  LM head's gradient with the lookup's rows added in place, not a fresh (vocab, C) copy."""
+  donated = {}
+  for n, (kernel, _, in_refs, _) in enumerate(items):
+    ast = kernel.ast
+    if ast.op is not Op.SCATTER_ADD or len(ast.srcs) != 3 or ast.srcs[2].op is not Op.BUFFER or ast.srcs[2].arg[1] != View.contiguous(kernel.shape): continue
+    i = ast.srcs[2].arg[0]
+    r = in_refs[i]
+    if r[0] == "slot" and last_use.get(r[1]) == n and r[1] not in out_slots and in_refs.count(r) == 1: donated[n] = i
+  return donated
 
 
 def _rebuild(obj, made):

@@ -774,6 +774,56 @@ class TestNN:
     else: assert grad.base.op is Op.SCATTER_ADD and len(grad.base.srcs) == 3
     np.testing.assert_allclose(mt.grad.numpy(), tt.grad.numpy(), atol=1e-5, rtol=1e-5)
 
+  @pytest.mark.parametrize("head", ["linear_cross_entropy", "two_lookups"])
+  def test_tied_table_grad_in_a_jitted_step_scatters_in_place(self, head, device):
+    """Under jit, a scatter-add onto a gradient that nothing after it reads writes into that
+    gradient's buffer (jit._donated) instead of a copy; each replayed step still equals torch."""
+    rng = np.random.default_rng(1)
+    table = rng.standard_normal((11, 6)).astype(np.float32)
+    idx, idx2, target = np.array([[2, 7, 2, 10], [0, 2, 7, 7]]), np.array([1, 2, 2]), np.array([4, 2, 9])
+    def loss(t, hh, lib):
+      emb = (lambda i: TF.embedding(torch.tensor(i), t)) if lib is torch else t.embedding
+      rows = emb(idx).sum(1).square().sum()
+      if head == "two_lookups": return rows + (emb(idx2) * hh).sum()
+      if lib is torch: return rows + TF.cross_entropy(hh @ t.T, torch.tensor(target))
+      return rows + hh.linear_cross_entropy(t, Tensor(target, device=device), chunk_rows=2)
+    mt = Tensor(table, requires_grad=True, device=device)
+    def step(hh):
+      mt.grad = None
+      loss(mt, hh, minift).backward()
+      return mt.grad
+    jitted = minift.jit(step)
+    for call in range(4):   # a plain call, the capture, two replays
+      h = rng.standard_normal((3, 6)).astype(np.float32)
+      tt = torch.tensor(table, requires_grad=True)
+      loss(tt, torch.tensor(h), torch).backward()
+      np.testing.assert_allclose(jitted(Tensor(h, device=device)).numpy(), tt.grad.numpy(), atol=1e-5, rtol=1e-5)
+    assert len(jitted.plan["donated"]) == 1
+
+  def test_scatter_onto_a_returned_buffer_is_not_done_in_place(self, device):
+    """The third operand of a scatter-add that the step returns (or a later kernel reads) keeps
+    its values: the scatter writes a copy of it."""
+    from minift.lazy import Op
+    rng = np.random.default_rng(2)
+    idx = Tensor(np.array([3, 0, 3]), device=device)
+    def step(w, g, keep):
+      onto = (w * 2).contiguous()
+      rows = g.lazydata.own_kernel(Op.SCATTER_ADD, (g.lazydata, idx.lazydata), 4, (4, 5))
+      total = Tensor(rows.alu(Op.ADD, onto.lazydata))
+      assert total.lazydata.base.op is Op.SCATTER_ADD and len(total.lazydata.base.srcs) == 3
+      return (total, onto) if keep == "returned" else (total, onto * 3) if keep == "read_later" else (total,)
+    for keep in ("returned", "read_later", "dead"):
+      jitted = minift.jit(step)
+      for call in range(4):
+        w, g = rng.standard_normal((4, 5)).astype(np.float32), rng.standard_normal((3, 5)).astype(np.float32)
+        out = jitted(Tensor(w, device=device), Tensor(g, device=device), keep)
+        want = 2 * w
+        np.add.at(want, [3, 0, 3], g)
+        np.testing.assert_allclose(out[0].numpy(), want, atol=1e-6)
+        if keep == "returned": np.testing.assert_allclose(out[1].numpy(), 2 * w, atol=1e-6)
+        if keep == "read_later": np.testing.assert_allclose(out[1].numpy(), 6 * w, atol=1e-6)
+      assert bool(jitted.plan["donated"]) == (keep == "dead") or keep == "read_later", keep
+
   @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
   @pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
   @pytest.mark.parametrize("ignore", [False, True])
