@@ -197,7 +197,7 @@ class NumpyDevice:
       if "_c_name" not in kernel.__dict__: cloops.prepare([kernel], lambda k: [b.dtype for b in ins])
       if kernel.__dict__.get("_c_name") is not None:   # not set: no compiler
         fn = kernel._c_fn = cloops.compiler.get(kernel._c_name)
-        if fn is not None: fn.argtypes = [ctypes.c_void_p] * (len(ins) + 1 + (kernel.kind == "matmul")) + [ctypes.c_long] * 2
+        if fn is not None: fn.argtypes = [ctypes.c_void_p] * (len(ins) + 1 + (kernel.kind == "matmul") + bool(kernel._c_chunks)) + [ctypes.c_long] * 2
     if fn: return self.run_c(kernel, fn, flats, assign_out)
     if kernel.kind == "scatter_add" and assign_out is not None and assign_out.data.flags.writeable:   # onto its third operand's buffer, in place (jit._donated)
       g, idx = (view_array(flats[n.arg[0]], n.arg[1]) for n in kernel.ast.srcs[:2])
@@ -242,7 +242,12 @@ class NumpyDevice:
     in_place = assign_out is not None and _reads_only_its_own_elements(kernel)
     if in_place: out = assign_out.data
     elif out is None: out = np.empty(prod(kernel.shape), kernel.dtype.np)
-    call_in_parts(fn, out, [f.ctypes.data for f in flats] + extra, *kernel._c_split)
+    if kernel._c_chunks:   # a reduction to one value: partial sums in parts, then added up in order
+      part = np.empty(2 * kernel._c_chunks, np.float64)
+      args = [f.ctypes.data for f in flats] + extra + [part.ctypes.data]
+      call_in_parts(fn, out, args, *kernel._c_split)
+      fn(out.ctypes.data, *args, -1, 0)
+    else: call_in_parts(fn, out, [f.ctypes.data for f in flats] + extra, *kernel._c_split)
     if in_place: return assign_out
     if assign_out is not None:
       assign_out.data[...] = out

@@ -4,7 +4,8 @@ rendered to C and built with the system C compiler (cc, or $CC), where one exist
 NumPy evaluates a fused kernel one pass per op, each pass through a temporary array; the C
 loop computes every element once, in registers. BLAS still does the matmuls: a matmul kernel's
 epilogue runs in C over the product NumPy made. Kernels that use what this file does not render
-(float16, integer division, gathers, a reduction over leading axes) stay with NumPy.
+(float16, integer division, gathers, a reduction over leading and trailing axes at once) stay
+with NumPy.
 Attention and its gradients are not rendered: they run the fixed loops of ATTENTION_SOURCE,
 whose sums use FMA (the rounding below is that of the rendered loops).
 
@@ -30,6 +31,8 @@ from minift.view import View
 
 # Kernels of fewer elements than this run in NumPy: there, a compile is not worth it.
 C_FROM = 1 << 12
+CHUNK = 1 << 16   # elements per partial sum of a big reduction to one value (Renderer.chunks)
+COLUMNS = 64   # outputs a reduction over leading axes sums at once (their accumulators stay in registers or L1)
 
 PRELUDE = r"""#include <math.h>
 #include <stdint.h>
@@ -90,7 +93,10 @@ class _Loops:
     self.shape = shape
     kept_axes = [a for a in range(len(shape)) if a not in reduced and shape[a] != 1]
     red_axes = [a for a in sorted(reduced) if shape[a] != 1]
-    _check(not red_axes or not kept_axes or max(kept_axes) < min(red_axes), "reduction over leading axes")
+    # reduced axes all after the kept ones (a row's sum), or all before them (a bias gradient's sum
+    # over rows: leading, summed a block of columns at a time), not mixed
+    self.leading = bool(red_axes and kept_axes and max(red_axes) < min(kept_axes))
+    _check(not red_axes or not kept_axes or max(kept_axes) < min(red_axes) or self.leading, "reduction over leading and trailing axes at once")
     self.kept = self._merge(kept_axes, views)
     self.reduced = self._merge(red_axes, [v for v in views if v.shape == tuple(shape)] if reduced else views)
 
@@ -224,8 +230,18 @@ class Renderer:
   # ---- the loop nest
 
   def outer_size(self):
-    """The range of the outermost loop, the one that lo and hi bound (1: no loop over outputs)."""
-    return self.loops.size(self.loops.kept[0]) if self.loops.kept else 1
+    """The range of the outermost loop, the one that lo and hi bound (1: no loop over outputs;
+    a whole reduction cut into chunks: the chunks)."""
+    return self.loops.size(self.loops.kept[0]) if self.loops.kept else self.chunks() or 1
+
+  def chunks(self):
+    """A big reduction to one value is summed in this many chunks of its outermost reduced loop
+    (0: in one), each a partial sum that a part may compute, then added up in chunk order. The
+    count depends only on the shape, so the result does not depend on the thread count."""
+    if self.kernel.kind != "reduce" or self.loops.kept or not self.loops.reduced: return 0
+    rows, total = self.loops.size(self.loops.reduced[0]), prod(self.loops.size(g) for g in self.loops.reduced)
+    count = min(rows, total // CHUNK)
+    return count if count >= 2 else 0
 
   def segments(self, kept):
     """Where loads are masked along the innermost loop (a cat, a pad): that loop cut at the mask
@@ -277,6 +293,8 @@ class Renderer:
       self.segment = None
       lines += ["  " * (len(kept) - g - 2) + "}" for g in range(len(kept) - 1)]
       return f"void {name}({', '.join(args)}) {{\n  " + "\n  ".join(body + lines) + "\n}\n"
+    if k.kind == "reduce" and loops.leading: return self.render_leading(name, args, body, kept, red, loop, store)
+    if self.chunks(): return self.render_chunked(name, args, body, red, loop, store)
     if k.kind == "reduce":
       r = k.reduce
       self.lines = []
@@ -305,6 +323,80 @@ class Renderer:
     return f"void {name}({', '.join(args)}) {{\n  " + "\n  ".join(body + lines) + "\n}\n"
 
 
+  def render_chunked(self, name, args, body, red, loop, store):
+    """A reduction to one value in chunks(): a call with lo >= 0 writes the partial results of
+    chunks [lo, hi) to part (a sum; or a max and whether a NaN was seen); one with lo < 0 adds
+    them up in chunk order and writes the output."""
+    r, count = self.kernel.reduce, self.chunks()
+    rows = self.loops.size(red[0][1])
+    args.insert(-2, "double* part")
+    self.lines = []
+    src = self.value(r.srcs[0], red)
+    inner = self.lines
+    if r.op is Op.SUM:
+      combine = ["double acc = 0.0;", f"for (long c = 0; c < {count}; c++) acc += part[c];"]
+      start, update, pragma, finish = "double acc = 0.0;", [f"acc += (double)({src});"], "#pragma omp simd reduction(+:acc)", "part[c] = acc;"
+      self.reduced_value = "((float)acc)"
+    else:
+      combine = ["float acc = -INFINITY; int anynan = 0;",
+                 f"for (long c = 0; c < {count}; c++) {{ const float x = (float)part[2 * c]; acc = acc > x ? acc : x; anynan |= part[2 * c + 1] != 0.0; }}",
+                 "if (anynan) acc = NAN;"]
+      start, update = "float acc = -INFINITY; int anynan = 0;", ["const float x = " + src + ";", "acc = acc > x ? acc : x;", "anynan |= x != x;"]
+      pragma, finish = "#pragma omp simd reduction(max:acc) reduction(|:anynan)", "part[2 * c] = acc; part[2 * c + 1] = anynan;"
+      self.reduced_value = "acc"
+    lines = [f"for (long c = lo; c < hi; c++) {{", "  " + start]
+    indent = "  "
+    for g, (var, grp) in enumerate(red):
+      if g == len(red) - 1: lines.append(indent + pragma)
+      if g == 0: lines.append(indent + f"for (long {var} = {rows}L * c / {count}; {var} < {rows}L * (c + 1) / {count}; {var}++) {{")
+      else: lines.append(indent + loop(var, 0, self.loops.size(grp), False))
+      indent += "  "
+    lines += [indent + s for s in inner + update] + ["  " * (len(red) - g) + "}" for g in range(len(red))]
+    lines += ["  " + finish, "}"]
+    self.lines, self.names = [], {}
+    value = self.value(self.kernel.ast, [])
+    lines = ["if (lo < 0) {"] + ["  " + s for s in combine + self.lines + [store(value)]] + ["  return;", "}"] + lines
+    return f"void {name}({', '.join(args)}) {{\n  " + "\n  ".join(body + lines) + "\n}\n"
+
+  def render_leading(self, name, args, body, kept, red, loop, store):
+    """A reduction over leading axes: COLUMNS outputs of the innermost kept loop at a time, each
+    with its own accumulator, the reduced loops outside and that block of columns inside, so the
+    innermost loop reads along rows and is vectorised. Each output sums in the same order for
+    any cut of the outer loop into parts."""
+    r, lines, indent = self.kernel.reduce, [], ""
+    *outer, (col, group) = kept
+    for g, (var, grp) in enumerate(outer):
+      lines.append(indent + loop(var, 0, self.loops.size(grp), g == 0))
+      indent += "  "
+    start, stop = ("0", str(self.loops.size(group))) if outer else ("lo", "hi")
+    lines += [indent + f"for (long cb = {start}; cb < {stop}; cb += {COLUMNS}) {{",
+              indent + f"  const long ce = cb + {COLUMNS} < {stop} ? cb + {COLUMNS} : {stop};"]
+    indent += "  "
+    self.lines = []
+    src = self.value(r.srcs[0], kept + red)
+    inner = self.lines
+    if r.op is Op.SUM:
+      lines.append(indent + f"double acc[{COLUMNS}]; for (long c = 0; c < {COLUMNS}; c++) acc[c] = 0.0;")
+      update = [f"acc[{col} - cb] += (double)({src});"]
+      self.reduced_value = f"((float)acc[{col} - cb])"
+    else:
+      lines.append(indent + f"float acc[{COLUMNS}]; int anynan[{COLUMNS}]; for (long c = 0; c < {COLUMNS}; c++) {{ acc[c] = -INFINITY; anynan[c] = 0; }}")
+      update = ["const float x = " + src + ";", f"acc[{col} - cb] = acc[{col} - cb] > x ? acc[{col} - cb] : x;", f"anynan[{col} - cb] |= x != x;"]
+      self.reduced_value = f"(anynan[{col} - cb] ? NAN : acc[{col} - cb])"
+    rindent = indent
+    for var, grp in red:
+      lines.append(rindent + loop(var, 0, self.loops.size(grp), False))
+      rindent += "  "
+    lines += [rindent + "#pragma omp simd", rindent + f"for (long {col} = cb; {col} < ce; {col}++) {{"]
+    lines += [rindent + "  " + s for s in inner + update] + [rindent + "}"]
+    lines += [indent + "  " * (len(red) - g - 1) + "}" for g in range(len(red))]
+    self.lines, self.names = [], {}
+    value = self.value(self.kernel.ast, kept)
+    lines += [indent + f"for (long {col} = cb; {col} < ce; {col}++) {{"] + [indent + "  " + s for s in self.lines + [store(value)]] + [indent + "}"]
+    lines += ["  " * (len(kept) - g - 1) + "}" for g in range(len(kept))]
+    return f"void {name}({', '.join(args)}) {{\n  " + "\n  ".join(body + lines) + "\n}\n"
+
+
 def _unsqueezed(view, shape):
   """view, which has shape's sizes but for some size-1 axes, as a view of shape."""
   _check([n for n in view.shape if n != 1] == [n for n in shape if n != 1], "reduce shape")
@@ -323,7 +415,7 @@ def render(kernel, in_dtypes):
   src = renderer.render("KERNEL")
   # the name keys the disk cache: it covers everything the library is built from
   name = "k_" + hashlib.sha256((PRELUDE + src + compiler.signature).encode()).hexdigest()[:24]
-  return name, src.replace("void KERNEL(", f"void {name}(", 1), renderer.outer_size()
+  return name, src.replace("void KERNEL(", f"void {name}(", 1), renderer.outer_size(), renderer.chunks()
 
 
 # ---- attention
@@ -733,13 +825,13 @@ def prepare(kernels, in_dtypes_of):
     size = prod(k.reduce.arg[1]) if k.kind == "reduce" else prod(k.shape)
     if size < C_FROM or size == 0: continue
     in_dtypes = in_dtypes_of(k)
-    key = structure(k, in_dtypes)
+    key = structure(k, in_dtypes), CHUNK, COLUMNS
     if key not in _rendered:
       if len(_rendered) > 20000: _rendered.clear()   # shapes that change forever (a growing sequence)
       try: _rendered[key] = render(k, in_dtypes)
       except Unsupported: _rendered[key] = None
     if _rendered[key] is None: continue
-    name, src, outer = _rendered[key]
-    k._c_name, k._c_split = name, (outer, size)
+    name, src, outer, chunks = _rendered[key]
+    k._c_name, k._c_split, k._c_chunks = name, (outer, size), chunks
     if compiler.get(name) is None: todo[name] = src
   if todo: compiler.build(todo)

@@ -73,6 +73,39 @@ def test_max_and_sum_propagate_nan(force_c):
   np.testing.assert_array_equal(Tensor(x).sum(-1).numpy(), x.sum(-1))
 
 
+def test_big_reductions_in_chunks_and_column_blocks(monkeypatch):
+  """A reduction to one value of more than 2 CHUNKs sums chunk by chunk on every core, and one
+  over leading axes COLUMNS outputs at a time: each equals float64 (sums) or NumPy (max, NaN
+  and inf included), and 1 or 3 threads give the same bits."""
+  from minift import backend_numpy as bn
+  rng = np.random.default_rng(3)
+  x = rng.standard_normal((700, 3, 130)).astype(np.float32)   # 273000 elements: 4 chunks
+  y = x.copy()
+  y[650, 2, 7], y[3, 0, 100] = np.nan, np.inf
+  cases = {
+    "sum of squares, sqrt after": (lambda t: (t * t).sum().sqrt(), lambda a: np.sqrt((a.astype(np.float64) ** 2).sum())),
+    "sum of a strided view": (lambda t: t[:, 1].sum(), lambda a: a[:, 1].astype(np.float64).sum()),
+    "sum of a permuted view": (lambda t: t.permute(2, 0, 1).sum(), lambda a: a.astype(np.float64).sum()),
+    "max": (lambda t: t.max(), lambda a: a.max()),
+    "max, a NaN and an inf in it": (lambda t: t.max(), lambda a: a.max(), y),
+    "sum over leading axes": (lambda t: (t * 2).sum((0, 1)), lambda a: (a.astype(np.float64) * 2).sum((0, 1))),
+    "sum over leading axes, NaN in a column": (lambda t: t.sum(0), lambda a: a.astype(np.float64).sum(0), y),
+    "max over leading axes, NaN in a column": (lambda t: t.max((0, 1)), lambda a: a.max((0, 1)), y),
+  }
+  for what, (fn, ref, *data) in cases.items():
+    a = data[0] if data else x
+    kernels = _kernels(fn(Tensor(a)))
+    cloops.prepare(kernels, lambda k: [t.dtype for t in k.inputs])
+    assert kernels[-1]._c_name is not None, what
+    got = {}
+    for threads in ("1", "3"):
+      monkeypatch.setenv("MINIFT_THREADS", threads)
+      monkeypatch.setattr(bn, "PARTS_FROM", 1)
+      got[threads] = fn(Tensor(a)).numpy()
+    assert np.array_equal(got["1"], got["3"], equal_nan=True), what
+    np.testing.assert_allclose(got["1"], ref(a), rtol=2e-6, err_msg=what)
+
+
 def _kernels(t):
   return create_schedule([t.lazydata])
 
@@ -86,7 +119,9 @@ def test_what_runs_in_c(force_c):
     "matmul epilogue": ((a @ b).relu(), True),
     "plain matmul (BLAS writes it)": (a @ b, False),
     "float16": (h * 2, False),
-    "reduction over the leading axis": (a.sum(0), False),
+    "reduction over the leading axis": (a.sum(0), True),
+    "reduction over leading and trailing axes at once": (a.reshape(2, 4, 16).sum((0, 2)), False),
+    "reduction to one value": ((a * a).sum(), True),
   }
   for what, (t, in_c) in cases.items():
     kernels = _kernels(t)
@@ -144,7 +179,9 @@ def test_loops_cut_into_parts_give_the_same_bits(monkeypatch, force_c):
   split = []
   attention = bn.cloops.attention_functions()   # their parts are blocks of queries and (batch, kv head) pairs, not rows
   def part_by_part(fn, out, args, outer, work):
-    rows = out.reshape(outer, -1).view(np.uint8) if fn not in attention else None   # the outermost loop runs over the output's leading rows
+    # the outermost loop runs over the output's leading rows; attention's does not, nor that of a
+    # reduction to one value in chunks (its parts write partial sums)
+    rows = out.reshape(outer, -1).view(np.uint8) if fn not in attention and out.size % outer == 0 and out.size >= outer else None
     cuts = [0, outer // 3, outer] if outer > 1 else [0, outer]
     for lo, hi in reversed(list(zip(cuts, cuts[1:]))):
       before = rows.copy() if rows is not None else None
