@@ -190,7 +190,21 @@ class NumpyDevice:
     """Build the C loops of a schedule's kernels in one compiler run (cloops.py)."""
     cloops.prepare(kernels, lambda k: [b.dtype for b in k.inputs])
 
+  def fuse_assigns(self, kernels, in_maps, in_dtypes, targets):
+    """A FusedAssigns that runs these in-place elementwise updates of one shape (consecutive
+    in a jit plan) as one compiled loop, or None where cloops.render_fused does not cover them
+    or there is no compiler. in_maps, in_dtypes: see render_fused; targets: the buffers written."""
+    if not cloops.compiler.available or not all(b.device is self and b.data is not None and b.data.flags.writeable for b in targets): return None
+    try: name, src, outer = cloops.render_fused(kernels, in_maps, in_dtypes)
+    except cloops.Unsupported: return None
+    if cloops.compiler.get(name) is None: cloops.compiler.build({name: src})
+    fn = cloops.compiler.get(name)
+    if fn is None: return None
+    fn.argtypes = [ctypes.c_void_p] * (len(in_dtypes) + 1) + [ctypes.c_long] * 2
+    return FusedAssigns(kernels, [m[k.assign_target] for k, m in zip(kernels, in_maps)], fn, outer)
+
   def run(self, kernel, ins, assign_out=None, rand_key=None):
+    if isinstance(kernel, FusedAssigns): return kernel.run(ins)
     flats = [b.data if b.device is self else b.device.to_numpy(b) for b in ins]   # a copy from another device
     fn = kernel.__dict__.get("_c_fn")
     if fn is None and kernel.kind in ("elementwise", "reduce", "matmul"):
@@ -379,6 +393,22 @@ class NumpyDevice:
     out = np.matmul(b3.swapaxes(-1, -2), a3.swapaxes(-1, -2)) if swap else np.matmul(a3, b3)
     out = out.reshape(out_shape).transpose(out_order)
     return out.astype(node.dtype.np, copy=False).reshape(shape)
+
+
+class FusedAssigns:
+  """Kernels that update buffers in place (assign), run as one compiled loop over their
+  shared inputs (NumpyDevice.fuse_assigns); targets: the shared inputs they write."""
+  kind, assign_target, ast = "fused_assigns", 0, None
+
+  def __init__(self, kernels, targets, fn, outer):
+    self.kernels, self.targets, self.fn, self.outer = kernels, targets, fn, outer   # outer: the range of its outermost loop
+    self.device, self.shape, self.dtype = kernels[0].device, tuple(kernels[0].shape), kernels[0].dtype
+    self.name = "fused_" + "_".join(k.name for k in kernels)
+
+  def run(self, ins):
+    flats = [b.data for b in ins]
+    call_in_parts(self.fn, flats[self.targets[0]], [f.ctypes.data for f in flats], self.outer, prod(self.shape) * len(flats))
+    return ins[self.targets[0]]
 
 
 # ---- compiled loops on every core

@@ -142,6 +142,7 @@ class Renderer:
     _check(all(len(v.shape) == len(shape) for v in views), "view rank")
     self.loops = _Loops(tuple(shape), set(axes), views)
     self.names, self.lines, self.count, self.segment, self.absent = {}, [], 0, None, set()   # segment, absent: see render()
+    self.pointers, self.subst, self.prefix = None, {}, ""   # render_fused: shared input numbering, values computed in the loop
 
   # ---- expressions
 
@@ -157,6 +158,7 @@ class Renderer:
 
   def load(self, node, groups):
     i, view = node.arg[0], self.view(node)
+    if i in self.subst: return self.subst[i]
     dtype = self.in_dtypes[i]
     conds = []
     if view.mask is not None:
@@ -173,7 +175,7 @@ class Renderer:
       for a, n in enumerate(view.shape):   # size-1 axes in no loop: their coordinate is 0
         if n == 1 and not view.mask[a][0] <= 0 < view.mask[a][1]: return literal(0, node.dtype)
     terms = self.index(lambda a: view.strides[a], groups) + ([str(view.offset)] if view.offset else [])
-    code = f"p{i}[{' + '.join(terms) or '0'}]"
+    code = f"p{i if self.pointers is None else self.pointers[i]}[{' + '.join(terms) or '0'}]"
     if dtype is dtypes.bool: code = f"({code}!=0)"
     return f"({' && '.join(conds)} ? {code} : {literal(0, node.dtype)})" if conds else code
 
@@ -182,7 +184,7 @@ class Renderer:
     if name is not None: return name
     code = self._value(node, groups)
     if id(node) not in self.kernel.shared or node.op is Op.CONST: return code
-    name = f"v{self.count}"
+    name = f"{self.prefix}v{self.count}"
     self.count += 1
     self.lines.append(f"const {CTYPE[node.dtype.name]} {name} = {code};")
     self.names[id(node)] = name
@@ -416,6 +418,53 @@ def render(kernel, in_dtypes):
   # the name keys the disk cache: it covers everything the library is built from
   name = "k_" + hashlib.sha256((PRELUDE + src + compiler.signature).encode()).hexdigest()[:24]
   return name, src.replace("void KERNEL(", f"void {name}(", 1), renderer.outer_size(), renderer.chunks()
+
+
+def render_fused(kernels, in_maps, in_dtypes):
+  """(function name, C source, range of its outermost loop) of one loop nest for consecutive
+  in-place elementwise updates of one shape (an optimizer's m, v and p: jit._fuse_assigns).
+  in_maps[j][i]: the shared input of kernel j's input i; in_dtypes: the shared inputs' dtypes.
+  Each element computes every kernel's value in order, a load of an earlier kernel's target
+  being the value just computed, then stores them all: AdamW reads p, g, m, v and writes p, m,
+  v once (7 passes, not 10). The values are those of the kernels' own loops, bit for bit.
+  Raises Unsupported unless all are float32 over unmasked views and every target is read at
+  its own element only (so no element depends on another)."""
+  shape = tuple(kernels[0].shape)
+  targets = [m[k.assign_target] for k, m in zip(kernels, in_maps)]
+  _check(len(set(targets)) == len(targets) and all(tuple(k.shape) == shape for k in kernels), "fused shapes")
+  renderers = []
+  for k, m in zip(kernels, in_maps):
+    _check(k.kind == "elementwise" and k.dtype is dtypes.float32 and in_dtypes[m[k.assign_target]] is dtypes.float32, "fused kernel kind")
+    renderers.append(Renderer(k, [in_dtypes[c] for c in m]))
+  loads = [(r, m, node) for r, k, m in zip(renderers, kernels, in_maps) for node in k._nodes() if node.op is Op.BUFFER]
+  views = [r.view(node) for r, _, node in loads]
+  _check(all(v.mask is None and len(v.shape) == len(shape) for v in views), "fused masked view")
+  for r, m, node in loads:
+    if m[node.arg[0]] in targets: _check(r.view(node) == View.contiguous(shape), "fused target view")
+  loops = _Loops(shape, set(), views)   # axes merged only where they merge in every kernel's views
+  kept = [(f"i{g}", group) for g, group in enumerate(loops.kept)]
+  _check(kept, "fused loop")
+  lines = []
+  for j, (r, m) in enumerate(zip(renderers, in_maps)):
+    r.loops, r.pointers, r.prefix = loops, m, f"k{j}"
+    r.subst = {i: f"u{targets.index(c)}" for i, c in enumerate(m) if c in targets[:j]}
+    value = r.value(r.kernel.ast, kept)
+    lines += r.lines + [f"const float u{j} = (float)({value});"]
+  out_strides = strides_for(shape)
+  index = " + ".join(renderers[0].index(lambda a: out_strides[a], kept)) or "0"
+  lines += [f"t{c}[{index}] = u{j};" for j, c in enumerate(targets)]
+  body = [f"const {PTYPE[d.name]}* p{i} = (const {PTYPE[d.name]}*)in{i};" for i, d in enumerate(in_dtypes)]
+  body += [f"float* t{c} = (float*)in{c};" for c in targets]
+  indent = ""
+  for g, (var, group) in enumerate(kept):
+    if g == len(kept) - 1: body.append(indent + "#pragma omp simd")
+    body.append(indent + (f"for (long {var} = lo; {var} < hi; {var}++) {{" if g == 0 else f"for (long {var} = 0; {var} < {loops.size(group)}; {var}++) {{"))
+    indent += "  "
+  body += [indent + s for s in lines] + ["  " * (len(kept) - g - 1) + "}" for g in range(len(kept))]
+  args = ["void* out_"] + [f"const void* in{i}" for i in range(len(in_dtypes))] + ["long lo", "long hi"]
+  src = f"void KERNEL({', '.join(args)}) {{\n  " + "\n  ".join(body) + "\n}\n"
+  name = "f_" + hashlib.sha256((PRELUDE + src + compiler.signature).encode()).hexdigest()[:24]
+  return name, src.replace("void KERNEL(", f"void {name}(", 1), loops.size(kept[0][1])
 
 
 # ---- attention

@@ -104,7 +104,7 @@ def run_kernel(kernel, ins, assign_out=None, rand_key=None, upcoming=None):
   else:
     pages = sharder.acquire(ins, upcoming)
     try: out = device.run(kernel, ins, assign_out, rand_key)
-    finally: sharder.release(pages, assign_out)
+    finally: sharder.release(pages, [ins[i] for i in kernel.targets] if hasattr(kernel, "targets") else assign_out)   # a fused kernel writes several
   GlobalCounters.kernel_count += 1
   if DEBUG >= 2:
     et = device.synchronize_time(st)

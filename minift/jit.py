@@ -99,7 +99,7 @@ class jit:
       if r[0] == "buf" and id(r[1]) in input_ids: return ("input", input_ids[id(r[1])])
       if r[0] == "slot" and r[1] in persistent: return ("buf", persistent[r[1]])
       return r
-    items = [(k, resolve(o), [resolve(i) for i in ins], rk) for k, o, ins, rk in cap.items]
+    items = _fuse_assigns([(k, resolve(o), [resolve(i) for i in ins], rk) for k, o, ins, rk in cap.items])
     last_use = {}
     for n, (_, o, ins, _) in enumerate(items):
       for r in ins + [o]:
@@ -143,6 +143,48 @@ class jit:
     return Tensor(LazyBuffer(base, view, moves))
 
 
+FUSE_MAX = 3   # kernels fused into one loop at most: an AdamW update's m, v and p
+
+
+def _fuse_assigns(items):
+  """items with runs of consecutive in-place updates of state (assign kernels onto buffers
+  that outlive the step, all of one shape) replaced by one item each where the device fuses
+  them into one loop (NumpyDevice.fuse_assigns): an optimizer's m, v and p updates then read
+  the gradient and the moments once. Not under a sharder that pages what they read or write
+  (one kernel would then need all their pages at once), except one paging only optimizer state."""
+  from minift import device as dev
+  if dev.sharder is not None and not dev.sharder.optimizer_only: return items
+  state = lambda item: item[0].kind == "elementwise" and item[0].assign_target is not None and item[1][0] == "buf"
+  out, n = [], 0
+  while n < len(items):
+    first, end = items[n], n + 1
+    fuse = getattr(dev.get_device(first[0].device), "fuse_assigns", None) if state(first) else None
+    while fuse and end < len(items) and end - n < FUSE_MAX and state(items[end]) and \
+        tuple(items[end][0].shape) == tuple(first[0].shape) and items[end][0].device == first[0].device: end += 1
+    fused, shared = None, []   # shared: the group's inputs, each once (buffers by identity)
+    if end - n > 1:
+      def index(r):
+        for i, s in enumerate(shared):
+          if s[0] == r[0] and (s[1] is r[1] if r[0] == "buf" else s[1] == r[1]): return i
+        shared.append(r)
+        return len(shared) - 1
+      group = [item[0] for item in items[n:end]]
+      maps = [[index(r) for r in item[2]] for item in items[n:end]]
+      dtypes = [None] * len(shared)
+      for k, m in zip(group, maps):
+        for node in k._nodes():
+          if node.op is Op.BUFFER: dtypes[m[node.arg[0]]] = node.dtype
+      targets = [items[n + j][1][1] for j in range(len(group))]
+      if None not in dtypes: fused = fuse(group, maps, dtypes, targets)
+    if fused is None:
+      out.append(first)
+      n += 1
+    else:
+      out.append((fused, first[1], shared, None))
+      n = end
+  return out
+
+
 def _donated(items, last_use, out_slots):
   """{kernel number: input} for the scatter-adds onto a third operand that may write into that
   operand's buffer instead of a copy of it: a buffer made during the step (a slot) that no later
@@ -151,7 +193,7 @@ def _donated(items, last_use, out_slots):
   donated = {}
   for n, (kernel, _, in_refs, _) in enumerate(items):
     ast = kernel.ast
-    if ast.op is not Op.SCATTER_ADD or len(ast.srcs) != 3 or ast.srcs[2].op is not Op.BUFFER or ast.srcs[2].arg[1] != View.contiguous(kernel.shape): continue
+    if ast is None or ast.op is not Op.SCATTER_ADD or len(ast.srcs) != 3 or ast.srcs[2].op is not Op.BUFFER or ast.srcs[2].arg[1] != View.contiguous(kernel.shape): continue
     i = ast.srcs[2].arg[0]
     r = in_refs[i]
     if r[0] == "slot" and last_use.get(r[1]) == n and r[1] not in out_slots and in_refs.count(r) == 1: donated[n] = i

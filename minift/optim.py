@@ -103,6 +103,9 @@ class AdamW(Optimizer):
     c1, c2 = 1.0 - self.b1, 1.0 - self.b2
     if grad_scale is not None: c1, c2 = grad_scale * c1, grad_scale * grad_scale * c2
     eps, factor = bc2_sqrt * self.eps, step_size * bc2_sqrt
+    # the one-element factors first: made between one weight's m, v and p updates, they would
+    # keep a jitted step from running those three as one loop (jit._fuse_assigns)
+    Tensor.realize_all(*[x for x in (t, c1, c2, eps, factor) if isinstance(x, Tensor)])
     out = [t]
     for p, m, v in zip(self.params, self.m, self.v):
       if p.grad is None: continue

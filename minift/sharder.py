@@ -235,9 +235,10 @@ class Sharder:
     return pages
 
   def release(self, pages, written=None):
+    """Unpin pages; written: the buffer (or list of buffers) the kernel wrote, whose disk copy is now stale."""
     for page in pages: page.pins -= 1
-    if written is not None:
-      page = self.page_of(written)
+    for buf in written if isinstance(written, list) else [written] if written is not None else []:
+      page = self.page_of(buf)
       if page is not None: page.disk_valid, page.source = False, None
 
   def fetch(self, buf, write=False):

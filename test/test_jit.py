@@ -90,3 +90,68 @@ def test_new_shapes_recapture():
   for rows in (2, 2, 2, 3, 3, 3):
     x = np.full((rows, 8), 0.5, np.float32)
     np.testing.assert_allclose(f(Tensor(x)).numpy(), x @ w1.numpy(), rtol=1e-5)
+
+
+def _fused_items(fn):
+  return sum(item[0].kind == "fused_assigns" for item in fn.plan["items"])
+
+
+def test_optimizer_updates_run_as_one_loop_with_the_same_bits(monkeypatch):
+  """Replayed, each weight's AdamW m, v and p updates (weight decay, a clipping factor) run as
+  one compiled loop (jit._fuse_assigns): the same bits as three loops, and torch's numbers."""
+  import torch
+  import minift.backend_numpy as bn
+  from minift.optim import clip_scale, grad_norm
+  rng = np.random.default_rng(4)
+  init = [rng.standard_normal(s).astype(np.float32) * 0.2 for s in [(48, 96), (96,), (96, 80)]]
+  xs = rng.standard_normal((5, 16, 48)).astype(np.float32)
+  def run(fuse):
+    if not fuse: monkeypatch.setattr(bn.NumpyDevice, "fuse_assigns", None)
+    ps = [Tensor(w, requires_grad=True) for w in init]
+    opt = AdamW(ps, lr=1e-2, weight_decay=0.1)
+    def step(x):
+      opt.zero_grad()
+      loss = ((x @ ps[0] + ps[1]).tanh() @ ps[2]).square().mean()
+      loss.backward()
+      opt.step(clip_scale(grad_norm(ps), 0.5))
+      return loss
+    fn = jit(step)
+    losses = [fn(Tensor(x)).item() for x in xs]
+    monkeypatch.undo()
+    return fn, losses, [t.numpy() for t in ps + opt.m + opt.v]
+  fused, losses, state = run(True)
+  unfused, losses_unfused, state_unfused = run(False)
+  assert _fused_items(fused) == 3 and _fused_items(unfused) == 0
+  assert losses == losses_unfused and all(np.array_equal(a, b) for a, b in zip(state, state_unfused))
+  tp = [torch.tensor(w, requires_grad=True) for w in init]
+  topt = torch.optim.AdamW(tp, lr=1e-2, weight_decay=0.1)
+  for x, got in zip(xs, losses):
+    loss = ((torch.tensor(x) @ tp[0] + tp[1]).tanh() @ tp[2]).square().mean()
+    topt.zero_grad(); loss.backward()
+    torch.nn.utils.clip_grad_norm_(tp, 0.5); topt.step()
+    assert abs(got - loss.item()) <= 1e-5 * abs(loss.item())
+  for a, t in zip(state, tp): np.testing.assert_allclose(a, t.detach().numpy(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("reads", ["same element", "other elements"])
+def test_updates_fuse_only_where_each_element_reads_its_own(reads):
+  """b's update reading a's new values at the element it writes fuses with a's; reading them
+  elsewhere (a flip) would need elements another part of the loop writes: not fused. Both
+  replay the eager results."""
+  rng = np.random.default_rng(5)
+  a0, b0 = rng.standard_normal((2, 100, 64)).astype(np.float32)
+  a, b = Tensor(a0.copy()), Tensor(b0.copy())
+  def step(x):
+    a.assign(a * 0.5 + x)
+    b.assign(b + (a if reads == "same element" else a.flip(0)) * 2)
+    Tensor.realize_all(a, b)
+  fn = jit(step)
+  want_a, want_b = a0.copy(), b0.copy()
+  for _ in range(4):
+    x = rng.standard_normal((100, 64)).astype(np.float32)
+    fn(Tensor(x))
+    want_a = want_a * np.float32(0.5) + x
+    want_b = want_b + (want_a if reads == "same element" else want_a[::-1]) * np.float32(2)
+  np.testing.assert_allclose(a.numpy(), want_a, rtol=1e-6)
+  np.testing.assert_allclose(b.numpy(), want_b, rtol=1e-6)
+  assert _fused_items(fn) == (1 if reads == "same element" else 0)
