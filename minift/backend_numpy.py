@@ -194,7 +194,10 @@ class NumpyDevice:
     """A FusedAssigns that runs these in-place elementwise updates of one shape (consecutive
     in a jit plan) as one compiled loop, or None where cloops.render_fused does not cover them
     or there is no compiler. in_maps, in_dtypes: see render_fused; targets: the buffers written."""
-    if not cloops.compiler.available or not all(b.device is self and b.data is not None and b.data.flags.writeable for b in targets): return None
+    from minift import device
+    def writable(b):   # a page on disk comes back as a fresh array
+      return b.device is self and ((b.data is not None and b.data.flags.writeable) or device.is_paged(b))
+    if not cloops.compiler.available or not all(map(writable, targets)): return None
     try: name, src, outer = cloops.render_fused(kernels, in_maps, in_dtypes)
     except cloops.Unsupported: return None
     if cloops.compiler.get(name) is None: cloops.compiler.build({name: src})
