@@ -324,7 +324,6 @@ class Renderer:
     lines += ["  " * (len(kept) - g - 1) + "}" for g in range(len(kept))]
     return f"void {name}({', '.join(args)}) {{\n  " + "\n  ".join(body + lines) + "\n}\n"
 
-
   def render_chunked(self, name, args, body, red, loop, store):
     """A reduction to one value in chunks(): a call with lo >= 0 writes the partial results of
     chunks [lo, hi) to part (a sum; or a max and whether a NaN was seen); one with lo < 0 adds
