@@ -9,7 +9,7 @@ import ctypes, itertools, os, time
 from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 from numpy.lib.stride_tricks import as_strided
-from minift.device import Buffer
+from minift.device import Buffer, is_paged
 from minift.dtype import dtypes
 from minift.lazy import Op
 from minift.schedule import matmul_axes
@@ -194,9 +194,8 @@ class NumpyDevice:
     """A FusedAssigns that runs these in-place elementwise updates of one shape (consecutive
     in a jit plan) as one compiled loop, or None where cloops.render_fused does not cover them
     or there is no compiler. in_maps, in_dtypes: see render_fused; targets: the buffers written."""
-    from minift import device
     def writable(b):   # a page on disk comes back as a fresh array
-      return b.device is self and ((b.data is not None and b.data.flags.writeable) or device.is_paged(b))
+      return b.device is self and ((b.data is not None and b.data.flags.writeable) or is_paged(b))
     if not cloops.compiler.available or not all(map(writable, targets)): return None
     try: name, src, outer = cloops.render_fused(kernels, in_maps, in_dtypes)
     except cloops.Unsupported: return None
@@ -216,12 +215,13 @@ class NumpyDevice:
         fn = kernel._c_fn = cloops.compiler.get(kernel._c_name)
         if fn is not None: fn.argtypes = [ctypes.c_void_p] * (len(ins) + 1 + (kernel.kind == "matmul") + bool(kernel._c_chunks)) + [ctypes.c_long] * 2
     if fn: return self.run_c(kernel, fn, flats, assign_out)
-    if kernel.kind == "scatter_add" and assign_out is not None and assign_out.data.flags.writeable:   # onto its third operand's buffer, in place (jit._donated)
-      g, idx = (view_array(flats[n.arg[0]], n.arg[1]) for n in kernel.ast.srcs[:2])
-      np.add.at(assign_out.data.reshape(kernel.shape), idx.reshape(-1), g.reshape(-1, kernel.shape[-1]))
-      return assign_out
+    if kernel.kind == "scatter_add" and assign_out is not None:   # onto its third operand's buffer, in place (jit._donated)
+      if assign_out.data.flags.writeable:
+        g, idx = (view_array(flats[n.arg[0]], n.arg[1]) for n in kernel.ast.srcs[:2])
+        np.add.at(assign_out.data.reshape(kernel.shape), idx.reshape(-1), g.reshape(-1, kernel.shape[-1]))
+        return assign_out
+      assign_out = None   # a read-only buffer: onto a copy of it after all
     if kernel.kind in ("attention", "attention_backward"): return self.alloc_from(self.attention(kernel, flats))
-    if kernel.kind == "scatter_add": assign_out = None   # onto a read-only buffer: a copy of it after all
     with np.errstate(all="ignore"):
       if kernel.kind == "rand":
         seed, counter = rand_key
@@ -259,12 +259,12 @@ class NumpyDevice:
     in_place = assign_out is not None and _reads_only_its_own_elements(kernel)
     if in_place: out = assign_out.data
     elif out is None: out = np.empty(prod(kernel.shape), kernel.dtype.np)
+    args = [f.ctypes.data for f in flats] + extra
     if kernel._c_chunks:   # a reduction to one value: partial sums in parts, then added up in order
       part = np.empty(2 * kernel._c_chunks, np.float64)
-      args = [f.ctypes.data for f in flats] + extra + [part.ctypes.data]
-      call_in_parts(fn, out, args, *kernel._c_split)
-      fn(out.ctypes.data, *args, -1, 0)
-    else: call_in_parts(fn, out, [f.ctypes.data for f in flats] + extra, *kernel._c_split)
+      args.append(part.ctypes.data)
+    call_in_parts(fn, out, args, *kernel._c_split)
+    if kernel._c_chunks: fn(out.ctypes.data, *args, -1, 0)
     if in_place: return assign_out
     if assign_out is not None:
       assign_out.data[...] = out

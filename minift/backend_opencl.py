@@ -375,7 +375,8 @@ class OpenCLDevice:
       cl.enqueue_fill_buffer(self.queue, self._err, np.int32(0), 0, 4)
       args.append(self._err)
     if plan.rendered.notes.get("zero_fill"): cl.enqueue_fill_buffer(self.queue, out.data, np.uint8(0), 0, out.nbytes)
-    if "fill_from" in plan.rendered.notes and ins[plan.rendered.notes["fill_from"]] is not out: cl.enqueue_copy(self.queue, out.data, ins[plan.rendered.notes["fill_from"]].data, byte_count=out.nbytes)
+    onto = ins[plan.rendered.notes["fill_from"]] if "fill_from" in plan.rendered.notes else out   # out itself: scattered in place (jit._donated)
+    if onto is not out: cl.enqueue_copy(self.queue, out.data, onto.data, byte_count=out.nbytes)
     self._launch(plan.clk, plan.global_size, plan.local_size, args)
     if "err" in extra: self._check_index_error(kernel, ins)
     if assign_out is not None and not in_place:   # the kernel read the target: write it afterwards

@@ -302,13 +302,8 @@ class Renderer:
       self.lines = []
       src = self.value(r.srcs[0], kept + red)
       inner = self.lines
-      if r.op is Op.SUM:
-        lines += [indent + "double acc = 0.0;"]
-        update, pragma = [f"acc += (double)({src});"], "#pragma omp simd reduction(+:acc)"
-      else:
-        lines += [indent + "float acc = -INFINITY; int anynan = 0;"]
-        update = ["const float x = " + src + ";", "acc = acc > x ? acc : x;", "anynan |= x != x;"]
-        pragma = "#pragma omp simd reduction(max:acc) reduction(|:anynan)"
+      lines.append(indent + ACC_START[r.op])
+      update, pragma = _accumulate(r.op, src), ACC_PRAGMA[r.op]
       rindent = indent
       for g, (var, group) in enumerate(red):
         if g == len(red) - 1: lines.append(rindent + pragma)
@@ -334,16 +329,15 @@ class Renderer:
     self.lines = []
     src = self.value(r.srcs[0], red)
     inner = self.lines
+    start, update, pragma = ACC_START[r.op], _accumulate(r.op, src), ACC_PRAGMA[r.op]
     if r.op is Op.SUM:
-      combine = ["double acc = 0.0;", f"for (long c = 0; c < {count}; c++) acc += part[c];"]
-      start, update, pragma, finish = "double acc = 0.0;", [f"acc += (double)({src});"], "#pragma omp simd reduction(+:acc)", "part[c] = acc;"
+      combine = [start, f"for (long c = 0; c < {count}; c++) acc += part[c];"]
+      finish = "part[c] = acc;"
       self.reduced_value = "((float)acc)"
     else:
-      combine = ["float acc = -INFINITY; int anynan = 0;",
-                 f"for (long c = 0; c < {count}; c++) {{ const float x = (float)part[2 * c]; acc = acc > x ? acc : x; anynan |= part[2 * c + 1] != 0.0; }}",
+      combine = [start, f"for (long c = 0; c < {count}; c++) {{ const float x = (float)part[2 * c]; acc = acc > x ? acc : x; anynan |= part[2 * c + 1] != 0.0; }}",
                  "if (anynan) acc = NAN;"]
-      start, update = "float acc = -INFINITY; int anynan = 0;", ["const float x = " + src + ";", "acc = acc > x ? acc : x;", "anynan |= x != x;"]
-      pragma, finish = "#pragma omp simd reduction(max:acc) reduction(|:anynan)", "part[2 * c] = acc; part[2 * c + 1] = anynan;"
+      finish = "part[2 * c] = acc; part[2 * c + 1] = anynan;"
       self.reduced_value = "acc"
     lines = [f"for (long c = lo; c < hi; c++) {{", "  " + start]
     indent = "  "
@@ -376,13 +370,12 @@ class Renderer:
     self.lines = []
     src = self.value(r.srcs[0], kept + red)
     inner = self.lines
+    update = _accumulate(r.op, src, f"[{col} - cb]")
     if r.op is Op.SUM:
       lines.append(indent + f"double acc[{COLUMNS}]; for (long c = 0; c < {COLUMNS}; c++) acc[c] = 0.0;")
-      update = [f"acc[{col} - cb] += (double)({src});"]
       self.reduced_value = f"((float)acc[{col} - cb])"
     else:
       lines.append(indent + f"float acc[{COLUMNS}]; int anynan[{COLUMNS}]; for (long c = 0; c < {COLUMNS}; c++) {{ acc[c] = -INFINITY; anynan[c] = 0; }}")
-      update = ["const float x = " + src + ";", f"acc[{col} - cb] = acc[{col} - cb] > x ? acc[{col} - cb] : x;", f"anynan[{col} - cb] |= x != x;"]
       self.reduced_value = f"(anynan[{col} - cb] ? NAN : acc[{col} - cb])"
     rindent = indent
     for var, grp in red:
@@ -396,6 +389,18 @@ class Renderer:
     lines += [indent + f"for (long {col} = cb; {col} < ce; {col}++) {{"] + [indent + "  " + s for s in self.lines + [store(value)]] + [indent + "}"]
     lines += ["  " * (len(kept) - g - 1) + "}" for g in range(len(kept))]
     return f"void {name}({', '.join(args)}) {{\n  " + "\n  ".join(body + lines) + "\n}\n"
+
+
+def _accumulate(op, src, at=""):
+  """The C that a reduction loop runs per element src: a sum into double acc, or a max into
+  float acc that notes a NaN in anynan (NumPy's max propagates NaN). at: an index for the
+  per-column accumulators of a reduction over leading axes."""
+  if op is Op.SUM: return [f"acc{at} += (double)({src});"]
+  return ["const float x = " + src + ";", f"acc{at} = acc{at} > x ? acc{at} : x;", f"anynan{at} |= x != x;"]
+
+
+ACC_START = {Op.SUM: "double acc = 0.0;", Op.RMAX: "float acc = -INFINITY; int anynan = 0;"}
+ACC_PRAGMA = {Op.SUM: "#pragma omp simd reduction(+:acc)", Op.RMAX: "#pragma omp simd reduction(max:acc) reduction(|:anynan)"}
 
 
 def _unsqueezed(view, shape):

@@ -168,14 +168,13 @@ def _fuse_assigns(items):
           if s[0] == r[0] and (s[1] is r[1] if r[0] == "buf" else s[1] == r[1]): return i
         shared.append(r)
         return len(shared) - 1
-      group = [item[0] for item in items[n:end]]
-      maps = [[index(r) for r in item[2]] for item in items[n:end]]
+      run = items[n:end]
+      maps = [[index(r) for r in item[2]] for item in run]
       dtypes = [None] * len(shared)
-      for k, m in zip(group, maps):
+      for (k, *_), m in zip(run, maps):
         for node in k._nodes():
           if node.op is Op.BUFFER: dtypes[m[node.arg[0]]] = node.dtype
-      targets = [items[n + j][1][1] for j in range(len(group))]
-      if None not in dtypes: fused = fuse(group, maps, dtypes, targets)
+      if None not in dtypes: fused = fuse([item[0] for item in run], maps, dtypes, [item[1][1] for item in run])
     if fused is None:
       out.append(first)
       n += 1

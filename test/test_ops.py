@@ -822,7 +822,8 @@ class TestNN:
         np.testing.assert_allclose(out[0].numpy(), want, atol=1e-6)
         if keep == "returned": np.testing.assert_allclose(out[1].numpy(), 2 * w, atol=1e-6)
         if keep == "read_later": np.testing.assert_allclose(out[1].numpy(), 6 * w, atol=1e-6)
-      assert bool(jitted.plan["donated"]) == (keep == "dead") or keep == "read_later", keep
+      if keep != "read_later":   # (read later: donated only where the scatter happens to run after that read)
+        assert bool(jitted.plan["donated"]) == (keep == "dead"), keep
 
   @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
   @pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
