@@ -11,18 +11,25 @@ the tier kernels read (least-recently-used pages move down a tier when a budget 
 exceeded) and pinned until the kernel is done. A kernel that writes a page (an optimizer
 update) makes its disk copy stale, so evicting it writes it back; clean pages are dropped.
 
+On Linux a page of at least Sharder.map_from bytes that the NumPy backend reads, once written,
+is then paged through a shared mapping of its shard file: evicting it drops its memory pages
+from this process (the kernel keeps them in its page cache and writes them back in its own
+time), and loading it maps them again: no read, no write, no fresh memory per move.
+
 Budgets hold at every moment: bytes are reserved before anything is read or copied, and
 `peak` records the most each tier ever held. Prefetch: the scheduler also hands over the
 kernels that come next, and the operating system is asked to read the disk pages they need
 in the background while the current kernel computes (forward: the next layer; backward: the
 one before), so loading them is a copy from the page cache.
 """
-import atexit, itertools, math, os, shutil, tempfile, weakref
+import atexit, itertools, math, mmap, os, shutil, sys, tempfile, weakref
 import numpy as np
 from minift import device as _device
 from minift.dtype import dtypes
 
 MB = 2 ** 20
+MAPPABLE = sys.platform.startswith("linux") and hasattr(mmap, "MADV_DONTNEED")   # elsewhere DONTNEED may keep the pages resident
+MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)   # Linux 5.14+; Python 3.11's mmap lacks the name
 
 
 def size(nbytes):
@@ -36,13 +43,14 @@ class ShardError(RuntimeError):
 
 class Page:
   __slots__ = ("ref", "name", "nbytes", "np_dtype", "top", "tier", "host", "source", "file", "disk_valid",
-               "kind", "last_use", "pins", "advised", "__weakref__")
+               "kind", "last_use", "pins", "advised", "mapping", "mapped", "__weakref__")
 
   def __init__(self, buf, name, kind, source):
     self.ref, self.name, self.nbytes, self.kind = weakref.ref(buf), name, buf.nbytes, kind   # kind: frozen, trainable, optimizer, gradient
     self.np_dtype = np.uint8 if buf.dtype is dtypes.bool else buf.dtype.np
     self.top = "ram" if buf.device.name == "numpy" else "gpu"   # the tier kernels read
     self.tier, self.host, self.file, self.last_use, self.pins, self.advised = self.top, None, None, 0, 0, False
+    self.mapping = self.mapped = None   # a shared mmap of the shard file and the flat array over it
     self.source = source          # (path, byte offset) of a read-only file holding exactly these bytes
     self.disk_valid = source is not None
 
@@ -75,7 +83,11 @@ class Sharder:
   prefetch: have the OS read upcoming pages ahead (posix_fadvise WILLNEED). optimizer_only:
   page just the optimizer's state; weights and gradients stay in memory and nothing is split.
   A full fine-tune's Adam moments are twice the weights and only the update reads them, so
-  paging them costs a read and a write of each per step and nothing in forward or backward."""
+  paging them costs a read and a write of each per step and nothing in forward or backward
+  (through a mapping: neither, see the module's docstring)."""
+
+  map_from = MB      # pages this large go through a mapping of their file (tests lower it)
+  max_mapped = 512   # each mapping holds a file descriptor (1024 is a common limit); more pages are copied
 
   def __init__(self, ram_budget_mb=None, gpu_budget_mb=None, directory=None, fp16_disk=False, fp16_trainable=False,
                prefetch=True, trace=False, optimizer_only=False):
@@ -98,6 +110,7 @@ class Sharder:
     self.prefetch = prefetch and hasattr(os, "posix_fadvise")
     self._scanned = (-1, -1)   # (moves, clock) at the last prefetch scan
     self._file_ids = itertools.count()
+    self._mapped = 0
     self._closed = False
     atexit.register(self.close, restore=False)
     _device.sharder = self
@@ -115,6 +128,7 @@ class Sharder:
     for page in list(self.pages.values()) if restore else ():
       buf = page.ref()
       if buf is not None and page.tier != page.top: self._restore(page, buf)
+      if buf is not None and page.mapped is not None and buf.data is page.mapped: buf.data = np.array(page.mapped)   # off the file removed below
     self.pages.clear()
     shutil.rmtree(self.dir, ignore_errors=True)
 
@@ -146,6 +160,10 @@ class Sharder:
       self._make_room(page.top, page.nbytes, protect=(page,))
       self.used[page.top] += page.nbytes
       self._note("manage", page)
+      if self._mappable(page):   # onto its file now: the memory it leaves is reused long before any peak
+        self._write(page, buf.data)
+        self._map(page)
+        buf.data = page.mapped
     return page
 
   def adopt(self, model, name):
@@ -206,6 +224,7 @@ class Sharder:
     if page is None or self.pages.get(key) is not page: return
     del self.pages[key]
     if page.tier != "disk": self.used[page.tier] -= page.nbytes
+    if page.mapping is not None: self._mapped -= 1
     if page.file:
       try: os.unlink(page.file)
       except OSError: pass
@@ -280,7 +299,12 @@ class Sharder:
       self.used["gpu"] -= page.nbytes
     else:
       data = page.host if page.top == "gpu" else buf.data
-      if not page.disk_valid: self._write(page, data)
+      if page.mapped is not None and data is page.mapped:   # its bytes are the file's already
+        page.mapping.madvise(mmap.MADV_DONTNEED)             # out of this process; kept in the page cache
+        page.disk_valid = True
+      else:
+        if not page.disk_valid: self._write(page, data)
+        if page.mapping is None and self._mappable(page): self._map(page)
       if page.top == "gpu": page.host = None
       else: buf.data = None
       page.tier = "disk"
@@ -291,7 +315,7 @@ class Sharder:
   def _write(self, page, data):
     """Write page's bytes to its shard file. On failure the data stays where it is."""
     path = page.file or os.path.join(self.dir, f"{next(self._file_ids)}.bin")
-    half = page.np_dtype == np.float32 and ((self.fp16_disk and page.kind == "frozen") or (self.fp16_trainable and page.kind == "trainable"))
+    half = self._half(page) and page.mapping is None   # (a mapped file keeps its size)
     nbytes = page.nbytes // (2 if half else 1)
     try:
       # over the old bytes when the file has its size: truncating and writing anew makes the
@@ -308,6 +332,20 @@ class Sharder:
     self.stats["writes"] += 1
     self.stats["bytes_written"] += nbytes
 
+  def _half(self, page):
+    return page.np_dtype == np.float32 and ((self.fp16_disk and page.kind == "frozen") or (self.fp16_trainable and page.kind == "trainable"))
+
+  def _mappable(self, page):
+    """Whether page can go through a mapping of its file (a float16 file is read and converted)."""
+    return (MAPPABLE and page.top == "ram" and page.source is None and page.nbytes >= max(self.map_from, 1) and self._mapped < self.max_mapped
+            and not self._half(page))   # (a weight file's bytes are read, never written)
+
+  def _map(self, page):
+    """Page a page through a shared mapping of its file, written just before."""
+    with open(page.file, "r+b") as f: page.mapping = mmap.mmap(f.fileno(), page.nbytes)
+    page.mapped = np.frombuffer(page.mapping, page.np_dtype)
+    self._mapped += 1
+
   def _read_page(self, page):
     """The page's bytes as a flat NumPy array."""
     count = page.nbytes // np.dtype(page.np_dtype).itemsize
@@ -321,13 +359,18 @@ class Sharder:
     if page.tier == "disk":
       self._make_room("ram", page.nbytes, protect)
       self.used["ram"] += page.nbytes
-      try:
-        data = self._read_page(page)
-      except BaseException:
-        self.used["ram"] -= page.nbytes
-        raise
+      if page.mapped is not None:
+        data = page.mapped
+        try: page.mapping.madvise(MADV_POPULATE_WRITE)   # one call maps every page, instead of a fault each
+        except OSError: pass                             # (older kernels: the faults happen as it is read)
+      else:
+        try:
+          data = self._read_page(page)
+        except BaseException:
+          self.used["ram"] -= page.nbytes
+          raise
+        self.stats["bytes_read"] += page.nbytes
       self.stats["loads"] += 1
-      self.stats["bytes_read"] += page.nbytes
       page.advised = False
       if page.top == "gpu": page.host = data
       else: buf.data = data

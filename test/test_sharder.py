@@ -53,9 +53,18 @@ def assert_bounded(sh):
   assert sh.stats["evictions"] > 0 and sh.stats["loads"] > 0
 
 
+def through_mappings(monkeypatch, mapped):
+  """Page every page (mapped) or none (copied) through a mapping of its file: by default only
+  pages of a MiB or more are, and the tiny models here have none."""
+  if mapped and not sharder_module.MAPPABLE: pytest.fail("mapped pages: this platform has no MADV_DONTNEED for shared mappings")
+  monkeypatch.setattr(Sharder, "map_from", 1 if mapped else float("inf"))
+
+
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])
 @pytest.mark.parametrize("full_ft", [False, True], ids=["lora", "full"])
-def test_sharded_training_is_exact_and_within_budget(tiny, kind, full_ft):
+@pytest.mark.parametrize("mapped", [False, True], ids=["copied", "mapped"])
+def test_sharded_training_is_exact_and_within_budget(tiny, kind, full_ft, mapped, monkeypatch):
+  through_mappings(monkeypatch, mapped)
   ref_losses, ref_final, _ = train(tiny[kind], tiny["text"], kind, full_ft)
   budget = {("llama", False): 20, ("gpt2", False): 40, ("llama", True): 40, ("gpt2", True): 64}[kind, full_ft] * KB   # fits one kernel's pages
   with Sharder(ram_budget_mb=budget, trace=True) as sh:
@@ -65,6 +74,7 @@ def test_sharded_training_is_exact_and_within_budget(tiny, kind, full_ft):
     if full_ft:
       assert sh.stats["writes"] > 0    # trainable state went to disk and came back
       assert any(p.kind == "gradient" and p.file for p in sh.pages.values())   # so did gradients
+    assert any(p.mapping is not None for p in sh.pages.values()) == mapped
   np.testing.assert_array_equal(losses, ref_losses)
   assert ref_final.keys() == final.keys()
   for k in ref_final: np.testing.assert_array_equal(final[k], ref_final[k], err_msg=k)
@@ -172,10 +182,13 @@ def test_bad_shard_dir_and_budgets(tmp_path):
 
 
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])
-def test_paging_only_optimizer_moments_is_exact(tiny, kind):
+@pytest.mark.parametrize("mapped", [False, True], ids=["copied", "mapped"])
+def test_paging_only_optimizer_moments_is_exact(tiny, kind, mapped, monkeypatch):
   """Full fine-tuning with only Adam's moments paged: the same bits as in memory, within the
   budget, weights and gradients never paged, and each moment written back to its one file again
-  and again."""
+  and again (mapped: written once, when it is made, then read and written in place through its
+  mapping)."""
+  through_mappings(monkeypatch, mapped)
   ref_losses, ref_final, _ = train(tiny[kind], tiny["text"], kind, full_ft=True)
   model, _ = models.load(tiny[kind], with_tokenizer=False)
   largest = max(t.numpy().nbytes for t in model.parameters())
@@ -185,12 +198,43 @@ def test_paging_only_optimizer_moments_is_exact(tiny, kind):
     assert {p.kind for p in sh.pages.values()} == {"optimizer"}
     assert sum(p.nbytes for p in sh.pages.values()) > 2 * sh.budget["ram"]
     files = {p.file for p in sh.pages.values() if p.file}
-    assert sh.stats["writes"] > len(files)   # pages went out more than once, each to its own file
+    if mapped: assert sh.stats["writes"] == len(files) == len(sh.pages) and sh.stats["bytes_read"] == 0 and sh.stats["evictions"] > 2 * len(files)
+    else: assert sh.stats["writes"] > len(files)   # pages went out more than once, each to its own file
   np.testing.assert_array_equal(losses, ref_losses)
   for k in ref_final: np.testing.assert_array_equal(final[k], ref_final[k], err_msg=k)
   with Sharder(ram_budget_mb=largest / 2**20, optimizer_only=True) as sh:   # a weight's two moments cannot fit together
     with pytest.raises(ShardError, match=r"optimizer update of .* reads its 2 moments .* raise --shard_budget_mb to at least"):
       train(tiny[kind], tiny["text"], kind, full_ft=True, sharder=sh)
+
+
+def _rss_file_kb():
+  with open("/proc/self/status") as f: return next(int(l.split()[1]) for l in f if l.startswith("RssFile:"))
+
+
+def test_mapped_pages_leave_memory_and_keep_their_bytes_in_the_file(tmp_path):
+  """A large page goes through a shared mapping of its file: evicted, its memory leaves this
+  process (the budget is what it really holds); what kernels wrote is in the file without a
+  write; closing brings it back as an ordinary array before the file is removed."""
+  if not sharder_module.MAPPABLE: pytest.fail("this platform has no MADV_DONTNEED for shared mappings")
+  rng = np.random.default_rng(0)
+  values = [rng.standard_normal((1024, 1024)).astype(np.float32) for _ in range(3)]   # 4 MiB each
+  with Sharder(ram_budget_mb=9, directory=str(tmp_path)) as sh:   # two of them at a time
+    ts = [Tensor(v.copy(), requires_grad=True) for v in values]
+    pages = [sh.manage(t, f"w{i}") for i, t in enumerate(ts)]
+    assert all(p.mapping is not None and p.file for p in pages) and sh.stats["writes"] == 3
+    for t in ts: t.assign(t * 2).realize()   # a kernel writes each in place: loads it, evicting another
+    resident = _rss_file_kb()
+    page = next(p for p in pages if p.tier == "ram")
+    sh._evict(page)
+    assert resident - _rss_file_kb() > 3.9 * 1024   # its 4 MiB left this process
+    np.testing.assert_array_equal(np.fromfile(page.file, np.float32), 2 * values[pages.index(page)].reshape(-1))   # written through
+    assert sh.stats["writes"] == 3 and sh.stats["bytes_read"] == 0
+    for t, v in zip(ts, values): np.testing.assert_array_equal(t.numpy(), 2 * v)
+  assert not os.listdir(tmp_path)
+  for t, v in zip(ts, values):
+    buf = t.lazydata.base.buffer
+    assert not isinstance(buf.data.base, type(pages[0].mapping))   # off the removed file
+    np.testing.assert_array_equal(t.numpy(), 2 * v)
 
 
 def test_split_embedding_and_pieces_cross_entropy_match_whole():
