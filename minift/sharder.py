@@ -101,7 +101,7 @@ class Sharder:
     self.trace = [] if trace else None          # (event, page name, gpu bytes, ram bytes) after every change
     self.fp16_disk, self.fp16_trainable, self.optimizer_only = fp16_disk, fp16_trainable, optimizer_only
     self.pages, self.clock, self.moves = {}, 0, 0   # moves: pages loaded, evicted or prefetched so far
-    self.stats = {"loads": 0, "evictions": 0, "writes": 0, "bytes_read": 0, "bytes_written": 0, "prefetched": 0}
+    self.stats = {"loads": 0, "evictions": 0, "writes": 0, "bytes_read": 0, "bytes_written": 0, "bytes_mapped": 0, "prefetched": 0}
     parent = directory or tempfile.gettempdir()
     try:
       os.makedirs(parent, exist_ok=True)
@@ -364,6 +364,7 @@ class Sharder:
         data = page.mapped
         try: page.mapping.madvise(MADV_POPULATE_WRITE)   # one call maps every page, instead of a fault each
         except OSError: pass                             # (older kernels: the faults happen as it is read)
+        self.stats["bytes_mapped"] += page.nbytes
       else:
         try:
           data = self._read_page(page)

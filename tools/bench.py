@@ -372,7 +372,8 @@ def bench_shard(rows, device, repeat):
     rows.append(dict(task="shard", shape=name, budget_mb=budget, peak_rss_mb=r["peak_rss_mb"], step_s=r["step_s"],
                      rss_vs_unsharded=r["peak_rss_mb"] / ref["peak_rss_mb"], time_vs_unsharded=r["step_s"] / ref["step_s"], sharder=r["stats"]))
     print(f"{'shard':<12} {name:<22} budget {str(budget or '-'):>4} MB   peak RSS {r['peak_rss_mb']:6.0f} MB ({r['peak_rss_mb'] / ref['peak_rss_mb']:4.2f}x)"
-          f"   step {r['step_s']:6.2f} s ({r['step_s'] / ref['step_s']:4.2f}x)   {r['stats'].get('bytes_read', 0) / 2**20 / (max(repeat, 3) + 2):6.0f} MB read/step", flush=True)
+          f"   step {r['step_s']:6.2f} s ({r['step_s'] / ref['step_s']:4.2f}x)   {r['stats'].get('bytes_read', 0) / 2**20 / (max(repeat, 3) + 2):6.0f} MB read/step"
+          f"   {r['stats'].get('bytes_mapped', 0) / 2**20 / (max(repeat, 3) + 2):6.0f} MB mapped/step", flush=True)
 
 
 TASKS = {"matmul": bench_matmul, "elementwise": bench_elementwise, "softmax": bench_softmax_layernorm,
