@@ -164,7 +164,7 @@ class Sharder:
       if self._mappable(page):   # onto its file now: the memory it leaves is reused long before any peak
         self._write(page, buf.data)
         self._map(page)
-        buf.data = page.mapped
+        if page.mapped is not None: buf.data = page.mapped
     return page
 
   def adopt(self, model, name):
@@ -342,8 +342,12 @@ class Sharder:
             and not self._half(page))   # (a weight file's bytes are read, never written)
 
   def _map(self, page):
-    """Page a page through a shared mapping of its file, written just before."""
-    with open(page.file, "r+b") as f: page.mapping = mmap.mmap(f.fileno(), page.nbytes)
+    """Page a page through a shared mapping of its file, written just before. Where the file
+    system cannot map it (or file descriptors run out) the page stays one that is copied."""
+    try:
+      with open(page.file, "r+b") as f: page.mapping = mmap.mmap(f.fileno(), page.nbytes)
+    except (OSError, ValueError):
+      return
     page.mapped = np.frombuffer(page.mapping, page.np_dtype)
     self._mapped += 1
 

@@ -237,6 +237,22 @@ def test_mapped_pages_leave_memory_and_keep_their_bytes_in_the_file(tmp_path):
     np.testing.assert_array_equal(t.numpy(), 2 * v)
 
 
+def test_a_file_system_that_cannot_map_pages_gets_them_copied(tmp_path, monkeypatch):
+  class NoMappings:   # mmap as on a file system without shared mappings
+    MADV_DONTNEED = 4
+    @staticmethod
+    def mmap(*args, **kwargs): raise OSError(errno.ENODEV, "No such device")
+  monkeypatch.setattr(sharder_module, "mmap", NoMappings)
+  rng = np.random.default_rng(0)
+  values = [rng.standard_normal((1024, 1024)).astype(np.float32) for _ in range(3)]
+  with Sharder(ram_budget_mb=9, directory=str(tmp_path)) as sh:
+    ts = [Tensor(v.copy(), requires_grad=True) for v in values]
+    pages = [sh.manage(t, f"w{i}") for i, t in enumerate(ts)]
+    for t in ts: t.assign(t * 2).realize()
+    assert all(p.mapping is None for p in pages) and sh.stats["bytes_read"] > 0 and sh.stats["bytes_mapped"] == 0
+    for t, v in zip(ts, values): np.testing.assert_array_equal(t.numpy(), 2 * v)
+
+
 def test_split_embedding_and_pieces_cross_entropy_match_whole():
   rng = np.random.default_rng(0)
   table = rng.standard_normal((50, 16)).astype(np.float32)
