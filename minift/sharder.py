@@ -305,7 +305,7 @@ class Sharder:
         page.disk_valid = True
       else:
         if not page.disk_valid: self._write(page, data)
-        if page.mapping is None and self._mappable(page): self._map(page)
+        if self._mappable(page): self._map(page)
       if page.top == "gpu": page.host = None
       else: buf.data = None
       page.tier = "disk"
@@ -337,9 +337,10 @@ class Sharder:
     return page.np_dtype == np.float32 and ((self.fp16_disk and page.kind == "frozen") or (self.fp16_trainable and page.kind == "trainable"))
 
   def _mappable(self, page):
-    """Whether page can go through a mapping of its file (a float16 file is read and converted)."""
-    return (MAPPABLE and page.top == "ram" and page.source is None and page.nbytes >= max(self.map_from, 1) and self._mapped < self.max_mapped
-            and not self._half(page))   # (a weight file's bytes are read, never written)
+    """Whether page, not mapped yet, can go through a mapping of its shard file: not a weight read
+    from its own file (never written), not one kept as float16 on disk (read and converted)."""
+    return (MAPPABLE and page.mapping is None and page.top == "ram" and page.source is None and not self._half(page)
+            and page.nbytes >= max(self.map_from, 1) and self._mapped < self.max_mapped)
 
   def _map(self, page):
     """Page a page through a shared mapping of its file, written just before. Where the file
@@ -395,9 +396,10 @@ class Sharder:
   def _prefetch(self, upcoming, current):
     """Ask the kernel to read ahead the file ranges of the disk pages the next kernels need, as
     far ahead as the RAM budget reaches, within the next `lookahead` kernels (walking every kernel
-    left, when few touch a page, cost 0.1 s a step in a full step paging only its moments). The read happens in the background without a thread of
-    ours (a reader thread competing with BLAS for the cores slowed matmuls 2x on a 2-core
-    machine); the load itself is then a copy from the page cache."""
+    left, when few touch a page, cost 0.1 s a step in a full step paging only its moments). The
+    read happens in the background without a thread of ours (a reader thread competing with BLAS
+    for the cores slowed matmuls 2x on a 2-core machine); the load itself is then a copy from the
+    page cache."""
     ahead, seen = 0, set(current)
     for bufs in itertools.islice(upcoming(), self.lookahead):
       for buf in bufs:

@@ -211,18 +211,27 @@ def _rss_file_kb():
   with open("/proc/self/status") as f: return next(int(l.split()[1]) for l in f if l.startswith("RssFile:"))
 
 
+def three_doubled_pages(sh):
+  """Three 4 MiB tensors managed by sh (a 9 MiB budget holds two), each doubled in place by a
+  kernel: loading one evicts another. Returns the tensors, their values before, their pages and
+  the writes made while managing them."""
+  rng = np.random.default_rng(0)
+  values = [rng.standard_normal((1024, 1024)).astype(np.float32) for _ in range(3)]
+  ts = [Tensor(v.copy(), requires_grad=True) for v in values]
+  pages = [sh.manage(t, f"w{i}") for i, t in enumerate(ts)]
+  written = sh.stats["writes"]
+  for t in ts: t.assign(t * 2).realize()
+  return ts, values, pages, written
+
+
 def test_mapped_pages_leave_memory_and_keep_their_bytes_in_the_file(tmp_path):
   """A large page goes through a shared mapping of its file: evicted, its memory leaves this
   process (the budget is what it really holds); what kernels wrote is in the file without a
   write; closing brings it back as an ordinary array before the file is removed."""
   if not sharder_module.MAPPABLE: pytest.fail("this platform has no MADV_DONTNEED for shared mappings")
-  rng = np.random.default_rng(0)
-  values = [rng.standard_normal((1024, 1024)).astype(np.float32) for _ in range(3)]   # 4 MiB each
-  with Sharder(ram_budget_mb=9, directory=str(tmp_path)) as sh:   # two of them at a time
-    ts = [Tensor(v.copy(), requires_grad=True) for v in values]
-    pages = [sh.manage(t, f"w{i}") for i, t in enumerate(ts)]
-    assert all(p.mapping is not None and p.file for p in pages) and sh.stats["writes"] == 3
-    for t in ts: t.assign(t * 2).realize()   # a kernel writes each in place: loads it, evicting another
+  with Sharder(ram_budget_mb=9, directory=str(tmp_path)) as sh:
+    ts, values, pages, written = three_doubled_pages(sh)
+    assert all(p.mapping is not None and p.file for p in pages) and written == 3   # each written when managed
     resident = _rss_file_kb()
     page = next(p for p in pages if p.tier == "ram")
     sh._evict(page)
@@ -243,12 +252,8 @@ def test_a_file_system_that_cannot_map_pages_gets_them_copied(tmp_path, monkeypa
     @staticmethod
     def mmap(*args, **kwargs): raise OSError(errno.ENODEV, "No such device")
   monkeypatch.setattr(sharder_module, "mmap", NoMappings)
-  rng = np.random.default_rng(0)
-  values = [rng.standard_normal((1024, 1024)).astype(np.float32) for _ in range(3)]
   with Sharder(ram_budget_mb=9, directory=str(tmp_path)) as sh:
-    ts = [Tensor(v.copy(), requires_grad=True) for v in values]
-    pages = [sh.manage(t, f"w{i}") for i, t in enumerate(ts)]
-    for t in ts: t.assign(t * 2).realize()
+    ts, values, pages, _ = three_doubled_pages(sh)
     assert all(p.mapping is None for p in pages) and sh.stats["bytes_read"] > 0 and sh.stats["bytes_mapped"] == 0
     for t, v in zip(ts, values): np.testing.assert_array_equal(t.numpy(), 2 * v)
 

@@ -359,11 +359,11 @@ def bench_shard(rows, device, repeat):
   settings += [("GPT-2 small full FT", "gpt2", True, b) for b in (None, 128)]
   if any("Gemma" in n for n, _ in _real_models()):
     settings += [("Gemma 3 270M LoRA", "gemma", False, b) for b in (None, 512, 256, 128)]
-  base = {}
+  base, steps = {}, max(repeat, 3) + 2
   for name, which, full_ft, budget in settings:
     path = "bench._gpt2_small_folder()" if which == "gpt2" else "[p for n, p in bench._real_models() if 'Gemma' in n][0]"
     code = (f"import sys, json; sys.argv = ['bench']; import bench; "
-            f"print(json.dumps(bench._shard_step({path}, {full_ft}, {budget}, True, {max(repeat, 3) + 2})))")
+            f"print(json.dumps(bench._shard_step({path}, {full_ft}, {budget}, True, {steps})))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=os.path.dirname(os.path.abspath(__file__)))
     if out.returncode: raise SystemExit(f"bench shard {name} budget {budget}: failed\n{out.stderr[-3000:]}")
     r = json.loads(out.stdout.strip().splitlines()[-1])
@@ -371,9 +371,10 @@ def bench_shard(rows, device, repeat):
     ref = base[name]
     rows.append(dict(task="shard", shape=name, budget_mb=budget, peak_rss_mb=r["peak_rss_mb"], step_s=r["step_s"],
                      rss_vs_unsharded=r["peak_rss_mb"] / ref["peak_rss_mb"], time_vs_unsharded=r["step_s"] / ref["step_s"], sharder=r["stats"]))
+    per_step = {k: r["stats"].get(k, 0) / 2**20 / steps for k in ("bytes_read", "bytes_mapped")}
     print(f"{'shard':<12} {name:<22} budget {str(budget or '-'):>4} MB   peak RSS {r['peak_rss_mb']:6.0f} MB ({r['peak_rss_mb'] / ref['peak_rss_mb']:4.2f}x)"
-          f"   step {r['step_s']:6.2f} s ({r['step_s'] / ref['step_s']:4.2f}x)   {r['stats'].get('bytes_read', 0) / 2**20 / (max(repeat, 3) + 2):6.0f} MB read/step"
-          f"   {r['stats'].get('bytes_mapped', 0) / 2**20 / (max(repeat, 3) + 2):6.0f} MB mapped/step", flush=True)
+          f"   step {r['step_s']:6.2f} s ({r['step_s'] / ref['step_s']:4.2f}x)   {per_step['bytes_read']:6.0f} MB read/step"
+          f"   {per_step['bytes_mapped']:6.0f} MB mapped/step", flush=True)
 
 
 TASKS = {"matmul": bench_matmul, "elementwise": bench_elementwise, "softmax": bench_softmax_layernorm,
