@@ -266,7 +266,8 @@ class Renderer:
     out_index = " + ".join(self.index(lambda a: out_strides[a], kept)) or "0"
     args = ["void* out_"] + [f"const void* in{i}" for i in range(len(self.in_dtypes))]
     body = [f"{PTYPE[k.dtype.name]}* out = ({PTYPE[k.dtype.name]}*)out_;"]
-    body += [f"const {PTYPE[d.name]}* p{i} = (const {PTYPE[d.name]}*)in{i};" for i, d in enumerate(self.in_dtypes)]
+    # (an input the loop does not read, such as a float16 weight BLAS multiplied, is left untyped)
+    body += [f"const {PTYPE.get(d.name, 'void')}* p{i} = (const {PTYPE.get(d.name, 'void')}*)in{i};" for i, d in enumerate(self.in_dtypes)]
     if k.kind == "matmul":   # the product, contiguous in the kernel's shape; it may be out itself
       args.append("const float* mm")
       self.reduced_value = f"mm[{out_index}]"
@@ -457,7 +458,7 @@ def render_fused(kernels, in_maps, in_dtypes):
   out_strides = strides_for(shape)
   index = " + ".join(renderers[0].index(lambda a: out_strides[a], kept)) or "0"
   lines += [f"t{c}[{index}] = u{j};" for j, c in enumerate(targets)]
-  body = [f"const {PTYPE[d.name]}* p{i} = (const {PTYPE[d.name]}*)in{i};" for i, d in enumerate(in_dtypes)]
+  body = [f"const {PTYPE.get(d.name, 'void')}* p{i} = (const {PTYPE.get(d.name, 'void')}*)in{i};" for i, d in enumerate(in_dtypes)]
   body += [f"float* t{c} = (float*)in{c};" for c in targets]
   indent = ""
   for g, (var, group) in enumerate(kept):

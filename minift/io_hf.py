@@ -7,7 +7,7 @@ pressure); other dtypes are converted one tensor at a time, so loading never hol
 of the model. Every tensor is checked against the model: a
 missing, unexpected or wrong-shaped one is an error that names it and its file.
 """
-import json, os
+import json, mmap, os
 import numpy as np
 from minift import device
 from minift.tensor import Tensor
@@ -52,6 +52,17 @@ class SafetensorsFile:
     if info["dtype"] == "BF16": arr = (arr.astype(np.uint32) << 16).view(np.float32)
     return arr
 
+  def release(self, name, kept):
+    """Unmap the file pages of tensor `name` once the loader has made its own copy `kept` (another
+    dtype): read for the conversion, they would count in this process's resident memory next to
+    the copy until the file is closed. Nothing is lost: the mapping is read-only, and the OS keeps
+    the pages in its cache. Not while `kept` is still a view of the file."""
+    mm = getattr(self._mmap, "_mmap", None)
+    if mm is None or not hasattr(mm, "madvise") or (isinstance(kept, np.ndarray) and np.may_share_memory(kept, self._mmap)): return
+    begin, end = self.header[name]["data_offsets"]
+    start = (self.start + begin) // mmap.PAGESIZE * mmap.PAGESIZE
+    if self.start + end > start: mm.madvise(mmap.MADV_DONTNEED, start, self.start + end - start)
+
 
 class SafetensorsFolder:
   """All tensors of a model folder: model.safetensors, or the shards an index names."""
@@ -79,6 +90,8 @@ class SafetensorsFolder:
   def file(self, name): return self.where[name]
   def shape(self, name): return self.files[self.where[name]].shape(name)
   def get(self, name): return self.files[self.where[name]].get(name)
+  def get_rows(self, name, start, stop): return self.get(name)[start:stop]   # (a file view for float32: nothing read)
+  def release(self, name, kept): self.files[self.where[name]].release(name, kept)
 
 
 def read_config(folder):
@@ -90,12 +103,20 @@ def read_config(folder):
     except json.JSONDecodeError as e: raise ValueError(f"{path}: not valid JSON ({e})") from None
 
 
+# a vector (a norm, a bias) smaller than this is copied out of the file mapping: reading a few bytes
+# of a mapped file maps the pages around them too (the page cache's large folios: 1-2 MB for each
+# norm vector, measured here), so a model's norms and biases used in place cost far more memory
+# than they hold (SmolLM2's 61 norms of its GGUF: 55 MB)
+COPY_BELOW = 1 << 20
+
+
 def to_tensor(arr, dtype=None):
   """A Tensor over a NumPy array that nothing else holds (a loader's file view or conversion),
   float32 by default; float16 storage when dtype is float16 (for matrices only: vectors such as
-  norms and biases stay float32). No copy when the dtype matches."""
+  norms and biases stay float32). No copy when the dtype matches, but for small vectors."""
   want = np.float16 if dtype is not None and dtypes.from_any(dtype) == dtypes.float16 and arr.ndim >= 2 else np.float32
   if arr.dtype != want: arr = arr.astype(want)
+  elif arr.ndim < 2 and arr.nbytes < COPY_BELOW: arr = np.array(arr)   # a norm or a bias: out of the file mapping (COPY_BELOW)
   arr = arr.view()                # arrays here are fresh conversions or file views that only this Tensor will
   arr.flags.writeable = False     # hold: read-only, the backend keeps them as they are instead of copying
   return Tensor(arr)
@@ -134,6 +155,7 @@ def load_weights(model, source, where, transposed=(), dtype=None, convert=None):
     arr = source.get(key)
     if convert is not None: arr = convert(name, arr)
     t = to_tensor(arr, dtype)
+    if hasattr(source, "release"): source.release(key, t.lazydata.base.buffer.data)   # a copy: its file pages can go
     del arr
     model.set_parameter(name, t.T if name.endswith(tuple(transposed)) else t)
     if device.sharder is not None: device.sharder.adopt(model, name)   # paged as it loads
@@ -142,10 +164,10 @@ def load_weights(model, source, where, transposed=(), dtype=None, convert=None):
 
 def _load_in_pieces(model, source, name, key, dtype):
   """Under a sharder, a vocabulary table larger than its budget is read a row piece at a time
-  from a source that can (GGUF: dequantized piecewise) and each piece paged as it comes, so the
-  whole float32 table (671 MB for Gemma 3) never exists. Returns whether it did so. Vocabulary
-  tables only: they are what outgrows a budget, and no conversion (the Q/K unpermutation,
-  Gemma's norm offset) touches them."""
+  (GGUF: dequantized piecewise; safetensors: rows of the file, converted piecewise to float16)
+  and each piece paged as it comes, so the whole float32 table (671 MB for Gemma 3) never
+  exists. Returns whether it did so. Vocabulary tables only: they are what outgrows a budget,
+  and no conversion (the Q/K unpermutation, Gemma's norm offset) touches them."""
   from minift.nn import Embedding
   mod_path, _, attr = name.rpartition(".")
   mod = model.get_submodule(mod_path)
@@ -157,6 +179,7 @@ def _load_in_pieces(model, source, name, key, dtype):
   pieces = []
   for start in range(0, shape[0], rows):
     pieces.append(to_tensor(source.get_rows(key, start, min(shape[0], start + rows)), dtype))
+    if hasattr(source, "release"): source.release(key, pieces[-1].lazydata.base.buffer.data)   # a copy: its file pages can go
     device.sharder.manage(pieces[-1], f"{mod_path}.weight_pieces.{len(pieces) - 1}")
   delattr(mod, attr)
   mod.weight_pieces = pieces
