@@ -90,7 +90,8 @@ class SafetensorsFolder:
   def file(self, name): return self.where[name]
   def shape(self, name): return self.files[self.where[name]].shape(name)
   def get(self, name): return self.files[self.where[name]].get(name)
-  def get_rows(self, name, start, stop): return self.get(name)[start:stop]   # (a file view for float32: nothing read)
+  def get_rows(self, name, start, stop): return self.get(name)[start:stop]
+  def stored_float32(self, name): return self.files[self.where[name]].header[name]["dtype"] == "F32"
   def release(self, name, kept): self.files[self.where[name]].release(name, kept)
 
 
@@ -164,9 +165,10 @@ def load_weights(model, source, where, transposed=(), dtype=None, convert=None):
 
 def _load_in_pieces(model, source, name, key, dtype):
   """Under a sharder, a vocabulary table larger than its budget is read a row piece at a time
-  (GGUF: dequantized piecewise; safetensors: rows of the file, converted piecewise to float16)
-  and each piece paged as it comes, so the whole float32 table (671 MB for Gemma 3) never
-  exists. Returns whether it did so. Vocabulary tables only: they are what outgrows a budget,
+  (GGUF: dequantized piecewise; safetensors converted to float16 or from another dtype: rows
+  of the file converted piecewise) and each piece paged as it comes, so the whole float32 table
+  (671 MB for Gemma 3) never exists. A float32 safetensors table used as it is stays whole here
+  (a file view costs nothing until read; split_large cuts it into views). Returns whether it did so. Vocabulary tables only: they are what outgrows a budget,
   and no conversion (the Q/K unpermutation, Gemma's norm offset) touches them."""
   from minift.nn import Embedding
   mod_path, _, attr = name.rpartition(".")
@@ -174,6 +176,7 @@ def _load_in_pieces(model, source, name, key, dtype):
   if device.sharder is None or not hasattr(source, "get_rows") or not (isinstance(mod, Embedding) or name == "lm_head.weight"): return False
   shape = tuple(source.shape(key))
   itemsize = 2 if dtype is not None and dtypes.from_any(dtype) == dtypes.float16 else 4
+  if itemsize == 4 and getattr(source, "stored_float32", lambda k: False)(key): return False
   rows = device.sharder.rows_per_piece(shape, itemsize)
   if rows is None: return False
   pieces = []

@@ -42,17 +42,22 @@ MIN_BUDGET_MB = 32        # the smallest sharder budget planned: below it every 
 HALF_BLOCK_BYTES = 8 * MB  # float16 weights are converted to float32 for BLAS this much at a time (backend_numpy.HALF_BLOCK)
 
 # measured constants (see the module docstring)
-PROCESS_MB = 60           # Python, NumPy and OpenBLAS's threads, tokenizers, tqdm, minift and its compiled C loops
+PROCESS_MB = 48           # Python, NumPy and OpenBLAS's threads, tokenizers, tqdm, minift and its compiled C loops
+GRAPH_MB_PER_LINEAR = 0.3 # Python objects of a training step's graph, kept by its capture (jit): per trained Linear
 # a loaded tokenizer (the tokenizers library's tables) and its peak while being built: per entry
 # (vocabulary + merges) of a GGUF byte-level BPE, per vocabulary entry of a GGUF SentencePiece
 # vocabulary (its merges are worked out from the scores), per byte of an HF tokenizer.json
 TOKENIZER_BYTES = {"bpe": (220, 440), "spm": (460, 1200), "json": (20, 26)}
-DATA_KEPT_BYTES = 40      # per token kept: ids, mask, the packed int64 inputs and targets
+DATA_KEPT_BYTES = 250     # per token kept: ids, mask, the packed int64 inputs and targets, and what tokenizing
+                          # leaves in Python's and the tokenizer's allocators (measured: Hamlet in character tokens)
 DATA_PEAK_BYTES = 400     # per token while tokenizing: the tokenizer's encoding, Python lists of ids
 DEQUANT_MB = 32           # the gguf package's temporaries while it dequantizes a tensor (4M values at a time)
-SLACK = 0.15              # memory a step or an evaluation frees that malloc keeps in its arenas rather than
-                          # giving back, and Python's objects for the step's graph: a share of what it makes
+SLACK = 0.05              # memory a step or an evaluation frees that malloc keeps in its arenas rather than
+                          # giving back: a share of what it makes
 FILE_PAGE_SLACK = 0.6     # the same for frozen pages the sharder re-reads from a weight file, as a share of its budget
+# the plan keeps this far below the limit, for what the model misses: the estimates of the runs
+# measured were 5% low at worst (README)
+MARGIN, MARGIN_MB = 0.05, 8
 
 
 class PlanError(ValueError):
@@ -116,7 +121,7 @@ class ModelInfo:
   vocab: int
   hidden: int
   file_backed: bool      # all float32 safetensors: weights are pages of the weight file, used in place
-  largest: int           # bytes of the largest tensor in float32 (what converting one while loading holds)
+  load_order: list       # (values, dims) of each tensor of the weight file(s), in the order the loader reads them
   tokenizer: tuple       # (kind, size): a key of TOKENIZER_BYTES and what its bytes are per
   softcap: bool          # final logit soft-capping: whole logits instead of linear_cross_entropy's chunks
   skeleton: object       # the model built from its config: its parameters are lazy constants, nothing allocated
@@ -133,7 +138,7 @@ def read_model(path):
     cls = models.model_class(config.get("model_type"), f"{os.path.join(path, 'config.json')} (model_type)")
     files = SafetensorsFolder(path)
     file_backed = all(files.files[files.where[k]].header[k]["dtype"] == "F32" for k in files.keys())
-    largest = max(math.prod(files.shape(k)) * 4 for k in files.keys())
+    load_order = [(math.prod(files.shape(k)), len(files.shape(k))) for k in files.keys()]
     tokenizer = ("json", sum(os.path.getsize(os.path.join(path, f)) for f in ("tokenizer.json", "vocab.json", "merges.txt")
                              if os.path.exists(os.path.join(path, f))))
   else:
@@ -142,7 +147,7 @@ def read_model(path):
     config = gguf_config(g)
     cls = models.model_class(g.arch, f"{path} (general.architecture)", models.GGUF_ARCHITECTURES)
     file_backed = False   # dequantized copies (a float32 GGUF's would be views: this overestimates it)
-    largest = max(math.prod(g.shape(n)) * 4 for n in g.tensors)
+    load_order = [(math.prod(g.shape(n)), len(g.shape(n))) for n in g.tensors]
     vocab, merges = len(g.get("tokenizer.ggml.tokens") or []), len(g.get("tokenizer.ggml.merges") or [])
     tokenizer = ("spm", vocab) if g.get("tokenizer.ggml.model") == "llama" else ("bpe", vocab + merges)
     del g
@@ -154,7 +159,7 @@ def read_model(path):
   head = model.output_weight
   return ModelInfo(path, arch, model.config, {n: tuple(t.shape) for n, t in model.named_parameters()},
                    {n: (mod.in_features, mod.out_features) for n, mod in model.named_modules() if isinstance(mod, Linear)},
-                   f"{blocks[0]}.0", len(model.get_submodule(blocks[0])), head.shape[0], head.shape[1], file_backed, largest,
+                   f"{blocks[0]}.0", len(model.get_submodule(blocks[0])), head.shape[0], head.shape[1], file_backed, load_order,
                    tokenizer, getattr(model.config, "final_logit_softcapping", None) is not None, model)
 
 
@@ -276,15 +281,24 @@ def estimate(m, s, eval_batch=None):
   data_tokens = s.data_bytes / (1 if entries < 1000 else 2)
   data, tokenizing = data_tokens * DATA_KEPT_BYTES, data_tokens * DATA_PEAK_BYTES
 
-  # -- loading: float32 safetensors are used in place; a tensor converted to float16 (or from
-  # another dtype) is read from its file pages or dequantized to float32 whole next to its copy,
-  # a row piece at a time under the sharder (a float32 GGUF tensor is the weight itself)
+  # -- loading: tensors are read in file order; float32 safetensors are used in place, any other
+  # (to float16, from another dtype, from a GGUF) is converted from float32 whole (its file pages,
+  # or the dequantized array), next to what was loaded before it and its own copy; under the
+  # sharder what was loaded before is paged, and a table too big for a piece is read piecewise
   gguf = kind != "json"
-  converting = m.largest if s.frozen_fp16 or not (m.file_backed or gguf) else 0
-  if sharded and not s.shard_optimizer_only: converting = min(converting, budget / 4)
-  converting += DEQUANT_MB * MB if gguf else 0
+  converts = s.frozen_fp16 or not m.file_backed
+  loaded, loading = 0, 0
+  for values, dims in m.load_order:
+    size = values * (2 if s.frozen_fp16 and dims >= 2 else f32)
+    held = min(loaded, budget) if sharded and not s.shard_optimizer_only else loaded
+    f32_part = values * f32 if converts else 0
+    if sharded and not s.shard_optimizer_only: f32_part, size = min(f32_part, budget / 4), min(size, budget / 4)
+    loading = max(loading, held + f32_part + (size if converts and not (gguf and not s.frozen_fp16) else 0))
+    loaded += size
+  converting = max(loading - weights, 0) + (DEQUANT_MB * MB if gguf else 0)   # beyond the weights once loaded
 
   process = PROCESS_MB * MB
+  graph = GRAPH_MB_PER_LINEAR * MB * len(trained_linears(m, s))
   base = {"process": process, "tokenizer": tokenizer}
   phases = {
     # a GGUF's tokenizer is built before the weights are read, an HF one after them
@@ -292,7 +306,7 @@ def estimate(m, s, eval_batch=None):
     "load": dict(base, weights=weights, converting=converting),
     "data": dict(base, weights=weights, tokenizing=tokenizing),
     "eval": dict(base, data=data, weights=weights, evaluation=evaluation, slack=SLACK * evaluation),
-    "step": dict(base, data=data, weights=weights, step=step, slack=SLACK * step),
+    "step": dict(base, data=data, weights=weights, step=step, slack=SLACK * step, graph=graph),
   }
   totals = {k: sum(v.values()) / MB for k, v in phases.items()}
   phase = max(totals, key=totals.get)
@@ -353,35 +367,48 @@ def budget_range(m, s):
   return max(MIN_BUDGET_MB, math.ceil(together)), math.floor(moments / MB)
 
 
+def room(limit_mb):
+  """What a plan may estimate under a limit: the limit less the margin."""
+  return limit_mb - max(MARGIN_MB, MARGIN * limit_mb)
+
+
+def limit_for(estimate_mb):
+  """The smallest limit whose room() holds an estimate."""
+  return max(estimate_mb + MARGIN_MB, estimate_mb / (1 - MARGIN))
+
+
 def plan(m, s, limit_mb, explicit=(), eval_batch=None):
-  """The first settings, in the order of the module docstring, whose estimated peak RSS is at
-  most limit_mb, for model m (read_model) and the run's settings s. explicit: the levers the user
-  set (keys of FLAGS), kept as they are in s. Raises PlanError with the smallest limit that fits."""
+  """The first settings, in the order of the module docstring, whose estimated peak RSS fits
+  limit_mb less a margin (room()), for model m (read_model) and the run's settings s. explicit:
+  the levers the user set (keys of FLAGS), kept as they are in s. Raises PlanError with the
+  smallest limit that fits."""
   given = tuple(FLAGS[k] for k in explicit)
+  fits = lambda e: e.peak_mb <= room(limit_mb)
   smallest = None   # (settings, estimate) of the least memory any stage can need
   for cand, free in _stages(s, explicit):
     at = lambda budget: estimate(m, replace(cand, shard_budget_mb=budget), eval_batch)
     if not free:
       e = at(cand.shard_budget_mb)
       if smallest is None or e.peak_mb < smallest[1].peak_mb: smallest = (cand, e)
-      if e.peak_mb <= limit_mb: return Plan(cand, e, limit_mb, given)
+      if fits(e): return Plan(cand, e, limit_mb, given)
       continue
     lo, hi = budget_range(m, cand)
     if hi <= lo: continue                                       # too little to page
     e = at(lo)
     if smallest is None or e.peak_mb < smallest[1].peak_mb: smallest = (replace(cand, shard_budget_mb=lo), e)
-    if e.peak_mb > limit_mb: continue
-    if at(None).peak_mb <= limit_mb and not ({"shard_enable", "shard_optimizer_only"} & set(explicit)):
+    if not fits(e): continue
+    if fits(at(None)) and not ({"shard_enable", "shard_optimizer_only"} & set(explicit)):
       cand = replace(cand, shard_optimizer_only=False)          # fewer micro-batches made room: no sharder needed
       return Plan(cand, at(None), limit_mb, given)
     while hi - lo > 1:                                          # the largest budget that fits: the least paging
       mid = (lo + hi) // 2
-      lo, hi = (mid, hi) if at(mid).peak_mb <= limit_mb else (lo, mid)
+      lo, hi = (mid, hi) if fits(at(mid)) else (lo, mid)
     return Plan(replace(cand, shard_budget_mb=lo), at(lo), limit_mb, given)
   cand, e = smallest
   also = f" and {', '.join(given)} as given" if given else ""
-  raise PlanError(f"--memory_mb {limit_mb:g} is too small for this run: it needs at least {math.ceil(e.peak_mb)} MB "
-                  f"(estimated, with {', '.join(cand.levers())}{also})", math.ceil(e.peak_mb))
+  need = math.ceil(limit_for(e.peak_mb))
+  raise PlanError(f"--memory_mb {limit_mb:g} is too small for this run: it needs at least {need} MB "
+                  f"(an estimated {e.peak_mb:.0f} MB and a margin, with {', '.join(cand.levers())}{also})", need)
 
 
 def data_bytes(path):
