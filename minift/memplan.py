@@ -121,7 +121,7 @@ class ModelInfo:
   vocab: int
   hidden: int
   file_backed: bool      # all float32 safetensors: weights are pages of the weight file, used in place
-  load_order: list       # (values, dims) of each tensor of the weight file(s), in the order the loader reads them
+  load_order: list       # (values, dims, is a vocabulary table) of each tensor of the weight file(s), in the order the loader reads them
   tokenizer: tuple       # (kind, size): a key of TOKENIZER_BYTES and what its bytes are per
   softcap: bool          # final logit soft-capping: whole logits instead of linear_cross_entropy's chunks
   skeleton: object       # the model built from its config: its parameters are lazy constants, nothing allocated
@@ -138,7 +138,7 @@ def read_model(path):
     cls = models.model_class(config.get("model_type"), f"{os.path.join(path, 'config.json')} (model_type)")
     files = SafetensorsFolder(path)
     file_backed = all(files.files[files.where[k]].header[k]["dtype"] == "F32" for k in files.keys())
-    load_order = [(math.prod(files.shape(k)), len(files.shape(k))) for k in files.keys()]
+    shapes = [files.shape(k) for k in files.keys()]
     tokenizer = ("json", sum(os.path.getsize(os.path.join(path, f)) for f in ("tokenizer.json", "vocab.json", "merges.txt")
                              if os.path.exists(os.path.join(path, f))))
   else:
@@ -147,7 +147,7 @@ def read_model(path):
     config = gguf_config(g)
     cls = models.model_class(g.arch, f"{path} (general.architecture)", models.GGUF_ARCHITECTURES)
     file_backed = False   # dequantized copies (a float32 GGUF's would be views: this overestimates it)
-    load_order = [(math.prod(g.shape(n)), len(g.shape(n))) for n in g.tensors]
+    shapes = [g.shape(n) for n in g.tensors]
     vocab, merges = len(g.get("tokenizer.ggml.tokens") or []), len(g.get("tokenizer.ggml.merges") or [])
     tokenizer = ("spm", vocab) if g.get("tokenizer.ggml.model") == "llama" else ("bpe", vocab + merges)
     del g
@@ -157,6 +157,7 @@ def read_model(path):
   blocks = [f"{name}.{attr}".lstrip(".") for name, mod in model.named_modules() for attr in ("h", "layers")
             if isinstance(getattr(mod, attr, None), list)]
   head = model.output_weight
+  load_order = [(math.prod(sh), len(sh), len(sh) == 2 and sh[0] == head.shape[0]) for sh in shapes]   # (a table has vocabulary rows)
   return ModelInfo(path, arch, model.config, {n: tuple(t.shape) for n, t in model.named_parameters()},
                    {n: (mod.in_features, mod.out_features) for n, mod in model.named_modules() if isinstance(mod, Linear)},
                    f"{blocks[0]}.0", len(model.get_submodule(blocks[0])), head.shape[0], head.shape[1], file_backed, load_order,
@@ -281,19 +282,19 @@ def estimate(m, s, eval_batch=None):
   data_tokens = s.data_bytes / (1 if entries < 1000 else 2)
   data, tokenizing = data_tokens * DATA_KEPT_BYTES, data_tokens * DATA_PEAK_BYTES
 
-  # -- loading: tensors are read in file order; float32 safetensors are used in place, any other
-  # (to float16, from another dtype, from a GGUF) is converted from float32 whole (its file pages,
-  # or the dequantized array), next to what was loaded before it and its own copy; under the
-  # sharder what was loaded before is paged, and a table too big for a piece is read piecewise
+  # -- loading: tensors are read in file order, each next to what was loaded before it (paged,
+  # under the sharder). Float32 safetensors are used in place; any other tensor (to float16, from
+  # another dtype, from a GGUF) is first whole in float32 (its file pages, or the dequantized
+  # array), next to its float16 copy; under the sharder a vocabulary table comes a piece at a time
   gguf = kind != "json"
-  converts = s.frozen_fp16 or not m.file_backed
-  loaded, loading = 0, 0
-  for values, dims in m.load_order:
+  piecewise = sharded and not s.shard_optimizer_only
+  loaded = loading = 0
+  for values, dims, table in m.load_order:
     size = values * (2 if s.frozen_fp16 and dims >= 2 else f32)
-    held = min(loaded, budget) if sharded and not s.shard_optimizer_only else loaded
-    f32_part = values * f32 if converts else 0
-    if sharded and not s.shard_optimizer_only: f32_part, size = min(f32_part, budget / 4), min(size, budget / 4)
-    loading = max(loading, held + f32_part + (size if converts and not (gguf and not s.frozen_fp16) else 0))
+    reading = values * f32 if s.frozen_fp16 or gguf or not m.file_backed else 0
+    copy = size if s.frozen_fp16 else 0
+    if piecewise and table: reading, copy = min(reading, budget / 4), min(copy, budget / 4)
+    loading = max(loading, (min(loaded, budget) if piecewise else loaded) + reading + copy)
     loaded += size
   converting = max(loading - weights, 0) + (DEQUANT_MB * MB if gguf else 0)   # beyond the weights once loaded
 

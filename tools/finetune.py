@@ -178,7 +178,7 @@ def plan_memory(args):
                                 shard_budget_mb=args.shard_budget_mb if "shard_budget_mb" in args.explicit else None,
                                 shard_optimizer_only=args.shard_optimizer_only, data_bytes=memplan.data_bytes(args.data))
     plan = memplan.plan(info, settings, args.memory_mb, args.explicit)
-  except (memplan.PlanError, ValueError, FileNotFoundError, NotImplementedError) as e:
+  except (memplan.PlanError, ValueError, OSError, NotImplementedError, ImportError) as e:
     raise SystemExit(f"error: {e}") from None
   s = plan.settings
   args.grad_checkpoint, args.frozen_fp16, args.grad_accum_steps = s.grad_checkpoint, s.frozen_fp16, s.grad_accum_steps
