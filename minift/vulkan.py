@@ -1065,10 +1065,12 @@ class Device:
       while pieces and used + pieces[0][3] <= cap:
         batch.append(pieces.pop(0) + (used,))
         used += batch[-1][3]
+      self._begin()
+      self._sync([] if to_device else [mem], [mem] if to_device else [])   # the segments are disjoint: no barrier between them
       for block, boff, at, n, s in batch:
         if to_device: stage.host[s:s + n] = host[at:at + n]
         src, dst, region = (stage, block, (s, boff, n)) if to_device else (block, stage, (boff, s, n))
-        self._record_copy(src.buffer, dst.buffer, [region], reads=[] if to_device else [mem], writes=[mem] if to_device else [])
+        self._record_copy(src.buffer, dst.buffer, [region])
       self.flush()
       if not to_device:
         for block, boff, at, n, s in batch: host[at:at + n] = stage.host[s:s + n]
@@ -1237,11 +1239,10 @@ class Device:
     self.vk.vkUpdateDescriptorSets(self.handle, n, writes, 0, None)
     return ds.value
 
-  def _record_copy(self, src_buffer, dst_buffer, regions, reads, writes):
-    cmd = self._begin()
-    self._sync(reads, writes)
+  def _record_copy(self, src_buffer, dst_buffer, regions):
+    """Record a buffer copy (the caller has begun recording and synced)."""
     arr = (VkBufferCopy * len(regions))(*[VkBufferCopy(srcOffset=s, dstOffset=d, size=n) for s, d, n in regions])
-    self.vk.vkCmdCopyBuffer(cmd, src_buffer, dst_buffer, len(regions), arr)
+    self.vk.vkCmdCopyBuffer(self._cmd, src_buffer, dst_buffer, len(regions), arr)
 
   def copy(self, dst, src, nbytes=None):
     """Record a device copy of nbytes (all of src by default) from src to dst."""
@@ -1251,7 +1252,7 @@ class Device:
     assert [(a, n) for _, _, a, n in s_seg] == [(a, n) for _, _, a, n in d_seg]   # same window: the pieces line up
     self._begin()
     self._sync([src], [dst])
-    for (sb, so, _, n), (db, do, _, _) in zip(s_seg, d_seg): self._record_copy(sb.buffer, db.buffer, [(so, do, n)], [], [])
+    for (sb, so, _, n), (db, do, _, _) in zip(s_seg, d_seg): self._record_copy(sb.buffer, db.buffer, [(so, do, n)])
 
   def fill(self, mem, value=0):
     """Record filling all of mem (whole 32-bit words) with the 32-bit pattern `value`."""

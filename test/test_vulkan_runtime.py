@@ -340,9 +340,9 @@ def test_suballocation_reuses_freed_space(tmp_path):
   d.free(a)
   c = d.alloc(900)
   assert c.pieces[0][:2] == a_at                  # the freed hole, not new space
-  d.free(b)
   d.free(c)
-  whole = d.alloc(1000 + 5000)                    # neighbouring holes merged back into one
+  d.free(b)                                       # between two holes: merged with both
+  whole = d.alloc(1 << 19)                        # bigger than each hole was: they are one again
   assert whole.pieces[0][1] == 0 and d.stats["allocations"] == 1
   d.free(whole)
   # freed while a recorded command uses it: the space is reused only after the flush
