@@ -118,11 +118,14 @@ def test_dependent_chain_is_one_submit_with_barriers_only_where_needed(dev):
   dev.dispatch(k, _groups(n), [t2, t1], struct.pack("<Iff", n, 3.0, -2.0))           # t2 = 3 t1 - 2: reads t1
   dev.dispatch(add, _groups(n), [t3, t2, t1], struct.pack("<If", n, -1.0))           # t3 = t2 - t1: reads t2
   assert dev.stats["barriers"] == barriers + 2
-  assert dev.stats["submits"] == submits   # nothing submitted yet: all four are in one command buffer
+  dev.dispatch(k, _groups(n), [t1, mx], struct.pack("<Iff", n, 0.0, 7.0))             # t1 = 7: overwrites what t3 read
+  assert dev.stats["barriers"] == barriers + 3
+  assert dev.stats["submits"] == submits   # nothing submitted yet: all five are in one command buffer
   t1_ref = x * np.float32(2) + np.float32(1)
   want = (t1_ref * np.float32(3) - np.float32(2)) - t1_ref
   np.testing.assert_allclose(dev.download(t3, np.float32), want, rtol=1e-6, atol=1e-5)
   assert dev.stats["submits"] == submits + 1
+  np.testing.assert_array_equal(dev.download(t1, np.float32), np.full(n, 7, np.float32))
   np.testing.assert_array_equal(dev.download(u, np.float32), -x)   # nothing pending: no submit
   assert dev.stats["submits"] == submits + 1
 
@@ -243,7 +246,8 @@ def test_upload_download_round_trip(tmp_path, staging):
   assert d.unified == (d.caps.unified_memory and not staging)
   rng = np.random.default_rng(3)
   arrays = [rng.standard_normal(1001).astype(np.float32), rng.standard_normal(333).astype(np.float16),
-            rng.integers(-2**31, 2**31 - 1, 777, dtype=np.int32), rng.integers(0, 2, 55).astype(np.bool_)]
+            rng.integers(-2**31, 2**31 - 1, 777, dtype=np.int32), rng.integers(-2**62, 2**62, 99, dtype=np.int64),
+            rng.integers(0, 2, 55).astype(np.bool_)]
   mems = [_array(d, a) for a in arrays]
   for a, m in zip(arrays, mems): np.testing.assert_array_equal(d.download(m, a.dtype), a)
   # a kernel between host copies, on either path
@@ -345,6 +349,13 @@ def test_suballocation_reuses_freed_space(tmp_path):
   whole = d.alloc(1 << 19)                        # bigger than each hole was: they are one again
   assert whole.pieces[0][1] == 0 and d.stats["allocations"] == 1
   d.free(whole)
+  # best fit: a small piece goes to the smallest hole it fits, keeping the large ones whole
+  a, b, c, e = d.alloc(64 << 10), d.alloc(64 << 10), d.alloc(4 << 10), d.alloc(4 << 10)
+  c_at = c.pieces[0][:2]
+  d.free(a)
+  d.free(c)                                       # holes: 64 KiB at 0, 4 KiB after b, and the rest
+  assert d.alloc(4 << 10).pieces[0][:2] == c_at
+  for m in (b, e): d.free(m)
   # freed while a recorded command uses it: the space is reused only after the flush
   x = _array(d, np.ones(64, np.float32))
   out = d.alloc(256)
