@@ -851,9 +851,10 @@ class Device:
     req = VkMemoryRequirements()
     self.vk.vkGetBufferMemoryRequirements(self.handle, probe, byref(req))
     self.vk.vkDestroyBuffer(self.handle, probe, None)
-    self._type_bits = req.memoryTypeBits
     main = _main_heap(mem)
     unified = _pick_type(mem, MEM_DEVICE_LOCAL | MEM_HOST_VISIBLE | MEM_HOST_COHERENT, main, MEM_HOST_CACHED, req.memoryTypeBits)
+    if unified is not None and caps.type == "discrete GPU" and not mem.memoryTypes[unified].propertyFlags & MEM_HOST_CACHED:
+      unified = None   # video memory mapped over PCIe (resizable BAR): the CPU reads it slowly, stage instead
     self.unified = unified is not None and not force_staging
     if self.unified:
       self._device_type, self._staging_type = unified, None
@@ -887,10 +888,10 @@ class Device:
     self._fence = fence.value
     self._pools, self._pool_at, self._pool_left = [], -1, (0, 0)
     self.profiling = (DEBUG >= 2 if profiling is None else profiling) and self.caps.timestamp_bits > 0
-    self._query_pool, self._labels, self.timings = 0, [], []
+    self._timed, self._labels, self.timings = TIMED_DISPATCHES, [], []
     if self.profiling:
       qp = c_uint64(0)
-      vk.vkCreateQueryPool(dev, byref(VkQueryPoolCreateInfo(queryType=QUERY_TIMESTAMP, queryCount=2 * TIMED_DISPATCHES)), None, byref(qp))
+      vk.vkCreateQueryPool(dev, byref(VkQueryPoolCreateInfo(queryType=QUERY_TIMESTAMP, queryCount=2 * self._timed)), None, byref(qp))
       self._query_pool = qp.value
     self._pipeline_bound, self._wrote = None, False
     self._written, self._read, self._in_use, self._deferred = set(), set(), {}, []
@@ -1059,11 +1060,11 @@ class Device:
     if self._staging is None:
       self._staging = self._new_block(min(self.block_size, 64 << 20), staging=True)
     stage, cap = self._staging, self._staging.size
-    pieces = [(block, boff + i, at + i, min(cap, n - i)) for block, boff, at, n in segments for i in range(0, n, cap)]
-    while pieces:
+    chunks = [(block, boff + i, at + i, min(cap, n - i)) for block, boff, at, n in segments for i in range(0, n, cap)]
+    while chunks:
       batch, used = [], 0
-      while pieces and used + pieces[0][3] <= cap:
-        batch.append(pieces.pop(0) + (used,))
+      while chunks and used + chunks[0][3] <= cap:
+        batch.append(chunks.pop(0) + (used,))
         used += batch[-1][3]
       self._begin()
       self._sync([] if to_device else [mem], [mem] if to_device else [])   # the segments are disjoint: no barrier between them
@@ -1155,7 +1156,7 @@ class Device:
   def _begin(self):
     if self._recording: return self._cmd
     self.vk.vkBeginCommandBuffer(self._cmd, byref(VkCommandBufferBeginInfo(flags=0x1)))   # one-time submit
-    if self.profiling: self.vk.vkCmdResetQueryPool(self._cmd, self._query_pool, 0, 2 * TIMED_DISPATCHES)
+    if self.profiling: self.vk.vkCmdResetQueryPool(self._cmd, self._query_pool, 0, 2 * self._timed)
     self._recording, self._pipeline_bound, self._labels = True, None, []
     return self._cmd
 
@@ -1193,7 +1194,7 @@ class Device:
     push = bytes(push)
     if len(push) != kernel.push_size:
       raise ValueError(f"kernel {kernel.name!r} takes {kernel.push_size} bytes of push constants, got {len(push)}")
-    if self.profiling and len(self._labels) == TIMED_DISPATCHES: self.flush()   # the query pool is full
+    if self.profiling and len(self._labels) == self._timed: self.flush()   # the query pool is full
     cmd = self._begin()
     self._sync(bindings, [bindings[i] for i in writes])
     vk = self.vk
@@ -1276,7 +1277,7 @@ class Device:
       fence = c_uint64(self._fence)
       vk.vkWaitForFences(self.handle, 1, byref(fence), 1, 0xFFFFFFFFFFFFFFFF)
       vk.vkResetFences(self.handle, 1, byref(fence))
-      if self.profiling and self._labels: self._read_timings()
+      self.timings = self._read_timings() if self.profiling and self._labels else []
     finally:
       vk.vkResetCommandBuffer(cmd, 0)
       for pool, _ in self._pools[:self._pool_at + 1]: vk.vkResetDescriptorPool(self.handle, pool, 0)
@@ -1293,7 +1294,7 @@ class Device:
     self.vk.vkGetQueryPoolResults(self.handle, self._query_pool, 0, n, ctypes.sizeof(ticks), ticks, 8, QUERY_RESULT_64_WAIT)
     mask = (1 << self.caps.timestamp_bits) - 1 if self.caps.timestamp_bits < 64 else (1 << 64) - 1
     period = self.caps.timestamp_period * 1e-9
-    self.timings = [(label, ((ticks[2 * i + 1] - ticks[2 * i]) & mask) * period) for i, label in enumerate(self._labels)]
+    return [(label, ((ticks[2 * i + 1] - ticks[2 * i]) & mask) * period) for i, label in enumerate(self._labels)]
 
   # ---- teardown
 
