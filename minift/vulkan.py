@@ -475,7 +475,11 @@ class Instance:
                                 enabledLayerCount=len(layers), ppEnabledLayerNames=addressof(layer_names),
                                 enabledExtensionCount=len(exts), ppEnabledExtensionNames=addressof(ext_names))
     handle = c_void_p()
-    vk.vkCreateInstance(byref(info), None, byref(handle))
+    try:
+      vk.vkCreateInstance(byref(info), None, byref(handle))
+    except VulkanError as e:
+      if e.result != -9: raise   # VK_ERROR_INCOMPATIBLE_DRIVER: the loader found no driver (ICD) at all
+      raise VulkanUnavailable(f"the Vulkan loader found no driver ({e.result_name}); on Debian/Ubuntu mesa-vulkan-drivers gives a CPU one") from None
     self.handle, self.extensions, self._messenger = handle.value, exts, None
     if self.validation:
       create = _CREATE_MESSENGER(vk.vkGetInstanceProcAddr(self.handle, b"vkCreateDebugUtilsMessengerEXT"))
