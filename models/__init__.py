@@ -71,13 +71,12 @@ def _gguf_list(folder):
 
 def _from_hub(repo_id, gguf_file):
   """The local path of a Hub repo's HF model files (a snapshot folder) or of one GGUF in it."""
+  what = f"--model {repo_id}" + (f" --gguf_file {gguf_file}" if gguf_file else "")
   try:
     import huggingface_hub
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+    from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
   except ImportError:
-    raise ModelNotFound(f"--model {repo_id} is no file or folder here; as a Hugging Face Hub id it needs huggingface_hub: "
-                        "pip install 'minift[hub]'") from None
-  what = f"{gguf_file} of the Hub repo {repo_id}" if gguf_file else f"the Hub repo {repo_id}"
+    raise ModelNotFound(f"{what}: not a local path; a Hugging Face Hub repo id needs huggingface_hub: pip install 'minift[hub]'") from None
 
   def fetch(local_only):
     if gguf_file: return huggingface_hub.hf_hub_download(repo_id, gguf_file, local_files_only=local_only)
@@ -91,12 +90,19 @@ def _from_hub(repo_id, gguf_file):
   if cached and (gguf_file or os.path.exists(os.path.join(cached, "config.json"))): return cached
   if huggingface_hub.constants.HF_HUB_OFFLINE:
     if cached: return cached
-    raise ModelNotFound(f"--model: {what} is not in the Hugging Face cache ({huggingface_hub.constants.HF_HUB_CACHE}), "
-                        "and HF_HUB_OFFLINE=1 forbids downloading it")
+    raise ModelNotFound(f"{what}: not a local path, and not in the Hugging Face cache ({huggingface_hub.constants.HF_HUB_CACHE}) "
+                        "while HF_HUB_OFFLINE=1 forbids downloading it")
   try:
     return fetch(local_only=False)
-  except (HfHubHTTPError, LocalEntryNotFoundError) as e:   # no such repo or file, gated, no network
-    raise ModelNotFound(f"--model: cannot get {what} from the Hugging Face Hub: {str(e).splitlines()[0]}") from None
+  except RepositoryNotFoundError:   # gated repos too
+    why = "the Hugging Face Hub has no such repo (or it is private or gated: log in with `hf auth login` or set HF_TOKEN)"
+  except LocalEntryNotFoundError as e:   # the Hub did not answer, or not as expected
+    why = f"the Hugging Face Hub cannot be reached ({str(e).splitlines()[0]})"
+  except EntryNotFoundError:
+    why = f"the repo has no file {gguf_file}"
+  except HfHubHTTPError as e:
+    why = f"the Hugging Face Hub answered: {str(e).splitlines()[0]}"
+  raise ModelNotFound(f"{what}: not a local path, and {why}")
 
 
 def load(path, dtype=None, with_tokenizer=True, gguf_file=None):

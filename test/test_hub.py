@@ -112,7 +112,7 @@ def test_gguf_file_in_a_hub_repo(hub, tmp_path):
   assert f"error: --model {GGUF_REPO} has no config.json (not an HF model folder); its GGUF files: tiny-a.f32.gguf, tiny-b.f32.gguf: " \
          "pick one with --gguf_file NAME" in r.stderr
   r = run_tool("eval_ppl.py", ["--model", GGUF_REPO, "--gguf_file", "tiny-c.gguf", *ctx], hub["env"], check=False)
-  assert r.returncode == 1 and "error: --model: tiny-c.gguf of the Hub repo tiny-org/tiny-llama-GGUF is not in the Hugging Face cache" in r.stderr
+  assert r.returncode == 1 and f"error: --model {GGUF_REPO} --gguf_file tiny-c.gguf: not a local path, and not in the Hugging Face cache" in r.stderr
 
 
 def test_federated_app_gets_the_cached_snapshot(hub, tmp_path):
@@ -125,19 +125,21 @@ def test_federated_app_gets_the_cached_snapshot(hub, tmp_path):
 def test_missing_hub_id_is_a_clear_error(hub):
   r = run_tool("generate.py", ["--model", "tiny-org/no-such-model", "--prompt", "x"], hub["env"], check=False)
   assert r.returncode == 1 and "Traceback" not in r.stderr
-  assert r.stderr.strip() == f"error: --model: the Hub repo tiny-org/no-such-model is not in the Hugging Face cache ({hub['cache']}), " \
-                             "and HF_HUB_OFFLINE=1 forbids downloading it"
+  assert r.stderr.strip() == f"error: --model tiny-org/no-such-model: not a local path, and not in the Hugging Face cache ({hub['cache']}) " \
+                             "while HF_HUB_OFFLINE=1 forbids downloading it"
   r = run_tool("finetune.py", ["--model", "tiny-org/no-such-model", "--data", hub["text"], "--pm_source", "off"], hub["env"], check=False)
-  assert r.returncode == 1 and "error: --model: the Hub repo tiny-org/no-such-model is not in the Hugging Face cache" in r.stderr
+  assert r.returncode == 1 and "error: --model tiny-org/no-such-model: not a local path, and not in the Hugging Face cache" in r.stderr
 
 
 class CountingHub(http.server.BaseHTTPRequestHandler):
-  """A stand-in Hub on loopback that knows no repo: it counts the requests it gets."""
+  """A stand-in Hub on loopback that counts the requests it gets and answers each as the Hub answers
+  for a missing repo, or for a missing file of GGUF_REPO."""
   requests = []
 
   def do_GET(self):
     CountingHub.requests.append(self.path)
-    self.send_response(404); self.send_header("Content-Length", "0"); self.end_headers()
+    self.send_response(404); self.send_header("Content-Length", "0")
+    self.send_header("X-Error-Code", "EntryNotFound" if GGUF_REPO in self.path else "RepoNotFound"); self.end_headers()
 
   do_HEAD = do_GET
 
@@ -151,22 +153,25 @@ def test_online_reads_the_cache_first_and_asks_the_hub_otherwise(hub):
     env = dict(hub["env"], HF_ENDPOINT=f"http://127.0.0.1:{server.server_port}", NO_PROXY="127.0.0.1,localhost")
     del env["HF_HUB_OFFLINE"]
     code = ("import models\nprint(models.resolve(%r))\nprint(models.resolve(%r, %r))\n"
-            "try: models.resolve('tiny-org/no-such-model')\nexcept models.ModelNotFound as e: print(e)\n") % (FOLDER_REPO, GGUF_REPO, "tiny-a.f32.gguf")
+            "for args in [('tiny-org/no-such-model',), (%r, 'tiny-c.gguf')]:\n"
+            "  try: models.resolve(*args)\n  except models.ModelNotFound as e: print(e)\n") % (FOLDER_REPO, GGUF_REPO, "tiny-a.f32.gguf", GGUF_REPO)
     r = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     lines = r.stdout.strip().splitlines()
     assert lines[:2] == [hub["snapshot"], os.path.join(hub["cache"], "models--tiny-org--tiny-llama-GGUF", "snapshots", COMMIT, "tiny-a.f32.gguf")]
-    assert lines[2].startswith("--model: cannot get the Hub repo tiny-org/no-such-model from the Hugging Face Hub: ")
-    # the cached repos were read without asking the Hub about them; the missing one was asked for
-    assert not [p for p in CountingHub.requests if "tiny-llama" in p], CountingHub.requests
-    assert [p for p in CountingHub.requests if "no-such-model" in p], CountingHub.requests
+    assert lines[2:] == ["--model tiny-org/no-such-model: not a local path, and the Hugging Face Hub has no such repo "
+                         "(or it is private or gated: log in with `hf auth login` or set HF_TOKEN)",
+                         f"--model {GGUF_REPO} --gguf_file tiny-c.gguf: not a local path, and the repo has no file tiny-c.gguf"]
+    # what the cache holds was read without asking the Hub about it; what it lacks was asked for
+    assert not [p for p in CountingHub.requests if f"{FOLDER_REPO}/" in p or "tiny-a.f32.gguf" in p], CountingHub.requests
+    assert [p for p in CountingHub.requests if "no-such-model" in p] and [p for p in CountingHub.requests if "tiny-c.gguf" in p]
   finally:
     server.shutdown()
 
 
 def test_without_huggingface_hub(monkeypatch, hub):
   monkeypatch.setitem(sys.modules, "huggingface_hub", None)   # as if not installed
-  with pytest.raises(models.ModelNotFound, match=r"as a Hugging Face Hub id it needs huggingface_hub: pip install 'minift\[hub\]'"):
+  with pytest.raises(models.ModelNotFound, match=r"not a local path; a Hugging Face Hub repo id needs huggingface_hub: pip install 'minift\[hub\]'"):
     models.resolve(FOLDER_REPO)
   assert models.resolve(hub["folder"]) == hub["folder"]   # local paths never need it
 
