@@ -13,8 +13,8 @@ sys.path.insert(0, ROOT)
 from tiny_lm import save_tiny, save_tiny_bpe
 
 KINDS = ["gpt2", "llama", "qwen2", "gemma3"]
-# digits, punctuation, a newline, runs of spaces and characters outside the vocabularies (byte fallback / bytes)
-TEXT = "To be, or not to be: that is 42 questions.\nWhether 'tis  nobler in the mind -- caf\u00e9 \u2603"
+# digits, punctuation, a newline, two spaces, an added token and characters outside the vocabularies (byte fallback / bytes)
+TEXT = "To be, or not to be: that is 42 questions.\nWhether 'tis  nobler<think>in the mind -- caf\u00e9 \u2603"
 EXPORT = os.path.join(ROOT, "tools", "export.py")
 
 
@@ -263,9 +263,11 @@ def need_llama_cpp():
     pytest.skip("pip install xllamacpp (a prebuilt llama.cpp) to check exports against llama.cpp itself")
 
 
-def llama_cpp_next_token(path, prompt, lora=None, k=10):
+def llama_cpp_next_token(path, prompt, pick, lora=None, k=10):
   """{token id: log-probability} of llama.cpp's k most likely tokens after `prompt` (token ids, or
-  text that llama.cpp tokenizes itself, adding BOS as the file says), on llama.cpp's CPU backend."""
+  text that llama.cpp tokenizes itself, adding BOS as the file says), on llama.cpp's CPU backend.
+  The log-probabilities are the model's; llama.cpp is made to sample `pick`, a token of whole
+  characters (its server leaves the log-probabilities out when it samples a partial UTF-8 byte)."""
   import xllamacpp as xlc
   params = xlc.CommonParams()
   params.model.path = path
@@ -278,11 +280,17 @@ def llama_cpp_next_token(path, prompt, lora=None, k=10):
     params.lora_adapters = [info]
   server = xlc.Server(params)
   try:
-    reply = server.handle_completions({"prompt": prompt, "max_tokens": 1, "logprobs": k, "temperature": 0, "post_sampling_probs": False})
+    reply = server.handle_completions({"prompt": prompt, "max_tokens": 1, "logprobs": k, "temperature": 0, "post_sampling_probs": False,
+                                       "logit_bias": [[int(pick), 100]]})
   finally:
     del server
   assert "error" not in reply, reply
   return {t["id"]: t["logprob"] for t in reply["choices"][0]["logprobs"]["content"][0]["top_logprobs"]}
+
+
+def vocab_id(folder, token):
+  import transformers
+  return transformers.AutoTokenizer.from_pretrained(folder).convert_tokens_to_ids(token)
 
 
 def log_softmax(x):
@@ -311,9 +319,10 @@ def test_gguf_runs_in_llama_cpp(tiny, gguf_exports, kind, qtype):
   ids = hf_tokenizer_ids(base)
   ref_model, _ = merged_reference(base, adapter, qtype)
   # llama.cpp computes with its own kernels (q8_0: activations quantized to 8 bits for the dot products)
-  got = llama_cpp_next_token(path, ids)
+  e = vocab_id(base, "e")
+  got = llama_cpp_next_token(path, ids, e)
   assert_top_logprobs(got, minift_logits(ref_model, ids)[-1], atol=1e-3 if qtype == "f32" else 2e-2)
-  assert llama_cpp_next_token(path, TEXT) == got
+  assert llama_cpp_next_token(path, TEXT, e) == got
 
 
 @pytest.mark.parametrize("kind", ["gpt2", "llama"])
@@ -326,8 +335,9 @@ def test_adapter_gguf_runs_in_llama_cpp(tiny, tmp_path, kind):
   export("--model", base, "--lora", adapter, "--out", lora_gguf, "--adapter_only", "--type", "f32")
   ids = hf_tokenizer_ids(base)
   want = peft_logits(base, adapter, ids)[-1]
-  assert_top_logprobs(llama_cpp_next_token(base_gguf, ids, lora=lora_gguf), want, atol=1e-3)
-  assert llama_cpp_next_token(base_gguf, ids) != llama_cpp_next_token(base_gguf, ids, lora=lora_gguf)
+  e = vocab_id(base, "e")
+  assert_top_logprobs(llama_cpp_next_token(base_gguf, ids, e, lora=lora_gguf), want, atol=1e-3)
+  assert llama_cpp_next_token(base_gguf, ids, e) != llama_cpp_next_token(base_gguf, ids, e, lora=lora_gguf)
 
 
 # ---- bad input, and files that must survive it

@@ -82,7 +82,7 @@ def save_tiny_gguf(path, seed=0):
 # formats are byte-level BPE and SentencePiece-style BPE; the character tokenizer above is neither)
 
 def bytelevel_bpe(vocab_size=300):
-  """A byte-level BPE (GPT-2 / Llama 3 / Qwen2 style) trained on TEXT: 256 byte symbols, 3 special tokens, merges."""
+  """A byte-level BPE (GPT-2 / Llama 3 / Qwen2 style) trained on TEXT: 256 byte symbols, merges, 3 special tokens and a plain added one."""
   from tokenizers import Tokenizer, models, pre_tokenizers, decoders, trainers, processors
   tok = Tokenizer(models.BPE())
   tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -90,12 +90,13 @@ def bytelevel_bpe(vocab_size=300):
   tok.post_processor = processors.ByteLevel(trim_offsets=False)
   tok.train_from_iterator([TEXT], trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+  tok.add_tokens(["<think>"])   # an added token that is not special (llama.cpp: USER_DEFINED, matched whole)
   return tok
 
 
 def sentencepiece_bpe(merges_vocab=80):
   """A SentencePiece-style BPE (Gemma / Llama 2 style) trained on TEXT: spaces written as '▁', 256
-  byte-fallback tokens <0x00>..<0xFF>, special tokens <pad> <eos> <bos> <unk>, BOS added; the
+  byte-fallback tokens <0x00>..<0xFF>, special tokens <pad> <eos> <bos> <unk>, a plain added token, BOS added; the
   merged tokens come in merge order, as in Gemma's vocabulary."""
   from tokenizers import Tokenizer, AddedToken, models, normalizers, pre_tokenizers, decoders, trainers, processors
   trainer_tok = Tokenizer(models.BPE())
@@ -110,6 +111,7 @@ def sentencepiece_bpe(merges_vocab=80):
   tok.normalizer = normalizers.Replace(" ", "\u2581")
   tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()])
   tok.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in ("<pad>", "<eos>", "<bos>", "<unk>")])
+  tok.add_tokens([AddedToken("<think>", normalized=False, special=False)])
   tok.post_processor = processors.TemplateProcessing(single="<bos> $A", pair="<bos> $A <bos> $B", special_tokens=[("<bos>", 2)])
   return tok
 
