@@ -109,7 +109,7 @@ def gguf_hparams(model):
     refuse(f"{where}RoPE type {rope['rope_type']!r} (only default and linear are written)")
   if mt in ("llama", "qwen2"):
     if c.hidden_act != "silu": refuse(f"activation {c.hidden_act!r} (llama.cpp's {arch} uses SiLU)")
-    if c.layer_types and set(c.layer_types) != {"full_attention"}: refuse("sliding-window attention layers (llama.cpp's {arch} attends to every token)")
+    if c.layer_types and set(c.layer_types) != {"full_attention"}: refuse(f"sliding-window attention layers (llama.cpp's {arch} attends to every token)")
     out = dict(common, **rope_keys(c.rope, ""), **{"rope.dimension_count": c.head_dim, "vocab_size": c.vocab_size})
     if c.head_dim != c.hidden_size // c.num_attention_heads: out.update({"attention.key_length": c.head_dim, "attention.value_length": c.head_dim})
     return arch, out
@@ -226,7 +226,9 @@ def save_gguf(model, path, tokenizer=None, kind="f32", source=None, name=None):
     if g.arch != arch: raise ValueError(f"{source} is a {g.arch} file, the model is {arch}")
     keep = lambda k: k.startswith("tokenizer.") or (k.startswith("general.") and k not in _OWN_GENERAL_KEYS)
     for k, v in g.metadata.items():
-      if keep(k): (tok if k.startswith("tokenizer.") else general).append((k, v, *g.value_types[k]))
+      if keep(k):
+        vtype, elem = g.value_types[k]
+        (tok if k.startswith("tokenizer.") else general).append((k, v, gguf.GGUFValueType(vtype), None if elem is None else gguf.GGUFValueType(elem)))
     if len(g.get("tokenizer.ggml.tokens", [])) != vocab_size:
       raise ValueError(f"{source}: its tokenizer has {len(g.get('tokenizer.ggml.tokens', []))} tokens, the model {vocab_size}")
   elif tokenizer is not None:
