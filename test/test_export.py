@@ -271,7 +271,7 @@ def llama_cpp_next_token(path, prompt, pick, lora=None, k=10):
   import xllamacpp as xlc
   params = xlc.CommonParams()
   params.model.path = path
-  params.n_ctx, params.n_parallel, params.warmup = 128, 1, False
+  params.n_ctx, params.n_parallel, params.warmup, params.verbosity = 128, 1, False, -1   # (-1: no log lines on stdout)
   params.cpuparams.n_threads = params.cpuparams_batch.n_threads = 1
   params.cache_type_k = params.cache_type_v = xlc.ggml_type.GGML_TYPE_F32   # (the default f16 cache rounds keys and values)
   if lora:
