@@ -5,7 +5,7 @@
   python tools/export.py --model MODEL --lora my-adapter --out my-model                  # Hugging Face folder
   python tools/export.py --model MODEL --lora my-adapter --out my-adapter.gguf --adapter_only
 
-MODEL is a Hugging Face folder or a .gguf file (what tools/finetune.py trained on); --lora a
+MODEL is a Hugging Face folder, a .gguf file or a Hub repo id (what tools/finetune.py trained on); --lora a
 PEFT LoRA adapter folder (tools/finetune.py's <out>/adapter, or one peft saved). An --out that
 ends in .gguf gets one GGUF file (llama.cpp: llama-cli -m OUT; Ollama: a Modelfile with
 `FROM ./OUT`, then `ollama create NAME -f Modelfile`); any other --out a Hugging Face folder
@@ -20,7 +20,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 def parse_args(argv=None):
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  ap.add_argument("--model", required=True, help="HF model folder or .gguf file")
+  ap.add_argument("--model", required=True, help="HF model folder, .gguf file or Hugging Face Hub repo id (org/name)")
+  ap.add_argument("--gguf_file", default=None, help="a GGUF file inside the --model folder or Hub repo")
   ap.add_argument("--lora", default=None, help="PEFT LoRA adapter folder to merge in (none: the model as it is)")
   ap.add_argument("--out", required=True, help="a .gguf file, or a folder for the Hugging Face format")
   ap.add_argument("--type", default=None, help="GGUF weight type: f32, f16 or q8_0 (default f16; vectors stay f32)")
@@ -60,14 +61,17 @@ def check_out(out, model, gguf_out):
 def main(argv=None):
   args = parse_args(argv)
   gguf_out = args.out.lower().endswith(".gguf")
-  if not os.path.exists(args.model): raise SystemExit(f"error: --model {args.model} does not exist")
-  if args.lora and not os.path.isdir(args.lora): raise SystemExit(f"error: --lora {args.lora} is not a folder (expected a PEFT LoRA adapter folder)")
-  check_out(args.out, args.model, gguf_out)
   import models
   from minift.lora import load_adapter, merge_lora
   from minift.export import save_hf, save_gguf, save_gguf_adapter
   try:
-    model, tokenizer = models.load(args.model)
+    path = models.resolve(args.model, args.gguf_file)   # a local path, or a Hub repo id's files in the local cache
+  except models.ModelNotFound as e:
+    raise SystemExit(f"error: {e}") from None
+  if args.lora and not os.path.isdir(args.lora): raise SystemExit(f"error: --lora {args.lora} is not a folder (expected a PEFT LoRA adapter folder)")
+  check_out(args.out, path, gguf_out)
+  try:
+    model, tokenizer = models.load(path)
   except (OSError, ValueError, KeyError, NotImplementedError) as e:
     raise SystemExit(f"error: --model {args.model}: {e}") from None
   if args.lora:
@@ -83,7 +87,7 @@ def main(argv=None):
     if args.adapter_only:
       save_gguf_adapter(model, args.out, args.type, name=name)
     elif gguf_out:
-      save_gguf(merge_lora(model), args.out, tokenizer, args.type, source=args.model, name=name)
+      save_gguf(merge_lora(model), args.out, tokenizer, args.type, source=path, name=name)
     else:
       save_hf(merge_lora(model), args.out, tokenizer)
   except ValueError as e:
