@@ -351,6 +351,8 @@ def test_errors_name_the_flag(tiny, tmp_path):
   assert msg.startswith("error: --lora") and "c_attn" in msg and "\n" not in msg
   msg = exit_message("--model", base, "--lora", tmp_path / "nothing", "--out", tmp_path / "x.gguf")
   assert msg.startswith("error: --lora") and "not a folder" in msg
+  msg = exit_message("--model", base, "--lora", tmp_path, "--out", tmp_path / "x.gguf")
+  assert msg == f"error: --lora {tmp_path}: missing adapter_config.json (expected a PEFT LoRA adapter folder)"
   msg = exit_message("--model", tmp_path / "missing", "--out", tmp_path / "x.gguf")
   assert msg.startswith(f"error: model path {tmp_path / 'missing'} does not exist")
   msg = exit_message("--model", save_tiny("gpt2", tmp_path / "chars"), "--out", tmp_path / "x.gguf")   # a character-level WordLevel tokenizer

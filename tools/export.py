@@ -77,6 +77,8 @@ def main(argv=None):
   if args.lora:
     try:
       load_adapter(model, args.lora)
+    except FileNotFoundError as e:   # not an adapter folder (its message names --lora and the file)
+      raise SystemExit(f"error: {e}") from None
     except (OSError, ValueError, KeyError) as e:   # an adapter trained on another base: a missing module or a wrong shape
       msg = str(e).strip("'\"")
       raise SystemExit(f"error: --lora {args.lora} does not fit --model {args.model}: {msg}") from None
