@@ -39,6 +39,26 @@ def atomic_file(path, mode="wb"):
     raise
 
 
+@contextlib.contextmanager
+def atomic_path(path):
+  """with atomic_path(p) as tmp: write the file tmp by any means (a library that opens the path
+  itself) -- then it replaces p as atomic_file does: p appears complete or not at all. The file
+  gets the permissions a plain open() would give it (mkstemp's are owner-only)."""
+  folder = os.path.dirname(os.path.abspath(path))
+  fd, tmp = tempfile.mkstemp(prefix=".tmp-" + os.path.basename(path) + "-", dir=folder)
+  os.close(fd)
+  try:
+    yield tmp
+    umask = os.umask(0); os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
+    _fsync_file(tmp)
+    os.replace(tmp, path)
+    _fsync_dir(folder)
+  except BaseException:
+    with contextlib.suppress(OSError): os.unlink(tmp)
+    raise
+
+
 def write_json(path, obj):
   with atomic_file(path, "w") as f: json.dump(obj, f, indent=2, sort_keys=True)
 

@@ -193,3 +193,17 @@ def test_a_local_path_is_always_local(tmp_path, monkeypatch, hub):
                         (("no/such/folder",), "model path no/such/folder does not exist (a Hugging Face Hub id is written org/name")):
     with pytest.raises(models.ModelNotFound) as e: models.resolve(*args)
     assert message in str(e.value)
+
+
+def test_export_by_hub_id(hub, tmp_path):
+  """tools/export.py finds a model by Hub id (a folder repo, a GGUF in a repo) and writes what it
+  writes from the local files, byte for byte."""
+  import export
+  for out, local, by_id, files in (("model", [hub["folder"]], [FOLDER_REPO], ["config.json", "model.safetensors", "tokenizer.json"]),
+                                   ("model.gguf", [hub["ggufs"]["tiny-b.f32.gguf"], "--type", "f32"],
+                                    [GGUF_REPO, "--gguf_file", "tiny-b.f32.gguf", "--type", "f32"], [""])):
+    for where in ("local", "by_id"): (tmp_path / where).mkdir(exist_ok=True)
+    export.main(["--model", *local, "--out", str(tmp_path / "local" / out)])
+    run_tool("export.py", ["--model", *by_id, "--out", str(tmp_path / "by_id" / out)], hub["env"])
+    for f in files:
+      assert (tmp_path / "local" / out / f).read_bytes() == (tmp_path / "by_id" / out / f).read_bytes(), (out, f)
