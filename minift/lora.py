@@ -125,7 +125,7 @@ def save_adapter(model, folder, base_model_path=""):
             "modules_to_save": None, "layers_to_transform": None, "layers_pattern": None,
             "use_rslora": False, "use_dora": False, "revision": None}
   with atomic_folder(folder) as tmp:
-    save_safetensors(os.path.join(tmp, "adapter_model.safetensors"), adapter_state(model), metadata={"format": "pt"})
+    save_safetensors(os.path.join(tmp, "adapter_model.safetensors"), adapter_state(model), metadata={"format": "pt"}, finite=True)
     with open(os.path.join(tmp, "adapter_config.json"), "w") as f: json.dump(config, f, indent=2)
 
 
