@@ -143,7 +143,9 @@ class Signals:
 
   def __enter__(self):
     if threading.current_thread() is threading.main_thread():   # (a tool run in a thread keeps Python's handlers)
-      for sig in self.names: self.saved[sig] = signal.signal(sig, self._handle)
+      for sig in self.names:
+        if signal.getsignal(sig) is not signal.SIG_IGN:   # ignored by whoever started us (nohup, a shell's background job): so be it
+          self.saved[sig] = signal.signal(sig, self._handle)
     return self
 
   def __exit__(self, *exc):
@@ -191,8 +193,8 @@ def main(argv=None):
       last = checkpoint_step(os.path.join(args.out, "checkpoint"))
       kept = f"the checkpoint of step {last}" if last is not None else "no checkpoint"
       clip = f"--clip_grad_norm (now {args.clip_grad_norm:g})" if args.clip_grad_norm else "turn --clip_grad_norm back on (it is 0)"
-      raise SystemExit(f"error: {e}: stopped, and nothing of it was saved ({args.out} keeps {kept} and any finished adapter or model); "
-                       f"lower --lr (now {args.lr:g}) or {clip}") from None
+      raise SystemExit(f"error: {e}; nothing from it was saved: {args.out} keeps {kept} and any finished adapter or model. "
+                       f"Lower --lr (now {args.lr:g}) or {clip}") from None
 
 
 def run(args, signals):
