@@ -341,3 +341,93 @@ def test_a_live_run_holds_its_out(tiny, tmp_path):
   assert r.returncode == 1 and r.stderr.strip().splitlines()[-1] == (
     f"error: --out {out} is in use by another run (process {os.getpid()}); wait for it to end or choose another --out")
   finetune(*common(tiny), "--max_steps", "1", "--out", out)
+
+
+# ---- federated: a non-finite client update is refused, a non-finite global adapter fails the run
+
+class LocalGrid:
+  """Flower's Grid for run_server in this process: each node is a function of the round's
+  message content that returns the reply's content."""
+  def __init__(self, clients): self.clients = clients
+
+  def get_node_ids(self): return list(self.clients)
+
+  def send_and_receive(self, messages, timeout=None):
+    from flwr.app import Message, Metadata
+    replies = []
+    for m in messages:
+      node = m.metadata.dst_node_id
+      meta = Metadata(run_id=1, message_id=f"reply-{node}", src_node_id=node, dst_node_id=0, reply_to_message_id="", group_id="",
+                      created_at=time.time(), ttl=60.0, message_type=m.metadata.message_type)
+      replies.append(Message(self.clients[node](m.content), metadata=meta))
+    return replies
+
+
+def federated_setup(tiny, tmp_path, monkeypatch):
+  from flwr.supercore.task_identity import TaskIdentity
+  from minift.federated import RUN_CONFIG, train_round
+  for key, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)): monkeypatch.setattr(TaskIdentity, key, value)   # as in a ServerApp
+  cfg = {**RUN_CONFIG, "model": tiny["llama"], "val-data": tiny["text"], "out": str(tmp_path / "fed"), "num-rounds": 1, "local-steps": 2,
+         "batch-size": 2, "seq-len": 16, "lr": 1e-2, "lora-rank": 4, "lora-alpha": 8.0, "lora-targets": "q_proj", "min-clients": 2, "eval-batches": 1}
+  good = lambda content: train_round(content, {"model": tiny["llama"], "data": tiny["text"]})
+  def broken(content):   # a client that sends back NaN (a bug, a bit flip, or on purpose)
+    from flwr.app import Array, ArrayRecord, RecordDict
+    reply = good(content)
+    arrays = {k: reply["arrays"][k].numpy().copy() for k in reply["arrays"].keys()}
+    arrays[sorted(arrays)[-1]][0, 0] = np.nan
+    return RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in arrays.items()}), "metrics": reply["metrics"]})
+  return cfg, good, broken
+
+
+def test_federated_server_refuses_a_non_finite_update(tiny, tmp_path, monkeypatch):
+  from minift.federated import run_server
+  cfg, good, broken = federated_setup(tiny, tmp_path, monkeypatch)
+  run_server(LocalGrid({1: good, 2: broken}), cfg)
+  with open(os.path.join(cfg["out"], "rounds.jsonl")) as f: rows = [json.loads(l) for l in f]
+  assert rows[1]["replied"] == 1 and [c["node"] for c in rows[1]["clients"]] == [1]
+  [failure] = rows[1]["failures"]
+  assert failure["node"] == 2 and failure["reason"].startswith("refused by the server: the update is not finite (NaN or infinity in base_model.")
+  from safetensors.numpy import load_file
+  assert all(np.isfinite(v).all() for v in load_file(os.path.join(cfg["out"], "adapter", "adapter_model.safetensors")).values())
+
+
+def test_federated_run_with_a_non_finite_global_adapter_fails(tiny, tmp_path, monkeypatch, capsys):
+  """Were a NaN to get through (here: the average itself is made NaN), the run stops with an
+  error naming the round, and writes neither that round's adapter nor adapter/."""
+  from flwr.serverapp.strategy import FedAvg
+  from minift.federated import run_server
+  from minift.trainer import Diverged
+  cfg, good, _ = federated_setup(tiny, tmp_path, monkeypatch)
+  average = FedAvg.aggregate_train
+  def nan_average(self, server_round, replies):
+    from flwr.app import Array, ArrayRecord
+    arrays, metrics = average(self, server_round, replies)
+    return ArrayRecord({k: Array(np.full(arrays[k].numpy().shape, np.nan, np.float32)) for k in arrays.keys()}), metrics
+  monkeypatch.setattr(FedAvg, "aggregate_train", nan_average)
+  with pytest.raises(Diverged, match="the global adapter of round 1 is not finite"): run_server(LocalGrid({1: good, 2: good}), cfg)
+  assert "error: the global adapter of round 1 is not finite" in capsys.readouterr().out
+  assert sorted(os.listdir(os.path.join(cfg["out"], "rounds"))) == ["0"] and not os.path.exists(os.path.join(cfg["out"], "adapter"))
+  with open(os.path.join(cfg["out"], "rounds.jsonl")) as f: assert [json.loads(l)["round"] for l in f] == [0]
+
+
+def test_federated_client_refuses_when_its_training_diverges(tiny):
+  import models
+  from minift.data import PackedData
+  from minift.federated import RoundSettings, Refused, local_train
+  from minift.lora import apply_lora
+  model, tok = models.load(tiny["llama"])
+  apply_lora(model, ["q_proj"], 4, 8.0)
+  settings = RoundSettings(3, 2, 16, 1e38, 0, 4, 8.0, "q_proj", "", "")   # B grows past float32 by step 2
+  with pytest.raises(Refused, match=r"training diverged at local step 2 of round 1 \(loss nan"):
+    local_train(model, PackedData(tiny["text"], tok, 16, val_fraction=0.0), settings, 1)
+
+
+def test_federated_tool_reports_the_server_error(tmp_path):
+  sys.path.insert(0, os.path.join(ROOT, "tools"))
+  import federated as fed_tool
+  log = tmp_path / "server.log"
+  log.write_text("INFO :  [ROUND 1/2]\nround 1: left out node 7: refused: error: not this one\n"
+                 "error: the global adapter of round 2 is not finite (NaN or infinity in x); it was not saved\nTraceback ...\n")
+  assert fed_tool.server_error(str(log)) == "the global adapter of round 2 is not finite (NaN or infinity in x); it was not saved"
+  log.write_text("INFO : all good\n")
+  assert fed_tool.server_error(str(log)) is None and fed_tool.server_error(str(tmp_path / "missing")) is None
