@@ -431,3 +431,26 @@ def test_federated_tool_reports_the_server_error(tmp_path):
   assert fed_tool.server_error(str(log)) == "the global adapter of round 2 is not finite (NaN or infinity in x); it was not saved"
   log.write_text("INFO : all good\n")
   assert fed_tool.server_error(str(log)) is None and fed_tool.server_error(str(tmp_path / "missing")) is None
+
+
+def test_soak_benchmark_runs_on_a_tiny_setting(tmp_path):
+  """tools/bench.py --task soak, shortened: the curve comes from the rss_mb the run logged
+  every `every` steps, and the growth is the most after step 2 x every over that step's."""
+  sys.path.insert(0, os.path.join(ROOT, "tools"))
+  import bench
+  rows = []
+  bench.bench_soak(rows, "numpy", 1, steps=6, every=2)
+  [row] = rows
+  curve = row["rss_mb"]
+  assert sorted(curve) == [2, 4, 6] and all(20 < v < 4000 for v in curve.values())   # a Python process with NumPy: tens of MB
+  assert row["base_step"] == 4 and row["growth"] == pytest.approx(max(curve[4], curve[6]) / curve[4] - 1)
+  assert row["final_growth"] == pytest.approx(curve[6] / curve[4] - 1)
+
+
+def test_metrics_rows_log_resident_memory(tiny, tmp_path):
+  import resource
+  tool = load_finetune()
+  tool.main([*common(tiny), "--max_steps", "2", "--out", str(tmp_path / "out")])
+  peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024   # this process's peak so far bounds what it held then
+  rows = rows_of(str(tmp_path / "out" / "metrics.jsonl"))
+  assert [r["step"] for r in rows] == [1, 2] and all(0.3 * peak_mb < r["rss_mb"] <= peak_mb + 1 for r in rows), (rows, peak_mb)
