@@ -269,8 +269,7 @@ def recover_folder(path):
 def complete_folder(path):
   """For a reader: path if it exists, else the complete folder recover_folder(path) would
   put back (without moving it), else path."""
-  path = os.path.abspath(path)
-  parent, name = os.path.split(path)
+  parent, name = os.path.split(os.path.abspath(path))
   if os.path.lexists(path) or not os.path.isdir(parent): return path
   found = _siblings(parent, name)
   complete = sorted(found["swap"], key=os.path.getmtime) or sorted(found["old"], key=os.path.getmtime)

@@ -454,3 +454,21 @@ def test_metrics_rows_log_resident_memory(tiny, tmp_path):
   peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024   # this process's peak so far bounds what it held then
   rows = rows_of(str(tmp_path / "out" / "metrics.jsonl"))
   assert [r["step"] for r in rows] == [1, 2] and all(0.3 * peak_mb < r["rss_mb"] <= peak_mb + 1 for r in rows), (rows, peak_mb)
+
+
+def test_an_adapter_left_mid_swap_still_loads(tiny, tmp_path):
+  """Killed between moving the old adapter aside and renaming the new one in (where the file
+  system cannot exchange), the path is missing until the next run recovers it: load_adapter
+  reads the new, complete one meanwhile."""
+  import models
+  from minift.lora import apply_lora, save_adapter, load_adapter, adapter_state
+  model, _ = models.load(tiny["llama"])
+  apply_lora(model, ["q_proj"], 4, 8.0)
+  path = str(tmp_path / "adapter")
+  save_adapter(model, path)
+  os.rename(path, str(tmp_path / ".swap-adapter-k1ll3d"))
+  loaded, _ = models.load(tiny["llama"])
+  load_adapter(loaded, path)
+  want, got = adapter_state(model), adapter_state(loaded)
+  assert sorted(want) == sorted(got) and all(np.array_equal(want[k], got[k]) for k in want)
+  with pytest.raises(FileNotFoundError, match="missing adapter_config.json"): load_adapter(models.load(tiny["llama"])[0], str(tmp_path / "none"))
