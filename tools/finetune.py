@@ -7,7 +7,10 @@
 
 MODEL is a Hugging Face folder or a .gguf file. The result in --out: a PEFT LoRA adapter
 (adapter_model.safetensors + adapter_config.json) or, with --full_ft, a Hugging Face model
-folder; plus metrics.jsonl (one row per step), checkpoint/ (for --resume) and loss.png (--plot).
+folder; plus metrics.jsonl (one row per step; metrics.partial.jsonl until the run succeeds),
+checkpoint/ (for --resume), summary.json and loss.png (--plot). Ctrl-C or SIGTERM saves a
+checkpoint between steps and exits (130, 143); a diverged run (NaN) stops with an error and
+saves nothing of it; one run at a time may use an --out.
 The --pm_* flags slow training down on a low battery or a hot device and pause it when either is
 critical (minift/energy.py); --pm_probe shows what this device reports.
 """
