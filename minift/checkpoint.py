@@ -249,7 +249,7 @@ def recover_folder(path):
   """Undo what a kill in the middle of atomic_folder(path) left: if path is missing, the newest
   complete folder next to it (a `.swap-` one: the new folder; else an `.old-` one: the
   previous) is renamed to path; every other leftover is deleted. Call it while no other
-  process writes path (under lock_folder). Returns the folder put back, or None."""
+  process writes path (under FolderLock). Returns the folder put back, or None."""
   path = os.path.abspath(path)
   parent, name = os.path.split(path)
   if not os.path.isdir(parent): return None
@@ -279,7 +279,7 @@ def complete_folder(path):
 def clean_folder(folder):
   """Recover every folder in `folder` that atomic_folder was swapping when a run was killed, and
   delete temporary files of killed writers (atomic_file's `.tmp-*`, check_writable's). Only
-  while holding lock_folder(folder)."""
+  while holding FolderLock(folder)."""
   if not os.path.isdir(folder): return
   for entry in os.listdir(folder):
     full = os.path.join(folder, entry)
