@@ -284,7 +284,8 @@ def test_sigterm_and_sigint_save_a_checkpoint_and_resume_to_the_same_adapter(tin
 def test_diverged_run_keeps_the_finished_run(tiny, tmp_path):
   """A fresh run that diverges (a huge --lr, no clipping) into an --out that holds a finished
   run: an error naming the step and the remedies, exit 1, and the finished run's adapter,
-  checkpoint, metrics.jsonl and summary.json are byte for byte what they were."""
+  checkpoint, metrics.jsonl and summary.json are byte for byte what they were; the same for a
+  fresh run stopped by SIGTERM before its first step."""
   out = str(tmp_path / "out")
   base = [*common(tiny), "--out", out]
   finetune(*base, "--max_steps", "3")
@@ -298,6 +299,16 @@ def test_diverged_run_keeps_the_finished_run(tiny, tmp_path):
   assert {name: files_of(os.path.join(out, name)) for name in ("adapter", "checkpoint")} == {k: kept[k] for k in ("adapter", "checkpoint")}
   for name in ("metrics.jsonl", "summary.json"): assert open(os.path.join(out, name), "rb").read() == kept[name], name
   assert [row["step"] for row in rows_of(os.path.join(out, "metrics.partial.jsonl"))] == [1]   # no NaN row
+  # a fresh run stopped before its first step (SIGTERM in the throttle's 10 s sleep before step 1) saves nothing either
+  proc = subprocess.Popen([sys.executable, FINETUNE, *base, "--max_steps", "6", "--pm_schedule", "0-:0.1"], stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+  for line in proc.stdout:
+    if line.startswith("validation before"): break
+  proc.send_signal(signal.SIGTERM)
+  _, err = proc.communicate(timeout=300)
+  assert proc.returncode == 143 and err.strip().splitlines()[-1] == "interrupted by SIGTERM before the first step; nothing was saved", err
+  assert {name: files_of(os.path.join(out, name)) for name in ("adapter", "checkpoint")} == {k: kept[k] for k in ("adapter", "checkpoint")}
+  for name in ("metrics.jsonl", "summary.json"): assert open(os.path.join(out, name), "rb").read() == kept[name], name
   # a checkpoint saved before the divergence in the same run is the one kept
   r = finetune(*base, "--max_steps", "6", "--lr", "1e30", "--clip_grad_norm", "0", "--save_interval", "1", check=False)
   assert r.returncode == 1 and "diverged at step 2" in r.stderr and "keeps the checkpoint of step 1" in r.stderr

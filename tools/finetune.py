@@ -131,7 +131,7 @@ class Interrupted(BaseException):
   def __init__(self, signum, forced=False):
     super().__init__(signum)
     self.signum, self.forced = signum, forced
-    self.detail = "before training started; nothing was saved"
+    self.detail = "before the first step; nothing was saved"
 
 
 class Signals:
@@ -296,7 +296,7 @@ def train(args, source, sharder, t_start, signals):
     val_before = trainer.evaluate(data.val_x, data.val_y, args.batch_size, args.eval_batches) if len(data.val_x) else (math.nan, math.nan)
   print(f"validation before: loss {val_before[0]:.4f}  ppl {val_before[1]:.2f}")
 
-  saved_at = step   # the step of the checkpoint in ckpt_dir that belongs to this run (the start: nothing to save)
+  saved_at = step if args.resume else None   # the step of this run's checkpoint in ckpt_dir
 
   def save_checkpoint():
     nonlocal saved_at
@@ -308,12 +308,12 @@ def train(args, source, sharder, t_start, signals):
         raise Diverged(f"training diverged by step {step} ({e})") from None
       saved_at = step
 
-  throttle = energy.Throttle(source, args.pm_policy, on_pause=save_checkpoint, log=tqdm.write)
   micro = args.batch_size // args.grad_accum_steps
-  bar = tqdm(total=total, initial=step, disable=args.quiet, unit="step", dynamic_ncols=True)
-  batches = data.batches(args.batch_size, epoch, batch_index)
-  phase = "training"
+  phase, bar = "training", None
   try:
+    throttle = energy.Throttle(source, args.pm_policy, on_pause=save_checkpoint, log=tqdm.write)
+    bar = tqdm(total=total, initial=step, disable=args.quiet, unit="step", dynamic_ncols=True)
+    batches = data.batches(args.batch_size, epoch, batch_index)
     while step < total:
       energy_row = throttle.before_step(step)   # may sleep, or save a checkpoint and pause (a signal stops it at once)
       with signals.deferred():   # a signal during the step is acted on after it
@@ -368,17 +368,17 @@ def train(args, source, sharder, t_start, signals):
               + ("use unknown (no discharging readings)" if per_100 is None else f"{per_100:g}% per 100 steps"))
       if args.demo: print("this was the demo; run with --model and --data to train on your own text (see --help)")
   except Interrupted as e:
-    bar.close()
-    if phase == "training" and not e.forced and step != saved_at:
+    if bar is not None: bar.close()
+    if phase == "training" and not e.forced and step != saved_at and step:   # (a fresh run's step 0 is not worth a checkpoint)
       try:
         save_checkpoint()
       except Interrupted:   # a second signal while saving: stop now (the previous checkpoint is whole)
         e.forced = True
     if phase == "done":
       e.detail = f"after the run finished; its results are in {args.out}"
-    elif step == saved_at and (step or args.resume):
-      e.detail = f"at step {step} of {total}; checkpoint in {ckpt_dir}: continue with --resume"
     elif step == saved_at:
+      e.detail = f"at step {step} of {total}; checkpoint in {ckpt_dir}: continue with --resume"
+    elif not step:
       e.detail = "before the first step; nothing was saved"
     else:
       last = checkpoint_step(ckpt_dir)
