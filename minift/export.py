@@ -64,7 +64,7 @@ def save_hf(model, folder, tokenizer=None):
   """The model (and tokenizer) as an HF folder; replaces `folder` atomically."""
   state = hf_tensors(model)
   with atomic_folder(folder) as tmp:
-    save_safetensors(os.path.join(tmp, "model.safetensors"), state, metadata={"format": "pt"})
+    save_safetensors(os.path.join(tmp, "model.safetensors"), state, metadata={"format": "pt"}, finite=True)
     with open(os.path.join(tmp, "config.json"), "w") as f: json.dump(hf_config(model), f, indent=2)
     if tokenizer is not None: save_tokenizer(tokenizer, tmp)
 

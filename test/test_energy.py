@@ -314,7 +314,7 @@ def test_throttled_run_trains_the_same_adapter(tiny_llama, tmp_path, capsys, mon
   assert "energy:" not in capsys.readouterr().out
   saved_steps = []
   save = Trainer.save_checkpoint
-  monkeypatch.setattr(Trainer, "save_checkpoint", lambda self, folder, state: (saved_steps.append(state["step"]), save(self, folder, state)))
+  monkeypatch.setattr(Trainer, "save_checkpoint", lambda self, folder, state, **kw: (saved_steps.append(state["step"]), save(self, folder, state, **kw)))
   # sim_drain.jsonl, read every 2 steps: 30%; 19% at 42.5 C (low and hot); 9% (critical: pause, polls 9%, then 10% charging); 25% charging
   summary = finetune.main([*common, "--out", str(tmp_path / "throttled"), "--pm_source", "sim:" + os.path.join(FIXTURES, "sim_drain.jsonl"),
                            "--pm_interval", "2", "--pm_fb_low", "100", "--pm_ft_low", "50", "--pm_poll_s", "0.01", "--pm_schedule", "6-:5"])

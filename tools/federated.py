@@ -337,8 +337,27 @@ def main(argv=None):
   import importlib.util
   if importlib.util.find_spec("flwr") is None: raise SystemExit("error: Flower is not installed: pip install 'minift[federated]' (flwr==1.41.0)")
   signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))   # a kill runs the cleanup below, as Ctrl-C does
+  from minift.checkpoint import FolderLock, FolderBusy, clean_folder
   out = os.path.abspath(args.out)
-  os.makedirs(out, exist_ok=True)
+  try:
+    lock = FolderLock(out)
+  except FolderBusy as e:
+    raise SystemExit(f"error: {e}") from None
+  with lock:
+    for folder in (out, os.path.join(out, "rounds"), os.path.join(out, "cache")): clean_folder(folder)   # what killed runs left
+    return federate(args, out)
+
+
+def server_error(log_path):
+  """The last `error: ...` line the server printed to its log, without the prefix (or None)."""
+  try:
+    with open(log_path, errors="replace") as f: found = [line.split("error: ", 1)[1].strip() for line in f if "error: " in line]
+  except OSError:
+    return None
+  return found[-1] if found else None
+
+
+def federate(args, out):
   shards, val_data = make_shards(args.data, args.clients, os.path.join(out, "shards"), args.val_data, args.val_fraction)
   app = write_app(os.path.join(out, "app"), run_config(args, out, val_data))
   summary_path = os.path.join(out, "summary.json")
@@ -353,7 +372,8 @@ def main(argv=None):
     print(f"SuperLink on 127.0.0.1:{fed.port}, {args.clients} SuperNodes ({threads} BLAS thread(s) each); logs in {fed.logs}", flush=True)
     fed.run(app, echo=not args.quiet)
   if not os.path.exists(summary_path):
-    raise SystemExit(f"error: the federated run did not finish; see {out}/logs/server.log")
+    reason = server_error(os.path.join(out, "logs", "server.log"))
+    raise SystemExit(f"error: the federated run " + (f"failed: {reason}" if reason else "did not finish") + f"; see {out}/logs/server.log")
   with open(os.path.join(out, "rounds.jsonl")) as f: rows = [json.loads(line) for line in f]
   table = round_table(rows)
   with open(os.path.join(out, "rounds.md"), "w") as f: f.write(table)
