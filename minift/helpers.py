@@ -1,5 +1,7 @@
-"""Small shared helpers: env flags, products, global counters."""
-import math, os, sys
+"""Small shared helpers: env flags, the log, products, global counters, disk caches and the
+hand-written kernels' folder."""
+import logging, math, os, sys
+from pathlib import Path
 
 sys.setrecursionlimit(max(sys.getrecursionlimit(), 20000))
 
@@ -12,6 +14,14 @@ def getenv(key, default=0):
 
 
 DEBUG = getenv("DEBUG", 0)
+
+log = logging.getLogger("minift")
+if not log.handlers:
+  _h = logging.StreamHandler()
+  _h.setFormatter(logging.Formatter("minift: %(message)s"))
+  log.addHandler(_h)
+  log.setLevel(logging.INFO)
+  log.propagate = False
 
 
 prod = math.prod   # of a shape: 1 for ()
@@ -56,6 +66,18 @@ def touch_cache(path):
   """Mark a cache file used now, for prune_cache's least-recently-used order."""
   try: os.utime(path)
   except OSError: pass   # a read-only cache is still a cache
+
+
+# the hand-written kernels: kernels/ of a checkout, or minift/kernels of an installed package (setup.cfg)
+KERNEL_DIR = next((d for d in (Path(__file__).resolve().parent.parent / "kernels", Path(__file__).resolve().parent / "kernels")
+                   if (d / "matmul.cl").exists()), Path(__file__).resolve().parent.parent / "kernels")
+
+
+def read_kernel(name):
+  """The source of hand-written kernel `name` (kernels/matmul.cl, kernels/attention.c, ...)."""
+  path = KERNEL_DIR / name
+  try: return path.read_text()
+  except OSError: raise RuntimeError(f"{path} is missing (reinstall minift: its kernels/ was not installed)") from None
 
 
 def normalize_axis(axis, ndim, what="axis"):

@@ -12,7 +12,9 @@ Random numbers (dropout) advance from call to call as they would without jit.
 import functools, weakref
 from minift.tensor import Tensor
 from minift.lazy import LazyBuffer, LazyOp, Op
-from minift.device import _capturing, run_kernel
+from minift.runtime.buffer import active_pager
+from minift.runtime.device import FusedAssigns, get_device
+from minift.runtime.executor import capturing, run_kernel
 from minift.view import View
 
 
@@ -80,11 +82,7 @@ class jit:
 
   def _capture(self, inputs, args, kwargs):
     cap, rng0 = _Capture(), Tensor._rng_counter
-    _capturing.append(cap)
-    try:
-      ret = self._realized(self.fn(*args, **kwargs))
-    finally:
-      _capturing.remove(cap)
+    with capturing(cap): ret = self._realized(self.fn(*args, **kwargs))
     input_ids = {id(t.lazydata.base.buffer): i for i, t in enumerate(inputs)}
     out_slots = set()
     returns = []
@@ -152,13 +150,14 @@ def _fuse_assigns(items):
   them into one loop (NumpyDevice.fuse_assigns): an optimizer's m, v and p updates then read
   the gradient and the moments once. Not under a sharder that pages what they read or write
   (one kernel would then need all their pages at once), except one paging only optimizer state."""
-  from minift import device as dev
-  if dev.sharder is not None and not dev.sharder.optimizer_only: return items
+  pager = active_pager()
+  if pager is not None and not pager.optimizer_only: return items
   state = lambda item: item[0].kind == "elementwise" and item[0].assign_target is not None and item[1][0] == "buf"
   out, n = [], 0
   while n < len(items):
     first, end = items[n], n + 1
-    fuse = getattr(dev.get_device(first[0].device), "fuse_assigns", None) if state(first) else None
+    device = get_device(first[0].device)
+    fuse = device.fuse_assigns if state(first) and device.fuses_assigns else None
     while fuse and end < len(items) and end - n < FUSE_MAX and state(items[end]) and \
         tuple(items[end][0].shape) == tuple(first[0].shape) and items[end][0].device == first[0].device: end += 1
     fused, shared = None, []   # shared: the group's inputs, each once (buffers by identity)
@@ -191,8 +190,9 @@ def _donated(items, last_use, out_slots):
   LM head's gradient with the lookup's rows added in place, not a fresh (vocab, C) copy."""
   donated = {}
   for n, (kernel, _, in_refs, _) in enumerate(items):
+    if isinstance(kernel, FusedAssigns): continue
     ast = kernel.ast
-    if ast is None or ast.op is not Op.SCATTER_ADD or len(ast.srcs) != 3 or ast.srcs[2].op is not Op.BUFFER or ast.srcs[2].arg[1] != View.contiguous(kernel.shape): continue
+    if ast.op is not Op.SCATTER_ADD or len(ast.srcs) != 3 or ast.srcs[2].op is not Op.BUFFER or ast.srcs[2].arg[1] != View.contiguous(kernel.shape): continue
     i = ast.srcs[2].arg[0]
     r = in_refs[i]
     if r[0] == "slot" and last_use.get(r[1]) == n and r[1] not in out_slots and in_refs.count(r) == 1: donated[n] = i

@@ -11,7 +11,7 @@ CONST, elementwise ops and at most one reduce. The fusion rules (DESIGN.md secti
   * a sum of a product whose operands are broadcast on different axes is a matmul: its operands
     are materialized, and backends run it on BLAS or a tiled kernel, never as a broadcast product.
 """
-from minift.lazy import Op, ELEMENTWISE, REDUCE, OWN_KERNEL, LazyOp, LazyBuffer
+from minift.lazy import Op, ELEMENTWISE, REDUCE, OWN_KERNEL, LazyOp, LazyBuffer, SAVED_FOR_BACKWARD
 from minift.view import View
 from minift.helpers import prod
 from minift.dtype import dtypes
@@ -248,7 +248,6 @@ def _keep_saved_reductions(order, realize):
   kernel, would be recomputed from scratch by the backward, matmuls included (this happens when
   the forward is realized before the backward is built). Materialize the reductions inside it;
   its elementwise part stays cheap to recompute from them."""
-  from minift.function import SAVED_FOR_BACKWARD
   for base in order:
     if id(base) in realize or base not in SAVED_FOR_BACKWARD: continue
     stack, seen = [base], set()

@@ -8,7 +8,7 @@ import pytest
 
 import minift
 from minift import Tensor, dtypes
-from minift.device import get_device
+from minift.runtime.device import get_device
 
 # CI installs PoCL (.ci/run): there a missing OpenCL device is a failure, not a skip
 if "opencl" not in minift.available_devices():
@@ -16,8 +16,8 @@ if "opencl" not in minift.available_devices():
   pytest.skip("no usable OpenCL device", allow_module_level=True)
 
 import pyopencl as cl
-from minift import backend_opencl
-from minift import codegen_opencl as cg
+from minift.backends.opencl import device as opencl_device
+from minift.backends.opencl import codegen as cg
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -91,16 +91,16 @@ def test_too_large_allocation_names_the_limit(dev):
 
 
 def test_device_selection_by_index_and_name():
-  found = backend_opencl.list_devices()
+  found = opencl_device.list_devices()
   pi, di, p, d = found[-1]
-  assert backend_opencl.select_device(f"{pi}:{di}")[1] == d
+  assert opencl_device.select_device(f"{pi}:{di}")[1] == d
   part = d.name.strip()[:6]
-  assert part.lower() in backend_opencl.select_device(part.upper())[1].name.lower()   # a case-blind substring
-  with pytest.raises(RuntimeError, match="names no OpenCL device"): backend_opencl.select_device("no-such-device-here")
+  assert part.lower() in opencl_device.select_device(part.upper())[1].name.lower()   # a case-blind substring
+  with pytest.raises(RuntimeError, match="names no OpenCL device"): opencl_device.select_device("no-such-device-here")
 
 
 def test_build_failure_names_the_kernel_and_carries_the_log(dev):
-  with pytest.raises(backend_opencl.CLBuildError) as e:
+  with pytest.raises(opencl_device.CLBuildError) as e:
     dev.build("broken_kernel", "__kernel void broken_kernel(__global float* a) { a[0] = not_declared_anywhere; }")
   assert "broken_kernel" in str(e.value) and "not_declared_anywhere" in e.value.build_log
 
@@ -306,7 +306,7 @@ def _child(code, **env):
 
 
 def test_second_process_compiles_nothing(tmp_path):
-  code = ("import json, numpy as np\nfrom minift import Tensor\nfrom minift.device import get_device\n"
+  code = ("import json, numpy as np\nfrom minift import Tensor\nfrom minift.runtime.device import get_device\n"
           "x = Tensor(np.arange(12, dtype=np.float32).reshape(3, 4), device='opencl')\n"
           "y = ((x @ x.T).relu() + x.sum(1, keepdim=True)).softmax(-1).numpy()\n"
           "print(json.dumps(get_device('opencl').stats))")

@@ -13,17 +13,13 @@ reduce; b, i, j, k over the batch, m, n and k axes of a matmul). Axes that merge
 stride cost one multiply, whatever their number; masked axes (pads) add a bounds check.
 """
 from dataclasses import dataclass, field
-from pathlib import Path
 import numpy as np
+from minift.codegen.cstyle import literal
 from minift.dtype import dtypes
+from minift.helpers import prod, read_kernel
 from minift.lazy import Op
 from minift.schedule import matmul_axes
-from minift.helpers import prod
 from minift.view import View
-
-# the hand kernels: kernels/ of a checkout, or minift/kernels of an installed package (setup.cfg)
-KERNEL_DIR = next((d for d in (Path(__file__).resolve().parent.parent / "kernels", Path(__file__).resolve().parent / "kernels")
-                   if (d / "matmul.cl").exists()), Path(__file__).resolve().parent.parent / "kernels")
 
 CTYPE = {"bool": "bool", "int32": "int", "int64": "long", "float16": "float", "float32": "float"}   # arithmetic
 STYPE = {"bool": "uchar", "int32": "int", "int64": "long", "float16": "half", "float32": "float"}   # storage
@@ -65,21 +61,6 @@ class Rendered:
   local_size: tuple
   extra_args: tuple = ()      # after (out, data...): "err" (int flag buffer), "key", "counter" (uint)
   notes: dict = field(default_factory=dict)
-
-
-def literal(value, dtype):
-  """An OpenCL C literal of `value` as `dtype` computes (negative values parenthesised)."""
-  if dtype is dtypes.bool: return "1" if value else "0"
-  if dtype is dtypes.int32:
-    value = int(np.int32(value))
-    return "(-2147483647-1)" if value == -2**31 else (f"({value})" if value < 0 else str(value))
-  if dtype is dtypes.int64:
-    value = int(value)
-    return "(-9223372036854775807L-1L)" if value == -2**63 else (f"({value}L)" if value < 0 else f"{value}L")
-  v = float(np.float16(value)) if dtype is dtypes.float16 else float(np.float32(value))
-  if v != v: return "NAN"
-  if v in (float("inf"), float("-inf")): return "INFINITY" if v > 0 else "(-INFINITY)"
-  return f"({v!r}f)" if v < 0 or (v == 0 and np.signbit(v)) else f"{v!r}f"
 
 
 def _coord(var, inner, size, outermost):
@@ -381,7 +362,7 @@ def render_scatter_add(kernel, in_dtypes, idx, max_local):
 
 
 def render_rand(kernel, idx, max_local):
-  """backend_numpy.rand_uniform, bit for bit: murmur3's finalizer over the counter."""
+  """backends/numpy/device.rand_uniform, bit for bit: murmur3's finalizer over the counter."""
   n = prod(kernel.shape)
   body = [f"{idx} gid = get_global_id(0);", f"if (gid >= {n}) return;",
           "uint x = (uint)gid + counter;", "x = (x * 0x9E3779B9u) ^ key;",
@@ -481,7 +462,7 @@ def render_matmul(kernel, in_dtypes, idx, config, image=False):
   name = kernel.name + ("_image" if image else "")
   defines.update({"MM_NAME": name, "BM": config.bm, "BN": config.bn, "BK": config.bk, "TM": config.tm, "TN": config.tn})
   src = PRELUDE + "".join(f"#define {k_} {v}\n" for k_, v in defines.items()) + epilogue
-  src += (KERNEL_DIR / ("matmul_image.cl" if image else "matmul.cl")).read_text()
+  src += read_kernel("matmul_image.cl" if image else "matmul.cl")
   tx, ty = config.bn // config.tn, config.bm // config.tm
   gsize = (_round_up(nn, config.bn) // config.bn * tx, _round_up(mm, config.bm) // config.bm * ty, nb)
   return Rendered(name, src, gsize, (tx, ty, 1), extra_args=("image",) if image else (), notes={"config": config})

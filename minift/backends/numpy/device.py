@@ -1,21 +1,23 @@
-"""The NumPy backend: matmuls go to BLAS; elementwise kernels, reductions and matmul epilogues
-run as compiled C loops where cloops.py can build them (a C compiler, the kernel's ops and
-dtypes covered), and every other kernel's AST is evaluated with NumPy.
+"""The NumPy backend's device: matmuls go to BLAS; elementwise kernels, reductions and matmul
+epilogues run as compiled C loops where cloops.py can build them (a C compiler, the kernel's ops
+and dtypes covered), and every other kernel's AST is evaluated with NumPy.
 
 Loads are strided views of the input buffers (no copies, pads become np.pad); temporaries
 made inside a kernel are reused in place where the shape and dtype allow it.
 """
-import ctypes, itertools, os, time
-from concurrent.futures import ThreadPoolExecutor
+import ctypes, itertools
 import numpy as np
 from numpy.lib.stride_tricks import as_strided
-from minift.device import Buffer, is_paged
 from minift.dtype import dtypes
-from minift.lazy import Op
-from minift.schedule import matmul_axes
 from minift.helpers import prod
+from minift.lazy import Op
+from minift.runtime.buffer import Buffer, is_paged
+from minift.runtime.device import Device, FusedAssigns
+from minift.schedule import matmul_axes
 from minift.view import View
-from minift import cloops
+from minift.backends.numpy import cloops
+from minift.backends.numpy.attention import ATTENTION_ROWS, attention_functions, attention_numpy, attention_backward_numpy
+from minift.backends.numpy import parallel
 
 
 def erf(x):
@@ -160,9 +162,10 @@ def blocks(kernel):
           for outer in itertools.product(*[range(n) for n in shape[:ax]]) for s in range(0, shape[ax], step)]
 
 
-class NumpyDevice:
+class NumpyDevice(Device):
   name = "numpy"
-  runs_attention = True   # Tensor.scaled_dot_product_attention may make ATTENTION (and ATTENTION_BACKWARD) kernels for it
+  runs_attention = True   # one kernel each way (attention_functions, or attention.py without a compiler)
+  fuses_assigns = True    # an optimizer's updates of one weight as one C loop (cloops.render_fused)
 
   def alloc_from(self, arr):
     arr = np.ascontiguousarray(arr).reshape(-1)
@@ -180,11 +183,7 @@ class NumpyDevice:
   def copy_in(self, buf, arr):
     buf.data[...] = np.asarray(arr, dtype=buf.dtype.np).reshape(-1)
 
-  def free(self, buf): pass
-
   def is_writable(self, buf): return buf.data.flags.writeable
-
-  def synchronize_time(self, start): return time.perf_counter() - start
 
   def prepare(self, kernels):
     """Build the C loops of a schedule's kernels in one compiler run (cloops.py)."""
@@ -203,10 +202,15 @@ class NumpyDevice:
     fn = cloops.compiler.get(name)
     if fn is None: return None
     fn.argtypes = [ctypes.c_void_p] * (len(in_dtypes) + 1) + [ctypes.c_long] * 2
-    return FusedAssigns(kernels, [m[k.assign_target] for k, m in zip(kernels, in_maps)], fn, outer)
+    return FusedAssigns(kernels, [m[k.assign_target] for k, m in zip(kernels, in_maps)], (fn, outer))
+
+  def run_fused(self, fused, ins):
+    (fn, outer), flats = fused.program, [b.data for b in ins]
+    parallel.call_in_parts(fn, flats[fused.targets[0]], [f.ctypes.data for f in flats], outer, fused.numel * len(flats))
+    return ins[fused.targets[0]]
 
   def run(self, kernel, ins, assign_out=None, rand_key=None):
-    if isinstance(kernel, FusedAssigns): return kernel.run(ins)
+    if isinstance(kernel, FusedAssigns): return self.run_fused(kernel, ins)
     flats = [b.data if b.device is self else b.device.to_numpy(b) for b in ins]   # a copy from another device
     fn = kernel.__dict__.get("_c_fn")
     if fn is None and kernel.kind in ("elementwise", "reduce", "matmul"):
@@ -263,7 +267,7 @@ class NumpyDevice:
     if kernel._c_chunks:   # a reduction to one value: partial sums in parts, then added up in order
       part = np.empty(2 * kernel._c_chunks, np.float64)
       args.append(part.ctypes.data)
-    call_in_parts(fn, out, args, *kernel._c_split)
+    parallel.call_in_parts(fn, out, args, *kernel._c_split)
     if kernel._c_chunks: fn(out.ctypes.data, *args, -1, 0)
     if in_place: return assign_out
     if assign_out is not None:
@@ -280,15 +284,15 @@ class NumpyDevice:
     backward, (scale, causal, window) = kernel.kind == "attention_backward", kernel.ast.arg
     B, Hq, T, D = q.shape
     Hkv, S, Dv = k.shape[1], k.shape[2], v.shape[3]
-    fns = cloops.attention_functions()
+    fns = attention_functions()
     if fns is None:
       with np.errstate(all="ignore"):
         if not backward: return attention_numpy(q, k, v, scale, causal, window).reshape(-1)
         return np.concatenate([g.reshape(-1) for g in attention_backward_numpy(q, k, v, arrays[3], scale, causal, window)])
     out, failed = np.empty(prod(kernel.shape), np.float32), np.zeros(1, np.int32)
     # parts: blocks of queries forward; (batch, kv head) pairs backward, each owning its keys' gradients
-    units = B * Hkv if backward else B * Hq * -(-T // cloops.ATTENTION_ROWS)
-    call_in_parts(fns[backward], out, [a.ctypes.data for a in arrays] + [failed.ctypes.data, B, Hq, Hkv, T, S, D, Dv, scale, int(causal), window or 0],
+    units = B * Hkv if backward else B * Hq * -(-T // ATTENTION_ROWS)
+    parallel.call_in_parts(fns[backward], out, [a.ctypes.data for a in arrays] + [failed.ctypes.data, B, Hq, Hkv, T, S, D, Dv, scale, int(causal), window or 0],
                   units, B * Hq * T * max(S, 1))
     if failed[0]: raise MemoryError(f"attention {q.shape} x {k.shape}: no memory for the scratch of {S} keys")
     return out
@@ -396,110 +400,6 @@ class NumpyDevice:
     out = np.matmul(b3.swapaxes(-1, -2), a3.swapaxes(-1, -2)) if swap else np.matmul(a3, b3)
     out = out.reshape(out_shape).transpose(out_order)
     return out.astype(node.dtype.np, copy=False).reshape(shape)
-
-
-class FusedAssigns:
-  """Kernels that update buffers in place (assign), run as one compiled loop over their
-  shared inputs (NumpyDevice.fuse_assigns); targets: the shared inputs they write."""
-  kind, assign_target, ast = "fused_assigns", 0, None
-
-  def __init__(self, kernels, targets, fn, outer):
-    self.kernels, self.targets, self.fn, self.outer = kernels, targets, fn, outer   # outer: the range of its outermost loop
-    self.device, self.shape, self.dtype = kernels[0].device, tuple(kernels[0].shape), kernels[0].dtype
-    self.name = "fused_" + "_".join(k.name for k in kernels)
-
-  def run(self, ins):
-    flats = [b.data for b in ins]
-    call_in_parts(self.fn, flats[self.targets[0]], [f.ctypes.data for f in flats], self.outer, prod(self.shape) * len(flats))
-    return ins[self.targets[0]]
-
-
-# ---- compiled loops on every core
-
-PARTS_FROM = 1 << 17   # elements a kernel reads or writes per part at least: handing out a part costs ~20-60 us
-_pool, _pool_size = None, 0   # worker threads, made on first use
-_CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-if hasattr(os, "register_at_fork"):   # a forked child has none of the threads (no fork on Windows)
-  os.register_at_fork(after_in_child=lambda: globals().update(_pool=None, _pool_size=0))
-
-
-def thread_count():
-  """Cores the compiled loops use: $MINIFT_THREADS, else every core this process may run on."""
-  env = os.environ.get("MINIFT_THREADS")
-  if env is None: return _CORES
-  if not env.isdigit() or int(env) < 1: raise ValueError(f"MINIFT_THREADS={env!r}: expected a whole number of threads >= 1")
-  return int(env)
-
-
-def call_in_parts(fn, out, args, outer, work):
-  """A compiled loop fn(out, *args, lo, hi) over [0, outer) of its outermost loop, cut into one
-  part per thread when there is enough work (`work` elements read or written). ctypes lets go
-  of the GIL while C runs, so the parts run at once. Each output element is computed the same
-  way in any part, so the result does not depend on the thread count."""
-  global _pool, _pool_size
-  args = (out.ctypes.data, *args)
-  parts = min(thread_count(), outer, work // PARTS_FROM)
-  if parts <= 1: return fn(*args, 0, outer)
-  if _pool_size < parts - 1:   # more threads asked for ($MINIFT_THREADS raised): a bigger pool
-    if _pool is not None: _pool.shutdown(wait=False)
-    _pool, _pool_size = ThreadPoolExecutor(parts - 1, thread_name_prefix="minift-loops"), parts - 1
-  cuts = [outer * i // parts for i in range(parts + 1)]
-  others = [_pool.submit(fn, *args, lo, hi) for lo, hi in zip(cuts[1:-1], cuts[2:])]
-  fn(*args, cuts[0], cuts[1])
-  interrupted = None
-  for f in others:
-    while True:
-      try:
-        f.result()
-        break
-      except KeyboardInterrupt as e:   # the part still writes into out: returning now would free it under the thread
-        interrupted = e
-  if interrupted is not None: raise interrupted
-
-
-def _attention_blocks(q, k, scale, causal, window, rows):
-  """(queries i0:i1, q * scale grouped (B, Hkv, G, rows, D), softmax (B, Hkv, G, rows, S)) of
-  each block of `rows` queries, for q (B, Hq, T, D) and k (B, Hkv, S, D)."""
-  B, Hq, T, D = q.shape
-  Hkv, S = k.shape[1], k.shape[2]
-  qg = q.reshape(B, Hkv, Hq // Hkv, T, D) * np.float32(scale)
-  kt, keys = k.reshape(B, Hkv, 1, S, D).swapaxes(-1, -2), np.arange(S)
-  for i0 in range(0, T, rows):
-    i1 = min(T, i0 + rows)
-    aligned = np.arange(i0, i1)[:, None] + (S - T)   # query i sees keys up to i + S - T
-    allowed = keys <= aligned if causal else np.ones((i1 - i0, S), bool)
-    if window: allowed &= keys > aligned - window
-    scores = np.where(allowed, qg[:, :, :, i0:i1] @ kt, np.float32(-np.inf))
-    e = np.exp(scores - scores.max(-1, keepdims=True))
-    yield i0, i1, qg[:, :, :, i0:i1], e / e.sum(-1, keepdims=True)
-
-
-def attention_numpy(q, k, v, scale, causal, window, rows=128):
-  """What the compiled attention loop computes, in NumPy: softmax(q k^T * scale, masked) v for q
-  (B, Hq, T, D), k (B, Hkv, S, D), v (B, Hkv, S, Dv), `rows` queries at a time (the (T, S) scores
-  of a long sequence would not fit in memory at once)."""
-  B, Hq, T, _ = q.shape
-  Hkv, S, Dv = k.shape[1], k.shape[2], v.shape[3]
-  vg, out = v.reshape(B, Hkv, 1, S, Dv), np.empty((B, Hkv, Hq // Hkv, T, Dv), np.float32)
-  for i0, i1, _, p in _attention_blocks(q, k, scale, causal, window, rows): out[:, :, :, i0:i1] = p @ vg
-  return out.reshape(B, Hq, T, Dv)
-
-
-def attention_backward_numpy(q, k, v, dout, scale, causal, window, rows=128):
-  """The gradients (dq, dk, dv) of attention_numpy's output for dout (B, Hq, T, Dv)."""
-  B, Hq, T, D = q.shape
-  Hkv, S, Dv = k.shape[1], k.shape[2], v.shape[3]
-  G = Hq // Hkv
-  kg, vg, dog = k.reshape(B, Hkv, 1, S, D), v.reshape(B, Hkv, 1, S, Dv), dout.reshape(B, Hkv, G, T, Dv)
-  dq, dk, dv = np.empty((B, Hkv, G, T, D), np.float32), np.zeros((B, Hkv, S, D), np.float32), np.zeros((B, Hkv, S, Dv), np.float32)
-  for i0, i1, qs, p in _attention_blocks(q, k, scale, causal, window, rows):
-    do = dog[:, :, :, i0:i1]
-    dp = do @ vg.swapaxes(-1, -2)
-    ds = p * (dp - (p * dp).sum(-1, keepdims=True))
-    dq[:, :, :, i0:i1] = (ds @ kg) * np.float32(scale)
-    dk += (ds.swapaxes(-1, -2) @ qs).sum(2)
-    dv += (p.swapaxes(-1, -2) @ do).sum(2)
-  return dq.reshape(B, Hq, T, D), dk, dv
 
 
 def _matmul_plan(va, vb, axes, in_shape):

@@ -1,12 +1,12 @@
 """The OpenCL backend: runs the scheduler's kernels on an OpenCL device (phone GPUs; PoCL in CI).
 
-Each kernel is rendered to OpenCL C (codegen_opencl.py; matmuls use kernels/matmul.cl),
+Each kernel is rendered to OpenCL C (codegen.py; matmuls use kernels/matmul.cl),
 built once per process and once per machine (program binaries cached on disk), and launched on
 one in-order queue. Buffers are cl.Buffers, recycled through a freed-buffer cache keyed by size.
 
 Environment: MINIFT_CL_DEVICE picks the device ("platform:device" indices or a name substring;
 GPUs before CPUs by default); the binary cache is ~/.cache/minift/cl ($MINIFT_CACHE_DIR/cl).
-Any failure here (no pyopencl, no platform, a failed self-check) makes device.py fall back to
+Any failure here (no pyopencl, no platform, a failed self-check) makes the registry (runtime/device.py) fall back to
 NumPy with one warning.
 """
 import hashlib, os, re, time, weakref
@@ -14,13 +14,14 @@ from dataclasses import dataclass, asdict
 from pathlib import Path
 import numpy as np
 import pyopencl as cl
-from minift.device import Buffer, log
 from minift.dtype import dtypes
-from minift.helpers import DEBUG, prod, prune_cache, touch_cache
+from minift.helpers import DEBUG, KERNEL_DIR, log, prod, prune_cache, touch_cache
 from minift.lazy import LazyOp, Op
+from minift.runtime.buffer import Buffer
+from minift.runtime.device import Device
 from minift.schedule import Kernel, KNode
 from minift.view import View
-from minift import codegen_opencl as cg
+from minift.backends.opencl import codegen as cg
 
 BUILD_OPTIONS = ""   # no fast-math: results must match the NumPy backend
 
@@ -135,7 +136,7 @@ class _Plan:
     self.image_weight, self.image_plan = image_weight, None
 
 
-class OpenCLDevice:
+class OpenCLDevice(Device):
   name = "opencl"
 
   def __init__(self, spec=None):
@@ -212,7 +213,7 @@ class OpenCLDevice:
     return host.view(np.bool_) if buf.dtype is dtypes.bool else host
 
   def copy_in(self, buf, arr):
-    self._written(buf)
+    self.forget_copies(buf)
     arr = np.ascontiguousarray(np.asarray(arr, dtype=buf.dtype.np)).reshape(-1)
     if arr.size: cl.enqueue_copy(self.queue, buf.data, arr, is_blocking=True)
 
@@ -233,7 +234,7 @@ class OpenCLDevice:
       image = self._images[buf] = self.weight_image(buf, rows, cols)
     return image
 
-  def _written(self, buf):
+  def forget_copies(self, buf):
     self._images.pop(buf, None)
     self._weight_uses.pop(buf, None)
 
@@ -357,7 +358,7 @@ class OpenCLDevice:
     if n == 0: return assign_out if assign_out is not None else self.alloc(0, kernel.dtype)
     in_dtypes, in_sizes = tuple(b.dtype for b in ins), tuple(b.size for b in ins)
     plan = self._plan(kernel, in_dtypes, in_sizes)
-    if assign_out is not None: self._written(assign_out)
+    if assign_out is not None: self.forget_copies(assign_out)
     in_place = assign_out is not None and plan.in_place_ok
     out = assign_out if in_place else self.alloc(n, kernel.dtype)
     args = [out.data] + [b.data for b in ins]
@@ -413,7 +414,7 @@ class OpenCLDevice:
   def _self_check(self):
     """A tiny kernel against NumPy, through the same build path (and disk cache) as the rest."""
     for name in ("matmul.cl", "matmul_image.cl"):   # the hand kernels live in the repository's kernels/
-      if not (cg.KERNEL_DIR / name).exists(): raise RuntimeError(f"OpenCL: {cg.KERNEL_DIR / name} is missing (reinstall minift: its kernels/ was not installed)")
+      if not (KERNEL_DIR / name).exists(): raise RuntimeError(f"OpenCL: {KERNEL_DIR / name} is missing (reinstall minift: its kernels/ was not installed)")
     src = ("__kernel void minift_self_check(__global float* out, __global const float* a, __global const half* h) {\n"
            "  int i = get_global_id(0);\n  out[i] = a[i] * 2.0f + vload_half(i, h);\n}\n")
     clk, _ = self.kernel("minift_self_check", src)
