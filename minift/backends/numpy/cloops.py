@@ -21,7 +21,8 @@ Every kernel the schedule runs is rendered first, and the new ones are compiled 
 $MINIFT_CACHE_DIR/c or ~/.cache/minift/c. MINIFT_CLOOPS=0 turns the whole path off.
 """
 import hashlib
-from minift.codegen.cstyle import literal
+from typing import NamedTuple
+from minift.codegen.cstyle import CStyleLanguage, Unsupported, Writer
 from minift.dtype import DType, dtypes
 from minift.helpers import prod, strides_for
 from minift.lazy import Op
@@ -33,10 +34,18 @@ C_FROM = 1 << 12
 CHUNK = 1 << 16   # elements per partial sum of a big reduction to one value (Renderer.chunks)
 COLUMNS = 64   # outputs a reduction over leading axes sums at once (their accumulators stay in registers or L1)
 
-PRELUDE = r"""#include <math.h>
-#include <stdint.h>
-typedef union { float f; uint32_t i; } bits32;
-/* exp(x) = 2^n * e^r, n = round(x / ln 2), |r| <= ln2 / 2, e^r by its Taylor series to r^7
+class CLanguage(CStyleLanguage):
+  """The C of the CPU loops: float32, int32, int64 and bool (no float16), integer + - * wrapping
+  around as NumPy's do (no division or power), float to integer casts left to NumPy, and exp
+  and tanh as the polynomials of the prelude. Variables are const."""
+  arith_types = {"bool": "int", "int32": "int32_t", "int64": "int64_t", "float32": "float"}
+  storage_types = {"bool": "uint8_t", "int32": "int32_t", "int64": "int64_t", "float32": "float"}
+  unsigned_types = {"int32": "uint32_t", "int64": "uint64_t"}
+  math_fns = {Op.EXP: "exp_f", Op.LOG: "logf", Op.SQRT: "sqrtf", Op.TANH: "tanh_f", Op.SIN: "sinf", Op.SIGMOID: "sigmoid_f", Op.ERF: "erff"}
+  pow_fn = "powf"
+  fn_qualifier = "static inline "
+  prelude_head = "#include <math.h>\n#include <stdint.h>\ntypedef union { float f; uint32_t i; } bits32;\n"
+  prelude_math = r"""/* exp(x) = 2^n * e^r, n = round(x / ln 2), |r| <= ln2 / 2, e^r by its Taylor series to r^7
    (error < 1 ulp); 2^n is applied in two halves so that the result may be subnormal. Written
    as selects, not branches, so that gcc vectorises it: `return x < -104 ? 0 : y` alone (NaN
    would pass through anyway) left an exp-sum loop scalar and 7x slower. */
@@ -63,20 +72,30 @@ static inline float tanh_f(float x) {
   t = a > 9.0109f ? 1.0f : t;
   return copysignf(t, x);
 }
-static inline float sigmoid_f(float x) { return 1.0f / (1.0f + exp_f(-x)); }
-/* NumPy's maximum propagates NaN */
-static inline float max_f(float a, float b) { return (a > b || a != a) ? a : b; }
 """
 
-CTYPE = {"bool": "int", "int32": "int32_t", "int64": "int64_t", "float32": "float"}     # arithmetic
-PTYPE = {"bool": "uint8_t", "int32": "int32_t", "int64": "int64_t", "float32": "float"}  # storage
-UTYPE = {"int32": "uint32_t", "int64": "uint64_t"}   # integer + - * wrap around, as NumPy's do
-MATH = {Op.EXP: "exp_f", Op.LOG: "logf", Op.SQRT: "sqrtf", Op.TANH: "tanh_f", Op.SIN: "sinf", Op.SIGMOID: "sigmoid_f", Op.ERF: "erff"}
-INFIX = {Op.ADD: "+", Op.SUB: "-", Op.MUL: "*", Op.DIV: "/", Op.CMPLT: "<", Op.CMPEQ: "=="}
+  def declare(self, name, dtype, code): return "const " + super().declare(name, dtype, code)
+
+  def write(self, buf, index, value, dtype):
+    return f"{buf}[{index}] = ({self.storage_types[dtype.name]})({value});"
+
+  def cast(self, x, src, to):
+    _check(not (src.is_float and to.is_int), "float to int cast")
+    return super().cast(x, src, to)
+
+  def bool_alu(self, op, a, b):
+    _check(op is not Op.NEG, "NEG on bool")
+    return super().bool_alu(op, a, b)
+
+  def int_alu(self, op, dtype, a, b):
+    _check(op in (Op.ADD, Op.SUB, Op.MUL, Op.NEG, Op.MAX), f"integer {op.name}")
+    u, t = self.unsigned_types[dtype.name], self.arith_types[dtype.name]
+    if op is Op.NEG: return f"(({t})(0-({u}){a}))"
+    if op is Op.MAX: return f"({a}>{b} ? {a} : {b})"
+    return f"(({t})(({u}){a}{self.infix[op]}({u}){b}))"
 
 
-class Unsupported(Exception):
-  """The kernel uses something this renderer does not cover: NumPy evaluates it."""
+PRELUDE = CLanguage.prelude()
 
 
 def _check(ok, what):
@@ -112,12 +131,13 @@ class _Loops:
   def size(self, group): return prod(self.shape[a] for a in group)
 
 
-class Renderer:
+class Renderer(CLanguage):
   """C source for one kernel: `void NAME(out, in0, in1, ..., lo, hi)`, with one more pointer
   (the matmul's product) before lo for a matmul epilogue; lo and hi bound its outermost loop."""
 
   def __init__(self, kernel, in_dtypes):
-    self.kernel, self.in_dtypes, self.views = kernel, in_dtypes, {}
+    super().__init__(kernel, in_dtypes)
+    self.views = {}
     self.out_shape = tuple(kernel.shape)
     reduce = kernel.reduce
     outer = kernel._nodes(stop=reduce)                                   # the epilogue (all of an elementwise kernel)
@@ -135,13 +155,13 @@ class Renderer:
       shape, axes = kernel.shape, ()
     for node in outer + inner:
       if node is reduce: continue
-      _check(node.dtype.name in CTYPE, f"{node.dtype.name} values")
-      if node.op is Op.BUFFER: _check(in_dtypes[node.arg[0]].name in PTYPE, "input dtype")
+      _check(node.dtype.name in self.arith_types, f"{node.dtype.name} values")
+      if node.op is Op.BUFFER: _check(in_dtypes[node.arg[0]].name in self.storage_types, "input dtype")
     views = [self.view(n) for n in outer + inner if n.op is Op.BUFFER]
     _check(all(len(v.shape) == len(shape) for v in views), "view rank")
     self.loops = _Loops(tuple(shape), set(axes), views)
-    self.names, self.lines, self.count, self.segment, self.absent = {}, [], 0, None, set()   # segment, absent: see render()
-    self.pointers, self.subst, self.prefix = None, {}, ""   # render_fused: shared input numbering, values computed in the loop
+    self.segment, self.absent = None, set()   # see render()
+    self.pointers, self.subst = None, {}   # render_fused: shared input numbering, values computed in the loop
 
   # ---- expressions
 
@@ -161,72 +181,38 @@ class Renderer:
     dtype = self.in_dtypes[i]
     conds = []
     if view.mask is not None:
-      if any(lo >= hi for lo, hi in view.mask): return literal(0, node.dtype)
+      if any(lo >= hi for lo, hi in view.mask): return self.literal(0, node.dtype)
       for var, group in groups:
         for a in group:
           lo, hi = view.mask[a]
           if (lo, hi) == (0, view.shape[a]): continue
-          if self.segment is not None and var == self.segment[0]:   # decided for the whole segment
-            if self.segment[2] <= lo or self.segment[1] >= hi: return literal(0, node.dtype)
+          if self.segment is not None and var == self.segment.var:   # decided for the whole segment
+            if self.segment.stop <= lo or self.segment.start >= hi: return self.literal(0, node.dtype)
             continue
           if lo > 0: conds.append(f"{var}>={lo}")
           if hi < view.shape[a]: conds.append(f"{var}<{hi}")
       for a, n in enumerate(view.shape):   # size-1 axes in no loop: their coordinate is 0
-        if n == 1 and not view.mask[a][0] <= 0 < view.mask[a][1]: return literal(0, node.dtype)
+        if n == 1 and not view.mask[a][0] <= 0 < view.mask[a][1]: return self.literal(0, node.dtype)
     terms = self.index(lambda a: view.strides[a], groups) + ([str(view.offset)] if view.offset else [])
-    code = f"p{i if self.pointers is None else self.pointers[i]}[{' + '.join(terms) or '0'}]"
-    if dtype is dtypes.bool: code = f"({code}!=0)"
-    return f"({' && '.join(conds)} ? {code} : {literal(0, node.dtype)})" if conds else code
+    code = self.read(f"p{i if self.pointers is None else self.pointers[i]}", " + ".join(terms) or "0", dtype)
+    return f"({' && '.join(conds)} ? {code} : {self.literal(0, node.dtype)})" if conds else code
 
-  def value(self, node, groups):
-    name = self.names.get(id(node))
-    if name is not None: return name
-    code = self._value(node, groups)
-    if id(node) not in self.kernel.shared or node.op is Op.CONST: return code
-    name = f"{self.prefix}v{self.count}"
-    self.count += 1
-    self.lines.append(f"const {CTYPE[node.dtype.name]} {name} = {code};")
-    self.names[id(node)] = name
-    return name
-
-  def _value(self, node, groups):
-    op, out = node.op, node.dtype
+  def expr(self, node, ctx):
+    op = node.op
     if op is Op.BUFFER:
-      code = self.load(node, groups)
-      if self.segment is not None and code == literal(0, out): self.absent.add(id(node))   # masked off here
+      code = self.load(node, ctx)
+      if self.segment is not None and code == self.literal(0, node.dtype): self.absent.add(id(node))   # masked off here
       return code
-    if op is Op.CONST: return literal(node.arg, out)
     if node is self.kernel.reduce: return self.reduced_value
-    _check(op in MATH or op in INFIX or op in (Op.NEG, Op.RECIP, Op.CAST, Op.MAX, Op.POW, Op.WHERE), op.name)
-    srcs = [self.value(s, groups) for s in node.srcs]
-    a = srcs[0]
-    src = node.srcs[0].dtype
-    if op is Op.CAST:
-      to = node.arg
-      if to is dtypes.bool: return f"({a}!=0)"
-      _check(not (src.is_float and to.is_int), "float to int cast")
-      return f"(({CTYPE[to.name]}){a})"
-    if op is Op.WHERE: return f"({a} ? {srcs[1]} : {srcs[2]})"
-    if op in (Op.CMPLT, Op.CMPEQ): return f"({a}{INFIX[op]}{srcs[1]})"
-    if out is dtypes.bool:   # NumPy: * is and, + and maximum are or
-      _check(op in (Op.MUL, Op.ADD, Op.MAX), f"{op.name} on bool")
-      return f"({a}&&{srcs[1]})" if op is Op.MUL else f"({a}||{srcs[1]})"
-    if out.is_int:   # wrapping arithmetic; no division or power
-      _check(op in (Op.ADD, Op.SUB, Op.MUL, Op.NEG, Op.MAX), f"integer {op.name}")
-      u, t = UTYPE[out.name], CTYPE[out.name]
-      if op is Op.NEG: return f"(({t})(0-({u}){a}))"
-      if op is Op.MAX: return f"({a}>{srcs[1]} ? {a} : {srcs[1]})"
-      return f"(({t})(({u}){a}{INFIX[op]}({u}){srcs[1]}))"
-    if op is Op.ADD and self.segment is not None:   # a load masked off in this piece adds nothing:
-      absent = [id(s) in self.absent for s in node.srcs]   # x + 0.0 would turn a -0.0 of x into +0.0
+    _check(op in self.math_fns or op in self.infix or op in (Op.CONST, Op.NEG, Op.RECIP, Op.CAST, Op.MAX, Op.POW, Op.WHERE), op.name)
+    return super().expr(node, ctx)
+
+  def alu(self, node, srcs):
+    if node.op is Op.ADD and node.dtype.is_float and self.segment is not None:   # a load masked off in this piece adds
+      absent = [id(s) in self.absent for s in node.srcs]   # nothing: x + 0.0 would turn a -0.0 of x into +0.0
       if all(absent): self.absent.add(id(node))
-      if any(absent): return srcs[absent.index(False)] if not all(absent) else a
-    if op in MATH: return f"{MATH[op]}({a})"
-    if op is Op.NEG: return f"(-{a})"
-    if op is Op.RECIP: return f"(1.0f/{a})"
-    if op is Op.MAX: return f"max_f({a}, {srcs[1]})"
-    if op is Op.POW: return f"powf({a}, {srcs[1]})"
-    return f"({a}{INFIX[op]}{srcs[1]})"
+      if any(absent): return srcs[absent.index(False)] if not all(absent) else srcs[0]
+    return super().alu(node, srcs)
 
   # ---- the loop nest
 
@@ -264,61 +250,64 @@ class Renderer:
     out_strides = strides_for(self.out_shape)
     out_index = " + ".join(self.index(lambda a: out_strides[a], kept)) or "0"
     args = ["void* out_"] + [f"const void* in{i}" for i in range(len(self.in_dtypes))]
-    body = [f"{PTYPE[k.dtype.name]}* out = ({PTYPE[k.dtype.name]}*)out_;"]
-    body += [f"const {PTYPE[d.name]}* p{i} = (const {PTYPE[d.name]}*)in{i};" for i, d in enumerate(self.in_dtypes)]
+    out_t = self.storage_types[k.dtype.name]
+    body = [f"{out_t}* out = ({out_t}*)out_;"] + self.pointer_lines(self.in_dtypes)
     if k.kind == "matmul":   # the product, contiguous in the kernel's shape; it may be out itself
       args.append("const float* mm")
       self.reduced_value = f"mm[{out_index}]"
     args += ["long lo", "long hi"]
-    lines, indent = [], ""
     def loop(var, start, stop, outermost):   # the outermost loop keeps to [lo, hi): the part of it this call runs
       if not outermost: return f"for (long {var} = {start}; {var} < {stop}; {var}++) {{"
       if (start, stop) == (0, self.outer_size()): return f"for (long {var} = lo; {var} < hi; {var}++) {{"
       return f"for (long {var} = lo > {start} ? lo : {start}; {var} < (hi < {stop} ? hi : {stop}); {var}++) {{"
-    store = lambda value: f"out[{out_index}] = ({PTYPE[k.dtype.name]})({value});"
+    store = lambda value: self.write("out", out_index, value, k.dtype)
+    w = Writer()
+    w.line(*body)
     cut = self.segments(kept)
     # an elementwise or epilogue kernel's innermost loop is vectorised: once whole, or once per
     # piece where masked loads cut it (each piece with its loads decided)
     pieces = cut or ([(0, loops.size(kept[-1][1]))] if kept and k.kind != "reduce" else None)
-    for g, (var, group) in enumerate(kept[:-1] if pieces else kept):
-      lines.append(indent + loop(var, 0, loops.size(group), g == 0))
-      indent += "  "
     if pieces:
+      for g, (var, group) in enumerate(kept[:-1]): w.open(loop(var, 0, loops.size(group), g == 0))
       var = kept[-1][0]
       for start, stop in pieces:
-        self.segment, self.lines, self.names, self.absent = (var, start, stop) if cut else None, [], {}, set()
+        self.segment, self.lines, self.names, self.absent = Segment(var, start, stop) if cut else None, [], {}, set()
         value = self.value(k.ast, kept)
-        lines += [indent + "#pragma omp simd", indent + loop(var, start, stop, len(kept) == 1)]
-        lines += [indent + "  " + s for s in self.lines + [store(value)]]
-        lines.append(indent + "}")
+        w.line("#pragma omp simd")
+        w.open(loop(var, start, stop, len(kept) == 1))
+        w.line(*self.lines, store(value))
+        w.close()
       self.segment = None
-      lines += ["  " * (len(kept) - g - 2) + "}" for g in range(len(kept) - 1)]
-      return f"void {name}({', '.join(args)}) {{\n  " + "\n  ".join(body + lines) + "\n}\n"
-    if k.kind == "reduce" and loops.leading: return self.render_leading(name, args, body, kept, red, loop, store)
-    if self.chunks(): return self.render_chunked(name, args, body, red, loop, store)
+      w.close(0)
+      return _function(name, args, w)
+    if k.kind == "reduce" and loops.leading: return self.render_leading(name, args, w, kept, red, loop, store)
+    if self.chunks(): return self.render_chunked(name, args, w, red, loop, store)
+    for g, (var, group) in enumerate(kept): w.open(loop(var, 0, loops.size(group), g == 0))
     if k.kind == "reduce":
       r = k.reduce
       self.lines = []
       src = self.value(r.srcs[0], kept + red)
       inner = self.lines
-      lines.append(indent + ACC_START[r.op])
-      update, pragma = _accumulate(r.op, src), ACC_PRAGMA[r.op]
-      rindent = indent
+      w.line(ACC_START[r.op])
+      depth = w.depth
       for g, (var, group) in enumerate(red):
-        if g == len(red) - 1: lines.append(rindent + pragma)
-        lines.append(rindent + loop(var, 0, loops.size(group), False))
-        rindent += "  "
-      lines += [rindent + s for s in inner + update]
-      lines += [indent + "  " * (len(red) - g - 1) + "}" for g in range(len(red))]
-      if r.op is Op.RMAX: lines.append(indent + "if (anynan) acc = NAN;")
+        if g == len(red) - 1: w.line(ACC_PRAGMA[r.op])
+        w.open(loop(var, 0, loops.size(group), False))
+      w.line(*inner, *_accumulate(r.op, src))
+      w.close(depth)
+      if r.op is Op.RMAX: w.line("if (anynan) acc = NAN;")
       self.reduced_value = "((float)acc)"
     self.lines, self.names = [], {}
     value = self.value(k.ast, kept)
-    lines += [indent + s for s in self.lines + [store(value)]]
-    lines += ["  " * (len(kept) - g - 1) + "}" for g in range(len(kept))]
-    return f"void {name}({', '.join(args)}) {{\n  " + "\n  ".join(body + lines) + "\n}\n"
+    w.line(*self.lines, store(value))
+    w.close(0)
+    return _function(name, args, w)
 
-  def render_chunked(self, name, args, body, red, loop, store):
+  def pointer_lines(self, dtypes):
+    """The typed pointers p0, p1, ... to the inputs of these dtypes."""
+    return [f"const {self.storage_types[d.name]}* p{i} = (const {self.storage_types[d.name]}*)in{i};" for i, d in enumerate(dtypes)]
+
+  def render_chunked(self, name, args, w, red, loop, store):
     """A reduction to one value in chunks(): a call with lo >= 0 writes the partial results of
     chunks [lo, hi) to part (a sum; or a max and whether a NaN was seen); one with lo < 0 adds
     them up in chunk order and writes the output."""
@@ -328,7 +317,7 @@ class Renderer:
     self.lines = []
     src = self.value(r.srcs[0], red)
     inner = self.lines
-    start, update, pragma = ACC_START[r.op], _accumulate(r.op, src), ACC_PRAGMA[r.op]
+    start = ACC_START[r.op]
     if r.op is Op.SUM:
       combine = [start, f"for (long c = 0; c < {count}; c++) acc += part[c];"]
       finish = "part[c] = acc;"
@@ -338,56 +327,67 @@ class Renderer:
                  "if (anynan) acc = NAN;"]
       finish = "part[2 * c] = acc; part[2 * c + 1] = anynan;"
       self.reduced_value = "acc"
-    lines = [f"for (long c = lo; c < hi; c++) {{", "  " + start]
-    indent = "  "
-    for g, (var, grp) in enumerate(red):
-      if g == len(red) - 1: lines.append(indent + pragma)
-      if g == 0: lines.append(indent + f"for (long {var} = {rows}L * c / {count}; {var} < {rows}L * (c + 1) / {count}; {var}++) {{")
-      else: lines.append(indent + loop(var, 0, self.loops.size(grp), False))
-      indent += "  "
-    lines += [indent + s for s in inner + update] + ["  " * (len(red) - g) + "}" for g in range(len(red))]
-    lines += ["  " + finish, "}"]
     self.lines, self.names = [], {}
     value = self.value(self.kernel.ast, [])
-    lines = ["if (lo < 0) {"] + ["  " + s for s in combine + self.lines + [store(value)]] + ["  return;", "}"] + lines
-    return f"void {name}({', '.join(args)}) {{\n  " + "\n  ".join(body + lines) + "\n}\n"
+    w.open("if (lo < 0) {")
+    w.line(*combine, *self.lines, store(value), "return;")
+    w.close()
+    w.open("for (long c = lo; c < hi; c++) {")
+    w.line(start)
+    for g, (var, grp) in enumerate(red):
+      if g == len(red) - 1: w.line(ACC_PRAGMA[r.op])
+      if g == 0: w.open(f"for (long {var} = {rows}L * c / {count}; {var} < {rows}L * (c + 1) / {count}; {var}++) {{")
+      else: w.open(loop(var, 0, self.loops.size(grp), False))
+    w.line(*inner, *_accumulate(r.op, src))
+    w.close(1)
+    w.line(finish)
+    w.close(0)
+    return _function(name, args, w)
 
-  def render_leading(self, name, args, body, kept, red, loop, store):
+  def render_leading(self, name, args, w, kept, red, loop, store):
     """A reduction over leading axes: COLUMNS outputs of the innermost kept loop at a time, each
     with its own accumulator, the reduced loops outside and that block of columns inside, so the
     innermost loop reads along rows and is vectorised. Each output sums in the same order for
     any cut of the outer loop into parts."""
-    r, lines, indent = self.kernel.reduce, [], ""
+    r = self.kernel.reduce
     *outer, (col, group) = kept
-    for g, (var, grp) in enumerate(outer):
-      lines.append(indent + loop(var, 0, self.loops.size(grp), g == 0))
-      indent += "  "
+    for g, (var, grp) in enumerate(outer): w.open(loop(var, 0, self.loops.size(grp), g == 0))
     start, stop = ("0", str(self.loops.size(group))) if outer else ("lo", "hi")
-    lines += [indent + f"for (long cb = {start}; cb < {stop}; cb += {COLUMNS}) {{",
-              indent + f"  const long ce = cb + {COLUMNS} < {stop} ? cb + {COLUMNS} : {stop};"]
-    indent += "  "
+    w.open(f"for (long cb = {start}; cb < {stop}; cb += {COLUMNS}) {{")
+    w.line(f"const long ce = cb + {COLUMNS} < {stop} ? cb + {COLUMNS} : {stop};")
     self.lines = []
     src = self.value(r.srcs[0], kept + red)
     inner = self.lines
-    update = _accumulate(r.op, src, f"[{col} - cb]")
     if r.op is Op.SUM:
-      lines.append(indent + f"double acc[{COLUMNS}]; for (long c = 0; c < {COLUMNS}; c++) acc[c] = 0.0;")
+      w.line(f"double acc[{COLUMNS}]; for (long c = 0; c < {COLUMNS}; c++) acc[c] = 0.0;")
       self.reduced_value = f"((float)acc[{col} - cb])"
     else:
-      lines.append(indent + f"float acc[{COLUMNS}]; int anynan[{COLUMNS}]; for (long c = 0; c < {COLUMNS}; c++) {{ acc[c] = -INFINITY; anynan[c] = 0; }}")
+      w.line(f"float acc[{COLUMNS}]; int anynan[{COLUMNS}]; for (long c = 0; c < {COLUMNS}; c++) {{ acc[c] = -INFINITY; anynan[c] = 0; }}")
       self.reduced_value = f"(anynan[{col} - cb] ? NAN : acc[{col} - cb])"
-    rindent = indent
-    for var, grp in red:
-      lines.append(rindent + loop(var, 0, self.loops.size(grp), False))
-      rindent += "  "
-    lines += [rindent + "#pragma omp simd", rindent + f"for (long {col} = cb; {col} < ce; {col}++) {{"]
-    lines += [rindent + "  " + s for s in inner + update] + [rindent + "}"]
-    lines += [indent + "  " * (len(red) - g - 1) + "}" for g in range(len(red))]
+    depth = w.depth
+    for var, grp in red: w.open(loop(var, 0, self.loops.size(grp), False))
+    w.line("#pragma omp simd")
+    w.open(f"for (long {col} = cb; {col} < ce; {col}++) {{")
+    w.line(*inner, *_accumulate(r.op, src, f"[{col} - cb]"))
+    w.close(depth)
     self.lines, self.names = [], {}
     value = self.value(self.kernel.ast, kept)
-    lines += [indent + f"for (long {col} = cb; {col} < ce; {col}++) {{"] + [indent + "  " + s for s in self.lines + [store(value)]] + [indent + "}"]
-    lines += ["  " * (len(kept) - g - 1) + "}" for g in range(len(kept))]
-    return f"void {name}({', '.join(args)}) {{\n  " + "\n  ".join(body + lines) + "\n}\n"
+    w.open(f"for (long {col} = cb; {col} < ce; {col}++) {{")
+    w.line(*self.lines, store(value))
+    w.close(0)
+    return _function(name, args, w)
+
+
+def _function(name, args, w):
+  return f"void {name}({', '.join(args)}) {{\n  " + "\n  ".join(w.lines) + "\n}\n"
+
+
+class Segment(NamedTuple):
+  """A piece [start, stop) of the innermost loop (loop variable var) in which every masked load
+  is either wholly valid or wholly masked off (Renderer.segments)."""
+  var: str
+  start: int
+  stop: int
 
 
 def _accumulate(op, src, at=""):
@@ -456,16 +456,15 @@ def render_fused(kernels, in_maps, in_dtypes):
   out_strides = strides_for(shape)
   index = " + ".join(renderers[0].index(lambda a: out_strides[a], kept)) or "0"
   lines += [f"t{c}[{index}] = u{j};" for j, c in enumerate(targets)]
-  body = [f"const {PTYPE[d.name]}* p{i} = (const {PTYPE[d.name]}*)in{i};" for i, d in enumerate(in_dtypes)]
-  body += [f"float* t{c} = (float*)in{c};" for c in targets]
-  indent = ""
+  w = Writer()
+  w.line(*renderers[0].pointer_lines(in_dtypes), *[f"float* t{c} = (float*)in{c};" for c in targets])
   for g, (var, group) in enumerate(kept):
-    if g == len(kept) - 1: body.append(indent + "#pragma omp simd")
-    body.append(indent + (f"for (long {var} = lo; {var} < hi; {var}++) {{" if g == 0 else f"for (long {var} = 0; {var} < {loops.size(group)}; {var}++) {{"))
-    indent += "  "
-  body += [indent + s for s in lines] + ["  " * (len(kept) - g - 1) + "}" for g in range(len(kept))]
+    if g == len(kept) - 1: w.line("#pragma omp simd")
+    w.open(f"for (long {var} = lo; {var} < hi; {var}++) {{" if g == 0 else f"for (long {var} = 0; {var} < {loops.size(group)}; {var}++) {{")
+  w.line(*lines)
+  w.close(0)
   args = ["void* out_"] + [f"const void* in{i}" for i in range(len(in_dtypes))] + ["long lo", "long hi"]
-  src = f"void KERNEL({', '.join(args)}) {{\n  " + "\n  ".join(body) + "\n}\n"
+  src = _function("KERNEL", args, w)
   name = "f_" + hashlib.sha256((PRELUDE + src + compiler.signature).encode()).hexdigest()[:24]
   return name, src.replace("void KERNEL(", f"void {name}(", 1), loops.size(kept[0][1])
 

@@ -1,4 +1,6 @@
-"""Render scheduled kernels (schedule.Kernel) to OpenCL C source.
+"""Render scheduled kernels (schedule.Kernel) to OpenCL C source: the OpenCL C dialect of the
+C-style languages (codegen/cstyle.py) and the kernel kinds' structure (one work-item per output;
+a work-group per output for long reductions; the matmul of kernels/matmul.cl).
 
 Every kernel takes (out, data0, ..., dataN-1), the inputs in the order the schedule gave them,
 plus a few extra arguments for some kinds (rand: key and counter; gather and scatter-add: an
@@ -14,28 +16,24 @@ stride cost one multiply, whatever their number; masked axes (pads) add a bounds
 """
 from dataclasses import dataclass, field
 import numpy as np
-from minift.codegen.cstyle import literal
+from minift.codegen.cstyle import CStyleLanguage
 from minift.dtype import dtypes
 from minift.helpers import prod, read_kernel
 from minift.lazy import Op
 from minift.schedule import matmul_axes
 from minift.view import View
 
-CTYPE = {"bool": "bool", "int32": "int", "int64": "long", "float16": "float", "float32": "float"}   # arithmetic
-STYPE = {"bool": "uchar", "int32": "int", "int64": "long", "float16": "half", "float32": "float"}   # storage
-ZERO = {"bool": "0", "int32": "0", "int64": "0L", "float16": "0.0f", "float32": "0.0f"}
-
-PRELUDE = r"""// minift generated kernel
-// float16 is stored as half but computed in float: round to half after each op, as NumPy does
+class OpenCLLanguage(CStyleLanguage):
+  """The OpenCL C dialect: half stored as half and moved with vload_half/vstore_half (no
+  cl_khr_fp16 needed), bool stored as uchar; integer division and power through helpers."""
+  prelude_head = "// minift generated kernel\n"
+  prelude_math = r"""// float16 is stored as half but computed in float: round to half after each op, as NumPy does
 float round_half(float x) { ushort h; vstore_half(x, 0, (__private half*)&h); return vload_half(0, (__private const half*)&h); }
 // tanh rounds to +-1 in float beyond |x| = 13 ln 2; some drivers stop one ulp short, and
 // gradients such as 1 - tanh(x)^2 then differ from NumPy's (and torch's) exact zero
 float tanh_f(float x) { return fabs(x) > 9.0109f ? copysign(1.0f, x) : tanh(x); }
-// exp(-x) overflows to inf for x << 0, and 1/inf is the exact 0 NumPy gives too
-float sigmoid_f(float x) { return 1.0f / (1.0f + exp(-x)); }
-// NumPy's maximum propagates NaN; OpenCL's fmax does not
-float max_f(float a, float b) { return (a > b || a != a) ? a : b; }
-// integer division and power without undefined behaviour (x86 traps on a division by zero)
+"""
+  prelude_int = r"""// integer division and power without undefined behaviour (x86 traps on a division by zero)
 int div_i(int a, int b) { return b == 0 ? 0 : (b == -1 ? -a : a / b); }
 long div_l(long a, long b) { return b == 0 ? 0 : (b == -1 ? -a : a / b); }
 long pow_l(long a, long b) {
@@ -46,10 +44,17 @@ long pow_l(long a, long b) {
 }
 """
 
-# ops whose float16 result must be rounded to half (the others are exact on half inputs)
-ROUNDED = {Op.EXP, Op.LOG, Op.SQRT, Op.RECIP, Op.TANH, Op.SIN, Op.SIGMOID, Op.ERF, Op.CAST, Op.ADD, Op.SUB, Op.MUL, Op.DIV, Op.POW}
-MATH_FN = {Op.EXP: "exp", Op.LOG: "log", Op.SQRT: "sqrt", Op.TANH: "tanh_f", Op.SIN: "sin", Op.SIGMOID: "sigmoid_f", Op.ERF: "erf"}
-INFIX = {Op.ADD: "+", Op.SUB: "-", Op.MUL: "*", Op.CMPLT: "<", Op.CMPEQ: "=="}
+  def read(self, buf, index, dtype):
+    return f"vload_half({index}, {buf})" if dtype is dtypes.float16 else super().read(buf, index, dtype)
+
+  def write(self, buf, index, value, dtype):
+    if dtype is dtypes.float16: return f"vstore_half({value}, {index}, {buf});"
+    if dtype is dtypes.bool: return f"{buf}[{index}] = (uchar)({value});"
+    return super().write(buf, index, value, dtype)
+
+
+PRELUDE = OpenCLLanguage.prelude()
+STYPE = OpenCLLanguage.storage_types
 
 
 @dataclass
@@ -100,90 +105,29 @@ def view_index(view, groups):
   return " + ".join(terms) or "0", " && ".join(conds) or None
 
 
-def store(dtype, index, value, buf="out"):
-  if dtype is dtypes.float16: return f"vstore_half({value}, {index}, {buf});"
-  if dtype is dtypes.bool: return f"{buf}[{index}] = (uchar)({value});"
-  return f"{buf}[{index}] = {value};"
-
-
-def load(dtype, buf, index):
-  if dtype is dtypes.float16: return f"vload_half({index}, {buf})"
-  if dtype is dtypes.bool: return f"({buf}[{index}]!=0)"
-  return f"{buf}[{index}]"
-
-
-class Renderer:
-  """Expressions for KNodes. Nodes the AST uses more than once (kernel.shared) become variables,
-  emitted once into the current list of lines; the rest are inlined. vector: the expressions
-  are float4s of four neighbouring elements along the last axis (see vector_width)."""
+class Renderer(OpenCLLanguage):
+  """Expressions of one kernel at the coordinates `groups` names (see view_index). vector: the
+  expressions are float4s of four neighbouring elements along the last axis (see vector_width)."""
 
   def __init__(self, kernel, in_dtypes, vector=False):
-    self.kernel, self.in_dtypes, self.shared, self.vector = kernel, in_dtypes, kernel.shared, vector
-    self.names, self.lines, self.count = {}, [], 0
+    super().__init__(kernel, in_dtypes)
+    self.vector = vector
 
-  def value(self, node, groups):
-    name = self.names.get(id(node))
-    if name is not None: return name
-    code = self._value(node, groups)
-    if id(node) not in self.shared: return code
-    name = f"v{self.count}"
-    self.count += 1
-    self.lines.append(f"float4 {name} = (float4)({code});" if self.vector else f"{CTYPE[node.dtype.name]} {name} = {code};")
-    self.names[id(node)] = name
-    return name
+  def declare(self, name, dtype, code):
+    return f"float4 {name} = (float4)({code});" if self.vector else super().declare(name, dtype, code)
 
   def load(self, node, groups):
     i, view = node.arg
     dtype = self.in_dtypes[i]
     index, cond = view_index(view, groups)
-    if cond == "0": return ZERO[dtype.name]
+    if cond == "0": return self.literal(0, dtype)
     if self.vector:   # four neighbours along the last axis: one vector load when they are adjacent
       stride = view.strides[-1]
       code = f"vload4(0, data{i} + {index})" if stride == 1 else f"data{i}[{index}]" if stride == 0 else \
              "(float4)(" + ", ".join(f"data{i}[{index} + {u * stride}]" for u in range(4)) + ")"
-    else: code = load(dtype, f"data{i}", index)
-    zero = "(float4)(0.0f)" if self.vector else ZERO[dtype.name]   # both arms of ?: one type
+    else: code = self.read(f"data{i}", index, dtype)
+    zero = "(float4)(0.0f)" if self.vector else self.literal(0, dtype)   # both arms of ?: one type
     return f"({cond}?{code}:{zero})" if cond else code
-
-  def _value(self, node, groups):
-    op = node.op
-    if op is Op.BUFFER: return self.load(node, groups)
-    if op is Op.CONST: return literal(node.arg, node.dtype)
-    if op is Op.COPY: return self.value(node.srcs[0], groups)
-    if op in (Op.SUM, Op.RMAX, Op.GATHER, Op.SCATTER_ADD, Op.RAND):
-      raise NotImplementedError(f"OpenCL codegen: {op.name} cannot be inlined in an expression")
-    srcs = [self.value(s, groups) for s in node.srcs]
-    code = self.alu(op, node, srcs)
-    if node.dtype is dtypes.float16 and op in ROUNDED and not (op is Op.CAST and node.srcs[0].dtype is dtypes.float16):
-      code = f"round_half({code})"
-    return code
-
-  @staticmethod
-  def alu(op, node, srcs):
-    out, src = node.dtype, node.srcs[0].dtype
-    a = srcs[0]
-    if op in MATH_FN: return f"{MATH_FN[op]}({a})"
-    if op is Op.NEG: return f"(!{a})" if out is dtypes.bool else f"(-{a})"
-    if op is Op.RECIP:
-      if out.is_float: return f"(1.0f/{a})"
-      return f"div_l(1L, {a})" if out is dtypes.int64 else f"div_i(1, {a})"
-    if op is Op.CAST:
-      to = node.arg
-      if to is dtypes.bool: return f"({a}!=0)"
-      return f"(({CTYPE[to.name]}){a})" if CTYPE[to.name] != CTYPE[src.name] else a
-    b = srcs[1] if len(srcs) > 1 else None
-    if out is dtypes.bool and op in (Op.ADD, Op.MUL, Op.MAX):   # NumPy: + is or, * is and
-      return f"({a}&&{b})" if op is Op.MUL else f"({a}||{b})"
-    if op in INFIX: return f"({a}{INFIX[op]}{b})"
-    if op is Op.DIV:
-      if out.is_float: return f"({a}/{b})"
-      return f"div_l({a}, {b})" if out is dtypes.int64 else f"div_i({a}, {b})"
-    if op is Op.MAX: return f"max_f({a}, {b})" if out.is_float else f"max({a}, {b})"
-    if op is Op.POW:
-      if out.is_float: return f"pow({a}, {b})"
-      return f"pow_l({a}, {b})" if out is dtypes.int64 else f"((int)pow_l({a}, {b}))"
-    if op is Op.WHERE: return f"({a}?{b}:{srcs[2]})"
-    raise NotImplementedError(f"OpenCL codegen: no rendering for {op.name}")
 
 
 # ---- kernel kinds
@@ -251,7 +195,7 @@ def render_elementwise(kernel, in_dtypes, idx, max_local):
   if width == 4:   # gid is the first of four neighbours
     body = [f"{idx} gid = ({idx})get_global_id(0) * 4;", f"if (gid >= {n}) return;"] + r.lines + [f"vstore4((float4)({value}), 0, out + gid);"]
   else:
-    body = [f"{idx} gid = get_global_id(0);", f"if (gid >= {n}) return;"] + r.lines + [store(kernel.dtype, "gid", value)]
+    body = [f"{idx} gid = get_global_id(0);", f"if (gid >= {n}) return;"] + r.lines + [r.write("out", "gid", value, kernel.dtype)]
   src = PRELUDE + signature(name, kernel, in_dtypes) + " {\n  " + "\n  ".join(body) + "\n}\n"
   return Rendered(name, src, *_launch_1d(n // width, max_local), notes={"vector": width})
 
@@ -279,7 +223,7 @@ def render_reduce(kernel, in_dtypes, idx, caps, max_local):
   axes, in_shape, _ = red.arg
   out_numel, red_numel = prod(kernel.shape), prod(in_shape[a] for a in axes)
   kept = tuple(a for a in range(len(in_shape)) if a not in axes)
-  acc_t = "int" if red.dtype is dtypes.bool else CTYPE[red.dtype.name]
+  acc_t = "int" if red.dtype is dtypes.bool else OpenCLLanguage.arith_types[red.dtype.name]
   init = "0" if acc_t == "int" and red.dtype is dtypes.bool else REDUCE_INIT[red.op][acc_t]
   grouped = grouped_reduce(out_numel, red_numel, caps)
   local = min(_pow2_floor(max_local), 256) if grouped else None
@@ -290,10 +234,10 @@ def render_reduce(kernel, in_dtypes, idx, caps, max_local):
   red_value = {"float": "acc", "int": "acc", "long": "acc"}[acc_t]
   if red.dtype is dtypes.float16: red_value = "round_half(acc)"
   if red.dtype is dtypes.bool: red_value = "(acc!=0)"
-  r.lines.append(f"{CTYPE[red.dtype.name]} red = {red_value};")
+  r.lines.append(r.declare("red", red.dtype, red_value))
   r.names[id(red)] = "red"
   value = r.value(kernel.ast, [("gid", tuple(range(len(kernel.shape))))])
-  epilogue = r.lines + [store(kernel.dtype, "gid", value)]
+  epilogue = r.lines + [r.write("out", "gid", value, kernel.dtype)]
   update = f"acc = {_combine(red.op, acc_t, 'acc', x)};"
   loop = "\n    ".join(loop_lines + [update])
 
@@ -326,8 +270,8 @@ def render_gather(kernel, in_dtypes, idx, max_local):
   value = r.load(table, [("ix", (0,)), ("col", (1,))])
   body = [f"{idx} gid = get_global_id(0);", f"if (gid >= {n}) return;",
           f"{idx} row = gid / {cols}, col = gid % {cols};", f"long ix_in = (long){ix};",
-          f"if (ix_in < 0 || ix_in >= {rows}) {{ err[0] = 1; {store(kernel.dtype, 'gid', ZERO[kernel.dtype.name])} return; }}",
-          f"{idx} ix = ({idx})ix_in;", store(kernel.dtype, "gid", value)]
+          f"if (ix_in < 0 || ix_in >= {rows}) {{ err[0] = 1; {r.write('out', 'gid', r.literal(0, kernel.dtype), kernel.dtype)} return; }}",
+          f"{idx} ix = ({idx})ix_in;", r.write("out", "gid", value, kernel.dtype)]
   src = PRELUDE + signature(kernel.name, kernel, in_dtypes, ["__global int* err"]) + " {\n  " + "\n  ".join(body) + "\n}\n"
   return Rendered(kernel.name, src, *_launch_1d(n, max_local), extra_args=("err",))
 
@@ -355,7 +299,7 @@ def render_scatter_add(kernel, in_dtypes, idx, max_local):
           f"  long ix = (long){ix};",
           f"  if (ix < 0 || ix >= {rows}) {{ err[0] = 1; continue; }}",
           f"  {idx} o = ({idx})ix * {cols} + col;",
-          "  " + store(dt, "o", (f"round_half({load(dt, 'out', 'o')} + {g})" if dt is dtypes.float16 else f"{load(dt, 'out', 'o')} + {g}")),
+          "  " + r.write("out", "o", r.round_half(f"{r.read('out', 'o', dt)} + {g}") if dt is dtypes.float16 else f"{r.read('out', 'o', dt)} + {g}", dt),
           "}"]
   src = PRELUDE + signature(kernel.name, kernel, in_dtypes, ["__global int* err"]) + " {\n  " + "\n  ".join(body) + "\n}\n"
   return Rendered(kernel.name, src, *_launch_1d(cols, max_local), extra_args=("err",), notes=fill)
@@ -439,7 +383,7 @@ def matmul_macros(kernel, in_dtypes, idx):
   data_params = "".join(f", __global const {STYPE[d.name]}* data{i}" for i, d in enumerate(in_dtypes))
   data_names = "".join(f", data{i}" for i in range(len(in_dtypes)))
   epilogue = (f"void mm_store(float acc, {idx} gid, __global {STYPE[kernel.dtype.name]}* out{data_params}) {{\n"
-              f"  float red = {red};\n  " + "\n  ".join(r.lines + [store(kernel.dtype, "gid", value)]) + "\n}\n")
+              f"  float red = {red};\n  " + "\n  ".join(r.lines + [r.write("out", "gid", value, kernel.dtype)]) + "\n}\n")
   defines = {"MM_M": mm, "MM_N": nn, "MM_K": kk, "MM_BATCH": nb, "IDX": idx,
              "OUT_T": STYPE[kernel.dtype.name], "MM_ARGS": data_params,
              "MM_STORE(acc, b, i, j)": f"mm_store(acc, {oidx}, out{data_names})"}
