@@ -1,6 +1,6 @@
 """Small shared helpers: env flags, the log, products, global counters, disk caches and the
 hand-written kernels' folder."""
-import logging, math, os, sys
+import logging, math, os, sys, weakref
 from pathlib import Path
 
 sys.setrecursionlimit(max(sys.getrecursionlimit(), 20000))
@@ -84,6 +84,27 @@ def normalize_axis(axis, ndim, what="axis"):
   if not -ndim <= axis < max(ndim, 1):
     raise IndexError(f"{what} {axis} is out of range for a tensor with {ndim} dims")
   return axis + ndim if axis < 0 else axis
+
+
+class WeakIdMap:
+  """A map keyed by object identity that holds its keys weakly: an entry goes when its key does.
+  For what a backend works out once per scheduler object (a kernel, a View) and keeps in objects
+  of its own, never on those objects; looked up by id(), so a key's own __hash__ (a View's
+  hashes every field) never runs."""
+  __slots__ = ("_entries", "_remove")
+
+  def __init__(self):
+    entries = self._entries = {}
+    self._remove = lambda ref: entries.pop(ref.key, None)
+
+  def get(self, key, default=None):
+    entry = self._entries.get(id(key))
+    return default if entry is None else entry[1]
+
+  def __setitem__(self, key, value):
+    self._entries[id(key)] = (weakref.KeyedRef(key, self._remove, id(key)), value)
+
+  def __len__(self): return len(self._entries)
 
 
 class GlobalCounters:

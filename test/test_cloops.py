@@ -94,8 +94,7 @@ def test_big_reductions_in_chunks_and_column_blocks(monkeypatch):
   for what, (fn, ref, *data) in cases.items():
     a = data[0] if data else x
     kernels = _kernels(fn(Tensor(a)))
-    cloops.prepare(kernels, lambda k: [t.dtype for t in k.inputs])
-    assert kernels[-1]._c_name is not None, what
+    assert cloops.prepare(kernels, lambda k: [t.dtype for t in k.inputs])[-1] is not None, what
     got = {}
     for threads in ("1", "3"):
       monkeypatch.setenv("MINIFT_THREADS", threads)
@@ -124,8 +123,7 @@ def test_what_runs_in_c(force_c):
   }
   for what, (t, in_c) in cases.items():
     kernels = _kernels(t)
-    cloops.prepare(kernels, lambda k: [x.dtype for x in k.inputs])
-    assert (kernels[-1]._c_name is not None) == in_c, what
+    assert (cloops.prepare(kernels, lambda k: [x.dtype for x in k.inputs])[-1] is not None) == in_c, what
 
 
 def test_c_equals_numpy_on_a_training_step(monkeypatch):
@@ -143,7 +141,11 @@ def test_c_equals_numpy_on_a_training_step(monkeypatch):
   monkeypatch.setattr(cloops, "C_FROM", 0)
   ran = []
   real = cloops.prepare
-  monkeypatch.setattr(cloops, "prepare", lambda ks, d: (real(ks, d), ran.extend(k.__dict__.get("_c_name") for k in ks)))
+  def recording(ks, d):
+    loops = real(ks, d)
+    ran.extend(loop and loop.name for loop in loops or ())   # (None: MINIFT_CLOOPS=0)
+    return loops
+  monkeypatch.setattr(cloops, "prepare", recording)
   with_c = step()
   assert sum(n is not None for n in ran) >= len(ran) // 2, f"only {sum(n is not None for n in ran)} of {len(ran)} kernels ran in C"
   monkeypatch.setenv("MINIFT_CLOOPS", "0")
@@ -278,8 +280,7 @@ def test_rendered_once_per_structure(force_c, monkeypatch):
   names = []
   for data in (x, x * 3):
     kernels = _kernels((Tensor(data) * 2 + 1).exp())
-    cloops.prepare(kernels, lambda k: [i.dtype for i in k.inputs])
-    names.append(kernels[-1]._c_name)
+    names.append(cloops.prepare(kernels, lambda k: [i.dtype for i in k.inputs])[-1].name)
   assert names[0] == names[1] and len(renders) == 1
   for zero in (0.0, -0.0):   # a CONST each; their kernels have one structure but for the sign
     np.testing.assert_array_equal(np.signbit((Tensor(x) * zero).numpy()), np.signbit(x * np.float32(zero)), err_msg=repr(zero))

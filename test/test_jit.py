@@ -94,7 +94,7 @@ def test_new_shapes_recapture():
 
 
 def _fused_items(fn):
-  return sum(isinstance(item[0], FusedAssigns) for item in fn.plan["items"])
+  return sum(isinstance(item[0], FusedAssigns) for item in fn.recording.steps)
 
 
 def test_optimizer_updates_run_as_one_loop_with_the_same_bits(monkeypatch):

@@ -327,7 +327,7 @@ def test_a_full_binary_cache_keeps_only_the_newest(tmp_path):
 
 
 def test_installed_package_finds_its_kernels(tmp_path):
-  # a plain (non-editable) install carries kernels/*.cl inside the package as minift/kernels
+  # a plain (non-editable) install carries kernels/ (*.cl, attention.c) inside the package as minift/kernels
   src, site = tmp_path / "src", tmp_path / "site"
   for part in ("minift", "models", "kernels"):   # from a clean copy: a build/ left in the checkout would be reused
     shutil.copytree(ROOT / part, src / part, ignore=shutil.ignore_patterns("__pycache__"))
@@ -335,15 +335,21 @@ def test_installed_package_finds_its_kernels(tmp_path):
   r = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--target", str(site), str(src)],
                      capture_output=True, text=True, timeout=300)
   assert r.returncode == 0, r.stderr
-  assert (site / "minift" / "kernels" / "matmul.cl").exists()
+  assert (site / "minift" / "kernels" / "matmul.cl").exists() and (site / "minift" / "kernels" / "attention.c").exists()
   code = ("import numpy as np, minift\nfrom minift import Tensor\nprint(minift.__file__)\n"
           "a = np.arange(12, dtype=np.float32).reshape(3, 4)\n"
-          "print(Tensor(a, device='opencl').device, np.abs((Tensor(a, device='opencl') @ Tensor(a.T, device='opencl')).numpy() - a @ a.T).max())")
-  r = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, PYTHONPATH=str(site)), cwd=tmp_path,
-                     capture_output=True, text=True, timeout=300)
+          "print(Tensor(a, device='opencl').device, np.abs((Tensor(a, device='opencl') @ Tensor(a.T, device='opencl')).numpy() - a @ a.T).max())\n"
+          # the NumPy backend's attention, compiled from the installed attention.c
+          "from minift.backends.numpy.attention import attention_functions, attention_numpy\n"
+          "q, k, v = (np.random.default_rng(i).standard_normal((1, 2, 40, 8)).astype(np.float32) for i in range(3))\n"
+          "got = Tensor(q).scaled_dot_product_attention(Tensor(k), Tensor(v), is_causal=True).numpy()\n"
+          "print(attention_functions() is not None, np.abs(got - attention_numpy(q, k, v, 8 ** -0.5, True, None)).max())")
+  r = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, PYTHONPATH=str(site), MINIFT_CACHE_DIR=str(tmp_path / "cache")),
+                     cwd=tmp_path, capture_output=True, text=True, timeout=300)
   assert r.returncode == 0, r.stderr
-  where, (device, err) = r.stdout.splitlines()[0], r.stdout.splitlines()[1].split()
+  where, (device, err), (compiled, att_err) = r.stdout.splitlines()[0], r.stdout.splitlines()[1].split(), r.stdout.splitlines()[2].split()
   assert where.startswith(str(site)) and device == "opencl" and float(err) == 0.0, r.stdout + r.stderr
+  assert compiled == "True" and float(att_err) < 1e-5, r.stdout + r.stderr
   assert "OpenCL unavailable" not in r.stderr
 
 

@@ -146,17 +146,17 @@ class Renderer(CLanguage):
       _check(reduce.dtype is dtypes.float32, "non-float reduction")
       _check(not any(n.op in (Op.SUM, Op.RMAX) for n in inner), "nested reduction")
       _check(not {id(n) for n in outer if n.op is not Op.CONST} & {id(n) for n in inner}, "node inside and after the reduction")
-      shape, axes = reduce.arg[1], reduce.arg[0]
+      shape, axes = reduce.arg.shape, reduce.arg.axes
       self.out_shape = tuple(1 if a in axes else n for a, n in enumerate(shape))
       if self.out_shape != tuple(kernel.shape):   # the result reshaped: (256, 1) summed rows written as (256,)
-        self.views.update((id(n), _unsqueezed(n.arg[1], self.out_shape)) for n in outer if n.op is Op.BUFFER)
+        self.views.update((id(n), _unsqueezed(n.arg.view, self.out_shape)) for n in outer if n.op is Op.BUFFER)
     else:
       _check(kernel.kind == "elementwise" or (kernel.kind == "matmul" and kernel.ast is not reduce), "kernel kind")
       shape, axes = kernel.shape, ()
     for node in outer + inner:
       if node is reduce: continue
       _check(node.dtype.name in self.arith_types, f"{node.dtype.name} values")
-      if node.op is Op.BUFFER: _check(in_dtypes[node.arg[0]].name in self.storage_types, "input dtype")
+      if node.op is Op.BUFFER: _check(in_dtypes[node.arg.input].name in self.storage_types, "input dtype")
     views = [self.view(n) for n in outer + inner if n.op is Op.BUFFER]
     _check(all(len(v.shape) == len(shape) for v in views), "view rank")
     self.loops = _Loops(tuple(shape), set(axes), views)
@@ -173,10 +173,10 @@ class Renderer(CLanguage):
       if st: terms.append(var if st == 1 else f"{var}*{st}" if st > 0 else f"{var}*({st})")
     return terms
 
-  def view(self, node): return self.views.get(id(node), node.arg[1])
+  def view(self, node): return self.views.get(id(node), node.arg.view)
 
   def load(self, node, groups):
-    i, view = node.arg[0], self.view(node)
+    i, view = node.arg.input, self.view(node)
     if i in self.subst: return self.subst[i]
     dtype = self.in_dtypes[i]
     conds = []
@@ -443,7 +443,7 @@ def render_fused(kernels, in_maps, in_dtypes):
   views = [r.view(node) for r, _, node in loads]
   _check(all(v.mask is None and len(v.shape) == len(shape) for v in views), "fused masked view")
   for r, m, node in loads:
-    if m[node.arg[0]] in targets: _check(r.view(node) == View.contiguous(shape), "fused target view")
+    if m[node.arg.input] in targets: _check(r.view(node) == View.contiguous(shape), "fused target view")
   loops = _Loops(shape, set(), views)   # axes merged only where they merge in every kernel's views
   kept = [(f"i{g}", group) for g, group in enumerate(loops.kept)]
   _check(kept, "fused loop")
@@ -480,27 +480,38 @@ def structure(kernel, in_dtypes):
   parts = [kernel.kind, tuple(kernel.shape), kernel.dtype.name, tuple(d.name for d in in_dtypes)]
   for n in nodes:
     arg = n.arg
-    if n.op is Op.BUFFER: arg = (arg[0], arg[1].shape, arg[1].strides, arg[1].offset, arg[1].mask)
+    if n.op is Op.BUFFER: arg = (arg.input, arg.view.shape, arg.view.strides, arg.view.offset, arg.view.mask)
     elif isinstance(arg, DType): arg = arg.name
     elif isinstance(arg, float): arg = repr(arg)   # -0.0 == 0.0 and nan != nan as dict keys
     parts.append((n.op, n.dtype.name, arg, tuple(index[id(s)] for s in n.srcs), id(n) in kernel.shared))
   return tuple(parts)
 
 
-_rendered = {}   # structure -> (name, source, outer range), or None where C does not cover the kernel
+_rendered = {}   # structure -> (name, source, outer range, chunks), or None where C does not cover the kernel
+
+C_KINDS = ("elementwise", "reduce", "matmul")   # kernel kinds the C loops may run (a matmul: its epilogue)
+
+
+class CLoop(NamedTuple):
+  """A kernel's compiled loop: its function's name, the range of its outermost loop (what
+  parallel.call_in_parts cuts into parts), the elements the kernel reads or writes, and the
+  chunks of a reduction to one value (Renderer.chunks; 0: none)."""
+  name: str
+  outer: int
+  size: int
+  chunks: int
 
 
 def prepare(kernels, in_dtypes_of):
-  """Render every kernel C can run and build the new ones in one compiler run. Sets
-  kernel._c_name (None: NumPy evaluates it) and kernel._c_split: (range of the outermost loop,
-  elements the kernel reads or writes), what the backend needs to run it in parts."""
-  if not compiler.available: return
-  todo = {}
+  """The CLoop of each kernel (None where NumPy evaluates it: a kernel too small, or of a kind,
+  op or dtype the C loops do not cover), every new one built in one compiler run; None
+  altogether when there is no compiler."""
+  if not compiler.available: return None
+  loops, todo = [], {}
   for k in kernels:
-    if "_c_name" in k.__dict__: continue
-    k._c_name = None
-    if k.kind not in ("elementwise", "reduce", "matmul"): continue
-    size = prod(k.reduce.arg[1]) if k.kind == "reduce" else prod(k.shape)
+    loops.append(None)
+    if k.kind not in C_KINDS: continue
+    size = prod(k.reduce.arg.shape) if k.kind == "reduce" else prod(k.shape)
     if size < C_FROM or size == 0: continue
     in_dtypes = in_dtypes_of(k)
     key = structure(k, in_dtypes), CHUNK, COLUMNS
@@ -510,6 +521,7 @@ def prepare(kernels, in_dtypes_of):
       except Unsupported: _rendered[key] = None
     if _rendered[key] is None: continue
     name, src, outer, chunks = _rendered[key]
-    k._c_name, k._c_split, k._c_chunks = name, (outer, size), chunks
+    loops[-1] = CLoop(name, outer, size, chunks)
     if compiler.get(name) is None: todo[name] = src
   if todo: compiler.build(todo)
+  return loops

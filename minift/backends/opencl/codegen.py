@@ -135,7 +135,7 @@ class Renderer(OpenCLLanguage):
 def index_type(kernel, in_sizes):
   """int indices unless some buffer or loop is too big for them."""
   sizes = [prod(kernel.shape)] + list(in_sizes)
-  if kernel.reduce is not None: sizes.append(prod(kernel.reduce.arg[1]))
+  if kernel.reduce is not None: sizes.append(prod(kernel.reduce.arg.shape))
   return "long" if max(sizes) >= 2**31 - 1 else "int"
 
 
@@ -181,8 +181,8 @@ def vector_width(kernel, in_dtypes):
   if kernel.dtype is not dtypes.float32 or not kernel.shape or kernel.shape[-1] % 4 or prod(kernel.shape) == 0: return 1
   for node in kernel._nodes():
     if node.op not in VECTOR_OPS or node.dtype is not dtypes.float32: return 1
-    if node.op is Op.BUFFER and (in_dtypes[node.arg[0]] is not dtypes.float32 or
-                                 (node.arg[1].mask is not None and node.arg[1].mask[-1] != (0, kernel.shape[-1]))): return 1
+    if node.op is Op.BUFFER and (in_dtypes[node.arg.input] is not dtypes.float32 or
+                                 (node.arg.view.mask is not None and node.arg.view.mask[-1] != (0, kernel.shape[-1]))): return 1
   return 4
 
 
@@ -263,10 +263,10 @@ def render_reduce(kernel, in_dtypes, idx, caps, max_local):
 def render_gather(kernel, in_dtypes, idx, max_local):
   """out[n, c] = table[index[n], c]; an index out of range sets the error flag."""
   table, index = kernel.ast.srcs
-  rows, cols = table.arg[1].shape
+  rows, cols = table.arg.view.shape
   n = prod(kernel.shape)
   r = Renderer(kernel, in_dtypes)
-  ix = r.load(index, [("row", tuple(range(len(index.arg[1].shape))))])
+  ix = r.load(index, [("row", tuple(range(len(index.arg.view.shape))))])
   value = r.load(table, [("ix", (0,)), ("col", (1,))])
   body = [f"{idx} gid = get_global_id(0);", f"if (gid >= {n}) return;",
           f"{idx} row = gid / {cols}, col = gid % {cols};", f"long ix_in = (long){ix};",
@@ -284,14 +284,14 @@ def render_scatter_add(kernel, in_dtypes, idx, max_local):
   fill = {"zero_fill": True}
   if len(kernel.ast.srcs) == 3:
     onto = kernel.ast.srcs[2]
-    if onto.op is not Op.BUFFER or onto.arg[1] != View.contiguous(kernel.shape):
+    if onto.op is not Op.BUFFER or onto.arg.view != View.contiguous(kernel.shape):
       raise NotImplementedError("OpenCL codegen: a scatter-add onto anything but a whole buffer")
-    fill = {"fill_from": onto.arg[0]}
+    fill = {"fill_from": onto.arg.input}
   rows, cols = kernel.shape
-  nidx = prod(index.arg[1].shape)
-  gnd = len(grad.arg[1].shape)
+  nidx = prod(index.arg.view.shape)
+  gnd = len(grad.arg.view.shape)
   r = Renderer(kernel, in_dtypes)
-  ix = r.load(index, [("n", tuple(range(len(index.arg[1].shape))))])
+  ix = r.load(index, [("n", tuple(range(len(index.arg.view.shape))))])
   g = r.load(grad, [("n", tuple(range(gnd - 1))), ("col", (gnd - 1,))])
   dt = kernel.dtype
   body = [f"{idx} col = get_global_id(0);", f"if (col >= {cols}) return;",
@@ -347,7 +347,7 @@ def matmul_shape(kernel):
   """(batch, m, n, k) axis groups and (batch, M, N, K) sizes of a matmul kernel."""
   axes, in_shape, _ = kernel.reduce.arg
   la, lb = kernel.reduce.srcs[0].srcs
-  groups = matmul_axes(la.arg[1], lb.arg[1], axes)
+  groups = matmul_axes(la.arg.view, lb.arg.view, axes)
   return groups, tuple(prod(in_shape[a] for a in g) for g in groups)
 
 
@@ -399,10 +399,10 @@ def render_matmul(kernel, in_dtypes, idx, config, image=False):
   defines, epilogue = matmul_macros(kernel, in_dtypes, idx)
   r = Renderer(kernel, in_dtypes)
   defines["A_AT(b, i, k)"] = r.load(la, [("(b)", batch), ("(i)", m), ("(k)", k)])
-  defines["A_K_FAST"] = int(_fastest(la.arg[1], k) or not _fastest(la.arg[1], m))
+  defines["A_K_FAST"] = int(_fastest(la.arg.view, k) or not _fastest(la.arg.view, m))
   if not image:
     defines["B_AT(b, k, j)"] = r.load(lb, [("(b)", batch), ("(k)", k), ("(j)", n)])
-    defines["B_N_FAST"] = int(_fastest(lb.arg[1], n) or not _fastest(lb.arg[1], k))
+    defines["B_N_FAST"] = int(_fastest(lb.arg.view, n) or not _fastest(lb.arg.view, k))
   name = kernel.name + ("_image" if image else "")
   defines.update({"MM_NAME": name, "BM": config.bm, "BN": config.bn, "BK": config.bk, "TM": config.tm, "TN": config.tn})
   src = PRELUDE + "".join(f"#define {k_} {v}\n" for k_, v in defines.items()) + epilogue
@@ -436,8 +436,8 @@ def assign_in_place_ok(kernel):
 
   def walk(node, in_reduce):
     if node.op is Op.BUFFER:
-      if node.arg[0] != target: return True
-      view = node.arg[1]
+      if node.arg.input != target: return True
+      view = node.arg.view
       return not in_reduce and view.is_contiguous() and prod(view.shape) == prod(out_shape)
     inner = in_reduce or node.op in (Op.SUM, Op.RMAX, Op.GATHER, Op.SCATTER_ADD)
     return all(walk(s, inner) for s in node.srcs)
