@@ -1,5 +1,7 @@
 """Fused CPU loops for the NumPy backend: elementwise kernels, reductions and matmul epilogues
-rendered to C and built with the system C compiler (cc, or $CC), where one exists.
+rendered to C and built with the system C compiler (compiler.py), where one exists. CLanguage is
+the C dialect of the C-style languages (codegen/cstyle.py); Renderer adds this backend's loop
+nests (merged axes, segments, chunks, column blocks); render_fused merges several updates.
 
 NumPy evaluates a fused kernel one pass per op, each pass through a temporary array; the C
 loop computes every element once, in registers. BLAS still does the matmuls: a matmul kernel's
@@ -10,7 +12,7 @@ Attention and its gradients are not rendered: they run the fixed loops of kernel
 (attention.py), whose sums use FMA (the rounding below is that of the rendered loops).
 
 Rounding: + - * / sqrt and comparisons round as NumPy does (no FMA contraction, no fast-math).
-exp, tanh and sigmoid use the polynomials below (exp within 1.5 ulp of float64, tanh within
+exp, tanh and sigmoid use the polynomials of CLanguage's prelude (exp within 1.5 ulp of float64, tanh within
 2.5: test_cloops.py; vectorisable); sums accumulate in double. So a kernel differs from its
 NumPy evaluation by an ulp or two. A big kernel's outermost loop is cut into parts that run on
 every core at once (parallel.call_in_parts; $MINIFT_THREADS sets how many); each element is
