@@ -990,7 +990,7 @@ class TestAttention:
 
 
   # The NumPy backend runs attention as one ATTENTION kernel and its gradients as one
-  # ATTENTION_BACKWARD kernel (the C loops of kernels/attention.c, or NumPy without a compiler). The shapes cross
+  # ATTENTION_BACKWARD kernel (kernels/attention.c's C loops, or NumPy without a compiler). The shapes cross
   # the 32-query blocks and 64-key tiles of the C loops and NumPy's 128-query blocks, and have
   # head sizes that are not whole 16-float vectors, fewer queries than keys, one query.
   @pytest.mark.parametrize("cloops", ["1", "0"])
