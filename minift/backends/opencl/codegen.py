@@ -23,6 +23,7 @@ from minift.lazy import Op
 from minift.schedule import matmul_axes
 from minift.view import View
 
+
 class OpenCLLanguage(CStyleLanguage):
   """The OpenCL C dialect: half stored as half and moved with vload_half/vstore_half (no
   cl_khr_fp16 needed), bool stored as uchar; integer division and power through helpers."""
