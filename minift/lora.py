@@ -9,7 +9,7 @@ import json, math, os
 import numpy as np
 from minift.nn import Module, Linear
 from minift.tensor import Tensor
-from minift.checkpoint import atomic_folder, save_safetensors
+from minift.checkpoint import atomic_folder, complete_folder, save_safetensors
 
 DEFAULT_TARGETS = {"gpt2": ["c_attn", "attn.c_proj"],   # attention only; add c_fc, mlp.c_proj for the MLP
                    "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]}
@@ -125,14 +125,16 @@ def save_adapter(model, folder, base_model_path=""):
             "modules_to_save": None, "layers_to_transform": None, "layers_pattern": None,
             "use_rslora": False, "use_dora": False, "revision": None}
   with atomic_folder(folder) as tmp:
-    save_safetensors(os.path.join(tmp, "adapter_model.safetensors"), adapter_state(model), metadata={"format": "pt"})
+    save_safetensors(os.path.join(tmp, "adapter_model.safetensors"), adapter_state(model), metadata={"format": "pt"}, finite=True)
     with open(os.path.join(tmp, "adapter_config.json"), "w") as f: json.dump(config, f, indent=2)
 
 
 def load_adapter(model, folder):
   """Wrap model's targets as the adapter in folder (saved by minift or by peft) says and load
   its weights. Ranks come from the tensors (so peft's rank_pattern works), alphas from
-  lora_alpha / alpha_pattern. Every tensor must match a module and a shape: errors name the key."""
+  lora_alpha / alpha_pattern. Every tensor must match a module and a shape: errors name the key.
+  A folder a killed save left mid-swap (checkpoint.atomic_folder) is read from its complete copy."""
+  folder = complete_folder(folder)
   cfg_path, w_path = os.path.join(folder, "adapter_config.json"), os.path.join(folder, "adapter_model.safetensors")
   for p in (cfg_path, w_path):
     if not os.path.exists(p): raise FileNotFoundError(f"--lora {folder}: missing {os.path.basename(p)} (expected a PEFT LoRA adapter folder)")

@@ -6,10 +6,11 @@ fine-tuning process from the model's config and tensor shapes and the run's sett
 
   1. activation checkpointing   each block keeps only its input and runs again in backward:
                                 one more forward pass of compute, the same gradients
-  2. float16 frozen weights     (LoRA) the frozen base stored in half precision: half its
-                                memory, no disk, no extra pass; the base is rounded to float16
-                                (relative error <= 2^-11, far below a 4-bit GGUF's own rounding);
-                                the adapter, its gradients and the optimizer stay float32
+  2. a smaller frozen base      (LoRA; --base_dtype) the frozen base stored in the first of
+                                BASE_LEVERS: float16, half its memory, no disk, no extra pass;
+                                the base is rounded to float16 (relative error <= 2^-11, far
+                                below a 4-bit GGUF's own rounding); the adapter, its gradients
+                                and the optimizer stay float32
   3. the sharder                weights, adapter and optimizer state paged to disk under a RAM
                                 budget, the largest that fits (the least paging); full
                                 fine-tuning first pages only the optimizer moments
@@ -20,7 +21,7 @@ fine-tuning process from the model's config and tensor shapes and the run's sett
                                 save little, and under the sharder every micro-batch pages the
                                 weights again (the sharder is dropped if it is no longer needed)
 
-A lever the user set (--grad_checkpoint, --frozen_dtype, --shard_budget_mb,
+A lever the user set (--grad_checkpoint, --base_dtype, --shard_budget_mb,
 --shard_optimizer_only, --shard_enable, --grad_accum_steps) is kept as given and the plan says
 so; the others are planned around it. When nothing fits, PlanError names the smallest N that
 would.
@@ -39,7 +40,13 @@ from dataclasses import dataclass, replace
 MB = 2 ** 20
 CHUNK_ROWS = 256          # rows of logits linear_cross_entropy makes at a time (Tensor.linear_cross_entropy)
 MIN_BUDGET_MB = 32        # the smallest sharder budget planned: below it every kernel pages
-HALF_BLOCK_BYTES = 8 * MB  # float16 weights are converted to float32 for BLAS this much at a time (backend_numpy.HALF_BLOCK)
+HALF_BLOCK_BYTES = 8 * MB  # float16 weights are converted to float32 for BLAS this much at a time (backends/numpy/device.py HALF_BLOCK)
+# bytes per value of a frozen weight matrix stored as each --base_dtype (vectors, norms and biases
+# stay float32). A quantized base is one more entry: bytes per block over values per block
+# (q8_0 34/32, q4_0 18/32, q4_1 20/32, q4_K 144/256, q6_K 210/256), and, if the plan may choose
+# it, one more entry of BASE_LEVERS
+BASE_BYTES = {"float32": 4, "float16": 2}
+BASE_LEVERS = ("float16",)   # the base dtypes plan() tries, in order, after checkpointing
 
 # measured constants (see the module docstring)
 PROCESS_MB = 48           # Python, NumPy and OpenBLAS's threads, tokenizers, tqdm, minift and its compiled C loops
@@ -178,7 +185,7 @@ class Settings:
   optimizer: str = "adamw"
   momentum: float = 0.0
   grad_checkpoint: bool = False
-  frozen_fp16: bool = False
+  base_dtype: str = "float32"      # storage of the frozen weight matrices (a key of BASE_BYTES)
   shard_budget_mb: float = None     # None: no sharder
   shard_optimizer_only: bool = False
   data_bytes: int = 0               # size of the training text on disk
@@ -186,7 +193,7 @@ class Settings:
   def levers(self):
     """The settings in words, for the plan's line."""
     out = ["activation checkpointing" if self.grad_checkpoint else "no checkpointing"]
-    if not self.full_ft: out.append("float16 frozen weights" if self.frozen_fp16 else "float32 frozen weights")
+    if not self.full_ft: out.append(f"{self.base_dtype} frozen weights")
     if self.shard_budget_mb is None: out.append("no sharder")
     else: out.append(f"sharder budget {self.shard_budget_mb:g} MB" + (" (optimizer moments only)" if self.shard_optimizer_only else ""))
     micro = self.batch_size // self.grad_accum_steps
@@ -208,7 +215,7 @@ def param_bytes(m, s):
   else:
     trained = set(trained_linears(m, s))
     n_train = sum(s.lora_rank * (i + o) for p, (i, o) in m.linears.items() if p in trained)   # A (r, in), B (out, r)
-    frozen = sum(math.prod(sh) * (2 if s.frozen_fp16 and len(sh) >= 2 else 4) for sh in m.params.values())   # (vectors stay float32)
+    frozen = sum(math.prod(sh) * (BASE_BYTES[s.base_dtype] if len(sh) >= 2 else 4) for sh in m.params.values())   # (vectors stay float32)
   moments = n_train * 4 * (2 if s.optimizer == "adamw" else 1 if s.momentum else 0)
   return frozen, n_train * 4, moments, n_train * 4
 
@@ -250,7 +257,7 @@ def estimate(m, s, eval_batch=None):
   elif s.shard_optimizer_only: weights = frozen + trainable + min(budget, moments)   # only the moments are paged
   else:                                                        # weights, adapter, moments and gradient buffers: all paged
     weights, grads = min(budget, frozen + trainable + moments + grads), 0
-    if m.file_backed and not s.frozen_fp16:
+    if m.file_backed and s.base_dtype == "float32":
       # frozen pages re-read from the weight file come from malloc, which keeps much of
       # what an evicted page frees in its arenas instead of giving it back
       weights += FILE_PAGE_SLACK * budget
@@ -265,7 +272,8 @@ def estimate(m, s, eval_batch=None):
   # logits are made whole, with their gradient
   head = 3 * tokens * V * f32 if m.softcap else min(CHUNK_ROWS, tokens) * V * f32 + 2 * tokens * C * f32
   eval_head = 3 * eval_tokens * V * f32 if m.softcap else min(CHUNK_ROWS, eval_tokens) * V * f32 + eval_tokens * C * f32
-  half = HALF_BLOCK_BYTES if s.frozen_fp16 else 0             # a float16 weight's float32 slice for BLAS
+  converted = s.base_dtype != "float32"
+  half = HALF_BLOCK_BYTES if converted else 0                 # a slice of a stored weight, in float32 for BLAS
 
   if s.full_ft:   # gradients arrive as backward frees activations, last layer first: the larger of the two
     step = max(kept + recompute, grads) + head + half
@@ -283,16 +291,16 @@ def estimate(m, s, eval_batch=None):
   data, tokenizing = data_tokens * DATA_KEPT_BYTES, data_tokens * DATA_PEAK_BYTES
 
   # -- loading: tensors are read in file order, each next to what was loaded before it (paged,
-  # under the sharder). Float32 safetensors are used in place; any other tensor (to float16, from
-  # another dtype, from a GGUF) is first whole in float32 (its file pages, or the dequantized
-  # array), next to its float16 copy; under the sharder a vocabulary table comes a piece at a time
+  # under the sharder). Float32 safetensors are used in place; any other tensor (to the base dtype,
+  # from another dtype, from a GGUF) is first whole in float32 (its file pages, or the dequantized
+  # array), next to its stored copy; under the sharder a vocabulary table comes a piece at a time
   gguf = kind != "json"
   piecewise = sharded and not s.shard_optimizer_only
   loaded = loading = 0
   for values, dims, table in m.load_order:
-    size = values * (2 if s.frozen_fp16 and dims >= 2 else f32)
-    reading = values * f32 if s.frozen_fp16 or gguf or not m.file_backed else 0
-    copy = size if s.frozen_fp16 else 0
+    size = values * (BASE_BYTES[s.base_dtype] if dims >= 2 else f32)
+    reading = values * f32 if converted or gguf or not m.file_backed else 0
+    copy = size if converted else 0
     if piecewise and table: reading, copy = min(reading, budget / 4), min(copy, budget / 4)
     loading = max(loading, (min(loaded, budget) if piecewise else loaded) + reading + copy)
     loaded += size
@@ -329,7 +337,7 @@ class Plan:
             f"{self.estimate.peak_mb:.0f} MB ({self.estimate.phase}){given}")
 
 
-FLAGS = {"grad_checkpoint": "--grad_checkpoint", "frozen_fp16": "--frozen_dtype", "shard_budget_mb": "--shard_budget_mb",
+FLAGS = {"grad_checkpoint": "--grad_checkpoint", "base_dtype": "--base_dtype", "shard_budget_mb": "--shard_budget_mb",
          "shard_optimizer_only": "--shard_optimizer_only", "shard_enable": "--shard_enable", "grad_accum_steps": "--grad_accum_steps"}
 
 
@@ -344,9 +352,11 @@ def _stages(s, explicit):
   if not cur.grad_checkpoint:
     cur = replace(cur, grad_checkpoint=True)
     yield cur, free
-  if not (s.full_ft or cur.frozen_fp16 or "frozen_fp16" in explicit):
-    cur = replace(cur, frozen_fp16=True)
-    yield cur, free
+  if not (s.full_ft or "base_dtype" in explicit):
+    for dtype in BASE_LEVERS:   # each smaller than the one before
+      if BASE_BYTES[dtype] < BASE_BYTES[cur.base_dtype]:
+        cur = replace(cur, base_dtype=dtype)
+        yield cur, free
   # the sharder: full fine-tuning pages the optimizer moments alone first (only the update reads them)
   modes = [cur.shard_optimizer_only] if user_sharder else [True, False] if s.full_ft else [False]
   if not user_sharder:

@@ -24,8 +24,12 @@ one before), so loading them is a copy from the page cache.
 """
 import atexit, itertools, math, mmap, os, shutil, sys, tempfile, weakref
 import numpy as np
-from minift import device as _device
+try:
+  import fcntl
+except ImportError:   # Windows: no locks, so no cleanup of other processes' folders
+  fcntl = None
 from minift.dtype import dtypes
+from minift.runtime.buffer import Pager, active_pager, set_pager
 
 MB = 2 ** 20
 MAPPABLE = sys.platform.startswith("linux") and hasattr(mmap, "MADV_DONTNEED")   # elsewhere DONTNEED may keep the pages resident
@@ -72,12 +76,60 @@ def _read(path, offset, dtype, count):
   return out
 
 
-class Sharder:
+def _lock_new(folder):
+  """Lock a fresh shard folder for the life of this process (an open descriptor, or None). Its
+  `.lock` is made under another name and flocked before it is renamed: a `.lock` another
+  process finds was always locked by its maker first, so a free one means the maker is gone."""
+  if fcntl is None: return None
+  fd = os.open(os.path.join(folder, ".lock.new"), os.O_RDWR | os.O_CREAT, 0o600)
+  try:
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    os.rename(os.path.join(folder, ".lock.new"), os.path.join(folder, ".lock"))
+  except OSError:   # a file system without locks: the folder is still removed on close
+    os.close(fd)
+    return None
+  return fd
+
+
+def remove_dead_shard_folders(parent):
+  """Delete the shard folders in parent left by killed processes (their `.lock` is free: the
+  kernel drops the lock of a process however it ends). Returns the folders removed."""
+  removed = []
+  try:
+    entries = os.listdir(parent) if fcntl is not None else []
+  except OSError:
+    return removed
+  for entry in entries:
+    if not entry.startswith("minift-shard-"): continue
+    folder = os.path.join(parent, entry)
+    try:
+      fd = os.open(os.path.join(folder, ".lock"), os.O_RDONLY)
+    except OSError:   # being made right now, another user's (0700), or not a shard folder
+      continue
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:   # its process is alive
+      continue
+    else:
+      shutil.rmtree(folder, ignore_errors=True)
+      removed.append(folder)
+    finally:
+      os.close(fd)
+  return removed
+
+
+def active():
+  """The Sharder that is paging now, or None."""
+  pager = active_pager()
+  return pager if isinstance(pager, Sharder) else None
+
+
+class Sharder(Pager):
   """with Sharder(ram_budget_mb=128) as sh: sh.manage_model(model, optimizer); train as usual.
 
   ram_budget_mb / gpu_budget_mb: bytes managed pages may hold in host RAM / device memory
   (None: unlimited). directory: where the shard folder is made (a fresh private subfolder,
-  removed on close or exit). fp16_disk: frozen float32 weights written to disk as float16;
+  removed on close or exit; the shard folders of killed processes found there are removed). fp16_disk: frozen float32 weights written to disk as float16;
   fp16_trainable: trainable weights too (both lose precision: off by default). Optimizer
   moments are always kept in float32: Adam's second moment (g^2) underflows float16.
   prefetch: have the OS read upcoming pages ahead (posix_fadvise WILLNEED). optimizer_only:
@@ -92,7 +144,7 @@ class Sharder:
 
   def __init__(self, ram_budget_mb=None, gpu_budget_mb=None, directory=None, fp16_disk=False, fp16_trainable=False,
                prefetch=True, trace=False, optimizer_only=False):
-    if _device.sharder is not None: raise RuntimeError("a Sharder is already active; close it first")
+    if active_pager() is not None: raise RuntimeError("a Sharder is already active; close it first")
     for flag, v in (("--shard_budget_mb", ram_budget_mb), ("--gpu_budget_mb", gpu_budget_mb)):
       if v is not None and not v > 0: raise ValueError(f"{flag} must be a positive number of MiB, got {v}")
     self.budget = {"gpu": gpu_budget_mb * MB if gpu_budget_mb else float("inf"),
@@ -105,7 +157,9 @@ class Sharder:
     parent = directory or tempfile.gettempdir()
     try:
       os.makedirs(parent, exist_ok=True)
+      self.removed = remove_dead_shard_folders(parent)
       self.dir = tempfile.mkdtemp(prefix="minift-shard-", dir=parent)   # private (0700), never an existing folder
+      self._lock = _lock_new(self.dir)
     except OSError as e:
       raise ShardError(f"--shard_dir {parent}: cannot create a shard folder there ({e.strerror})") from None
     self.prefetch = prefetch and hasattr(os, "posix_fadvise")
@@ -114,7 +168,7 @@ class Sharder:
     self._mapped = 0
     self._closed = False
     atexit.register(self.close, restore=False)
-    _device.sharder = self
+    set_pager(self)
 
   def __enter__(self): return self
   def __exit__(self, *exc): self.close()
@@ -124,7 +178,7 @@ class Sharder:
     back into memory, so it stays usable (a run that is ending does not need that)."""
     if self._closed: return
     self._closed = True
-    if _device.sharder is self: _device.sharder = None
+    if active_pager() is self: set_pager(None)
     self.budget = {"gpu": float("inf"), "ram": float("inf")}   # everything comes back
     for page in list(self.pages.values()) if restore else ():
       buf = page.ref()
@@ -132,6 +186,8 @@ class Sharder:
       if buf is not None and page.mapped is not None and buf.data is page.mapped: buf.data = np.array(page.mapped)   # off the file removed below
     self.pages.clear()
     shutil.rmtree(self.dir, ignore_errors=True)
+    if self._lock is not None: os.close(self._lock)   # after the folder is gone: a live lock keeps others from removing it
+    self._lock = None
 
   # ---- registration
 
@@ -254,17 +310,17 @@ class Sharder:
       self._prefetch(upcoming, pages)
     return pages
 
-  def release(self, pages, written=None):
-    """Unpin pages; written: the buffer (or list of buffers) the kernel wrote, whose disk copy is now stale."""
+  def release(self, pages, written=()):
+    """Unpin pages; written: the buffers the kernel wrote, whose disk copies are now stale."""
     for page in pages: page.pins -= 1
-    for buf in written if isinstance(written, list) else [written] if written is not None else []:
+    for buf in written:
       page = self.page_of(buf)
       if page is not None: page.disk_valid, page.source = False, None
 
   def fetch(self, buf, write=False):
     """Make buf's data valid in memory for a direct read (numpy()) or write (assign from NumPy)."""
     pages = self.acquire([buf])
-    self.release(pages, buf if write else None)
+    self.release(pages, [buf] if write else ())
 
   # ---- moving pages
 
@@ -293,7 +349,7 @@ class Sharder:
       dev = buf.device
       page.host = dev.to_numpy(buf)
       self.used["ram"] += page.nbytes
-      if hasattr(dev, "_written"): dev._written(buf)   # drop a texture copy of it too
+      dev.forget_copies(buf)   # drop a texture copy of it too
       mem, buf.data = buf.data, None
       mem.release()
       page.tier = "ram"

