@@ -92,6 +92,22 @@ def test_plan_turns_levers_on_in_order(medium):
   with pytest.raises(memplan.PlanError): memplan.plan(m, s, smallest - 1)
 
 
+def test_a_smaller_base_dtype_is_one_more_entry(medium, monkeypatch):
+  """The base lever is a table: an entry of BASE_BYTES and BASE_LEVERS (as a quantized base
+  will be, issue #23) is estimated by its bytes per weight and tried after float16, before the
+  sharder; the weights term shrinks by exactly the bytes saved on the weight matrices."""
+  folder, text = medium
+  m = memplan.read_model(folder)
+  s = memplan.Settings(batch_size=8, seq_len=128, data_bytes=os.path.getsize(text), grad_checkpoint=True)
+  monkeypatch.setitem(memplan.BASE_BYTES, "q8_0", 34 / 32)
+  monkeypatch.setattr(memplan, "BASE_LEVERS", ("float16", "q8_0"))
+  matrices = sum(np.prod(sh) for sh in m.params.values() if len(sh) >= 2)
+  f16, q8 = (memplan.estimate(m, replace(s, base_dtype=d)) for d in ("float16", "q8_0"))
+  assert f16.phases["step"] - q8.phases["step"] == pytest.approx(matrices * (2 - 34 / 32) / memplan.MB)
+  p = memplan.plan(m, s, memplan.limit_for(f16.peak_mb - 0.5))
+  assert (p.settings.base_dtype, p.settings.shard_budget_mb) == ("q8_0", None) and "q8_0 frozen weights" in p.line()
+
+
 def test_plan_keeps_explicit_levers(medium):
   """A lever the user set stays as given, and the line says so; others are planned around it."""
   folder, text = medium
