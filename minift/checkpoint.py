@@ -7,6 +7,7 @@ swapped in, so a reader sees the old folder or the new one, never a mix.
 """
 import contextlib, json, os, shutil, tempfile
 import numpy as np
+from minift.errors import UserError, name_file
 
 
 def _fsync_dir(path):
@@ -34,8 +35,9 @@ def atomic_file(path, mode="wb"):
       os.fsync(f.fileno())
     os.replace(tmp, path)
     _fsync_dir(folder)
-  except BaseException:
+  except BaseException as e:
     with contextlib.suppress(OSError): os.unlink(tmp)
+    name_file(e, path)
     raise
 
 
@@ -115,8 +117,9 @@ def atomic_folder(path):
     os.replace(tmp, path)
     _fsync_dir(parent)
     if old: shutil.rmtree(old, ignore_errors=True)
-  except BaseException:
+  except BaseException as e:
     shutil.rmtree(tmp, ignore_errors=True)
+    name_file(e, path)
     raise
 
 
@@ -131,4 +134,4 @@ def check_writable(folder, flag="--out"):
     os.makedirs(folder, exist_ok=True)
     with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test-"): pass
   except OSError as e:
-    raise PermissionError(f"{flag} {folder}: cannot write there ({e.strerror})") from None
+    raise UserError(f"{flag} {folder}: cannot write there ({e.strerror})") from None

@@ -44,13 +44,17 @@ def available_devices():
   return ["numpy"] + (["opencl"] if _opencl_device() is not None else [])
 
 
+opencl_error = None   # why OpenCL is unusable, once _opencl_device() found out
+
+
 def _opencl_device():
+  global opencl_error
   if "opencl" not in _devices:
     try:
       from minift.backend_opencl import OpenCLDevice
       _devices["opencl"] = OpenCLDevice()
     except Exception as e:   # no pyopencl, no platform, failed self-check: NumPy it is
-      _devices["opencl"] = None
+      _devices["opencl"], opencl_error = None, f"{type(e).__name__}: {e}"
       if "opencl" not in _warned:
         _warned.add("opencl")
         log.warning(f"OpenCL unavailable ({type(e).__name__}: {e}); using the NumPy backend")

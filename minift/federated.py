@@ -14,7 +14,7 @@ A Flower app names these components (tools/federated.py writes one):
   clientapp = "minift.federated:client_app"   node config: model, data [, cache-dir]
   serverapp = "minift.federated:server_app"   run config: the keys of RUN_CONFIG
 """
-import hashlib, json, math, os, resource, time
+import json, math, os, resource, time
 from dataclasses import dataclass, asdict
 from types import SimpleNamespace
 import numpy as np
@@ -31,6 +31,7 @@ import models
 from minift.tensor import Tensor
 from minift.data import PackedData, DataError
 from minift.lora import apply_lora, adapter_state, lora_modules, save_adapter, model_type, DEFAULT_TARGETS, PEFT_PREFIX
+from minift.lora import base_fingerprint as model_fingerprint   # (hash, summary): architecture and parameter shapes
 from minift.trainer import Trainer, append_metrics
 from minift.checkpoint import write_json
 from minift import energy
@@ -81,15 +82,6 @@ class RoundSettings:
   @staticmethod
   def from_config(config):
     return RoundSettings(**{k: config[k.replace("_", "-")] for k in RoundSettings.__dataclass_fields__})
-
-
-def model_fingerprint(model):
-  """(hash, summary) of what an adapter depends on: the architecture and every parameter's
-  name and shape (not the weight values: hashing them would cost a pass over the model)."""
-  shapes = {name: list(p.shape) for name, p in model.named_parameters()}
-  digest = hashlib.sha256(json.dumps([model_type(model), shapes], sort_keys=True).encode()).hexdigest()[:16]
-  n = sum(math.prod(s) for s in shapes.values())
-  return digest, f"{model_type(model)}, {len(shapes)} tensors, {n:,} parameters"
 
 
 def layout_difference(expected, arrays):

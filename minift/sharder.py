@@ -26,6 +26,7 @@ import atexit, itertools, math, mmap, os, shutil, sys, tempfile, weakref
 import numpy as np
 from minift import device as _device
 from minift.dtype import dtypes
+from minift.errors import UserError
 
 MB = 2 ** 20
 MAPPABLE = sys.platform.startswith("linux") and hasattr(mmap, "MADV_DONTNEED")   # elsewhere DONTNEED may keep the pages resident
@@ -36,7 +37,7 @@ def size(nbytes):
   return f"{nbytes / MB:.1f} MiB" if nbytes >= MB / 10 else f"{nbytes / 1024:.1f} KiB"
 
 
-class ShardError(RuntimeError):
+class ShardError(UserError, RuntimeError):
   """The sharder cannot do what was asked (a budget too small, a full or unwritable disk);
   every tensor is still intact in memory or on disk when this is raised."""
 
