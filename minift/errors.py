@@ -77,6 +77,7 @@ def check_output(path, flag):
 
 
 def debug():
+  """DEBUG=1 (or more) in the environment: show the traceback of user errors too."""
   try: return int(os.environ.get("DEBUG", "0") or 0) >= 1
   except ValueError: return False
 
@@ -125,7 +126,8 @@ def integer(low=None, high=None):
     try: value = int(text)
     except ValueError: raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
     if (low is not None and value < low) or (high is not None and value > high):
-      raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}" if high is None else f"must be an integer in [{low}, {high}], got {value}")
+      bound = f"at least {low}" if high is None else f"at most {high}" if low is None else f"an integer in [{low}, {high}]"
+      raise argparse.ArgumentTypeError(f"must be {bound}, got {value}")
     return value
   return parse
 

@@ -29,7 +29,8 @@ except ImportError as e:
 
 import models
 from minift.tensor import Tensor
-from minift.data import PackedData, DataError
+from minift.data import PackedData
+from minift.errors import UserError
 from minift.lora import apply_lora, adapter_state, lora_modules, save_adapter, model_type, DEFAULT_TARGETS, PEFT_PREFIX
 from minift.lora import base_fingerprint as model_fingerprint   # (hash, summary): architecture and parameter shapes
 from minift.trainer import Trainer, append_metrics
@@ -224,7 +225,7 @@ def _train_round(content, node_config, settings, sharder):
   try:
     data = PackedData(node_config["data"], tokenizer, settings.seq_len, val_fraction=0.0,
                       cache_dir=node_config.get("cache-dir"), seed=settings.seed)
-  except DataError as e:
+  except UserError as e:   # the text is missing or bad, or its tokens do not fit the model
     raise Refused(f"cannot use this client's data: {e}") from None
   hook = None
   if node_config.get("pm-source", "off") != "off":

@@ -5,7 +5,7 @@ exits with status 2 (a flag) or 1 (anything else), and prints no traceback.
 The cases of one tool run one after another in one process (test/cli_driver.py runs each as
 `python tools/T.py ARGS` would), since a process start costs about a second; the cases that
 change the process (a file-size limit, an environment variable read once) run on their own."""
-import json, os, resource, shutil, subprocess, sys
+import io, json, os, resource, shutil, subprocess, sys
 import numpy as np
 import pytest
 
@@ -326,3 +326,20 @@ def test_a_bug_keeps_its_traceback():
   r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                      env={k: v for k, v in os.environ.items() if k != "DEBUG"})
   assert r.returncode == 1 and "Traceback" in r.stderr and "KeyError: 'missing key'" in r.stderr
+
+
+def test_capped_values_say_so(files, capsys):
+  """A value the tool lowers to fit the model (its context) is used, and said in one line."""
+  from tools import eval_ppl, eval_mmlu, generate
+  from tiny_lm import char_tokenizer
+  r = eval_ppl.main(["--model", files["llama"], "--text", files["text"], "--ctx", "1000"])
+  assert r["ctx"] == 64 and "note: --ctx 1000 is capped at the model's context of 64 tokens" in capsys.readouterr().err
+  prompt = "to be or not to be"   # 18 characters, one token each: 64 - 18 + 1 new tokens fit
+  new = generate.main(["--model", files["llama"], "--prompt", prompt, "--max_new_tokens", "100"], out=io.StringIO())
+  assert len(new) <= 47 and f"note: --max_new_tokens 100 is capped at 47: the prompt's {len(char_tokenizer().encode(prompt).ids)} tokens" in capsys.readouterr().err
+  eval_mmlu.main(["--model", files["llama"], "--data", files["mmlu_good"], "--max_ctx", "1000"])
+  assert "note: --max_ctx 1000 is capped at the model's context of 64 tokens" in capsys.readouterr().err
+  long_question = dict(json.loads(open(files["mmlu_good"]).read()), question="why? " * 20)
+  write(os.path.join(files["tmp"], "mmlu_long.jsonl"), json.dumps(long_question) + "\n")
+  eval_mmlu.main(["--model", files["llama"], "--data", os.path.join(files["tmp"], "mmlu_long.jsonl")])
+  assert "note: 1 of 1 prompts were longer than 64 tokens" in capsys.readouterr().err
