@@ -168,12 +168,13 @@ def _cache_key(examples, tokenizer):
   return h.hexdigest()[:24]
 
 
-def tokenize_cached(examples, tokenizer, cache_dir=None):
-  """tokenize(), stored in cache_dir keyed by the text and the tokenizer, so a second run (or
-  a resumed one) reads the ids instead of tokenizing again."""
+def tokenize_cached(examples, tokenizer, cache_dir=None, key=None):
+  """tokenize(), stored in cache_dir keyed by the text and the tokenizer (key: _cache_key's,
+  if the caller has it), so a second run (or a resumed one) reads the ids instead of
+  tokenizing again."""
   if cache_dir is None: return tokenize(examples, tokenizer)
   os.makedirs(cache_dir, exist_ok=True)
-  path = os.path.join(cache_dir, f"tokens-{_cache_key(examples, tokenizer)}.npz")
+  path = os.path.join(cache_dir, f"tokens-{key or _cache_key(examples, tokenizer)}.npz")
   if os.path.exists(path):
     with np.load(path) as z: return z["ids"], z["mask"]
   ids, mask = tokenize(examples, tokenizer)
@@ -197,13 +198,13 @@ class PackedData:
   def __init__(self, path, tokenizer, seq_len, val_fraction=0.05, cache_dir=None, errors="strict", seed=0, exclude=(), flag="--data"):
     if seq_len < 1: raise DataError(f"--seq_len must be at least 1, got {seq_len}")
     splits = load_splits(path, errors, exclude, flag)
-    # what the text and the tokenizer make: a resumed run compares it to notice changed data
-    self.data_hash = "-".join(_cache_key(splits[s], tokenizer) for s in ("train", "valid") if splits[s] is not None)
-    ids, mask = tokenize_cached(splits["train"], tokenizer, cache_dir)
+    keys = {s: _cache_key(splits[s], tokenizer) for s in ("train", "valid") if splits[s] is not None}
+    self.data_hash = "-".join(keys.values())   # of the text and the tokenizer: a resumed run compares it to notice changed data
+    ids, mask = tokenize_cached(splits["train"], tokenizer, cache_dir, keys["train"])
     check_ids(ids, tokenizer, path)
     x, y = pack(ids, mask, seq_len)
     if splits["valid"] is not None:
-      vids, vmask = tokenize_cached(splits["valid"], tokenizer, cache_dir)
+      vids, vmask = tokenize_cached(splits["valid"], tokenizer, cache_dir, keys["valid"])
       check_ids(vids, tokenizer, path)
       vx, vy = pack(vids, vmask, seq_len)
     else:   # hold out the last blocks (before any shuffling, so the split never moves)

@@ -55,9 +55,10 @@ class LoRALinear(Module):
 def base_fingerprint(model):
   """(hash, summary) of what an adapter depends on: the base model's architecture and every
   base parameter's name and shape (seen through LoRA wrappers and row pieces), not the weight
-  values (hashing them would cost a pass over the model)."""
+  values (hashing them would cost a pass over the model). An untied LM head is left out: the
+  same model may come tied in one format and untied in another."""
   named = [(n.replace(".base.", "."), t) for n, t in model.named_parameters() if not n.endswith((".lora_A", ".lora_B"))]
-  shapes = {name: list(shape) for name, (shape, _) in joined_row_pieces(named).items()}
+  shapes = {name: list(shape) for name, (shape, _) in joined_row_pieces(named).items() if name != "lm_head.weight"}
   digest = hashlib.sha256(json.dumps([model_type(model), shapes], sort_keys=True).encode()).hexdigest()[:16]
   return digest, f"{model_type(model)}, {len(shapes)} tensors, {sum(math.prod(s) for s in shapes.values()):,} parameters"
 

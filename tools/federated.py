@@ -18,7 +18,7 @@ import argparse, glob, json, os, signal, socket, subprocess, sys, time, urllib.r
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from finetune import default_model   # tools/finetune.py: this script's folder is on sys.path
-from minift.errors import ArgumentParser, MissingFile, UsageError, integer, number, run
+from minift.errors import ArgumentParser, MissingFile, UsageError, UserError, integer, number, run
 
 
 def default_texts():
@@ -347,7 +347,7 @@ def main(argv=None):
     print(f"Flower app written to {args.write_app}; start it with: flwr run {args.write_app} <superlink-connection> --stream")
     return
   import importlib.util
-  if importlib.util.find_spec("flwr") is None: raise SystemExit("error: Flower is not installed: pip install 'minift[federated]' (flwr==1.41.0)")
+  if importlib.util.find_spec("flwr") is None: raise UserError("Flower is not installed: pip install 'minift[federated]' (flwr==1.41.0)")
   signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))   # a kill runs the cleanup below, as Ctrl-C does
   out = os.path.abspath(args.out)
   if not os.path.exists(args.model): raise MissingFile(f"--model {args.model}: no such file or folder")
