@@ -57,7 +57,8 @@ def _opencl_device():
       _devices["opencl"], opencl_error = None, f"{type(e).__name__}: {e}"
       if "opencl" not in _warned:
         _warned.add("opencl")
-        log.warning(f"OpenCL unavailable ({type(e).__name__}: {e}); using the NumPy backend")
+        hint = " (pip install 'minift[opencl]')" if isinstance(e, ImportError) and e.name == "pyopencl" else ""
+        log.warning(f"OpenCL unavailable ({type(e).__name__}: {e}{hint}); using the NumPy backend")
   return _devices["opencl"]
 
 

@@ -15,7 +15,8 @@ and the kernel throttles the CPU itself).
 
 Throttle(source, policy).before_step(step) is called before every step: it reads the source
 every policy.interval steps, pauses while the battery or the temperature is critical, sleeps
-1/Hz seconds as the policy says, and returns the fields of the step's metrics row.
+1/Hz seconds as the policy says (or a --pm_schedule range's milliseconds), and returns the fields
+of the step's metrics row.
 """
 from __future__ import annotations
 import glob, json, math, os, re, shutil, signal, subprocess, time
@@ -23,7 +24,7 @@ from dataclasses import dataclass, field
 
 ZONE_TYPES = ("batt", "skin")
 SOURCES = "auto, sysfs, termux, sim:FILE or off"
-MAX_SLEEP_S = 86400.0   # the longest sleep a frequency or --pm_poll_s may ask for (one day): past it, sleep() overflows
+MAX_SLEEP_S = 86400.0   # the longest sleep a frequency, a --pm_schedule range or --pm_poll_s may ask for (one day): past it, sleep() overflows
 
 
 @dataclass
@@ -257,7 +258,8 @@ def probe(root="/", zone_types=ZONE_TYPES, termux="termux-battery-status", log=p
 
 @dataclass
 class Policy:
-  """Frequencies are in Hz: F means a sleep of 1/F s before each step; 0 means no sleep."""
+  """fb_*/ft_* are frequencies in Hz: F means a sleep of 1/F s before each step; 0 means no sleep.
+  schedule values are the sleep itself, in milliseconds (as the seed documents --pm_schedule)."""
   interval: int = 10             # steps between readings
   batt_thresh: float = 20.0      # %: below it, discharging, the battery is low
   fb_high: float = 0.0           # Hz while the battery is not low
@@ -265,7 +267,7 @@ class Policy:
   temp_thresh: float = 40.0      # C: above it the device is hot
   ft_high: float = 0.0           # Hz while not hot
   ft_low: float = 0.0            # Hz while hot
-  schedule: list = field(default_factory=list)   # [(first step, last step or None, Hz)], overrides the above
+  schedule: list = field(default_factory=list)   # [(first step, last step or None, ms of sleep)], overrides the above
   hysteresis: float = 2.0        # % and C a reading must recover past a threshold to switch back
   batt_critical: float = 10.0    # %: below it, not charging: checkpoint and pause; 0 never pauses
   temp_critical: float = 50.0    # C: above it: checkpoint and pause; 0 never pauses
@@ -274,18 +276,19 @@ class Policy:
 
 def parse_schedule(text):
   """'0-99:300,100-199:200,200-:100' -> [(0, 99, 300.0), (100, 199, 200.0), (200, None, 100.0)]:
-  0-based step indices, ranges inclusive, the last may be open; overlaps are refused."""
+  milliseconds of sleep before each step of a range (steps 0-99 sleep 300 ms, 100-199 200 ms,
+  200 on 100 ms). 0-based step indices, ranges inclusive, the last may be open; overlaps are refused."""
   entries = []
   for entry in text.split(","):
     match = re.fullmatch(r"\s*(\d+)-(\d*):([^,]*?)\s*", entry)
-    if not match: raise ValueError(f"--pm_schedule entry {entry.strip()!r}: expected FIRST-LAST:HZ or FIRST-:HZ, e.g. 0-99:300")
+    if not match: raise ValueError(f"--pm_schedule entry {entry.strip()!r}: expected FIRST-LAST:MS or FIRST-:MS (milliseconds of sleep per step), e.g. 0-99:300")
     first, last = int(match[1]), int(match[2]) if match[2] else None
-    hz = _number(match[3])
+    ms = _number(match[3])
     if last is not None and last < first: raise ValueError(f"--pm_schedule entry {entry.strip()!r}: the range ends before it starts")
-    if hz is None or hz < 0: raise ValueError(f"--pm_schedule entry {entry.strip()!r}: the frequency must be a number >= 0 (Hz)")
-    if 0 < hz < 1 / MAX_SLEEP_S:
-      raise ValueError(f"--pm_schedule entry {entry.strip()!r}: {hz:g} Hz would sleep longer than a day before each step (0 means no sleep)")
-    entries.append((first, last, hz, entry.strip()))
+    if ms is None or ms < 0: raise ValueError(f"--pm_schedule entry {entry.strip()!r}: the sleep must be a number of milliseconds >= 0")
+    if ms > MAX_SLEEP_S * 1000:
+      raise ValueError(f"--pm_schedule entry {entry.strip()!r}: {ms:g} ms would sleep longer than a day before each step")
+    entries.append((first, last, ms, entry.strip()))
   entries.sort()
   for (_, last, _, a), (first, _, _, b) in zip(entries, entries[1:]):
     if last is None or last >= first: raise ValueError(f"--pm_schedule entries {a!r} and {b!r} overlap")
@@ -307,7 +310,8 @@ def add_flags(ap):
   a("--pm_temp_thresh", type=float, default=d.temp_thresh, help=f"C above which --pm_ft_low applies (default {d.temp_thresh:g})")
   a("--pm_ft_high", type=float, default=d.ft_high, help="Hz while not hot (default 0)")
   a("--pm_ft_low", type=float, default=d.ft_low, help="Hz while hot (default 0)")
-  a("--pm_schedule", default="", help='step ranges with their own Hz, overriding the above, e.g. "0-99:300,100-199:200,200-:100"')
+  a("--pm_schedule", default="", help='step ranges with their own sleep in milliseconds (not Hz), overriding the above: '
+    '"0-99:300,100-199:200,200-:100" sleeps 300 ms before each of steps 0-99, 200 ms for 100-199, 100 ms from 200 on')
   a("--pm_hysteresis", type=float, default=d.hysteresis, help=f"%% and C past a threshold before switching back (default {d.hysteresis:g})")
   a("--pm_batt_critical", type=float, default=d.batt_critical, help=f"battery %% below which, not charging, training checkpoints and pauses; 0 never (default {d.batt_critical:g})")
   a("--pm_temp_critical", type=float, default=d.temp_critical, help=f"C above which training checkpoints and pauses; 0 never (default {d.temp_critical:g})")
@@ -432,8 +436,8 @@ class Throttle:
   def _policy_sleep(self, step):
     """(seconds, state): a --pm_schedule range overrides; else the slower of the battery and
     the temperature branches that have a reading."""
-    for first, last, hz in self.policy.schedule:
-      if first <= step and (last is None or step <= last): return _sleep(hz), "schedule"
+    for first, last, ms in self.policy.schedule:
+      if first <= step and (last is None or step <= last): return ms / 1000, "schedule"
     if self.source is None: return 0.0, "off"
     r, p = self.reading, self.policy
     sleeps = [0.0]

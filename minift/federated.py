@@ -8,7 +8,9 @@ model and the adapter are the server's, trains `local-steps` steps with minift's
 replies with its adapter, its number of training blocks (the FedAvg weight) and its metrics.
 The server averages the replies with Flower's FedAvg, scores the global adapter's validation
 perplexity and appends a row to <out>/rounds.jsonl. A client that refuses, fails or misses the
-round timeout is left out of that round's average; the run goes on.
+round timeout is left out of that round's average; the run goes on. So is a reply holding NaN
+or infinity (a client whose training diverged refuses the round itself). A global adapter
+that is not finite stops the run with an error (Diverged); nothing of it is saved.
 
 A Flower app names these components (tools/federated.py writes one):
   clientapp = "minift.federated:client_app"   node config: model, data [, cache-dir]
@@ -33,8 +35,8 @@ from minift.data import PackedData
 from minift.errors import UserError
 from minift.lora import apply_lora, adapter_state, lora_modules, save_adapter, model_type, DEFAULT_TARGETS, PEFT_PREFIX
 from minift.lora import base_fingerprint as model_fingerprint   # (hash, summary): architecture and parameter shapes
-from minift.trainer import Trainer, append_metrics
-from minift.checkpoint import write_json
+from minift.trainer import Trainer, Diverged, append_metrics
+from minift.checkpoint import write_json, all_finite
 from minift import energy
 from minift.sharder import Sharder
 
@@ -95,6 +97,15 @@ def layout_difference(expected, arrays):
   for key, shape in expected.items():
     if tuple(arrays[key].shape) != tuple(shape):
       return f"{key} has shape {tuple(arrays[key].shape)}, expected {tuple(shape)}"
+  return None
+
+
+def non_finite(arrays):
+  """The first key of arrays (an ArrayRecord, or {key: NumPy array}) that holds NaN or
+  infinity, or None."""
+  for key in arrays.keys():
+    value = arrays[key]
+    if not all_finite(np.asarray(value.numpy() if hasattr(value, "numpy") else value)): return key
   return None
 
 
@@ -160,8 +171,11 @@ def local_train(model, data, settings, server_round, hook=None, sharder=None):
     _, x, y = next(data.batches(bs, epoch, index))
     if hook: hook.before_step()
     t0 = time.time()
-    loss, _ = trainer.train_step([(x, y)], settings.lr)
+    loss, norm = trainer.train_step([(x, y)], settings.lr)
     seconds.append(time.time() - t0)
+    if not (math.isfinite(loss) and math.isfinite(norm)):
+      raise Refused(f"training diverged at local step {step - first + 1} of round {server_round} (loss {loss}, gradient norm {norm}); "
+                    f"the server's lr ({settings.lr:g}) is too high for this client's data")
     if hook: hook.after_step(seconds[-1])
     losses.append(loss)
   resources = hook.metrics() if hook else {"throttled-s": 0.0, "paused-s": 0.0, "battery-used": math.nan}
@@ -208,7 +222,7 @@ def train_round(content, node_config):
 def _train_round(content, node_config, settings, sharder):
   try:
     model, tokenizer = models.load(node_config["model"])
-  except (OSError, ValueError) as e:
+  except (OSError, ValueError, UserError) as e:   # missing, corrupt or non-finite weights (a Hub id: not cached here)
     raise Refused(f"cannot load this client's model: {e}") from None
   fingerprint, summary = model_fingerprint(model)
   if fingerprint != settings.model_fingerprint:
@@ -278,6 +292,8 @@ class AdapterFedAvg(FedAvg):
         failures.append({"node": node, "reason": m.error.reason})
       elif "arrays" not in m.content or (difference := layout_difference(self.layout, m.content["arrays"])):
         failures.append({"node": node, "reason": f"refused by the server: {difference or 'no adapter in the reply'}"})
+      elif bad := non_finite(m.content["arrays"]):
+        failures.append({"node": node, "reason": f"refused by the server: the update is not finite (NaN or infinity in {bad})"})
       else:
         accepted.append(m)
     for f in failures: print(f"round {server_round}: left out node {f['node']}: {f['reason']}", flush=True)
@@ -325,6 +341,13 @@ def run_server(grid, cfg):
         f"{len(val.train_x)} validation blocks", flush=True)
 
   def evaluate(server_round, arrays):
+    bad = non_finite(arrays)
+    if bad:   # (every reply was finite: the average overflowed, or a strategy let one through)
+      last = f"{os.path.join(out, 'rounds', str(server_round - 1))} is the last good one" if server_round else "nothing was trained"
+      error = Diverged(f"the global adapter of round {server_round} is not finite (NaN or infinity in {bad}); it was not saved, "
+                       f"{last}. Lower lr (now {cfg['lr']:g})")
+      print(f"error: {error}", flush=True)   # tools/federated.py reports this line of the server's log
+      raise error
     set_adapter(model, arrays)
     loss, ppl = validation_score(model, val, cfg["batch-size"], cfg["eval-batches"])
     save_adapter(model, os.path.join(out, "rounds", str(server_round)), base_model_path=cfg["model"])

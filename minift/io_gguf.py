@@ -44,6 +44,18 @@ def hf_tensor_name(arch, name):
   return f"{top[base]}.{kind}" if base in top and kind in ("weight", "bias") else None
 
 
+def gguf_tensor_name(arch, hf_name):
+  """'model.layers.3.self_attn.q_proj.weight' -> 'blk.3.attn_q.weight' (hf_tensor_name backwards); None if unknown."""
+  top, prefix, block = NAMES[arch]
+  m = re.fullmatch(re.escape(prefix) + r"\.(\d+)\.(.+)\.(weight|bias)", hf_name)
+  if m:
+    names = {hf: g for g, hf in block.items()}
+    return f"blk.{m.group(1)}.{names[m.group(2)]}.{m.group(3)}" if m.group(2) in names else None
+  base, _, kind = hf_name.rpartition(".")
+  names = {hf: g for g, hf in top.items()}
+  return f"{names[base]}.{kind}" if base in names and kind in ("weight", "bias") else None
+
+
 class GGUFFile:
   """A GGUF file: its metadata (parsed here, which is much faster than gguf.GGUFReader on a
   262k-token vocabulary) and its tensors, memory-mapped and dequantized on demand with the
@@ -64,10 +76,13 @@ class GGUFFile:
       self._pos = 4
       version, n_tensors, n_kv = self._read("<I"), self._read("<Q"), self._read("<Q")
       if version not in (2, 3): raise ValueError(f"GGUF version {version} (only 2 and 3, little-endian, are read)")
-      self.metadata = {}
+      self.metadata, self.value_types = {}, {}
       for _ in range(n_kv):
         key = self._string()
-        self.metadata[key] = self._value(self._read("<I"))
+        kind = self._read("<I")
+        # (GGUF value type, element type of an array): what a copy of the key into another file needs
+        self.value_types[key] = (kind, struct.unpack_from("<I", self._buf, self._pos)[0] if kind == self.ARRAY else None)
+        self.metadata[key] = self._value(kind)
       infos = []
       for _ in range(n_tensors):
         name, n_dims = self._string(), self._read("<I")
@@ -218,6 +233,13 @@ def unpermute_qk(w, n_head):
   (0, 1, ..., half - 1, half, ...). w is (n_head * head_dim, ...) or a bias (n_head * head_dim,)."""
   rows = w.shape[0]
   return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)   # (nh, hd/2, 2, ...) -> (nh, 2, hd/2, ...)
+
+
+def permute_qk(w, n_head):
+  """llama.cpp's Q/K row order from HF's (unpermute_qk backwards): within each head, rows
+  (0, 1, ..., half - 1, half, ...) become (0, half, 1, half + 1, ...)."""
+  rows = w.shape[0]
+  return w.reshape(n_head, 2, rows // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)   # (nh, 2, hd/2, ...) -> (nh, hd/2, 2, ...)
 
 
 def load_gguf(path, dtype=None, with_tokenizer=True):

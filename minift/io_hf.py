@@ -11,6 +11,7 @@ import json, mmap, os
 import numpy as np
 from minift import device
 from minift.errors import FileError, MissingFile, read_json
+from minift.checkpoint import first_non_finite
 from minift.tensor import Tensor
 from minift.dtype import dtypes
 
@@ -107,22 +108,14 @@ def read_config(folder):
   return config
 
 
-def check_finite(arr, name, where):
-  """FileError naming the tensor and its file unless every value of arr is finite: a NaN or
-  infinite weight would make every loss NaN. One pass over the values, without a temporary
-  of the array's size: a finite sum means finite values; only when it is not are they scanned
-  (an overflowing sum of large finite values is then let through)."""
-  if arr.dtype.kind != "f" or not arr.size: return
-  with np.errstate(over="ignore", invalid="ignore"):   # an overflowing or NaN sum is an answer here, not a problem
-    if np.isfinite(np.sum(arr, dtype=np.float64 if arr.dtype == np.float64 else np.float32)): return
-  flat = arr.reshape(-1)
-  for start in range(0, flat.size, 1 << 20):
-    bad = np.flatnonzero(~np.isfinite(flat[start:start + (1 << 20)]))
-    if bad.size:
-      index = np.unravel_index(start + int(bad[0]), arr.shape)
-      value = flat[start + int(bad[0])]
-      raise FileError(f"{where}: tensor {name!r} holds a non-finite value ({value} at index {tuple(int(i) for i in index)}): "
-                      f"the weights are damaged, or were saved from a run that diverged")
+def check_weights_finite(arr, name, where):
+  """FileError naming the tensor and its file unless every value of arr (a weight being
+  loaded) is finite: a NaN or infinite weight would make every loss NaN."""
+  bad = first_non_finite(arr)
+  if bad is not None:
+    index, value = np.unravel_index(bad, arr.shape), arr.reshape(-1)[bad]
+    raise FileError(f"{where}: tensor {name!r} holds a non-finite value ({value} at index {tuple(int(i) for i in index)}): "
+                    f"the weights are damaged, or were saved from a run that diverged")
 
 
 def to_tensor(arr, dtype=None):
@@ -167,7 +160,7 @@ def load_weights(model, source, where, transposed=(), dtype=None, convert=None):
   for name, key in plan.items():
     if _load_in_pieces(model, source, name, key, dtype): continue
     arr = source.get(key)
-    check_finite(arr, key, file_of(key))
+    check_weights_finite(arr, key, file_of(key))
     if convert is not None: arr = convert(name, arr)
     t = to_tensor(arr, dtype)
     del arr
@@ -194,7 +187,7 @@ def _load_in_pieces(model, source, name, key, dtype):
   pieces = []
   for start in range(0, shape[0], rows):
     arr = source.get_rows(key, start, min(shape[0], start + rows))
-    check_finite(arr, key, source.file(key))
+    check_weights_finite(arr, key, source.file(key))
     pieces.append(to_tensor(arr, dtype))
     del arr
     device.sharder.manage(pieces[-1], f"{mod_path}.weight_pieces.{len(pieces) - 1}")

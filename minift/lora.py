@@ -9,7 +9,7 @@ import hashlib, json, math, os
 import numpy as np
 from minift.nn import Module, Linear, joined_row_pieces
 from minift.tensor import Tensor
-from minift.checkpoint import atomic_folder, save_safetensors
+from minift.checkpoint import atomic_folder, complete_folder, save_safetensors
 from minift.errors import FileError, MissingFile, UserError, read_json
 
 DEFAULT_TARGETS = {"gpt2": ["c_attn", "attn.c_proj"],   # attention only; add c_fc, mlp.c_proj for the MLP
@@ -140,7 +140,7 @@ def save_adapter(model, folder, base_model_path=""):
             "use_rslora": False, "use_dora": False, "revision": None}
   with atomic_folder(folder) as tmp:
     save_safetensors(os.path.join(tmp, "adapter_model.safetensors"), adapter_state(model),
-                     metadata={"format": "pt", "minift_base_fingerprint": digest, "minift_base_model": summary})
+                     metadata={"format": "pt", "minift_base_fingerprint": digest, "minift_base_model": summary}, finite=True)
     with open(os.path.join(tmp, "adapter_config.json"), "w") as f: json.dump(config, f, indent=2)
 
 
@@ -148,6 +148,7 @@ def load_adapter(model, folder):
   """Wrap model's targets as the adapter in folder (saved by minift or by peft) says and load
   its weights. Ranks come from the tensors (so peft's rank_pattern works), alphas from
   lora_alpha / alpha_pattern. Every tensor must match a module and a shape: errors name the key.
+  A folder a killed save left mid-swap (checkpoint.atomic_folder) is read from its complete copy.
 
   An adapter made for another base model is refused (FileError): always when its tensors do not
   fit the model's modules; when minift saved it, also when the base model fingerprint it
@@ -155,6 +156,7 @@ def load_adapter(model, folder):
   which the adapter's own tensors do not show) differs; and when base_model_name_or_path names
   a model that is on this machine and has another fingerprint. A hub id or a path that is not
   here is not judged by its name: folders are moved and renamed, and a file's name says little."""
+  folder = complete_folder(folder)
   cfg_path, w_path = os.path.join(folder, "adapter_config.json"), os.path.join(folder, "adapter_model.safetensors")
   for p in (cfg_path, w_path):
     if not os.path.exists(p): raise MissingFile(f"--lora {folder}: missing {os.path.basename(p)} (expected a PEFT LoRA adapter folder)")
@@ -166,7 +168,7 @@ def load_adapter(model, folder):
   if cfg.get("use_dora"): raise FileError(f"{cfg_path}: DoRA adapters are not supported")
   if cfg.get("bias", "none") != "none" or cfg.get("modules_to_save"):
     raise FileError(f"{cfg_path}: adapters that train biases or whole modules (bias, modules_to_save) are not supported")
-  from minift.io_hf import SafetensorsFile, check_finite
+  from minift.io_hf import SafetensorsFile, check_weights_finite
   weights_file = SafetensorsFile(w_path)
   weights = {k.replace(".default.weight", ".weight"): weights_file.get(k) for k in weights_file.keys()}
   if lora_modules(model): raise ValueError(f"--lora {folder}: the model already has LoRA adapters")
@@ -193,7 +195,7 @@ def load_adapter(model, folder):
       if arr is None: raise FileError(f"{w_path}: missing tensor {key}")
       if tuple(arr.shape) != t.shape:
         raise FileError(f"{w_path}: {key} has shape {tuple(arr.shape)}, the model needs {t.shape}: the adapter was made for another base model")
-      check_finite(arr, key, w_path)
+      check_weights_finite(arr, key, w_path)
       t.assign(arr.astype(np.float32))
   extra = sorted(set(weights) - expected)
   if extra: raise FileError(f"{w_path}: unexpected tensors {extra[:3]}{' ...' if len(extra) > 3 else ''} (no such LoRA module in the model)")

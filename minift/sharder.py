@@ -24,6 +24,10 @@ one before), so loading them is a copy from the page cache.
 """
 import atexit, itertools, math, mmap, os, shutil, sys, tempfile, weakref
 import numpy as np
+try:
+  import fcntl
+except ImportError:   # Windows: no locks, so no cleanup of other processes' folders
+  fcntl = None
 from minift import device as _device
 from minift.dtype import dtypes
 from minift.errors import UserError
@@ -73,12 +77,54 @@ def _read(path, offset, dtype, count):
   return out
 
 
+def _lock_new(folder):
+  """Lock a fresh shard folder for the life of this process (an open descriptor, or None). Its
+  `.lock` is made under another name and flocked before it is renamed: a `.lock` another
+  process finds was always locked by its maker first, so a free one means the maker is gone."""
+  if fcntl is None: return None
+  fd = os.open(os.path.join(folder, ".lock.new"), os.O_RDWR | os.O_CREAT, 0o600)
+  try:
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    os.rename(os.path.join(folder, ".lock.new"), os.path.join(folder, ".lock"))
+  except OSError:   # a file system without locks: the folder is still removed on close
+    os.close(fd)
+    return None
+  return fd
+
+
+def remove_dead_shard_folders(parent):
+  """Delete the shard folders in parent left by killed processes (their `.lock` is free: the
+  kernel drops the lock of a process however it ends). Returns the folders removed."""
+  removed = []
+  try:
+    entries = os.listdir(parent) if fcntl is not None else []
+  except OSError:
+    return removed
+  for entry in entries:
+    if not entry.startswith("minift-shard-"): continue
+    folder = os.path.join(parent, entry)
+    try:
+      fd = os.open(os.path.join(folder, ".lock"), os.O_RDONLY)
+    except OSError:   # being made right now, another user's (0700), or not a shard folder
+      continue
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:   # its process is alive
+      continue
+    else:
+      shutil.rmtree(folder, ignore_errors=True)
+      removed.append(folder)
+    finally:
+      os.close(fd)
+  return removed
+
+
 class Sharder:
   """with Sharder(ram_budget_mb=128) as sh: sh.manage_model(model, optimizer); train as usual.
 
   ram_budget_mb / gpu_budget_mb: bytes managed pages may hold in host RAM / device memory
   (None: unlimited). directory: where the shard folder is made (a fresh private subfolder,
-  removed on close or exit). fp16_disk: frozen float32 weights written to disk as float16;
+  removed on close or exit; the shard folders of killed processes found there are removed). fp16_disk: frozen float32 weights written to disk as float16;
   fp16_trainable: trainable weights too (both lose precision: off by default). Optimizer
   moments are always kept in float32: Adam's second moment (g^2) underflows float16.
   prefetch: have the OS read upcoming pages ahead (posix_fadvise WILLNEED). optimizer_only:
@@ -106,7 +152,9 @@ class Sharder:
     parent = directory or tempfile.gettempdir()
     try:
       os.makedirs(parent, exist_ok=True)
+      self.removed = remove_dead_shard_folders(parent)
       self.dir = tempfile.mkdtemp(prefix="minift-shard-", dir=parent)   # private (0700), never an existing folder
+      self._lock = _lock_new(self.dir)
     except OSError as e:
       raise ShardError(f"--shard_dir {parent}: cannot create a shard folder there ({e.strerror})") from None
     self.prefetch = prefetch and hasattr(os, "posix_fadvise")
@@ -133,6 +181,8 @@ class Sharder:
       if buf is not None and page.mapped is not None and buf.data is page.mapped: buf.data = np.array(page.mapped)   # off the file removed below
     self.pages.clear()
     shutil.rmtree(self.dir, ignore_errors=True)
+    if self._lock is not None: os.close(self._lock)   # after the folder is gone: a live lock keeps others from removing it
+    self._lock = None
 
   # ---- registration
 

@@ -5,8 +5,10 @@ A checkpoint (<out>/checkpoint/) holds the trainable tensors, the optimizer mome
 the schedule position, the data position (epoch, batch) and the random-number counters, and a
 fingerprint of the run's settings: resuming a different run is refused. It is written as a
 whole folder swapped in atomically, so a run killed at any moment resumes from the last one.
+A checkpoint is never written from a state that holds NaN or infinity (NonFinite is raised
+and the previous checkpoint stays).
 """
-import json, math, os
+import json, math, os, shutil
 from minift.tensor import Tensor, no_grad, _toposort
 from minift.jit import jit
 from minift import device
@@ -15,7 +17,7 @@ from minift.optim import AdamW, SGD, grad_norm, clip_scale, state_like
 from minift.checkpoint import Later, atomic_folder, atomic_file, save_safetensors
 from minift.data import IGNORE
 from minift.nn import joined_row_pieces
-from minift.errors import FileError, read_json, writing
+from minift.errors import FileError, UserError, read_json, writing
 
 SCHEDULES = ("linear", "cosine", "constant")
 
@@ -159,10 +161,12 @@ class Trainer:
     for prefix, attr in (("adam_m", "m"), ("adam_v", "v"), ("momentum", "buf")):
       yield from ((prefix, n, t) for (n, _), t in zip(self.named_params, getattr(self.opt, attr, [])))
 
-  def save_checkpoint(self, folder, state):
+  def save_checkpoint(self, folder, state, files=None):
     """Parameters, optimizer state, RNG and `state`, written atomically. A weight the sharder
     split into row pieces is saved whole, under its own name, so that a run resumed under
-    another budget (other pieces, or none) reads it back."""
+    another budget (other pieces, or none) reads it back. files: {name in the checkpoint: path
+    copied there} (a path that does not exist gives an empty file). A non-finite tensor raises
+    checkpoint.NonFinite and leaves the folder as it was."""
     tensors, by_prefix = {}, {}
     for prefix, n, t in self._state_tensors(): by_prefix.setdefault(prefix, []).append((n, t))
     for prefix, named in by_prefix.items():
@@ -171,8 +175,11 @@ class Trainer:
     if hasattr(self.opt, "t"): tensors["adam_t"] = self.opt.t.numpy()
     state = dict(state, rng_seed=Tensor._seed, rng_counter=Tensor._rng_counter)
     with atomic_folder(folder) as tmp:
-      save_safetensors(os.path.join(tmp, "trainable.safetensors"), tensors)
+      save_safetensors(os.path.join(tmp, "trainable.safetensors"), tensors, finite=True)
       with open(os.path.join(tmp, "state.json"), "w") as f: json.dump(state, f, indent=2, sort_keys=True)
+      for name, source in (files or {}).items():
+        if os.path.exists(source): shutil.copyfile(source, os.path.join(tmp, name))
+        else: open(os.path.join(tmp, name), "w").close()
 
   def load_checkpoint(self, folder):
     """Restore what save_checkpoint wrote (a weight saved whole is cut into this run's row
@@ -203,6 +210,15 @@ class Trainer:
     if hasattr(self.opt, "t"): put("adam_t", self.opt.t)
     Tensor._seed, Tensor._rng_counter = state["rng_seed"], state["rng_counter"]
     return state
+
+
+class Diverged(UserError, RuntimeError):
+  """Training gave NaN or infinity (a loss, a gradient norm, a trained tensor)."""
+
+
+def check_step_finite(step, loss, norm):
+  """Raise Diverged when the loss or gradient norm of optimizer step `step` (1-based) is NaN or infinite."""
+  if not (math.isfinite(loss) and math.isfinite(norm)): raise Diverged(f"training diverged at step {step} (loss {loss}, gradient norm {norm})")
 
 
 def append_metrics(path, row):

@@ -128,6 +128,7 @@ FT = M + D + ["--out", "{tmp}/ft-out", "--seq_len", "16", "--max_steps", "1", "-
 RESUME = M + D + ["--seq_len", "16", "--batch_size", "2", "--max_steps", "2", "--quiet", "--resume", "--out"]
 PPL, MMLU = M + ["--text", "{text}"], M + ["--data", "{mmlu_good}"]
 GEN, FED = M + ["--prompt", "to be"], M + ["--data", "{text}", "--out", "{tmp}/fed-out", "--quiet"]
+EXP = M + ["--out", "{tmp}/x.gguf"]
 CASES = [
   # finetune: flags
   ("ft-batch-size-0", "finetune", FT + ["--batch_size", "0"], "--batch_size", 2),
@@ -151,7 +152,7 @@ CASES = [
   ("ft-pm-poll-0", "finetune", FT + ["--pm_poll_s", "0"], "--pm_poll_s", 2),
   ("ft-pm-poll-overflow", "finetune", FT + ["--pm_poll_s", "1e300"], "--pm_poll_s", 2),
   ("ft-pm-hz-overflow", "finetune", FT + ["--pm_fb_low", "1e-310"], "--pm_fb_low", 2),
-  ("ft-pm-schedule-overflow", "finetune", FT + ["--pm_schedule", "0-:1e-300"], "--pm_schedule", 2),
+  ("ft-pm-schedule-overflow", "finetune", FT + ["--pm_schedule", "0-:1e300"], "--pm_schedule", 2),
   ("ft-pm-schedule-bad", "finetune", FT + ["--pm_schedule", "0-9:x"], "--pm_schedule", 2),
   ("ft-unknown-flag", "finetune", FT + ["--batchsize", "2"], "--batchsize", 2),
   ("ft-seq-len-context", "finetune", FT + ["--seq_len", "500"], "--seq_len", 2),
@@ -250,6 +251,22 @@ CASES = [
   ("fed-shard-too-short", "federated", FED + ["--clients", "4", "--seq_len", "60", "--batch_size", "16"], "--batch_size", 2),
   ("fed-val-too-short", "federated", FED + ["--val_data", "{short}", "--seq_len", "32"], "short.txt", 1),
   ("fed-write-app-no-val", "federated", M + ["--write_app", "{tmp}/app"], "--val_data", 2),
+  # export
+  ("export-type", "export", EXP + ["--type", "q4_0"], "--type", 2),
+  ("export-type-for-a-folder", "export", M + ["--out", "{tmp}/exported", "--type", "f16"], "--type", 2),
+  ("export-adapter-only-no-lora", "export", EXP + ["--adapter_only"], "--adapter_only", 2),
+  ("export-unknown-flag", "export", EXP + ["--quant", "q8_0"], "--quant", 2),
+  ("export-out-no-folder", "export", M + ["--out", "{tmp}/no-such-folder/x.gguf"], "--out", 2),
+  ("export-out-not-gguf", "export", M + ["--out", "{fake_gguf}"], "--out", 2),
+  ("export-out-is-the-model", "export", M + ["--out", "{llama}"], "--out", 2),
+  ("export-model-missing", "export", ["--model", "{tmp}/no-such-model", "--out", "{tmp}/x.gguf"], "no-such-model", 1),
+  ("export-config-corrupt", "export", ["--model", "{corrupt_config}", "--out", "{tmp}/x.gguf"], "corrupt_config/config.json", 1),
+  ("export-weights-nan", "export", ["--model", "{nan_weight}", "--out", "{tmp}/x.gguf"], "model.layers.1.mlp.up_proj.weight", 1),
+  ("export-lora-missing", "export", EXP + ["--lora", "{tmp}/no-such-adapter"], "no-such-adapter", 1),
+  ("export-lora-other-model", "export", EXP + ["--lora", "{adapter_other_model}"], "adapter_other_model", 1),
+  # get_assets
+  ("assets-none-chosen", "get_assets", [], "--demo", 2),
+  ("assets-both", "get_assets", ["--demo", "--test"], "--test", 2),
   # kernel_test and bench
   ("kt-repeat-0", "kernel_test", ["--repeat", "0"], "--repeat", 2),
   ("kt-json-no-folder", "kernel_test", ["--quick", "--json", "{tmp}/no-such-folder/k.json"], "--json", 2),

@@ -14,7 +14,7 @@ def test_no_pyopencl_falls_back_to_numpy():
   assert r.returncode == 0, r.stderr
   assert "device numpy sum 12.0" in r.stdout
   warnings = [l for l in r.stderr.splitlines() if "OpenCL unavailable" in l]
-  assert len(warnings) == 1 and "NumPy" in warnings[0]
+  assert len(warnings) == 1 and "NumPy" in warnings[0] and "pip install 'minift[opencl]'" in warnings[0]
 
 
 def test_no_opencl_platform_falls_back_to_numpy(tmp_path):

@@ -159,10 +159,10 @@ def test_schedule_parsing():
 
 
 @pytest.mark.parametrize("text, message", [
-  ("0-99:300,", "entry '': expected FIRST-LAST:HZ"), ("0-99", "entry '0-99': expected"), ("a-9:3", "entry 'a-9:3': expected"),
+  ("0-99:300,", "entry '': expected FIRST-LAST:MS"), ("0-99", "entry '0-99': expected"), ("a-9:3", "entry 'a-9:3': expected"),
   ("-5-9:3", "entry '-5-9:3': expected"), ("10-5:3", "entry '10-5:3': the range ends before it starts"),
-  ("0-9:-1", "entry '0-9:-1': the frequency must be"), ("0-9:fast", "entry '0-9:fast': the frequency"),
-  ("0-9:nan", "entry '0-9:nan': the frequency"), ("0-99:300,50-150:200", "entries '0-99:300' and '50-150:200' overlap"),
+  ("0-9:-1", "entry '0-9:-1': the sleep must be a number of milliseconds"), ("0-9:fast", "entry '0-9:fast': the sleep"),
+  ("0-9:nan", "entry '0-9:nan': the sleep"), ("0-99:300,50-150:200", "entries '0-99:300' and '50-150:200' overlap"),
   ("10-20:2,0-:1", "entries '0-:1' and '10-20:2' overlap"), ("0-9:1,9-12:2", "entries '0-9:1' and '9-12:2' overlap"),
 ])
 def test_bad_schedules(text, message):
@@ -220,11 +220,19 @@ def test_reads_every_interval():
   assert [r["battery_pct"] for r in rows] == [90, 90, 90, 80, 80, 80, 70] and throttle.source.reads == 3
 
 
+def test_schedule_sleeps_milliseconds_as_the_seed_documents():
+  # the seed: "steps 0-99: 300 ms sleep per step, 100-199: 200 ms, 200+: 100 ms"
+  rows, fake, throttle = throttled([], 250, source=False, schedule=parse_schedule("0-99:300,100-199:200,200-:100"))
+  assert fake.sleeps == [0.3] * 100 + [0.2] * 100 + [0.1] * 50
+  assert [r["sleep_s"] for r in rows] == fake.sleeps and {r["pm_state"] for r in rows} == {"schedule"}
+  assert throttle.summary()["throttled_s"] == pytest.approx(30 + 20 + 5)
+
+
 def test_schedule_overrides_the_policy():
-  rows, fake, _ = throttled([(50, False, 30)], 6, fb_high=1, schedule=parse_schedule("0-1:4,3-4:300,5-:0"))
-  assert fake.sleeps == [0.25, 0.25, 1.0, pytest.approx(1 / 300), pytest.approx(1 / 300)]   # step 5: 0 Hz, no sleep
+  rows, fake, _ = throttled([(50, False, 30)], 6, fb_high=1, schedule=parse_schedule("0-1:250,3-4:3.5,5-:0"))
+  assert fake.sleeps == [0.25, 0.25, 1.0, 0.0035, 0.0035]   # step 2: the policy's 1 Hz; step 5: 0 ms, no sleep
   assert [r["pm_state"] for r in rows] == ["schedule", "schedule", "normal", "schedule", "schedule", "schedule"]
-  rows, fake, throttle = throttled([], 3, source=False, schedule=parse_schedule("1-1:2"))   # a schedule needs no sensor
+  rows, fake, throttle = throttled([], 3, source=False, schedule=parse_schedule("1-1:500"))   # a schedule needs no sensor
   assert fake.sleeps == [0.5] and [r["pm_state"] for r in rows] == ["off", "schedule", "off"] and throttle.active
 
 
@@ -306,10 +314,10 @@ def test_throttled_run_trains_the_same_adapter(tiny_llama, tmp_path, capsys, mon
   assert "energy:" not in capsys.readouterr().out
   saved_steps = []
   save = Trainer.save_checkpoint
-  monkeypatch.setattr(Trainer, "save_checkpoint", lambda self, folder, state: (saved_steps.append(state["step"]), save(self, folder, state)))
+  monkeypatch.setattr(Trainer, "save_checkpoint", lambda self, folder, state, **kw: (saved_steps.append(state["step"]), save(self, folder, state, **kw)))
   # sim_drain.jsonl, read every 2 steps: 30%; 19% at 42.5 C (low and hot); 9% (critical: pause, polls 9%, then 10% charging); 25% charging
   summary = finetune.main([*common, "--out", str(tmp_path / "throttled"), "--pm_source", "sim:" + os.path.join(FIXTURES, "sim_drain.jsonl"),
-                           "--pm_interval", "2", "--pm_fb_low", "100", "--pm_ft_low", "50", "--pm_poll_s", "0.01", "--pm_schedule", "6-:200"])
+                           "--pm_interval", "2", "--pm_fb_low", "100", "--pm_ft_low", "50", "--pm_poll_s", "0.01", "--pm_schedule", "6-:5"])
   out = capsys.readouterr().out
   plain, throttled_ = load_file(str(tmp_path / "plain/adapter/adapter_model.safetensors")), load_file(str(tmp_path / "throttled/adapter/adapter_model.safetensors"))
   assert plain.keys() == throttled_.keys()

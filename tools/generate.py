@@ -13,7 +13,8 @@ from minift.errors import ArgumentParser, UsageError, integer, number, run
 
 def main(argv=None, out=sys.stdout):
   ap = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  ap.add_argument("--model", required=True, help="an HF model folder or a .gguf file")
+  ap.add_argument("--model", required=True, help="an HF model folder, a .gguf file, or a Hugging Face Hub repo id (org/name)")
+  ap.add_argument("--gguf_file", default=None, help="a GGUF file inside the --model folder or Hub repo")
   ap.add_argument("--prompt", required=True)
   ap.add_argument("--max_new_tokens", type=integer(1), default=64, help="at most this many new tokens; fewer where the context ends (default 64)")
   ap.add_argument("--temperature", type=number(0), default=0.0, help="0 (default) is greedy")
@@ -27,7 +28,7 @@ def main(argv=None, out=sys.stdout):
 
   from models import load
   from models.generation import generate
-  model, tok = load(args.model, dtype=args.dtype)
+  model, tok = load(args.model, dtype=args.dtype, gguf_file=args.gguf_file)
   if args.lora:
     from minift.lora import load_adapter, merge_lora
     merge_lora(load_adapter(model, args.lora))
