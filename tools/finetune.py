@@ -69,7 +69,8 @@ def parse_args(argv=None):
   a("--eval_batches", type=integer(1), default=8, help="validation batches per evaluation (default 8)")
   a("--val_fraction", type=number(0, 1, high_open=True), default=0.05, help="share of blocks held out when the data has no validation split, in [0, 1) (default 0.05)")
   a("--save_interval", type=integer(0), default=0, help="checkpoint every N steps, 0 for only at the end (default 0)")
-  a("--resume", action="store_true", help="continue from <out>/checkpoint")
+  a("--resume", action="store_true", help="continue from <out>/checkpoint: same settings and data, except that --lr and "
+    "--clip_grad_norm may change (e.g. lowered after a divergence; they apply from the checkpoint's step on)")
   a("--device", choices=["numpy", "opencl"], default=None, help="backend (default: MINIFT_DEVICE or numpy)")
   a("--shard_enable", action="store_true", help="page weights, trainable state and optimizer moments to disk under --shard_budget_mb")
   a("--shard_budget_mb", type=number(0, low_open=True), default=None, help="host RAM the paged tensors may use, in MiB (default 512 with --shard_enable; implies it)")
@@ -112,15 +113,23 @@ def parse_args(argv=None):
 
 
 def fingerprint(args, data_hash=None):
-  """The settings a resumed run must share with the run it continues, and what its data held
-  (data_hash: PackedData.data_hash, the hash the token cache keys its files by)."""
+  """The settings of a run, which a resumed run must share with the run it continues (all but
+  RESUME_MAY_CHANGE), and what its data held (data_hash: PackedData.data_hash, the hash the
+  token cache keys its files by)."""
   keys = ["model", "data", "full_ft", "lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "batch_size", "grad_accum_steps",
           "seq_len", "optimizer", "lr", "weight_decay", "warmup_steps", "schedule", "clip_grad_norm", "seed", "momentum"]
   return {k: getattr(args, k) for k in keys} | {"model": os.path.abspath(args.model_path), "data": os.path.abspath(args.data), "data_hash": data_hash}
 
 
+# settings a resumed run may change: what the divergence error tells the user to lower or turn on
+RESUME_MAY_CHANGE = ("lr", "clip_grad_norm")
+
+
 def check_resume(args, ckpt_dir, data_hash):
-  """The saved state of ckpt_dir, or UserError if there is none or it is from another run."""
+  """The saved state of ckpt_dir, or UserError if there is none or it is from another run
+  (other settings or data). --lr and --clip_grad_norm may differ from the checkpoint's: they
+  apply from its step on, and a line says so (a run that diverged resumes from its last good
+  checkpoint with a lower --lr)."""
   state_path = os.path.join(ckpt_dir, "state.json")
   if not os.path.exists(state_path): raise UserError(f"--resume: no checkpoint in {ckpt_dir}")
   saved = read_json(state_path, "a checkpoint's state")
@@ -128,11 +137,13 @@ def check_resume(args, ckpt_dir, data_hash):
     raise UserError(f"{state_path}: not a checkpoint state (expected step and fingerprint); the checkpoint is damaged")
   want, have = fingerprint(args, data_hash), saved["fingerprint"]
   if "data_hash" not in have: want.pop("data_hash")   # a checkpoint from before the data was hashed
-  diff = sorted(k for k in want if have.get(k) != want[k])
+  diff = sorted(k for k in want if have.get(k) != want[k] and k not in RESUME_MAY_CHANGE)
   if diff == ["data_hash"]:
     raise UserError(f"--resume: the text in --data {args.data} changed since {ckpt_dir} was saved; resuming would train on other "
                     f"data than the run it continues (start a fresh run, or restore the data)")
   if diff: raise UserError(f"--resume: {ckpt_dir} is from a different run (differs in: {', '.join(d.replace('data_hash', 'data contents') for d in diff)})")
+  changed = [f"--{k} {want[k]:g} (was {have[k]:g})" for k in RESUME_MAY_CHANGE if isinstance(have.get(k), (int, float)) and have[k] != want[k]]
+  if changed: print(f"--resume: {' and '.join(changed)} from step {saved['step']} on")
   return saved
 
 
@@ -203,8 +214,10 @@ def main(argv=None):
       last = checkpoint_step(os.path.join(args.out, "checkpoint"))
       kept = f"the checkpoint of step {last}" if last is not None else "no checkpoint"
       clip = f"--clip_grad_norm (now {args.clip_grad_norm:g})" if args.clip_grad_norm else "turn --clip_grad_norm back on (it is 0)"
+      # a checkpoint this run saved (or resumed from) continues it: --resume takes a changed --lr and --clip_grad_norm
+      again = f", then continue from step {e.resumable} with --resume" if getattr(e, "resumable", None) is not None else ""
       raise UserError(f"{e}; nothing from it was saved: {args.out} keeps {kept} and any finished adapter or model. "
-                      f"Lower --lr (now {args.lr:g}) or {clip}") from None
+                      f"Lower --lr (now {args.lr:g}) or {clip}{again}") from None
 
 
 def run_training(args, signals):
@@ -371,6 +384,9 @@ def train(args, source, sharder, t_start, signals):
         print(f"energy: throttled {summary['throttled_s']:.1f} s, paused {summary['paused_s']:.1f} s, battery "
               + ("use unknown (no discharging readings)" if per_100 is None else f"{per_100:g}% per 100 steps"))
       if args.demo: print("this was the demo; run with --model and --data to train on your own text (see --help)")
+  except Diverged as e:
+    e.resumable = saved_at   # the step of this run's own checkpoint, or None
+    raise
   except Interrupted as e:
     if bar is not None: bar.close()
     if phase == "training" and not e.forced and step != saved_at and step:   # (a fresh run's step 0 is not worth a checkpoint)
