@@ -109,7 +109,7 @@ def main():
   p.add_argument("--shape", action="append", help="M,N,K (default: GPT-2 shapes)")
   p.add_argument("--repeat", type=int, default=5)
   args = p.parse_args()
-  from minift.backend_opencl import OpenCLDevice
+  from minift.backends.opencl import OpenCLDevice
   dev = OpenCLDevice()
   shapes = [tuple(int(x) for x in s.split(",")) for s in args.shape] if args.shape else GPT2_SHAPES
   print(f"device: {dev.caps.name} ({dev.caps.platform}, driver {dev.caps.driver_version})")

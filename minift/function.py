@@ -1,11 +1,7 @@
 """Gradient rules on the primitive ops. Each forward and backward works on LazyBuffers, so the
 backward pass is more lazy graph that is scheduled and fused like the forward."""
 import math
-import weakref
-from minift.lazy import Op, LazyOp, LazyBuffer
-
-# Bases that a pending backward pass will read (held weakly: gone with their graph).
-SAVED_FOR_BACKWARD = weakref.WeakSet()
+from minift.lazy import Op, LazyOp, LazyBuffer, SAVED_FOR_BACKWARD
 
 
 def graph_node(t):
@@ -35,8 +31,10 @@ class Function:
 
   @classmethod
   def apply(cls, *tensors, **kwargs):
-    from minift.tensor import Tensor
+    # minift.tensor.Tensor, taken from the inputs: tensor.py imports this module, not the reverse
+    Tensor = type(tensors[0])
     ctx = cls(*tensors)
+    ctx.tensor = Tensor   # what the rules written in Tensor ops (LayerNorm, ...) wrap LazyBuffers in
     lb = ctx.forward(*[t.lazydata for t in tensors], **kwargs)
     out = Tensor(lb, requires_grad=ctx.requires_grad and not Tensor.no_grad and lb.dtype.is_float)
     if out.requires_grad:
@@ -133,14 +131,14 @@ class GeluTanh(Function):
   The derivative is written out, s + 2c x s (1 - s) (1 + 3a x^2), not left to the chain rule."""
   C, A = math.sqrt(2.0 / math.pi), 0.044715
   def forward(self, x):
-    self.x, xt = x, _t(x)
+    self.x, xt = x, self.tensor(x)
     return (xt * (xt * (2 * self.C + (2 * self.C * self.A) * (xt * xt))).sigmoid()).lazydata
   def backward(self, g):
-    x = _t(self.x)
+    x = self.tensor(self.x)
     x2 = x * x
     s = (x * (2 * self.C + (2 * self.C * self.A) * x2)).sigmoid()
     d = s + (x * s) * (1.0 - s) * (2 * self.C + (6 * self.C * self.A) * x2)
-    return ((_t(g) * d).lazydata,)
+    return ((self.tensor(g) * d).lazydata,)
 
 
 class Sin(Function):
@@ -351,24 +349,20 @@ class Stored(Function):
 # because the chain rule through their pieces gives several reductions where one or two do.
 # The forwards build their cheap shifted input (x - mean, x - max) twice on purpose: each copy
 # fuses into the kernel that reads it, instead of being written out once and read twice.
-
-def _t(lb):
-  from minift.tensor import Tensor
-  return Tensor(lb)   # a plain tensor: ops on it build lazy graph but no autograd graph
-
+# self.tensor(lb) is a plain Tensor: ops on it build lazy graph but no autograd graph.
 
 class LayerNorm(Function):
   """(x - mean) / sqrt(var + eps) over `axis`; dx = rstd (g - mean(g) - xhat mean(g xhat))."""
   def forward(self, x, axis, eps):
-    xt = _t(x)
+    xt = self.tensor(x)
     mean = xt.mean(axis, keepdim=True)
     var = ((xt - mean) * (xt - mean)).mean(axis, keepdim=True)
     rstd = (var + eps).rsqrt()
     self.x, self.mean, self.rstd, self.axis = x, mean.lazydata, rstd.lazydata, axis
     return ((xt - mean) * rstd).lazydata
   def backward(self, g):
-    g, rstd = _t(g), _t(self.rstd)
-    xhat = (_t(self.x) - _t(self.mean)) * rstd
+    g, rstd = self.tensor(g), self.tensor(self.rstd)
+    xhat = (self.tensor(self.x) - self.tensor(self.mean)) * rstd
     dx = rstd * (g - g.mean(self.axis, keepdim=True) - xhat * (g * xhat).mean(self.axis, keepdim=True))
     return (dx.lazydata,)
 
@@ -376,13 +370,13 @@ class LayerNorm(Function):
 class RMSNorm(Function):
   """x / sqrt(mean(x^2) + eps) over `axis`; dx = rstd (g - xhat mean(g xhat))."""
   def forward(self, x, axis, eps):
-    xt = _t(x)
+    xt = self.tensor(x)
     rstd = ((xt * xt).mean(axis, keepdim=True) + eps).rsqrt()
     self.x, self.rstd, self.axis = x, rstd.lazydata, axis
     return (xt * rstd).lazydata
   def backward(self, g):
-    g, rstd = _t(g), _t(self.rstd)
-    xhat = _t(self.x) * rstd
+    g, rstd = self.tensor(g), self.tensor(self.rstd)
+    xhat = self.tensor(self.x) * rstd
     return ((rstd * (g - xhat * (g * xhat).mean(self.axis, keepdim=True))).lazydata,)
 
 
@@ -391,25 +385,25 @@ class Softmax(Function):
   (an attention's probabilities are, for the matmul with v) that is a load instead of three ops,
   and x need not be kept; where y stayed fused into its consumer, reading it recomputes it."""
   def forward(self, x, axis):
-    xt = _t(x)
+    xt = self.tensor(x)
     m = xt.max(axis, keepdim=True)
     s = (xt - m).exp().sum(axis, keepdim=True)
     self.out, self.axis = ((xt - m).exp() / s).lazydata, axis
     return self.out
   def backward(self, g):
-    g, y = _t(g), _t(self.out)
+    g, y = self.tensor(g), self.tensor(self.out)
     return ((y * (g - (g * y).sum(self.axis, keepdim=True))).lazydata,)
 
 
 class LogSoftmax(Function):
   """x - max - log(sum(exp(x - max))); dx = g - exp(out) sum(g)."""
   def forward(self, x, axis):
-    xt = _t(x)
+    xt = self.tensor(x)
     m = xt.max(axis, keepdim=True)
     lse = (xt - m).exp().sum(axis, keepdim=True).log() + m
     self.x, self.lse, self.axis = x, lse.lazydata, axis
     return (xt - lse).lazydata
   def backward(self, g):
-    g = _t(g)
-    p = (_t(self.x) - _t(self.lse)).exp()
+    g = self.tensor(g)
+    p = (self.tensor(self.x) - self.tensor(self.lse)).exp()
     return ((g - p * g.sum(self.axis, keepdim=True)).lazydata,)

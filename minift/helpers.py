@@ -1,5 +1,7 @@
-"""Small shared helpers: env flags, products, global counters."""
-import math, os, sys
+"""Small shared helpers: env flags, the log, products, global counters, disk caches and the
+hand-written kernels' folder."""
+import logging, math, os, sys, weakref
+from pathlib import Path
 
 sys.setrecursionlimit(max(sys.getrecursionlimit(), 20000))
 
@@ -12,6 +14,14 @@ def getenv(key, default=0):
 
 
 DEBUG = getenv("DEBUG", 0)
+
+log = logging.getLogger("minift")
+if not log.handlers:
+  _h = logging.StreamHandler()
+  _h.setFormatter(logging.Formatter("minift: %(message)s"))
+  log.addHandler(_h)
+  log.setLevel(logging.INFO)
+  log.propagate = False
 
 
 prod = math.prod   # of a shape: 1 for ()
@@ -58,10 +68,43 @@ def touch_cache(path):
   except OSError: pass   # a read-only cache is still a cache
 
 
+# the hand-written kernels: kernels/ of a checkout, or minift/kernels of an installed package (setup.cfg)
+KERNEL_DIR = next((d for d in (Path(__file__).resolve().parent.parent / "kernels", Path(__file__).resolve().parent / "kernels")
+                   if (d / "matmul.cl").exists()), Path(__file__).resolve().parent.parent / "kernels")
+
+
+def read_kernel(name):
+  """The source of hand-written kernel `name` (kernels/matmul.cl, kernels/attention.c, ...)."""
+  path = KERNEL_DIR / name
+  try: return path.read_text()
+  except OSError: raise RuntimeError(f"{path} is missing (reinstall minift: its kernels/ was not installed)") from None
+
+
 def normalize_axis(axis, ndim, what="axis"):
   if not -ndim <= axis < max(ndim, 1):
     raise IndexError(f"{what} {axis} is out of range for a tensor with {ndim} dims")
   return axis + ndim if axis < 0 else axis
+
+
+class WeakIdMap:
+  """A map keyed by object identity that holds its keys weakly: an entry goes when its key does.
+  For what a backend works out once per scheduler object (a kernel, a View) and keeps in objects
+  of its own, never on those objects; looked up by id(), so a key's own __hash__ (a View's
+  hashes every field) never runs."""
+  __slots__ = ("_entries", "_remove")
+
+  def __init__(self):
+    entries = self._entries = {}
+    self._remove = lambda ref: entries.pop(ref.key, None)
+
+  def get(self, key, default=None):
+    entry = self._entries.get(id(key))
+    return default if entry is None else entry[1]
+
+  def __setitem__(self, key, value):
+    self._entries[id(key)] = (weakref.KeyedRef(key, self._remove, id(key)), value)
+
+  def __len__(self): return len(self._entries)
 
 
 class GlobalCounters:

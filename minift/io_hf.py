@@ -9,9 +9,9 @@ missing, unexpected or wrong-shaped one is an error that names it and its file.
 """
 import json, mmap, os
 import numpy as np
-from minift import device
 from minift.errors import FileError, MissingFile, read_json
 from minift.checkpoint import first_non_finite
+from minift.sharder import active as active_sharder
 from minift.tensor import Tensor
 from minift.dtype import dtypes
 
@@ -166,7 +166,7 @@ def load_weights(model, source, where, transposed=(), dtype=None, convert=None):
     del arr
     if hasattr(source, "release"): source.release(key)   # the check above read every page of it
     model.set_parameter(name, t.T if name.endswith(tuple(transposed)) else t)
-    if device.sharder is not None: device.sharder.adopt(model, name)   # paged as it loads
+    if active_sharder() is not None: active_sharder().adopt(model, name)   # paged as it loads
   return model
 
 
@@ -179,10 +179,11 @@ def _load_in_pieces(model, source, name, key, dtype):
   from minift.nn import Embedding
   mod_path, _, attr = name.rpartition(".")
   mod = model.get_submodule(mod_path)
-  if device.sharder is None or not hasattr(source, "get_rows") or not (isinstance(mod, Embedding) or name == "lm_head.weight"): return False
+  sharder = active_sharder()
+  if sharder is None or not hasattr(source, "get_rows") or not (isinstance(mod, Embedding) or name == "lm_head.weight"): return False
   shape = tuple(source.shape(key))
   itemsize = 2 if dtype is not None and dtypes.from_any(dtype) == dtypes.float16 else 4
-  rows = device.sharder.rows_per_piece(shape, itemsize)
+  rows = sharder.rows_per_piece(shape, itemsize)
   if rows is None: return False
   pieces = []
   for start in range(0, shape[0], rows):
@@ -190,7 +191,7 @@ def _load_in_pieces(model, source, name, key, dtype):
     check_weights_finite(arr, key, source.file(key))
     pieces.append(to_tensor(arr, dtype))
     del arr
-    device.sharder.manage(pieces[-1], f"{mod_path}.weight_pieces.{len(pieces) - 1}")
+    sharder.manage(pieces[-1], f"{mod_path}.weight_pieces.{len(pieces) - 1}")
   delattr(mod, attr)
   mod.weight_pieces = pieces
   return True

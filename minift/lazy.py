@@ -33,6 +33,10 @@ UNARY = {Op.NEG, Op.EXP, Op.LOG, Op.SQRT, Op.RECIP, Op.TANH, Op.SIN, Op.SIGMOID,
 BINARY = {Op.ADD, Op.SUB, Op.MUL, Op.DIV, Op.MAX, Op.POW, Op.CMPLT, Op.CMPEQ}
 ELEMENTWISE = UNARY | BINARY | {Op.WHERE}
 REDUCE = {Op.SUM, Op.RMAX}
+# Bases that a pending backward pass will read (held weakly: gone with their graph). Autograd
+# (function.py) adds them, the scheduler keeps their costly parts (schedule._keep_saved_reductions).
+SAVED_FOR_BACKWARD = weakref.WeakSet()
+
 OWN_KERNEL = {Op.CONTIGUOUS, Op.ASSIGN, Op.GATHER, Op.SCATTER_ADD, Op.COPY, Op.RAND, Op.ATTENTION, Op.ATTENTION_BACKWARD}
 
 

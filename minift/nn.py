@@ -242,18 +242,42 @@ def apply_rope(x, cos, sin):
 
 
 # ---- KV caches
+#
+# A model's forward (models/base.py) sees a cache only through this API, so one attention code runs
+# without a cache (NoCache), with a growing KVCache and with a StaticKVCache:
+#   begin(T, positions, device)    start a forward over T new tokens
+#   rope(inv_freq)                 cos and sin (T, head_dim) at the new tokens' positions
+#   position_rows(table)           the rows (T, C) of a learned position table (an Embedding) at them
+#   update_and_fetch(layer, k, v)  store a layer's new keys and values; returns the ones to attend over
+#   mask(window)                   the additive mask for causal_attention, or None: causal, aligned at the end
+#   advance(T)                     end the forward; `length` counts the tokens seen, tensors() lists the buffers
 
 class KVCache:
-  """Keys and values of every token seen so far, one (k, v) pair per layer, for generation.
-  A model's forward reads `length` (the position of its first new token), calls update() in each
-  attention layer and finally advance(). The tensors stay lazy until the caller realizes them
-  together with the logits (see tensors()). The keys grow by concatenation, so every step has new
-  shapes: StaticKVCache is the one a jitted decode step can replay."""
+  """Keys and values of every token seen so far, one (k, v) pair per layer, for generation. The
+  new tokens are positions length .. length + T - 1 and see all the keys so far (the causal mask
+  aligned at the end). The tensors stay lazy until the caller realizes them together with the
+  logits (see tensors()). The keys grow by concatenation, so every step has new shapes:
+  StaticKVCache is the one a jitted decode step can replay."""
 
   def __init__(self):
     self.layers, self.length = {}, 0
+    self._T, self._device = 0, None
 
-  def update(self, layer, k, v):
+  def begin(self, T, positions=None, device=None):
+    """Start a forward over T new tokens; they follow the ones seen (positions are for a StaticKVCache)."""
+    if positions is not None:
+      raise ValueError(f"{type(self).__name__}: new tokens follow the ones seen; only a StaticKVCache takes positions")
+    self._T, self._device = T, device
+
+  def rope(self, inv_freq):
+    """cos and sin (T, head_dim) for positions length .. length + T - 1."""
+    return rope_tables(inv_freq, self.length, self._T, self._device)
+
+  def position_rows(self, table):
+    """The rows (T, C) of an Embedding for positions length .. length + T - 1: a slice."""
+    return table.whole()[self.length:self.length + self._T]
+
+  def update_and_fetch(self, layer, k, v):
     """Append k, v (B, Hkv, T, D) for `layer`; returns all keys and values so far."""
     if layer in self.layers:
       old_k, old_v = self.layers[layer]
@@ -261,9 +285,23 @@ class KVCache:
     self.layers[layer] = (k, v)
     return k, v
 
+  def mask(self, window=None):
+    """None: the keys end with the new tokens' own, so the causal (and window) mask aligned at the end is right."""
+    return None
+
   def advance(self, n): self.length += n
 
   def tensors(self): return [t for kv in self.layers.values() for t in kv]
+
+
+class NoCache(KVCache):
+  """The cache API for a forward with no cache (training, scoring): the tokens are positions
+  0 .. T-1 and attend to each other. Nothing is kept, so a block may run again (activation
+  checkpointing reruns blocks in the backward)."""
+
+  def update_and_fetch(self, layer, k, v): return k, v
+
+  def advance(self, n): pass
 
 
 class StaticKVCache:
@@ -274,10 +312,11 @@ class StaticKVCache:
 
   Where the new tokens go is data, not shape: a model's forward calls begin() with their
   positions, (T,) int64 (a jitted step passes them as an argument; without them, the next T
-  slots), then each attention layer writes its keys and values with update() and attends over
-  all the slots with mask(window), which hides the slots after each query's position (not
-  written yet) and, with a sliding window, those that fell out of it; rope() gives the rows of
-  the RoPE tables at the positions. `length` counts the tokens written; advance() adds to it."""
+  slots), then each attention layer writes its keys and values with update_and_fetch() and
+  attends over all the slots with mask(window), which hides the slots after each query's
+  position (not written yet) and, with a sliding window, those that fell out of it; rope() and
+  position_rows() give the rows of position tables at the positions. `length` counts the tokens
+  written; advance() adds to it."""
 
   def __init__(self, capacity):
     if capacity < 1: raise ValueError(f"StaticKVCache: capacity must be at least 1, got {capacity}")
@@ -286,8 +325,7 @@ class StaticKVCache:
     self._slots, self._tables, self._step = None, {}, {}
 
   def begin(self, T, positions=None, device=None):
-    """Start a forward over T new tokens at `positions` (T,) int64, by default the next T slots;
-    returns the positions."""
+    """Start a forward over T new tokens at `positions` (T,) int64, by default the next T slots."""
     if self.length + T > self.capacity:
       raise ValueError(f"StaticKVCache: {T} new tokens after {self.length} do not fit its capacity of {self.capacity}")
     if positions is None: positions = Tensor(np.arange(self.length, self.length + T, dtype=np.int64), device=device)
@@ -298,9 +336,8 @@ class StaticKVCache:
     hit = self._slots.reshape(S, 1) == positions.reshape(1, T)                           # (S, T): slot j takes new token i
     written = hit if T == 1 else hit.float().sum(1, keepdim=True) > 0                     # (S, 1)
     self.positions, self._step = positions, {"hit": hit.float(), "written": written.reshape(1, 1, S, 1)}
-    return positions
 
-  def update(self, layer, k, v):
+  def update_and_fetch(self, layer, k, v):
     """Write k, v (B, Hkv, T, D) for `layer` into the slots at the positions, in place; returns
     the whole buffers (B, Hkv, capacity, D)."""
     B, H, T, _ = k.shape
@@ -331,6 +368,10 @@ class StaticKVCache:
     cos, sin = self._tables[key]
     return cos.embedding(self.positions), sin.embedding(self.positions)
 
+  def position_rows(self, table):
+    """The rows (T, C) of an Embedding at the positions: a lookup."""
+    return table(self.positions)
+
   def advance(self, n):
     self.length += n
     self.positions, self._step = None, {}   # nothing of one forward outlives it
@@ -338,9 +379,11 @@ class StaticKVCache:
   def tensors(self): return [t for kv in self.layers.values() for t in kv]
 
 
-def causal_attention(q, k, v, cache=None, window=None, scale=None):
-  """Attention of new queries q (B, Hq, T, D) over keys and values (B, Hkv, S, D): the sequence's
-  own or a KVCache's (the queries are the last T of them: causal and window masks align so), or a
-  StaticKVCache's whole buffers, which its mask limits to the slots each query may see."""
-  if isinstance(cache, StaticKVCache): return q.scaled_dot_product_attention(k, v, attn_mask=cache.mask(window), scale=scale)
-  return q.scaled_dot_product_attention(k, v, is_causal=True, window=window, scale=scale)
+def causal_attention(q, k, v, cache, window=None, scale=None):
+  """Attention of new queries q (B, Hq, T, D) over the keys and values (B, Hkv, S, D) that
+  cache.update_and_fetch returned, with the cache's mask: for NoCache and KVCache none, the
+  queries being the last T keys (causal and window masks align so); for a StaticKVCache, one
+  that limits its whole buffers to the slots each query may see."""
+  mask = cache.mask(window)
+  if mask is None: return q.scaled_dot_product_attention(k, v, is_causal=True, window=window, scale=scale)
+  return q.scaled_dot_product_attention(k, v, attn_mask=mask, scale=scale)

@@ -2,7 +2,7 @@
 training step replays with the same buffers; the learning rate is a buffer written from the
 host (set_lr), so schedules work under jit too."""
 import numpy as np
-from minift import device
+from minift.sharder import active as active_sharder
 from minift.tensor import Tensor, no_grad
 from minift.dtype import dtypes
 
@@ -11,7 +11,8 @@ def state_like(p, kind="optimizer"):
   """A float32 zero buffer shaped like p. An active sharder pages it from the start, so the
   optimizer's state is never all in memory at once."""
   t = Tensor.zeros(p.shape, dtype=dtypes.float32, device=p.device).contiguous().realize()
-  if device.sharder is not None: device.sharder.manage(t, f"{kind} state", kind=kind)
+  sharder = active_sharder()
+  if sharder is not None: sharder.manage(t, f"{kind} state", kind=kind)
   return t
 
 

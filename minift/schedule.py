@@ -11,23 +11,37 @@ CONST, elementwise ops and at most one reduce. The fusion rules (DESIGN.md secti
   * a sum of a product whose operands are broadcast on different axes is a matmul: its operands
     are materialized, and backends run it on BLAS or a tiled kernel, never as a broadcast product.
 """
-from minift.lazy import Op, ELEMENTWISE, REDUCE, OWN_KERNEL, LazyOp, LazyBuffer
+from typing import NamedTuple
+from minift.lazy import Op, ELEMENTWISE, REDUCE, OWN_KERNEL, LazyOp, LazyBuffer, SAVED_FOR_BACKWARD
 from minift.view import View
 from minift.helpers import prod
 from minift.dtype import dtypes
 
 
+class LoadArg(NamedTuple):
+  """A LOAD's arg: which of the kernel's inputs it reads, through which View."""
+  input: int
+  view: View
+
+
+class ReduceArg(NamedTuple):
+  """A SUM's or RMAX's arg: the axes it reduces, the shape it reduces (its source's), and whether
+  it is a matmul (a sum of a broadcast product of two loads: BLAS or a tiled kernel runs it)."""
+  axes: tuple
+  shape: tuple
+  matmul: bool
+
+
 class KNode:
-  """One node of a kernel AST. LOAD: arg=(input index, View). CONST: arg=value.
-  SUM/RMAX: arg=(axes, input shape, matmul: bool). Elementwise ops: arg as in the lazy op."""
-  __slots__ = ("op", "srcs", "arg", "dtype", "plan")
+  """One node of a kernel AST. LOAD (Op.BUFFER): arg a LoadArg. CONST: arg the value. SUM/RMAX:
+  arg a ReduceArg. Elementwise ops: arg as in the lazy op."""
+  __slots__ = ("op", "srcs", "arg", "dtype")
 
   def __init__(self, op, srcs, arg, dtype):
     self.op, self.srcs, self.arg, self.dtype = op, srcs, arg, dtype
-    self.plan = None   # what a backend works out once for this node (the NumPy matmul's layout)
 
   def __repr__(self):
-    if self.op is Op.BUFFER: return f"LOAD{self.arg[0]}{list(self.arg[1].shape)}"
+    if self.op is Op.BUFFER: return f"LOAD{self.arg.input}{list(self.arg.view.shape)}"
     if self.op is Op.CONST: return repr(self.arg)
     return f"{self.op.name}({', '.join(map(repr, self.srcs))})"
 
@@ -42,7 +56,7 @@ class Kernel:
     ops = [n.op for n in nodes]
     reduces = [n for n in nodes if n.op in REDUCE]
     if any(o in (Op.GATHER, Op.SCATTER_ADD, Op.RAND, Op.ATTENTION, Op.ATTENTION_BACKWARD) for o in ops): self.kind = ast.op.name.lower()
-    elif reduces and reduces[0].arg[2]: self.kind = "matmul"
+    elif reduces and reduces[0].arg.matmul: self.kind = "matmul"
     elif reduces: self.kind = "reduce"
     else: self.kind = "elementwise"
     self.reduce = reduces[0] if reduces else None
@@ -67,7 +81,7 @@ class Kernel:
       axes, in_shape, _ = self.reduce.arg
       return f"matmul_{'x'.join(map(str, self.shape))}_k{prod(in_shape[a] for a in axes)}"
     if self.kind == "reduce":
-      return f"r_{self.reduce.op.name.lower()}_{'x'.join(map(str, self.reduce.arg[1]))}"
+      return f"r_{self.reduce.op.name.lower()}_{'x'.join(map(str, self.reduce.arg.shape))}"
     if self.assign_target is not None: return f"assign_{'x'.join(map(str, self.shape))}"
     return f"{self.kind}_{'x'.join(map(str, self.shape))}"
 
@@ -122,7 +136,7 @@ class _KernelBuilder:
     return self.index[id(base)]
 
   def load(self, lb):
-    return KNode(Op.BUFFER, (), (self.input_index(lb.base), lb.view), lb.dtype)
+    return KNode(Op.BUFFER, (), LoadArg(self.input_index(lb.base), lb.view), lb.dtype)
 
   def materialize(self, lb):
     if not lb.base.realized and id(lb.base) not in self.realize:
@@ -162,7 +176,7 @@ class _KernelBuilder:
     if base.op is Op.SUM:
       mm = self.matmul(base, src)
       if mm is not None: return mm
-    return KNode(base.op, (self.value(src, True),), (base.arg, src.shape, False), base.dtype)
+    return KNode(base.op, (self.value(src, True),), ReduceArg(base.arg, src.shape, False), base.dtype)
 
   def matmul(self, base, src):
     mul = src.base
@@ -172,7 +186,7 @@ class _KernelBuilder:
     if a is None or b is None or a.const_value is not None or b.const_value is not None: return None
     if matmul_axes(a.view, b.view, base.arg) is None: return None
     product = KNode(Op.MUL, (self.operand(a), self.operand(b)), None, mul.dtype)
-    return KNode(Op.SUM, (product,), (base.arg, src.shape, True), base.dtype)
+    return KNode(Op.SUM, (product,), ReduceArg(base.arg, src.shape, True), base.dtype)
 
 
 def matmul_axes(va, vb, reduce_axes):
@@ -239,7 +253,7 @@ def snapshot_kernel(target, assign):
   for c in readers:
     c.srcs = tuple(LazyBuffer(snap, s.view, s.moves) if s.base is target else s for s in c.srcs)
     target.readers.discard(c)
-  load = KNode(Op.BUFFER, (), (0, View.contiguous(target.shape)), target.dtype)
+  load = KNode(Op.BUFFER, (), LoadArg(0, View.contiguous(target.shape)), target.dtype)
   return Kernel(snap, [target], load)
 
 
@@ -248,7 +262,6 @@ def _keep_saved_reductions(order, realize):
   kernel, would be recomputed from scratch by the backward, matmuls included (this happens when
   the forward is realized before the backward is built). Materialize the reductions inside it;
   its elementwise part stays cheap to recompute from them."""
-  from minift.function import SAVED_FOR_BACKWARD
   for base in order:
     if id(base) in realize or base not in SAVED_FOR_BACKWARD: continue
     stack, seen = [base], set()

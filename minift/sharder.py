@@ -28,9 +28,9 @@ try:
   import fcntl
 except ImportError:   # Windows: no locks, so no cleanup of other processes' folders
   fcntl = None
-from minift import device as _device
 from minift.dtype import dtypes
 from minift.errors import UserError
+from minift.runtime.buffer import Pager, active_pager, set_pager
 
 MB = 2 ** 20
 MAPPABLE = sys.platform.startswith("linux") and hasattr(mmap, "MADV_DONTNEED")   # elsewhere DONTNEED may keep the pages resident
@@ -119,7 +119,13 @@ def remove_dead_shard_folders(parent):
   return removed
 
 
-class Sharder:
+def active():
+  """The Sharder that is paging now, or None."""
+  pager = active_pager()
+  return pager if isinstance(pager, Sharder) else None
+
+
+class Sharder(Pager):
   """with Sharder(ram_budget_mb=128) as sh: sh.manage_model(model, optimizer); train as usual.
 
   ram_budget_mb / gpu_budget_mb: bytes managed pages may hold in host RAM / device memory
@@ -139,7 +145,7 @@ class Sharder:
 
   def __init__(self, ram_budget_mb=None, gpu_budget_mb=None, directory=None, fp16_disk=False, fp16_trainable=False,
                prefetch=True, trace=False, optimizer_only=False):
-    if _device.sharder is not None: raise RuntimeError("a Sharder is already active; close it first")
+    if active_pager() is not None: raise RuntimeError("a Sharder is already active; close it first")
     for flag, v in (("--shard_budget_mb", ram_budget_mb), ("--gpu_budget_mb", gpu_budget_mb)):
       if v is not None and not v > 0: raise ValueError(f"{flag} must be a positive number of MiB, got {v}")
     self.budget = {"gpu": gpu_budget_mb * MB if gpu_budget_mb else float("inf"),
@@ -163,7 +169,7 @@ class Sharder:
     self._mapped = 0
     self._closed = False
     atexit.register(self.close, restore=False)
-    _device.sharder = self
+    set_pager(self)
 
   def __enter__(self): return self
   def __exit__(self, *exc): self.close()
@@ -173,7 +179,7 @@ class Sharder:
     back into memory, so it stays usable (a run that is ending does not need that)."""
     if self._closed: return
     self._closed = True
-    if _device.sharder is self: _device.sharder = None
+    if active_pager() is self: set_pager(None)
     self.budget = {"gpu": float("inf"), "ram": float("inf")}   # everything comes back
     for page in list(self.pages.values()) if restore else ():
       buf = page.ref()
@@ -305,17 +311,17 @@ class Sharder:
       self._prefetch(upcoming, pages)
     return pages
 
-  def release(self, pages, written=None):
-    """Unpin pages; written: the buffer (or list of buffers) the kernel wrote, whose disk copy is now stale."""
+  def release(self, pages, written=()):
+    """Unpin pages; written: the buffers the kernel wrote, whose disk copies are now stale."""
     for page in pages: page.pins -= 1
-    for buf in written if isinstance(written, list) else [written] if written is not None else []:
+    for buf in written:
       page = self.page_of(buf)
       if page is not None: page.disk_valid, page.source = False, None
 
   def fetch(self, buf, write=False):
     """Make buf's data valid in memory for a direct read (numpy()) or write (assign from NumPy)."""
     pages = self.acquire([buf])
-    self.release(pages, buf if write else None)
+    self.release(pages, [buf] if write else ())
 
   # ---- moving pages
 
@@ -344,7 +350,7 @@ class Sharder:
       dev = buf.device
       page.host = dev.to_numpy(buf)
       self.used["ram"] += page.nbytes
-      if hasattr(dev, "_written"): dev._written(buf)   # drop a texture copy of it too
+      dev.forget_copies(buf)   # drop a texture copy of it too
       mem, buf.data = buf.data, None
       mem.release()
       page.tier = "ram"

@@ -6,8 +6,10 @@ backend gets every op and its gradient for free.
 import math, contextlib, functools
 import numpy as np
 from minift.dtype import dtypes
-from minift.lazy import LazyBuffer, Op
-from minift.device import canonical_device, get_device, run_schedule, paged_in, is_paged
+from minift.lazy import LazyBuffer, Op, SAVED_FOR_BACKWARD
+from minift.runtime.buffer import paged_in, is_paged
+from minift.runtime.device import canonical_device, get_device
+from minift.runtime.executor import run_schedule
 from minift.schedule import create_schedule
 from minift.helpers import prod, normalize_axis, all_int
 import minift.function as F
@@ -15,7 +17,7 @@ import minift.function as F
 
 def _writable(buf):
   """Can buf be written in place? A paged-out buffer comes back as a fresh, writable array."""
-  return (is_paged(buf) and buf.data is None) or get_device(buf.device.name).is_writable(buf)
+  return (is_paged(buf) and buf.data is None) or buf.device.is_writable(buf)
 
 
 def _broadcast_shape(*shapes):
@@ -248,7 +250,7 @@ class Tensor:
           if pg.shape != shape: raise RuntimeError(f"internal: gradient {pg.shape} for input {shape} in {type(node).__name__}")
           grads[id(parent)] = pg if id(parent) not in grads else grads[id(parent)].alu(Op.ADD, pg)
         for v in vars(node).values():   # its saved values are now read by the built backward graph
-          if isinstance(v, LazyBuffer): F.SAVED_FOR_BACKWARD.discard(v.base)
+          if isinstance(v, LazyBuffer): SAVED_FOR_BACKWARD.discard(v.base)
         node.free()   # free the graph as it goes, as torch does without retain_graph
     return self
 
@@ -706,7 +708,7 @@ class Tensor:
       raise ValueError(f"attention: incompatible q {q.shape}, k {k.shape}, v {v.shape}")
     g = hq // hkv
     scale = 1.0 / math.sqrt(d) if scale is None else scale
-    if (attn_mask is None and (window is None or window >= 1) and getattr(get_device(q.device), "runs_attention", False)
+    if (attn_mask is None and (window is None or window >= 1) and get_device(q.device).runs_attention
         and q.device == k.device == v.device and {q.dtype, k.dtype, v.dtype} == {dtypes.float32}):
       # one kernel (and one for the gradients) that never writes the scores out
       return F.Attention.apply(q, k, v, scale=float(scale), causal=bool(is_causal), window=window)

@@ -11,7 +11,7 @@ and the previous checkpoint stays).
 import json, math, os, shutil
 from minift.tensor import Tensor, no_grad, _toposort
 from minift.jit import jit
-from minift import device
+from minift.sharder import active as active_sharder
 from minift.function import Function, graph_node
 from minift.optim import AdamW, SGD, grad_norm, clip_scale, state_like
 from minift.checkpoint import Later, atomic_folder, atomic_file, save_safetensors
@@ -90,7 +90,8 @@ class Trainer:
     else: self.opt = SGD(params, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
     # under the sharder, gradients get buffers of their own that it pages like the weights
     # (not when it pages only the optimizer: the backward then keeps no second copy of them)
-    paged = device.sharder is not None and not device.sharder.optimizer_only
+    sharder = active_sharder()
+    paged = sharder is not None and not sharder.optimizer_only
     self.grad_buffers = [state_like(p, "gradient") for p in self.opt.params] if paged else None
     self.step_fn = jit(self._step)
     self.use_linear_ce = getattr(getattr(model, "config", None), "final_logit_softcapping", None) is None

@@ -4,12 +4,16 @@
     model, tokenizer = load("path/to/hf_folder")      # or "model.gguf"
     model, tokenizer = load("HuggingFaceTB/SmolLM2-135M-Instruct")   # a Hugging Face Hub repo id
 
-The registry maps Hugging Face's config.json `model_type` and GGUF's `general.architecture`
-to the class that implements it. resolve() turns what a user names (a local path, or a Hub repo
-id and optionally a GGUF file in it) into a local path: every tool's --model goes through it.
+Each model file (gpt2.py, llama.py, gemma3.py) holds one architecture read top to bottom; what
+they share (the output head, hidden -> logits, the forward with or without a KV cache) is
+base.py's CausalLM. The registry maps Hugging Face's config.json `model_type` and GGUF's
+`general.architecture` to the class that implements it. resolve() turns what a user names (a
+local path, or a Hub repo id and optionally a GGUF file in it) into a local path: every tool's
+--model goes through it. generation.py decodes token by token, evaluate.py scores text.
 """
 import glob, os, re
 from minift.errors import FileError, MissingFile
+from models.base import CausalLM
 from models.gpt2 import GPT2, GPT2Config
 from models.llama import Llama, LlamaConfig
 from models.gemma3 import Gemma3, Gemma3Config
@@ -162,5 +166,5 @@ def inspect(path):
   return model, tok
 
 
-__all__ = ["GPT2", "GPT2Config", "Llama", "LlamaConfig", "Gemma3", "Gemma3Config", "HF_MODEL_TYPES",
+__all__ = ["CausalLM", "GPT2", "GPT2Config", "Llama", "LlamaConfig", "Gemma3", "Gemma3Config", "HF_MODEL_TYPES",
            "GGUF_ARCHITECTURES", "model_class", "build", "load", "skeleton", "inspect", "resolve", "is_hub_id", "ModelNotFound"]

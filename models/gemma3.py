@@ -5,14 +5,16 @@ RMSNorm scales by (1 + weight); each block norms the input and the output of bot
 and MLP (four norms); queries and keys get their own RMSNorm per head; most layers attend to a
 sliding window of recent tokens ("sliding_attention", RoPE base 10k) and every few layers one
 attends to everything ("full_attention", RoPE base 1M, possibly scaled); the MLP is GeGLU;
-attention scores are scaled by query_pre_attn_scalar ** -0.5. Parameter names equal Hugging
-Face's Gemma3ForCausalLM state dict.
+attention scores are scaled by query_pre_attn_scalar ** -0.5; the logits may be soft-capped.
+Parameter names equal Hugging Face's Gemma3ForCausalLM state dict. The head, hidden -> logits and
+the forward are models/base.py's.
 """
 import math
 from dataclasses import dataclass, field
 from typing import Optional
-from minift.nn import Module, Linear, Embedding, project, RMSNorm, activation, config_from_dict, \
-  rope_parameters, rope_inv_freq, rope_tables, apply_rope, StaticKVCache, causal_attention
+from minift.nn import Module, Linear, Embedding, RMSNorm, activation, config_from_dict, \
+  rope_parameters, rope_inv_freq, apply_rope, causal_attention
+from models.base import CausalLM
 
 
 @dataclass
@@ -65,14 +67,14 @@ class Attention(Module):
     self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps, unit_offset=True)
     self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps, unit_offset=True)
 
-  def forward(self, x, rope, cache=None):
+  def forward(self, x, rope, cache):
     B, T, _ = x.shape
     cos, sin = rope["sliding" if self.is_sliding else "full"]
     q = self.q_proj(x).reshape(B, T, self.n_head, self.head_dim).transpose(1, 2)     # (B, nh, T, hd)
     k = self.k_proj(x).reshape(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
     v = self.v_proj(x).reshape(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
     q, k = apply_rope(self.q_norm(q), cos, sin), apply_rope(self.k_norm(k), cos, sin)
-    if cache is not None: k, v = cache.update(self.layer_idx, k, v)                  # (B, nkv, S, hd)
+    k, v = cache.update_and_fetch(self.layer_idx, k, v)                              # (B, nkv, S, hd): S keys to attend over
     y = causal_attention(q, k, v, cache, window=self.window, scale=self.scale)       # (B, nh, T, hd)
     y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)                 # (B, T, nh * hd)
     return self.o_proj(y)
@@ -97,7 +99,7 @@ class DecoderLayer(Module):
     self.self_attn = Attention(config, layer_idx)
     self.mlp = MLP(config)
 
-  def forward(self, x, rope, cache=None):
+  def forward(self, x, rope, cache):
     x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), rope, cache))
     return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
 
@@ -109,15 +111,13 @@ class Decoder(Module):
     self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, unit_offset=True)
 
 
-class Gemma3(Module):
+class Gemma3(CausalLM):
   model_type = "gemma3_text"
   config_class = Gemma3Config
-  TRANSPOSED = ()
 
   def __init__(self, config):
-    self.config = config
     self.model = Decoder(config)
-    self.lm_head = None if config.tie_word_embeddings else Linear(config.hidden_size, config.vocab_size, bias=False)
+    super().__init__(config, self.model.embed_tokens, max_context=config.max_position_embeddings)
     self._inv_freq = {"full": rope_inv_freq(config.head_dim, config.rope_global),
                       "sliding": rope_inv_freq(config.head_dim, config.rope_local)}
     self._embed_scale = math.sqrt(config.hidden_size)
@@ -133,39 +133,14 @@ class Gemma3(Module):
       config.rope_local = {"rope_type": "default", "rope_theta": d.get("rope_local_base_freq", 10000.0)}
     return cls(config)
 
-  @property
-  def max_context(self): return self.config.max_position_embeddings
-
-  @property
-  def output_weight(self):
-    """(vocab, hidden): the matrix that turns final hidden states into logits (a list of row pieces once split)."""
-    return self.model.embed_tokens.rows() if self.lm_head is None else self.lm_head.rows()
-
-  def hidden(self, input_ids, cache=None, positions=None):
-    """Final hidden states (B, T, hidden) for token ids (B, T). With a StaticKVCache, positions
-    (T,) int64 are where the tokens go (data, so a jitted decode step replays; default: the next
-    free slots)."""
-    B, T = input_ids.shape
-    if isinstance(cache, StaticKVCache):
-      cache.begin(T, positions, input_ids.device)
-      rope = {kind: cache.rope(f) for kind, f in self._inv_freq.items()}            # (T, hd) each: the rows at the positions
-    else:
-      start = cache.length if cache is not None else 0
-      rope = {kind: rope_tables(f, start, T) for kind, f in self._inv_freq.items()} # (T, hd) each
+  def body(self, input_ids, cache):
+    rope = {kind: cache.rope(f) for kind, f in self._inv_freq.items()}             # (T, hd) each: RoPE at the tokens' positions
     x = self.model.embed_tokens(input_ids) * self._embed_scale                       # (B, T, C)
     for layer in self.model.layers: x = layer(x, rope, cache)
-    if cache is not None: cache.advance(T)
     return self.model.norm(x)
 
   def logits(self, h):
     """Logits (..., vocab) from final hidden states (..., hidden), soft-capped if the config says so."""
-    logits = project(h, self.output_weight)
+    logits = super().logits(h)
     cap = self.config.final_logit_softcapping
     return logits if cap is None else (logits / cap).tanh() * cap
-
-  def forward(self, input_ids, cache=None, positions=None):
-    """Logits (B, T, vocab)."""
-    return self.logits(self.hidden(input_ids, cache, positions))
-
-  @staticmethod
-  def hf_name(key): return key

@@ -3,12 +3,12 @@ projection, GELU (tanh) MLP, a head tied to the token embedding.
 
 Parameter names equal Hugging Face's GPT2LMHeadModel state dict. HF stores the four Conv1D
 weights as (in, out); here every Linear is (out, in), so those four are transposed on load
-(TRANSPOSED names them).
+(TRANSPOSED names them). The head, hidden -> logits and the forward are models/base.py's.
 """
 from dataclasses import dataclass
 from typing import Optional
-from minift.nn import Module, Linear, Embedding, project, LayerNorm, activation, config_from_dict, \
-  StaticKVCache, causal_attention
+from minift.nn import Module, Linear, Embedding, LayerNorm, activation, causal_attention
+from models.base import CausalLM
 
 
 @dataclass
@@ -36,13 +36,13 @@ class CausalSelfAttention(Module):
     self.c_attn = Linear(config.n_embd, 3 * config.n_embd)   # q, k, v in one matmul
     self.c_proj = Linear(config.n_embd, config.n_embd)
 
-  def forward(self, x, cache=None):
+  def forward(self, x, cache):
     B, T, C = x.shape
     q, k, v = self.c_attn(x).split(C, dim=2)                               # 3 x (B, T, C)
     q = q.reshape(B, T, self.n_head, self.head_dim).transpose(1, 2)        # (B, nh, T, hd)
     k = k.reshape(B, T, self.n_head, self.head_dim).transpose(1, 2)        # (B, nh, T, hd)
     v = v.reshape(B, T, self.n_head, self.head_dim).transpose(1, 2)        # (B, nh, T, hd)
-    if cache is not None: k, v = cache.update(self.layer_idx, k, v)        # (B, nh, S, hd)
+    k, v = cache.update_and_fetch(self.layer_idx, k, v)                    # (B, nh, S, hd): S keys to attend over
     y = causal_attention(q, k, v, cache, scale=self.scale)                 # (B, nh, T, hd)
     y = y.transpose(1, 2).reshape(B, T, C)                                 # (B, T, C)
     return self.c_proj(y)
@@ -65,7 +65,7 @@ class Block(Module):
     self.ln_2 = LayerNorm(config.n_embd, config.layer_norm_epsilon)
     self.mlp = MLP(config)
 
-  def forward(self, x, cache=None):
+  def forward(self, x, cache):
     x = x + self.attn(self.ln_1(x), cache)
     return x + self.mlp(self.ln_2(x))
 
@@ -78,52 +78,23 @@ class Transformer(Module):
     self.ln_f = LayerNorm(config.n_embd, config.layer_norm_epsilon)
 
 
-class GPT2(Module):
+class GPT2(CausalLM):
   model_type = "gpt2"
   config_class = GPT2Config
   TRANSPOSED = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 
   def __init__(self, config):
-    self.config = config
     self.transformer = Transformer(config)
-    self.lm_head = None if config.tie_word_embeddings else Linear(config.n_embd, config.vocab_size, bias=False)
+    super().__init__(config, self.transformer.wte, max_context=config.n_positions)
 
-  @classmethod
-  def from_config_dict(cls, d): return cls(config_from_dict(GPT2Config, d))
-
-  @property
-  def max_context(self): return self.config.n_positions
-
-  @property
-  def output_weight(self):
-    """(vocab, n_embd): the matrix that turns final hidden states into logits (a list of row pieces once split)."""
-    return self.transformer.wte.rows() if self.lm_head is None else self.lm_head.rows()
-
-  def hidden(self, input_ids, cache=None, positions=None):
-    """Final hidden states (B, T, n_embd) for token ids (B, T). With a StaticKVCache, positions
-    (T,) int64 are where the tokens go (data, so a jitted decode step replays; default: the next
-    free slots)."""
+  def body(self, input_ids, cache):
     B, T = input_ids.shape
-    start = cache.length if cache is not None else 0
-    if start + T > self.config.n_positions:
-      raise ValueError(f"GPT-2 sees at most {self.config.n_positions} positions; asked for {start + T}")
+    if cache.length + T > self.config.n_positions:
+      raise ValueError(f"GPT-2 sees at most {self.config.n_positions} positions; asked for {cache.length + T}")
     tr = self.transformer
-    if isinstance(cache, StaticKVCache):
-      positions = cache.begin(T, positions, input_ids.device)
-      x = tr.wte(input_ids) + tr.wpe(positions)                           # (B, T, C): the rows at the positions
-    else:
-      x = tr.wte(input_ids) + tr.wpe.whole()[start:start + T]             # (B, T, C)
+    x = tr.wte(input_ids) + cache.position_rows(tr.wpe)                    # (B, T, C): learned positions
     for block in tr.h: x = block(x, cache)
-    if cache is not None: cache.advance(T)
     return tr.ln_f(x)
-
-  def logits(self, h):
-    """Logits (..., vocab) from final hidden states (..., n_embd)."""
-    return project(h, self.output_weight)
-
-  def forward(self, input_ids, cache=None, positions=None):
-    """Logits (B, T, vocab)."""
-    return self.logits(self.hidden(input_ids, cache, positions))
 
   @staticmethod
   def hf_name(key):

@@ -3,12 +3,13 @@
 RMSNorm before attention and MLP, rotary positions (RoPE), grouped-query attention (fewer
 key/value heads than query heads), SwiGLU MLP, optionally a bias on q/k/v (Qwen2) and a head
 tied to the token embedding. Parameter names equal Hugging Face's LlamaForCausalLM /
-Qwen2ForCausalLM state dicts.
+Qwen2ForCausalLM state dicts. The head, hidden -> logits and the forward are models/base.py's.
 """
 from dataclasses import dataclass, field
 from typing import Optional
-from minift.nn import Module, Linear, Embedding, project, RMSNorm, activation, config_from_dict, \
-  rope_parameters, rope_inv_freq, rope_tables, apply_rope, StaticKVCache, causal_attention
+from minift.nn import Module, Linear, Embedding, RMSNorm, activation, config_from_dict, \
+  rope_parameters, rope_inv_freq, apply_rope, causal_attention
+from models.base import CausalLM
 
 
 @dataclass
@@ -51,13 +52,13 @@ class Attention(Module):
     self.v_proj = Linear(config.hidden_size, self.n_kv_head * self.head_dim, bias=qkv_bias)
     self.o_proj = Linear(self.n_head * self.head_dim, config.hidden_size, bias=config.attention_bias)
 
-  def forward(self, x, cos, sin, cache=None):
+  def forward(self, x, cos, sin, cache):
     B, T, _ = x.shape
     q = self.q_proj(x).reshape(B, T, self.n_head, self.head_dim).transpose(1, 2)     # (B, nh, T, hd)
     k = self.k_proj(x).reshape(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
     v = self.v_proj(x).reshape(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    if cache is not None: k, v = cache.update(self.layer_idx, k, v)                  # (B, nkv, S, hd)
+    k, v = cache.update_and_fetch(self.layer_idx, k, v)                              # (B, nkv, S, hd): S keys to attend over
     y = causal_attention(q, k, v, cache, window=self.window)                         # (B, nh, T, hd)
     y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)                 # (B, T, nh * hd)
     return self.o_proj(y)
@@ -81,7 +82,7 @@ class DecoderLayer(Module):
     self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
     self.mlp = MLP(config)
 
-  def forward(self, x, cos, sin, cache=None):
+  def forward(self, x, cos, sin, cache):
     x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache)
     return x + self.mlp(self.post_attention_layernorm(x))
 
@@ -93,16 +94,14 @@ class Decoder(Module):
     self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
 
-class Llama(Module):
+class Llama(CausalLM):
   model_type = "llama"
   config_class = LlamaConfig
-  TRANSPOSED = ()
 
   def __init__(self, config):
-    self.config = config
     qkv_bias = config.attention_bias or config.model_type == "qwen2"   # Qwen2 always has q/k/v bias
     self.model = Decoder(config, qkv_bias)
-    self.lm_head = None if config.tie_word_embeddings else Linear(config.hidden_size, config.vocab_size, bias=False)
+    super().__init__(config, self.model.embed_tokens, max_context=config.max_position_embeddings)
     self._inv_freq = rope_inv_freq(config.head_dim, config.rope)
 
   @classmethod
@@ -116,37 +115,11 @@ class Llama(Module):
                               for i in range(config.num_hidden_layers)]
     return cls(config)
 
-  @property
-  def max_context(self): return self.config.max_position_embeddings
-
-  @property
-  def output_weight(self):
-    """(vocab, hidden): the matrix that turns final hidden states into logits (a list of row pieces once split)."""
-    return self.model.embed_tokens.rows() if self.lm_head is None else self.lm_head.rows()
-
-  def hidden(self, input_ids, cache=None, positions=None):
-    """Final hidden states (B, T, hidden) for token ids (B, T). With a StaticKVCache, positions
-    (T,) int64 are where the tokens go (data, so a jitted decode step replays; default: the next
-    free slots)."""
-    B, T = input_ids.shape
-    if isinstance(cache, StaticKVCache):
-      cache.begin(T, positions, input_ids.device)
-      cos, sin = cache.rope(self._inv_freq)                             # (T, hd) each: the rows at the positions
-    else:
-      start = cache.length if cache is not None else 0
-      cos, sin = rope_tables(self._inv_freq, start, T)                  # (T, hd) each
+  def body(self, input_ids, cache):
+    cos, sin = cache.rope(self._inv_freq)                               # (T, hd) each: RoPE at the tokens' positions
     x = self.model.embed_tokens(input_ids)                              # (B, T, C)
     for layer in self.model.layers: x = layer(x, cos, sin, cache)
-    if cache is not None: cache.advance(T)
     return self.model.norm(x)
-
-  def logits(self, h):
-    """Logits (..., vocab) from final hidden states (..., hidden)."""
-    return project(h, self.output_weight)
-
-  def forward(self, input_ids, cache=None, positions=None):
-    """Logits (B, T, vocab)."""
-    return self.logits(self.hidden(input_ids, cache, positions))
 
   @staticmethod
   def hf_name(key):

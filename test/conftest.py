@@ -11,19 +11,19 @@ def _devices():
 def device(request, monkeypatch):
   """The backend a test runs on. numpy-blocks is the NumPy backend evaluating every kernel of
   more than 8 elements block by block (blocks of 4), as it evaluates big kernels. numpy-c is the
-  NumPy backend running every kernel it can as a compiled C loop (cloops.py), as it runs big
+  NumPy backend running every kernel it can as a compiled C loop (backends/numpy/cloops.py), as it runs big
   kernels when a C compiler is there (its chunks and column blocks made small)."""
   if request.param == "numpy-blocks":
-    import minift.backend_numpy
-    monkeypatch.setattr(minift.backend_numpy, "BLOCK", 4)
-    monkeypatch.setattr(minift.backend_numpy, "BLOCKED_FROM", 9)
+    from minift.backends.numpy import device as numpy_device
+    monkeypatch.setattr(numpy_device, "BLOCK", 4)
+    monkeypatch.setattr(numpy_device, "BLOCKED_FROM", 9)
     return "numpy"
   if request.param == "numpy-c":
-    import minift.cloops
-    if not minift.cloops.compiler.available: pytest.fail("numpy-c: no working C compiler (cc) on this machine")
-    monkeypatch.setattr(minift.cloops, "C_FROM", 0)
-    monkeypatch.setattr(minift.cloops, "CHUNK", 8)     # reductions to one value in chunks of 8 elements,
-    monkeypatch.setattr(minift.cloops, "COLUMNS", 3)   # over leading axes 3 columns at a time: the small tensors here take every path
+    from minift.backends.numpy import cloops
+    if not cloops.compiler.available: pytest.fail("numpy-c: no working C compiler (cc) on this machine")
+    monkeypatch.setattr(cloops, "C_FROM", 0)
+    monkeypatch.setattr(cloops, "CHUNK", 8)     # reductions to one value in chunks of 8 elements,
+    monkeypatch.setattr(cloops, "COLUMNS", 3)   # over leading axes 3 columns at a time: the small tensors here take every path
     return "numpy"
   return request.param
 

@@ -1,11 +1,11 @@
-"""The NumPy backend's compiled C loops (minift/cloops.py): accuracy of the polynomial exp and
+"""The NumPy backend's compiled C loops (minift/backends/numpy/cloops.py): accuracy of the polynomial exp and
 tanh against float64, special values against NumPy, which kernels run in C, the disk cache and
 its pruning, and the fallback to NumPy when there is no working compiler. The op suite itself also runs on the
 numpy-c device (conftest.py)."""
 import logging, os
 import numpy as np
 import pytest
-import minift.cloops as cloops
+from minift.backends.numpy import cloops, parallel
 from minift import Tensor
 from minift.helpers import prune_cache, touch_cache
 from minift.schedule import create_schedule
@@ -77,7 +77,6 @@ def test_big_reductions_in_chunks_and_column_blocks(monkeypatch):
   """A reduction to one value of more than 2 CHUNKs sums chunk by chunk on every core, and one
   over leading axes COLUMNS outputs at a time: each equals float64 (sums) or NumPy (max, NaN
   and inf included), and 1 or 3 threads give the same bits."""
-  from minift import backend_numpy as bn
   rng = np.random.default_rng(3)
   x = rng.standard_normal((700, 3, 130)).astype(np.float32)   # 273000 elements: 4 chunks
   y = x.copy()
@@ -95,12 +94,11 @@ def test_big_reductions_in_chunks_and_column_blocks(monkeypatch):
   for what, (fn, ref, *data) in cases.items():
     a = data[0] if data else x
     kernels = _kernels(fn(Tensor(a)))
-    cloops.prepare(kernels, lambda k: [t.dtype for t in k.inputs])
-    assert kernels[-1]._c_name is not None, what
+    assert cloops.prepare(kernels, lambda k: [t.dtype for t in k.inputs])[-1] is not None, what
     got = {}
     for threads in ("1", "3"):
       monkeypatch.setenv("MINIFT_THREADS", threads)
-      monkeypatch.setattr(bn, "PARTS_FROM", 1)
+      monkeypatch.setattr(parallel, "PARTS_FROM", 1)
       got[threads] = fn(Tensor(a)).numpy()
     assert np.array_equal(got["1"], got["3"], equal_nan=True), what
     np.testing.assert_allclose(got["1"], ref(a), rtol=2e-6, err_msg=what)
@@ -125,8 +123,7 @@ def test_what_runs_in_c(force_c):
   }
   for what, (t, in_c) in cases.items():
     kernels = _kernels(t)
-    cloops.prepare(kernels, lambda k: [x.dtype for x in k.inputs])
-    assert (kernels[-1]._c_name is not None) == in_c, what
+    assert (cloops.prepare(kernels, lambda k: [x.dtype for x in k.inputs])[-1] is not None) == in_c, what
 
 
 def test_c_equals_numpy_on_a_training_step(monkeypatch):
@@ -144,7 +141,11 @@ def test_c_equals_numpy_on_a_training_step(monkeypatch):
   monkeypatch.setattr(cloops, "C_FROM", 0)
   ran = []
   real = cloops.prepare
-  monkeypatch.setattr(cloops, "prepare", lambda ks, d: (real(ks, d), ran.extend(k.__dict__.get("_c_name") for k in ks)))
+  def recording(ks, d):
+    loops = real(ks, d)
+    ran.extend(loop and loop.name for loop in loops or ())   # (None: MINIFT_CLOOPS=0)
+    return loops
+  monkeypatch.setattr(cloops, "prepare", recording)
   with_c = step()
   assert sum(n is not None for n in ran) >= len(ran) // 2, f"only {sum(n is not None for n in ran)} of {len(ran)} kernels ran in C"
   monkeypatch.setenv("MINIFT_CLOOPS", "0")
@@ -159,7 +160,6 @@ def test_loops_cut_into_parts_give_the_same_bits(monkeypatch, force_c):
   and backward (reductions, matmul epilogues, cats, attention) and a 1-D loop cut at a seam give
   the same bits with 1 or 3 threads; run part by part, last part first, each part of a rendered
   loop writes only its own rows of the output."""
-  from minift import backend_numpy as bn
   from tiny_gpt import init_weights, block_minift
   weights, _ = init_weights(vocab=8, ctx=8, d=64, heads=4, layers=1)
   x0 = np.random.default_rng(1).standard_normal((3, 40, 64)).astype(np.float32)
@@ -171,13 +171,14 @@ def test_loops_cut_into_parts_give_the_same_bits(monkeypatch, force_c):
     flat = x.grad.reshape(-1)
     joined = Tensor.cat([flat[:1000] * 2, flat[:777].exp()])   # one loop, cut in two pieces at the seam
     return [loss.numpy(), x.grad.numpy(), joined.numpy()] + [p[k].grad.numpy() for k in sorted(p) if p[k].grad is not None]
-  monkeypatch.setattr(bn, "PARTS_FROM", 1)
+  monkeypatch.setattr(parallel, "PARTS_FROM", 1)
   monkeypatch.setenv("MINIFT_THREADS", "1")
   want = step()
   monkeypatch.setenv("MINIFT_THREADS", "3")
   threaded = step()
   split = []
-  attention = bn.cloops.attention_functions()   # their parts are blocks of queries and (batch, kv head) pairs, not rows
+  from minift.backends.numpy.attention import attention_functions
+  attention = attention_functions()   # their parts are blocks of queries and (batch, kv head) pairs, not rows
   def part_by_part(fn, out, args, outer, work):
     # the outermost loop runs over the output's leading rows; attention's does not, nor that of a
     # reduction to one value in chunks (its parts write partial sums)
@@ -190,7 +191,7 @@ def test_loops_cut_into_parts_give_the_same_bits(monkeypatch, force_c):
       changed = (rows != before).any(1)
       assert not changed[:lo].any() and not changed[hi:].any(), f"part [{lo}, {hi}) of {outer} wrote outside its rows"
     split.append(outer)
-  monkeypatch.setattr(bn, "call_in_parts", part_by_part)
+  monkeypatch.setattr(parallel, "call_in_parts", part_by_part)
   by_parts = step()
   assert sum(n > 1 for n in split) > 10, split
   for got_threads, got_parts, w in zip(threaded, by_parts, want):
@@ -201,19 +202,18 @@ def test_ctrl_c_waits_for_the_other_parts(monkeypatch, force_c):
   """A Ctrl-C while the main thread waits for the other parts is raised only once they are done:
   they write into the output, which the unwinding would free under them."""
   import concurrent.futures, time
-  from minift import backend_numpy as bn
-  monkeypatch.setattr(bn, "PARTS_FROM", 1)
+  monkeypatch.setattr(parallel, "PARTS_FROM", 1)
   monkeypatch.setenv("MINIFT_THREADS", "2")
   x = Tensor(np.ones((64, 64), np.float32))
   (x * 3).numpy()   # compiled and the pool made before the timed part
-  finished, real_submit = [], bn._pool.submit
+  finished, real_submit = [], parallel._pool.submit
   def slow_submit(fn, *args):
     def part(*a):
       time.sleep(0.2)
       fn(*a)
       finished.append(True)
     return real_submit(part, *args)
-  monkeypatch.setattr(bn._pool, "submit", slow_submit)
+  monkeypatch.setattr(parallel._pool, "submit", slow_submit)
   real_result, calls = concurrent.futures.Future.result, []
   def interrupted_once(self, *a, **k):
     calls.append(1)
@@ -236,11 +236,11 @@ def test_disk_cache_is_used_by_a_new_process(tmp_path, monkeypatch, force_c):
   monkeypatch.setenv("MINIFT_CACHE_DIR", str(tmp_path))
   x = np.linspace(-3, 3, 40, dtype=np.float32).reshape(5, 8)
   want = np.tanh(x * 3 + 1)
-  fresh = cloops.Compiler()
+  fresh = cloops.Compiler(cloops.PRELUDE)
   monkeypatch.setattr(cloops, "compiler", fresh)
   np.testing.assert_allclose((Tensor(x) * 3 + 1).tanh().numpy(), want, rtol=1e-6)
   assert list((tmp_path / "c").glob("*.so")), "nothing was written to the cache"
-  again = cloops.Compiler()   # a new process: knows nothing, must not compile
+  again = cloops.Compiler(cloops.PRELUDE)   # a new process: knows nothing, must not compile
   again._flags = fresh.flags
   monkeypatch.setattr(again, "build", lambda sources: pytest.fail(f"compiled {len(sources)} kernels that the cache holds"))
   monkeypatch.setattr(cloops, "compiler", again)
@@ -253,7 +253,7 @@ def test_a_failing_compiler_falls_back_to_numpy(tmp_path, monkeypatch, force_c, 
   if why == "compiler fails": monkeypatch.setenv("CC", "/bin/false")
   else: (tmp_path / "c").write_text("a file where the cache folder should be")
   monkeypatch.setenv("MINIFT_CACHE_DIR", str(tmp_path))
-  broken = cloops.Compiler()
+  broken = cloops.Compiler(cloops.PRELUDE)
   monkeypatch.setattr(cloops, "compiler", broken)
   x = np.linspace(-3, 3, 40, dtype=np.float32)
   seen = []
@@ -280,8 +280,7 @@ def test_rendered_once_per_structure(force_c, monkeypatch):
   names = []
   for data in (x, x * 3):
     kernels = _kernels((Tensor(data) * 2 + 1).exp())
-    cloops.prepare(kernels, lambda k: [i.dtype for i in k.inputs])
-    names.append(kernels[-1]._c_name)
+    names.append(cloops.prepare(kernels, lambda k: [i.dtype for i in k.inputs])[-1].name)
   assert names[0] == names[1] and len(renders) == 1
   for zero in (0.0, -0.0):   # a CONST each; their kernels have one structure but for the sign
     np.testing.assert_array_equal(np.signbit((Tensor(x) * zero).numpy()), np.signbit(x * np.float32(zero)), err_msg=repr(zero))
@@ -326,7 +325,7 @@ def test_cache_pruning_drops_the_least_recently_used(tmp_path, monkeypatch):
 def test_a_full_cache_is_pruned_and_kernels_still_run(tmp_path, monkeypatch, force_c):
   monkeypatch.setenv("MINIFT_CACHE_DIR", str(tmp_path))
   monkeypatch.setenv("MINIFT_CACHE_MAX_MB", "0.001")   # smaller than one library
-  fresh = cloops.Compiler()
+  fresh = cloops.Compiler(cloops.PRELUDE)
   monkeypatch.setattr(cloops, "compiler", fresh)
   x = np.linspace(-3, 3, 40, dtype=np.float32).reshape(5, 8)
   np.testing.assert_allclose((Tensor(x) * 3 + 1).tanh().numpy(), np.tanh(x * 3 + 1), rtol=1e-6)
@@ -334,7 +333,7 @@ def test_a_full_cache_is_pruned_and_kernels_still_run(tmp_path, monkeypatch, for
   assert len(list((tmp_path / "c").glob("*.so"))) == 1, "the older library was not pruned"
   assert len(fresh.functions) == 2, "a kernel did not run in C"
   # another process whose index still names the pruned library: NumPy runs the kernel
-  later = cloops.Compiler()
+  later = cloops.Compiler(cloops.PRELUDE)
   later._flags = fresh.flags
   later.index = {n: tmp_path / "c" / "gone.so" for n in fresh.functions}
   monkeypatch.setattr(later, "build", lambda sources: None)

@@ -5,6 +5,7 @@ import pytest
 import minift.tensor
 from minift import Tensor, jit
 from minift.optim import AdamW
+from minift.runtime.device import FusedAssigns
 
 
 def _model():
@@ -93,20 +94,20 @@ def test_new_shapes_recapture():
 
 
 def _fused_items(fn):
-  return sum(item[0].kind == "fused_assigns" for item in fn.plan["items"])
+  return sum(isinstance(item[0], FusedAssigns) for item in fn.recording.steps)
 
 
 def test_optimizer_updates_run_as_one_loop_with_the_same_bits(monkeypatch):
   """Replayed, each weight's AdamW m, v and p updates (weight decay, a clipping factor) run as
   one compiled loop (jit._fuse_assigns): the same bits as three loops, and torch's numbers."""
   import torch
-  import minift.backend_numpy as bn
+  from minift.backends.numpy import NumpyDevice
   from minift.optim import clip_scale, grad_norm
   rng = np.random.default_rng(4)
   init = [rng.standard_normal(s).astype(np.float32) * 0.2 for s in [(48, 96), (96,), (96, 80)]]
   xs = rng.standard_normal((5, 16, 48)).astype(np.float32)
   def run(fuse):
-    if not fuse: monkeypatch.setattr(bn.NumpyDevice, "fuse_assigns", None)
+    if not fuse: monkeypatch.setattr(NumpyDevice, "fuses_assigns", False)
     ps = [Tensor(w, requires_grad=True) for w in init]
     opt = AdamW(ps, lr=1e-2, weight_decay=0.1)
     def step(x):

@@ -529,6 +529,19 @@ def test_static_cache_writes_only_its_slots(hf_models):
     model(Tensor(ids[:, :4]), one)
 
 
+def test_growing_cache_places_tokens_after_the_ones_seen(hf_models):
+  """A KVCache takes no positions (its tokens follow the ones seen); GPT-2's learned positions end
+  at n_positions, with a cache too."""
+  model, _ = load(hf_models["gpt2"][1], with_tokenizer=False)   # n_positions 128
+  cache = KVCache()
+  with no_grad():
+    with pytest.raises(ValueError, match="only a StaticKVCache takes positions"):
+      model(Tensor(ids_batch(8, (1, 2))), cache, positions=Tensor(np.array([5, 6])))
+    model(Tensor(ids_batch(8, (1, 120))), cache)
+    with pytest.raises(ValueError, match="GPT-2 sees at most 128 positions; asked for 130"):
+      model(Tensor(ids_batch(9, (1, 10))), cache)
+
+
 def test_sampling_with_a_seed_is_reproducible(hf_models):
   """Sampling draws from the same numbers for the same seed, and picks what pick_token picks from
   the full forward's logits of the sampled sequence with that seed's generator."""

@@ -8,7 +8,7 @@ import pytest
 
 import minift
 from minift import Tensor, dtypes
-from minift.device import get_device
+from minift.runtime.device import get_device
 
 # CI installs PoCL (.ci/run): there a missing OpenCL device is a failure, not a skip
 if "opencl" not in minift.available_devices():
@@ -16,8 +16,8 @@ if "opencl" not in minift.available_devices():
   pytest.skip("no usable OpenCL device", allow_module_level=True)
 
 import pyopencl as cl
-from minift import backend_opencl
-from minift import codegen_opencl as cg
+from minift.backends.opencl import device as opencl_device
+from minift.backends.opencl import codegen as cg
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -91,16 +91,16 @@ def test_too_large_allocation_names_the_limit(dev):
 
 
 def test_device_selection_by_index_and_name():
-  found = backend_opencl.list_devices()
+  found = opencl_device.list_devices()
   pi, di, p, d = found[-1]
-  assert backend_opencl.select_device(f"{pi}:{di}")[1] == d
+  assert opencl_device.select_device(f"{pi}:{di}")[1] == d
   part = d.name.strip()[:6]
-  assert part.lower() in backend_opencl.select_device(part.upper())[1].name.lower()   # a case-blind substring
-  with pytest.raises(RuntimeError, match="names no OpenCL device"): backend_opencl.select_device("no-such-device-here")
+  assert part.lower() in opencl_device.select_device(part.upper())[1].name.lower()   # a case-blind substring
+  with pytest.raises(RuntimeError, match="names no OpenCL device"): opencl_device.select_device("no-such-device-here")
 
 
 def test_build_failure_names_the_kernel_and_carries_the_log(dev):
-  with pytest.raises(backend_opencl.CLBuildError) as e:
+  with pytest.raises(opencl_device.CLBuildError) as e:
     dev.build("broken_kernel", "__kernel void broken_kernel(__global float* a) { a[0] = not_declared_anywhere; }")
   assert "broken_kernel" in str(e.value) and "not_declared_anywhere" in e.value.build_log
 
@@ -306,7 +306,7 @@ def _child(code, **env):
 
 
 def test_second_process_compiles_nothing(tmp_path):
-  code = ("import json, numpy as np\nfrom minift import Tensor\nfrom minift.device import get_device\n"
+  code = ("import json, numpy as np\nfrom minift import Tensor\nfrom minift.runtime.device import get_device\n"
           "x = Tensor(np.arange(12, dtype=np.float32).reshape(3, 4), device='opencl')\n"
           "y = ((x @ x.T).relu() + x.sum(1, keepdim=True)).softmax(-1).numpy()\n"
           "print(json.dumps(get_device('opencl').stats))")
@@ -327,7 +327,7 @@ def test_a_full_binary_cache_keeps_only_the_newest(tmp_path):
 
 
 def test_installed_package_finds_its_kernels(tmp_path):
-  # a plain (non-editable) install carries kernels/*.cl inside the package as minift/kernels
+  # a plain (non-editable) install carries kernels/ (*.cl, attention.c) inside the package as minift/kernels
   src, site = tmp_path / "src", tmp_path / "site"
   for part in ("minift", "models", "kernels"):   # from a clean copy: a build/ left in the checkout would be reused
     shutil.copytree(ROOT / part, src / part, ignore=shutil.ignore_patterns("__pycache__"))
@@ -335,15 +335,21 @@ def test_installed_package_finds_its_kernels(tmp_path):
   r = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--target", str(site), str(src)],
                      capture_output=True, text=True, timeout=300)
   assert r.returncode == 0, r.stderr
-  assert (site / "minift" / "kernels" / "matmul.cl").exists()
+  assert (site / "minift" / "kernels" / "matmul.cl").exists() and (site / "minift" / "kernels" / "attention.c").exists()
   code = ("import numpy as np, minift\nfrom minift import Tensor\nprint(minift.__file__)\n"
           "a = np.arange(12, dtype=np.float32).reshape(3, 4)\n"
-          "print(Tensor(a, device='opencl').device, np.abs((Tensor(a, device='opencl') @ Tensor(a.T, device='opencl')).numpy() - a @ a.T).max())")
-  r = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, PYTHONPATH=str(site)), cwd=tmp_path,
-                     capture_output=True, text=True, timeout=300)
+          "print(Tensor(a, device='opencl').device, np.abs((Tensor(a, device='opencl') @ Tensor(a.T, device='opencl')).numpy() - a @ a.T).max())\n"
+          # the NumPy backend's attention, compiled from the installed attention.c
+          "from minift.backends.numpy.attention import attention_functions, attention_numpy\n"
+          "q, k, v = (np.random.default_rng(i).standard_normal((1, 2, 40, 8)).astype(np.float32) for i in range(3))\n"
+          "got = Tensor(q).scaled_dot_product_attention(Tensor(k), Tensor(v), is_causal=True).numpy()\n"
+          "print(attention_functions() is not None, np.abs(got - attention_numpy(q, k, v, 8 ** -0.5, True, None)).max())")
+  r = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, PYTHONPATH=str(site), MINIFT_CACHE_DIR=str(tmp_path / "cache")),
+                     cwd=tmp_path, capture_output=True, text=True, timeout=300)
   assert r.returncode == 0, r.stderr
-  where, (device, err) = r.stdout.splitlines()[0], r.stdout.splitlines()[1].split()
+  where, (device, err), (compiled, att_err) = r.stdout.splitlines()[0], r.stdout.splitlines()[1].split(), r.stdout.splitlines()[2].split()
   assert where.startswith(str(site)) and device == "opencl" and float(err) == 0.0, r.stdout + r.stderr
+  assert compiled == "True" and float(att_err) < 1e-5, r.stdout + r.stderr
   assert "OpenCL unavailable" not in r.stderr
 
 

@@ -798,7 +798,7 @@ class TestNN:
       tt = torch.tensor(table, requires_grad=True)
       loss(tt, torch.tensor(h), torch).backward()
       np.testing.assert_allclose(jitted(Tensor(h, device=device)).numpy(), tt.grad.numpy(), atol=1e-5, rtol=1e-5)
-    assert len(jitted.plan["donated"]) == 1
+    assert len(jitted.recording.donated) == 1
 
   def test_scatter_onto_a_returned_buffer_is_not_done_in_place(self, device):
     """The third operand of a scatter-add that the step returns (or a later kernel reads) keeps
@@ -823,7 +823,7 @@ class TestNN:
         if keep == "returned": np.testing.assert_allclose(out[1].numpy(), 2 * w, atol=1e-6)
         if keep == "read_later": np.testing.assert_allclose(out[1].numpy(), 6 * w, atol=1e-6)
       if keep != "read_later":   # (read later: donated only where the scatter happens to run after that read)
-        assert bool(jitted.plan["donated"]) == (keep == "dead"), keep
+        assert bool(jitted.recording.donated) == (keep == "dead"), keep
 
   @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
   @pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
@@ -990,7 +990,7 @@ class TestAttention:
 
 
   # The NumPy backend runs attention as one ATTENTION kernel and its gradients as one
-  # ATTENTION_BACKWARD kernel (cloops.py's C loops, or NumPy without a compiler). The shapes cross
+  # ATTENTION_BACKWARD kernel (kernels/attention.c's C loops, or NumPy without a compiler). The shapes cross
   # the 32-query blocks and 64-key tiles of the C loops and NumPy's 128-query blocks, and have
   # head sizes that are not whole 16-float vectors, fewer queries than keys, one query.
   @pytest.mark.parametrize("cloops", ["1", "0"])

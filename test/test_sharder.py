@@ -143,7 +143,7 @@ def test_fp16_disk(tiny, full_ft):
 def test_opencl_tiers_exact(tiny, monkeypatch):
   """GPU -> RAM -> disk on the OpenCL backend (PoCL in CI)."""
   monkeypatch.setenv("MINIFT_DEVICE", "opencl")
-  from minift.device import canonical_device
+  from minift.runtime.device import canonical_device
   if canonical_device() != "opencl": pytest.fail("OpenCL is not available (CI installs PoCL)")
   ref_losses, ref_final, _ = train(tiny["llama"], tiny["text"], steps=3)
   with Sharder(ram_budget_mb=24 * KB, gpu_budget_mb=16 * KB, trace=True) as sh:

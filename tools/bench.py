@@ -44,9 +44,8 @@ def timed(fn, repeat):
 
 def synced(fn, device):
   """fn, then wait for the device queue: OpenCL returns once the kernels are enqueued."""
-  from minift.device import get_device
+  from minift.runtime.device import get_device
   dev = get_device(device)
-  if not hasattr(dev, "synchronize"): return fn
   return lambda: (fn(), dev.synchronize())
 
 
@@ -139,7 +138,7 @@ def bench_overhead(rows, device, repeat):
   time inside kernels and everything else (Python)."""
   from tiny_gpt import block_minift
   from minift.optim import AdamW
-  import minift.device as dev
+  from minift.runtime.device import get_device
   _, p = _gpt2_small_block(device)
   params = [t for k, t in p.items() if k.startswith("0.")]
   opt = AdamW(params, lr=1e-4)
@@ -152,12 +151,12 @@ def bench_overhead(rows, device, repeat):
   x = Tensor(rand(4, 128, 768), device=device)
   for _ in range(3): step(x)
   inside = [0.0]
-  real_run = dev.get_device(x.device).run
+  real_run = get_device(x.device).run
   def counting_run(*a, **kw):
     t0 = time.perf_counter()
     try: return real_run(*a, **kw)
     finally: inside[0] += time.perf_counter() - t0
-  dev.get_device(x.device).run = counting_run
+  get_device(x.device).run = counting_run
   try:
     walls, overheads = [], []
     for _ in range(repeat):
@@ -165,7 +164,7 @@ def bench_overhead(rows, device, repeat):
       t0 = time.perf_counter(); step(x).numpy(); wall = time.perf_counter() - t0
       walls.append(wall); overheads.append(wall - inside[0])
   finally:
-    del dev.get_device(x.device).run
+    del get_device(x.device).run
   wall, over = statistics.median(walls), statistics.median(overheads)
   rows.append(dict(task="overhead", shape="GPT-2-small block train step (jit replay)", step_ms=wall * 1e3, python_ms=over * 1e3, share=over / wall))
   print(f"{'overhead':<12} {'block train step, replay':<28} step {wall*1e3:9.2f} ms   python {over*1e3:7.2f} ms   share {100*over/wall:.2f}%", flush=True)
@@ -254,13 +253,13 @@ def _bench_train_step(rows, device, repeat, full_ft):
   rows[-1].update(peak_rss_mb=rss_ours, ref_peak_rss_mb=rss_ref, rss_ratio=rss_ours / rss_ref)
   print(f"{name:<12} {'peak RSS':<28} minift {rss_ours:9.0f} MB   {'reference':<9} {rss_ref:9.0f} MB   ratio {rss_ours/rss_ref:5.2f}", flush=True)
   if full_ft:   # the same with Adam's moments paged to disk (--shard_optimizer_only), alternated with torch again
-    from minift import device as minift_device
+    from minift.sharder import active as active_sharder
     del ours
     paged = _step_minift(folder, True, device, MOMENTS_BUDGET_MB)
     try:
       paged(); paged()
       o, r = side_by_side(paged, ref, repeat)
-    finally: minift_device.sharder.close(restore=False)
+    finally: active_sharder().close(restore=False)
     row(rows, name, f"the same, moments paged ({MOMENTS_BUDGET_MB} MB)", o, r, "torch")
     rss_paged = _peak_rss_mb("minift", True, device, moments_budget_mb=MOMENTS_BUDGET_MB)
     rows[-1].update(peak_rss_mb=rss_paged, ref_peak_rss_mb=rss_ref, rss_ratio=rss_paged / rss_ref)

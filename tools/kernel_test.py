@@ -21,7 +21,7 @@ from minift.errors import ArgumentParser, UserError, check_output, integer, run,
 
 def list_platforms():
   """Every platform and device, as printable lines (and a list of dicts for --json)."""
-  from minift.backend_opencl import list_devices, device_type_name
+  from minift.backends.opencl.device import list_devices, device_type_name
   rows = []
   for pi, di, p, d in list_devices():
     rows.append(dict(index=f"{pi}:{di}", platform=p.name.strip(), device=d.name.strip(), type=device_type_name(d),
@@ -152,11 +152,11 @@ def main():
     report["platforms"] = list_platforms()
   except Exception as e:   # no pyopencl or no ICD loader
     print(f"cannot list OpenCL platforms: {type(e).__name__}: {e}")
-  from minift import device
-  dev = device._opencl_device()   # the device the Tensor API uses; None if unusable
+  from minift.runtime import device
+  dev = device.start("opencl")   # the device the Tensor API uses; None (and a warning saying why) if unusable
   if dev is None:
     for r in report["platforms"]: print(f"  {r['index']}  {r['platform']} / {r['device']}")
-    reason = device.opencl_error or "unknown reason"
+    reason = device.unavailable.get("opencl", "unknown reason")
     if args.json:
       with writing(args.json): Path(args.json).write_text(json.dumps(dict(report, error=f"no usable OpenCL device: {reason}"), indent=1))
     raise NoDevice(f"no usable OpenCL device ({reason}); MINIFT_CL_DEVICE picks one of the devices listed above")

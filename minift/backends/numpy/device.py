@@ -1,21 +1,23 @@
-"""The NumPy backend: matmuls go to BLAS; elementwise kernels, reductions and matmul epilogues
-run as compiled C loops where cloops.py can build them (a C compiler, the kernel's ops and
-dtypes covered), and every other kernel's AST is evaluated with NumPy.
+"""The NumPy backend's device: matmuls go to BLAS; elementwise kernels, reductions and matmul
+epilogues run as compiled C loops where cloops.py can build them (a C compiler, the kernel's ops
+and dtypes covered), and every other kernel's AST is evaluated with NumPy.
 
 Loads are strided views of the input buffers (no copies, pads become np.pad); temporaries
 made inside a kernel are reused in place where the shape and dtype allow it.
 """
-import ctypes, itertools, os, time
-from concurrent.futures import ThreadPoolExecutor
+import ctypes, itertools
 import numpy as np
 from numpy.lib.stride_tricks import as_strided
-from minift.device import Buffer, is_paged
 from minift.dtype import dtypes
+from minift.helpers import WeakIdMap, prod
 from minift.lazy import Op
+from minift.runtime.buffer import Buffer, is_paged
+from minift.runtime.device import Device, FusedAssigns
 from minift.schedule import matmul_axes
-from minift.helpers import prod
 from minift.view import View
-from minift import cloops
+from minift.backends.numpy import cloops
+from minift.backends.numpy.attention import ATTENTION_ROWS, attention_functions, attention_numpy, attention_backward_numpy
+from minift.backends.numpy import parallel
 
 
 def erf(x):
@@ -84,10 +86,14 @@ def view_array(flat, view, compact=False):
   return out
 
 
+_LAYOUTS = WeakIdMap()   # View -> {(itemsize, compact): _strided's answer}
+
+
 def _strided(view, itemsize, compact):
   """(shape, byte strides, byte offset) of an unmasked view; shape None when it is empty. Kept
-  on the View (immutable): hashing a View for a cache lookup cost more than this."""
-  cache = view.__dict__.setdefault("_numpy_layouts", {})
+  per View (immutable; a model's weights are loaded through the same View in every call)."""
+  cache = _LAYOUTS.get(view)
+  if cache is None: cache = _LAYOUTS[view] = {}
   key = (itemsize, compact)
   if key not in cache:
     if prod(view.shape) == 0: cache[key] = None, None, None
@@ -131,12 +137,27 @@ BLOCKED_FROM = 1 << 21
 
 class _Env:
   """What evaluating one kernel's AST needs: the input arrays, AST nodes used twice (computed
-  once), and when evaluating block by block, the arrays made once for every block (loads,
-  BLAS results) and the block of the output being computed."""
-  __slots__ = ("flats", "shared", "memo", "whole", "region")
+  once), what was worked out once per node (_KernelState.per_node), and when evaluating block
+  by block, the arrays made once for every block (loads, BLAS results) and the block of the
+  output being computed."""
+  __slots__ = ("flats", "shared", "per_node", "memo", "whole", "region")
 
-  def __init__(self, flats, shared, whole=None, region=None):
-    self.flats, self.shared, self.memo, self.whole, self.region = flats, shared, {}, whole, region
+  def __init__(self, flats, shared, per_node, whole=None, region=None):
+    self.flats, self.shared, self.per_node, self.memo, self.whole, self.region = flats, shared, per_node, {}, whole, region
+
+
+_UNPREPARED = object()   # _KernelState.loop before cloops.prepare looked at the kernel
+
+
+class _KernelState:
+  """What the NumPy backend works out once per kernel, kept while the kernel lives (jit replays
+  run the same kernels every step): its compiled loop (a cloops.CLoop; None: NumPy evaluates it)
+  and that loop's function, its blocks ((BLOCK, BLOCKED_FROM) they were cut for, the blocks),
+  and per AST node: a matmul's operand layout, the padded load of an x + pad(y)."""
+  __slots__ = ("loop", "fn", "blocks", "per_node")
+
+  def __init__(self):
+    self.loop, self.fn, self.blocks, self.per_node = _UNPREPARED, None, None, {}
 
 
 def _block_shape(shape, region):
@@ -149,20 +170,21 @@ def blocks(kernel):
   (BLAS writes its output in one go), and reductions whose reduced axes are not all inside a
   block (a bias gradient summed over the batch)."""
   if kernel.kind not in ("elementwise", "reduce", "matmul") or (kernel.kind == "matmul" and kernel.ast is kernel.reduce): return None
-  shape = kernel.reduce.arg[1] if kernel.kind == "reduce" else kernel.shape
+  shape = kernel.reduce.arg.shape if kernel.kind == "reduce" else kernel.shape
   if prod(shape) < BLOCKED_FROM: return None
   inner, ax = 1, len(shape) - 1   # blocks split axis ax; the axes after it are whole in every block
   while inner * shape[ax] <= BLOCK: inner *= shape[ax]; ax -= 1
   if kernel.kind == "reduce":
-    if min(kernel.reduce.arg[0]) <= ax or tuple(kernel.shape[:ax + 1]) != tuple(shape[:ax + 1]): return None
+    if min(kernel.reduce.arg.axes) <= ax or tuple(kernel.shape[:ax + 1]) != tuple(shape[:ax + 1]): return None
   step = max(1, BLOCK // inner)
   return [tuple(slice(i, i + 1) for i in outer) + (slice(s, min(s + step, shape[ax])),)
           for outer in itertools.product(*[range(n) for n in shape[:ax]]) for s in range(0, shape[ax], step)]
 
 
-class NumpyDevice:
+class NumpyDevice(Device):
   name = "numpy"
-  runs_attention = True   # Tensor.scaled_dot_product_attention may make ATTENTION (and ATTENTION_BACKWARD) kernels for it
+  runs_attention = True   # one kernel each way (attention_functions, or attention.py without a compiler)
+  fuses_assigns = True    # an optimizer's updates of one weight as one C loop (cloops.render_fused)
 
   def alloc_from(self, arr):
     arr = np.ascontiguousarray(arr).reshape(-1)
@@ -180,19 +202,29 @@ class NumpyDevice:
   def copy_in(self, buf, arr):
     buf.data[...] = np.asarray(arr, dtype=buf.dtype.np).reshape(-1)
 
-  def free(self, buf): pass
-
   def is_writable(self, buf): return buf.data.flags.writeable
 
-  def synchronize_time(self, start): return time.perf_counter() - start
+  def __init__(self):
+    self._states = WeakIdMap()   # schedule.Kernel -> _KernelState
+
+  def _state(self, kernel):
+    state = self._states.get(kernel)
+    if state is None: state = self._states[kernel] = _KernelState()
+    return state
 
   def prepare(self, kernels):
     """Build the C loops of a schedule's kernels in one compiler run (cloops.py)."""
-    cloops.prepare(kernels, lambda k: [b.dtype for b in k.inputs])
+    self._prepare(kernels, lambda k: [b.dtype for b in k.inputs])
+
+  def _prepare(self, kernels, in_dtypes_of):
+    todo = [(k, state) for k in kernels for state in [self._state(k)] if state.loop is _UNPREPARED]
+    loops = cloops.prepare([k for k, _ in todo], in_dtypes_of)
+    if loops is not None:   # (None: no compiler; asked again next time)
+      for (_, state), loop in zip(todo, loops): state.loop = loop
 
   def fuse_assigns(self, kernels, in_maps, in_dtypes, targets):
     """A FusedAssigns that runs these in-place elementwise updates of one shape (consecutive
-    in a jit plan) as one compiled loop, or None where cloops.render_fused does not cover them
+    in a jit recording) as one compiled loop, or None where cloops.render_fused does not cover them
     or there is no compiler. in_maps, in_dtypes: see render_fused; targets: the buffers written."""
     def writable(b):   # a page on disk comes back as a fresh array
       return b.device is self and ((b.data is not None and b.data.flags.writeable) or is_paged(b))
@@ -203,21 +235,28 @@ class NumpyDevice:
     fn = cloops.compiler.get(name)
     if fn is None: return None
     fn.argtypes = [ctypes.c_void_p] * (len(in_dtypes) + 1) + [ctypes.c_long] * 2
-    return FusedAssigns(kernels, [m[k.assign_target] for k, m in zip(kernels, in_maps)], fn, outer)
+    return FusedAssigns(kernels, [m[k.assign_target] for k, m in zip(kernels, in_maps)], (fn, outer))
+
+  def run_fused(self, fused, ins):
+    (fn, outer), flats = fused.program, [b.data for b in ins]
+    parallel.call_in_parts(fn, flats[fused.targets[0]], [f.ctypes.data for f in flats], outer, fused.numel * len(flats))
+    return ins[fused.targets[0]]
 
   def run(self, kernel, ins, assign_out=None, rand_key=None):
-    if isinstance(kernel, FusedAssigns): return kernel.run(ins)
+    if isinstance(kernel, FusedAssigns): return self.run_fused(kernel, ins)
     flats = [b.data if b.device is self else b.device.to_numpy(b) for b in ins]   # a copy from another device
-    fn = kernel.__dict__.get("_c_fn")
-    if fn is None and kernel.kind in ("elementwise", "reduce", "matmul"):
-      if "_c_name" not in kernel.__dict__: cloops.prepare([kernel], lambda k: [b.dtype for b in ins])
-      if kernel.__dict__.get("_c_name") is not None:   # not set: no compiler
-        fn = kernel._c_fn = cloops.compiler.get(kernel._c_name)
-        if fn is not None: fn.argtypes = [ctypes.c_void_p] * (len(ins) + 1 + (kernel.kind == "matmul") + bool(kernel._c_chunks)) + [ctypes.c_long] * 2
-    if fn: return self.run_c(kernel, fn, flats, assign_out)
+    state = self._state(kernel)
+    fn = state.fn
+    if fn is None and kernel.kind in cloops.C_KINDS:
+      if state.loop is _UNPREPARED: self._prepare([kernel], lambda k: [b.dtype for b in ins])
+      loop = state.loop
+      if isinstance(loop, cloops.CLoop):
+        fn = state.fn = cloops.compiler.get(loop.name)
+        if fn is not None: fn.argtypes = [ctypes.c_void_p] * (len(ins) + 1 + (kernel.kind == "matmul") + bool(loop.chunks)) + [ctypes.c_long] * 2
+    if fn: return self.run_c(kernel, state, fn, flats, assign_out)
     if kernel.kind == "scatter_add" and assign_out is not None:   # onto its third operand's buffer, in place (jit._donated)
       if assign_out.data.flags.writeable:
-        g, idx = (view_array(flats[n.arg[0]], n.arg[1]) for n in kernel.ast.srcs[:2])
+        g, idx = (view_array(flats[n.arg.input], n.arg.view) for n in kernel.ast.srcs[:2])
         np.add.at(assign_out.data.reshape(kernel.shape), idx.reshape(-1), g.reshape(-1, kernel.shape[-1]))
         return assign_out
       assign_out = None   # a read-only buffer: onto a copy of it after all
@@ -227,17 +266,16 @@ class NumpyDevice:
         seed, counter = rand_key
         res = rand_uniform(prod(kernel.shape), seed, counter).reshape(kernel.shape)
       else:
-        cached = kernel.__dict__.get("_numpy_blocks")   # a replayed kernel runs every step: work it out once
-        if cached is None or cached[0] != (BLOCK, BLOCKED_FROM):
-          cached = kernel._numpy_blocks = (BLOCK, BLOCKED_FROM), blocks(kernel)
-        regions = cached[1]
+        if state.blocks is None or state.blocks[0] != (BLOCK, BLOCKED_FROM):   # (tests change them)
+          state.blocks = (BLOCK, BLOCKED_FROM), blocks(kernel)
+        regions = state.blocks[1]
         if regions is not None:
           if assign_out is not None and _reads_only_its_own_elements(kernel):   # write the blocks straight into the target
-            self.run_blocks(kernel, flats, regions, assign_out.data.reshape(kernel.shape))
+            self.run_blocks(kernel, state, flats, regions, assign_out.data.reshape(kernel.shape))
             return assign_out
-          res = self.run_blocks(kernel, flats, regions, np.empty(kernel.shape, kernel.dtype.np))
+          res = self.run_blocks(kernel, state, flats, regions, np.empty(kernel.shape, kernel.dtype.np))
         else:
-          res, _ = self.eval(kernel.ast, _Env(flats, kernel.shared), kernel.shape)
+          res, _ = self.eval(kernel.ast, _Env(flats, kernel.shared, state.per_node), kernel.shape)
     res = np.asarray(res)
     if res.dtype != kernel.dtype.np: res = res.astype(kernel.dtype.np)
     if res.shape != kernel.shape: res = np.broadcast_to(res, kernel.shape)
@@ -248,23 +286,23 @@ class NumpyDevice:
     # input: the output must own its memory, or an assign to it fails or writes the input
     return self.alloc_from(res if res.flags.writeable else res.copy())
 
-  def run_c(self, kernel, fn, flats, assign_out):
+  def run_c(self, kernel, state, fn, flats, assign_out):
     """Run a kernel's compiled loop; a matmul's product comes from BLAS first, and its
     epilogue is written over it (each element reads only its own product)."""
-    extra, out = [], None
+    extra, out, loop = [], None, state.loop
     if kernel.kind == "matmul":
-      mm = np.ascontiguousarray(self.matmul(kernel.reduce, flats, kernel.shape), dtype=np.float32).reshape(-1)
+      mm = np.ascontiguousarray(self.matmul(kernel.reduce, flats, kernel.shape, state.per_node), dtype=np.float32).reshape(-1)
       extra = [mm.ctypes.data]
       if kernel.dtype is dtypes.float32: out = mm
     in_place = assign_out is not None and _reads_only_its_own_elements(kernel)
     if in_place: out = assign_out.data
     elif out is None: out = np.empty(prod(kernel.shape), kernel.dtype.np)
     args = [f.ctypes.data for f in flats] + extra
-    if kernel._c_chunks:   # a reduction to one value: partial sums in parts, then added up in order
-      part = np.empty(2 * kernel._c_chunks, np.float64)
+    if loop.chunks:   # a reduction to one value: partial sums in parts, then added up in order
+      part = np.empty(2 * loop.chunks, np.float64)
       args.append(part.ctypes.data)
-    call_in_parts(fn, out, args, *kernel._c_split)
-    if kernel._c_chunks: fn(out.ctypes.data, *args, -1, 0)
+    parallel.call_in_parts(fn, out, args, loop.outer, loop.size)
+    if loop.chunks: fn(out.ctypes.data, *args, -1, 0)
     if in_place: return assign_out
     if assign_out is not None:
       assign_out.data[...] = out
@@ -275,33 +313,33 @@ class NumpyDevice:
     """An ATTENTION kernel's output (B, Hq, T, Dv), or an ATTENTION_BACKWARD kernel's gradients
     of q, k and v one after the other, flat: the compiled loops where there is a compiler, else
     NumPy, a block of queries at a time."""
-    arrays = [np.ascontiguousarray(view_array(flats[n.arg[0]], n.arg[1])) for n in kernel.ast.srcs]
+    arrays = [np.ascontiguousarray(view_array(flats[n.arg.input], n.arg.view)) for n in kernel.ast.srcs]
     q, k, v = arrays[:3]
     backward, (scale, causal, window) = kernel.kind == "attention_backward", kernel.ast.arg
     B, Hq, T, D = q.shape
     Hkv, S, Dv = k.shape[1], k.shape[2], v.shape[3]
-    fns = cloops.attention_functions()
+    fns = attention_functions()
     if fns is None:
       with np.errstate(all="ignore"):
         if not backward: return attention_numpy(q, k, v, scale, causal, window).reshape(-1)
         return np.concatenate([g.reshape(-1) for g in attention_backward_numpy(q, k, v, arrays[3], scale, causal, window)])
     out, failed = np.empty(prod(kernel.shape), np.float32), np.zeros(1, np.int32)
     # parts: blocks of queries forward; (batch, kv head) pairs backward, each owning its keys' gradients
-    units = B * Hkv if backward else B * Hq * -(-T // cloops.ATTENTION_ROWS)
-    call_in_parts(fns[backward], out, [a.ctypes.data for a in arrays] + [failed.ctypes.data, B, Hq, Hkv, T, S, D, Dv, scale, int(causal), window or 0],
+    units = B * Hkv if backward else B * Hq * -(-T // ATTENTION_ROWS)
+    parallel.call_in_parts(fns[backward], out, [a.ctypes.data for a in arrays] + [failed.ctypes.data, B, Hq, Hkv, T, S, D, Dv, scale, int(causal), window or 0],
                   units, B * Hq * T * max(S, 1))
     if failed[0]: raise MemoryError(f"attention {q.shape} x {k.shape}: no memory for the scratch of {S} keys")
     return out
 
-  def run_blocks(self, kernel, flats, regions, out):
+  def run_blocks(self, kernel, state, flats, regions, out):
     """Evaluate kernel block by block into out. Loads and BLAS matmuls are made once, whole;
     each block then slices them."""
     whole = {}
     for node in kernel._nodes():
-      if node.op is Op.BUFFER: whole[id(node)] = view_array(flats[node.arg[0]], node.arg[1], compact=True)
-      elif node.op is Op.SUM and node.arg[2]: whole[id(node)] = self.matmul(node, flats, kernel.shape)
+      if node.op is Op.BUFFER: whole[id(node)] = view_array(flats[node.arg.input], node.arg.view, compact=True)
+      elif node.op is Op.SUM and node.arg.matmul: whole[id(node)] = self.matmul(node, flats, kernel.shape, state.per_node)
     for region in regions:
-      res, _ = self.eval(kernel.ast, _Env(flats, kernel.shared, whole, region), _block_shape(kernel.shape, region))
+      res, _ = self.eval(kernel.ast, _Env(flats, kernel.shared, state.per_node, whole, region), _block_shape(kernel.shape, region))
       out[region] = res
     return out
 
@@ -318,7 +356,7 @@ class NumpyDevice:
     if env.whole is not None and id(node) in env.whole:   # made once for all blocks: this block's part
       return _take(env.whole[id(node)], env.region), False
     if op is Op.BUFFER:   # a masked view is made as a fresh array: the caller may write it
-      return view_array(env.flats[node.arg[0]], node.arg[1], compact=True), node.arg[1].mask is not None
+      return view_array(env.flats[node.arg.input], node.arg.view, compact=True), node.arg.view.mask is not None
     if op is Op.CONST:
       return node.dtype.np(node.arg), False
     if op in UNARY or op in (Op.ERF, Op.CAST):
@@ -329,15 +367,15 @@ class NumpyDevice:
       out = x if owned and isinstance(x, np.ndarray) else None
       return UNARY[op](x, out=out), True
     if op is Op.ADD and env.whole is None:
-      if node.plan is None:   # the padded load of x + pad(y), if any (False: none)
-        padded = [s for s in node.srcs if s.op is Op.BUFFER and s.arg[1].mask is not None and id(s) not in env.shared]
-        node.plan = padded[-1] if padded else False
-      padded = node.plan
-      if padded is not False:   # x + pad(y) (a cat is a sum of such): add y into x's box only, never write pad(y)'s zeros
+      if id(node) not in env.per_node:   # the padded load of x + pad(y), if any
+        padded = [s for s in node.srcs if s.op is Op.BUFFER and s.arg.view.mask is not None and id(s) not in env.shared]
+        env.per_node[id(node)] = padded[-1] if padded else None
+      padded = env.per_node[id(node)]
+      if padded is not None:   # x + pad(y) (a cat is a sum of such): add y into x's box only, never write pad(y)'s zeros
         other = node.srcs[0] if node.srcs[1] is padded else node.srcs[1]
         x, owned = self.eval(other, env, shape)
         if owned and isinstance(x, np.ndarray) and x.shape == tuple(shape) and x.dtype == node.dtype.np:
-          region, inner = masked_parts(env.flats[padded.arg[0]], padded.arg[1])
+          region, inner = masked_parts(env.flats[padded.arg.input], padded.arg.view)
           if region is not None: x[region] += inner
           return x, True
         y, _ = self.eval(padded, env, shape)
@@ -358,7 +396,7 @@ class NumpyDevice:
       return _where(c, x, y, node.dtype.np), True
     if op in (Op.SUM, Op.RMAX):
       axes, in_shape, is_matmul = node.arg
-      if is_matmul: return self.matmul(node, env.flats, shape), True
+      if is_matmul: return self.matmul(node, env.flats, shape, env.per_node), True
       if env.region is not None: in_shape = _block_shape(in_shape, env.region)
       x, _ = self.eval(node.srcs[0], env, in_shape)
       if np.shape(x) != tuple(in_shape): x = np.broadcast_to(x, in_shape)
@@ -368,7 +406,7 @@ class NumpyDevice:
       else:
         r = np.max(x, axis=axes, keepdims=True) if prod(in_shape) else np.full([1 if i in axes else s for i, s in enumerate(in_shape)], -np.inf, x.dtype)
       return np.asarray(r, dtype=node.dtype.np).reshape(shape), True
-    full = lambda load: view_array(env.flats[load.arg[0]], load.arg[1])   # operands of own kernels are loads
+    full = lambda load: view_array(env.flats[load.arg.input], load.arg.view)   # operands of own kernels are loads
     if op is Op.GATHER:
       table, idx = full(node.srcs[0]), full(node.srcs[1])
       if idx.size and (idx.min() < 0 or idx.max() >= table.shape[0]):
@@ -384,128 +422,24 @@ class NumpyDevice:
       return full(node.srcs[0]), False
     raise NotImplementedError(f"NumPy backend cannot run {op}")
 
-  def matmul(self, node, flats, shape):
+  def matmul(self, node, flats, shape, per_node):
     """sum(a * b) over k axes as one BLAS call: (batch, m, k) @ (batch, k, n)."""
     axes, in_shape, _ = node.arg
     if prod(in_shape) == 0: return np.zeros(shape, node.dtype.np)   # an empty dim (k == 0 sums to zeros)
     la, lb = node.srcs[0].srcs
-    if node.plan is None: node.plan = _matmul_plan(la.arg[1], lb.arg[1], axes, in_shape)
-    plan_a, plan_b, out_shape, out_order, swap = node.plan
-    a3 = _operand(view_array(flats[la.arg[0]], la.arg[1]), plan_a)
-    b3 = _operand(view_array(flats[lb.arg[0]], lb.arg[1]), plan_b)
+    layout = per_node.get(id(node))   # a decode step runs the same few hundred small matmuls every token
+    if layout is None: layout = per_node[id(node)] = _matmul_layout(la.arg.view, lb.arg.view, axes, in_shape)
+    layout_a, layout_b, out_shape, out_order, swap = layout
+    a3 = _operand(view_array(flats[la.arg.input], la.arg.view), layout_a)
+    b3 = _operand(view_array(flats[lb.arg.input], lb.arg.view), layout_b)
     out = np.matmul(b3.swapaxes(-1, -2), a3.swapaxes(-1, -2)) if swap else np.matmul(a3, b3)
     out = out.reshape(out_shape).transpose(out_order)
     return out.astype(node.dtype.np, copy=False).reshape(shape)
 
 
-class FusedAssigns:
-  """Kernels that update buffers in place (assign), run as one compiled loop over their
-  shared inputs (NumpyDevice.fuse_assigns); targets: the shared inputs they write."""
-  kind, assign_target, ast = "fused_assigns", 0, None
-
-  def __init__(self, kernels, targets, fn, outer):
-    self.kernels, self.targets, self.fn, self.outer = kernels, targets, fn, outer   # outer: the range of its outermost loop
-    self.device, self.shape, self.dtype = kernels[0].device, tuple(kernels[0].shape), kernels[0].dtype
-    self.name = "fused_" + "_".join(k.name for k in kernels)
-
-  def run(self, ins):
-    flats = [b.data for b in ins]
-    call_in_parts(self.fn, flats[self.targets[0]], [f.ctypes.data for f in flats], self.outer, prod(self.shape) * len(flats))
-    return ins[self.targets[0]]
-
-
-# ---- compiled loops on every core
-
-PARTS_FROM = 1 << 17   # elements a kernel reads or writes per part at least: handing out a part costs ~20-60 us
-_pool, _pool_size = None, 0   # worker threads, made on first use
-_CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-if hasattr(os, "register_at_fork"):   # a forked child has none of the threads (no fork on Windows)
-  os.register_at_fork(after_in_child=lambda: globals().update(_pool=None, _pool_size=0))
-
-
-def thread_count():
-  """Cores the compiled loops use: $MINIFT_THREADS, else every core this process may run on."""
-  env = os.environ.get("MINIFT_THREADS")
-  if env is None: return _CORES
-  if not env.isdigit() or int(env) < 1: raise ValueError(f"MINIFT_THREADS={env!r}: expected a whole number of threads >= 1")
-  return int(env)
-
-
-def call_in_parts(fn, out, args, outer, work):
-  """A compiled loop fn(out, *args, lo, hi) over [0, outer) of its outermost loop, cut into one
-  part per thread when there is enough work (`work` elements read or written). ctypes lets go
-  of the GIL while C runs, so the parts run at once. Each output element is computed the same
-  way in any part, so the result does not depend on the thread count."""
-  global _pool, _pool_size
-  args = (out.ctypes.data, *args)
-  parts = min(thread_count(), outer, work // PARTS_FROM)
-  if parts <= 1: return fn(*args, 0, outer)
-  if _pool_size < parts - 1:   # more threads asked for ($MINIFT_THREADS raised): a bigger pool
-    if _pool is not None: _pool.shutdown(wait=False)
-    _pool, _pool_size = ThreadPoolExecutor(parts - 1, thread_name_prefix="minift-loops"), parts - 1
-  cuts = [outer * i // parts for i in range(parts + 1)]
-  others = [_pool.submit(fn, *args, lo, hi) for lo, hi in zip(cuts[1:-1], cuts[2:])]
-  fn(*args, cuts[0], cuts[1])
-  interrupted = None
-  for f in others:
-    while True:
-      try:
-        f.result()
-        break
-      except KeyboardInterrupt as e:   # the part still writes into out: returning now would free it under the thread
-        interrupted = e
-  if interrupted is not None: raise interrupted
-
-
-def _attention_blocks(q, k, scale, causal, window, rows):
-  """(queries i0:i1, q * scale grouped (B, Hkv, G, rows, D), softmax (B, Hkv, G, rows, S)) of
-  each block of `rows` queries, for q (B, Hq, T, D) and k (B, Hkv, S, D)."""
-  B, Hq, T, D = q.shape
-  Hkv, S = k.shape[1], k.shape[2]
-  qg = q.reshape(B, Hkv, Hq // Hkv, T, D) * np.float32(scale)
-  kt, keys = k.reshape(B, Hkv, 1, S, D).swapaxes(-1, -2), np.arange(S)
-  for i0 in range(0, T, rows):
-    i1 = min(T, i0 + rows)
-    aligned = np.arange(i0, i1)[:, None] + (S - T)   # query i sees keys up to i + S - T
-    allowed = keys <= aligned if causal else np.ones((i1 - i0, S), bool)
-    if window: allowed &= keys > aligned - window
-    scores = np.where(allowed, qg[:, :, :, i0:i1] @ kt, np.float32(-np.inf))
-    e = np.exp(scores - scores.max(-1, keepdims=True))
-    yield i0, i1, qg[:, :, :, i0:i1], e / e.sum(-1, keepdims=True)
-
-
-def attention_numpy(q, k, v, scale, causal, window, rows=128):
-  """What the compiled attention loop computes, in NumPy: softmax(q k^T * scale, masked) v for q
-  (B, Hq, T, D), k (B, Hkv, S, D), v (B, Hkv, S, Dv), `rows` queries at a time (the (T, S) scores
-  of a long sequence would not fit in memory at once)."""
-  B, Hq, T, _ = q.shape
-  Hkv, S, Dv = k.shape[1], k.shape[2], v.shape[3]
-  vg, out = v.reshape(B, Hkv, 1, S, Dv), np.empty((B, Hkv, Hq // Hkv, T, Dv), np.float32)
-  for i0, i1, _, p in _attention_blocks(q, k, scale, causal, window, rows): out[:, :, :, i0:i1] = p @ vg
-  return out.reshape(B, Hq, T, Dv)
-
-
-def attention_backward_numpy(q, k, v, dout, scale, causal, window, rows=128):
-  """The gradients (dq, dk, dv) of attention_numpy's output for dout (B, Hq, T, Dv)."""
-  B, Hq, T, D = q.shape
-  Hkv, S, Dv = k.shape[1], k.shape[2], v.shape[3]
-  G = Hq // Hkv
-  kg, vg, dog = k.reshape(B, Hkv, 1, S, D), v.reshape(B, Hkv, 1, S, Dv), dout.reshape(B, Hkv, G, T, Dv)
-  dq, dk, dv = np.empty((B, Hkv, G, T, D), np.float32), np.zeros((B, Hkv, S, D), np.float32), np.zeros((B, Hkv, S, Dv), np.float32)
-  for i0, i1, qs, p in _attention_blocks(q, k, scale, causal, window, rows):
-    do = dog[:, :, :, i0:i1]
-    dp = do @ vg.swapaxes(-1, -2)
-    ds = p * (dp - (p * dp).sum(-1, keepdims=True))
-    dq[:, :, :, i0:i1] = (ds @ kg) * np.float32(scale)
-    dk += (ds.swapaxes(-1, -2) @ qs).sum(2)
-    dv += (p.swapaxes(-1, -2) @ do).sum(2)
-  return dq.reshape(B, Hq, T, D), dk, dv
-
-
-def _matmul_plan(va, vb, axes, in_shape):
+def _matmul_layout(va, vb, axes, in_shape):
   """How to lay out a matmul's operands as (*batch, rows, cols) arrays and its (*batch, m, n)
-  result back in the kernel's axis order; kept on the SUM node (a decode step runs the same few
-  hundred small matmuls every token). Batch axes stay separate: merging them (attention's batch
+  result back in the kernel's axis order. Batch axes stay separate: merging them (attention's batch
   and heads) would copy an operand whose heads are interleaved in memory. swap: the kernel
   wants n before m (a weight gradient x^T @ dy written as (in, out)): compute b^T @ a^T, which
   BLAS writes in that order, instead of a transposed result that would then be copied."""
@@ -523,8 +457,8 @@ def _matmul_plan(va, vb, axes, in_shape):
           tuple(in_shape[i] for i in order), tuple(order.index(i) for i in sorted(order)), swap)
 
 
-def _operand(x, plan):
-  index, order, shape = plan
+def _operand(x, layout):
+  index, order, shape = layout
   x = x[index].transpose(order).reshape(shape)
   return x.astype(np.float32) if x.dtype == np.float16 else x
 
@@ -533,4 +467,4 @@ def _reads_only_its_own_elements(kernel):
   """True when an assign kernel reads its target only at the element it writes, so blocks can
   be written straight into the target (a shifted or transposed read would see new values)."""
   own = View.contiguous(kernel.shape)
-  return all(n.arg[1] == own for n in kernel._nodes() if n.op is Op.BUFFER and n.arg[0] == kernel.assign_target)
+  return all(n.arg.view == own for n in kernel._nodes() if n.op is Op.BUFFER and n.arg.input == kernel.assign_target)

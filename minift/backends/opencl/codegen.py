@@ -1,4 +1,6 @@
-"""Render scheduled kernels (schedule.Kernel) to OpenCL C source.
+"""Render scheduled kernels (schedule.Kernel) to OpenCL C source: the OpenCL C dialect of the
+C-style languages (codegen/cstyle.py) and the kernel kinds' structure (one work-item per output;
+a work-group per output for long reductions; the matmul of kernels/matmul.cl).
 
 Every kernel takes (out, data0, ..., dataN-1), the inputs in the order the schedule gave them,
 plus a few extra arguments for some kinds (rand: key and counter; gather and scatter-add: an
@@ -13,33 +15,26 @@ reduce; b, i, j, k over the batch, m, n and k axes of a matmul). Axes that merge
 stride cost one multiply, whatever their number; masked axes (pads) add a bounds check.
 """
 from dataclasses import dataclass, field
-from pathlib import Path
 import numpy as np
+from minift.codegen.cstyle import CStyleLanguage
 from minift.dtype import dtypes
+from minift.helpers import prod, read_kernel
 from minift.lazy import Op
 from minift.schedule import matmul_axes
-from minift.helpers import prod
 from minift.view import View
 
-# the hand kernels: kernels/ of a checkout, or minift/kernels of an installed package (setup.cfg)
-KERNEL_DIR = next((d for d in (Path(__file__).resolve().parent.parent / "kernels", Path(__file__).resolve().parent / "kernels")
-                   if (d / "matmul.cl").exists()), Path(__file__).resolve().parent.parent / "kernels")
 
-CTYPE = {"bool": "bool", "int32": "int", "int64": "long", "float16": "float", "float32": "float"}   # arithmetic
-STYPE = {"bool": "uchar", "int32": "int", "int64": "long", "float16": "half", "float32": "float"}   # storage
-ZERO = {"bool": "0", "int32": "0", "int64": "0L", "float16": "0.0f", "float32": "0.0f"}
-
-PRELUDE = r"""// minift generated kernel
-// float16 is stored as half but computed in float: round to half after each op, as NumPy does
+class OpenCLLanguage(CStyleLanguage):
+  """The OpenCL C dialect: half stored as half and moved with vload_half/vstore_half (no
+  cl_khr_fp16 needed), bool stored as uchar; integer division and power through helpers."""
+  prelude_head = "// minift generated kernel\n"
+  prelude_math = r"""// float16 is stored as half but computed in float: round to half after each op, as NumPy does
 float round_half(float x) { ushort h; vstore_half(x, 0, (__private half*)&h); return vload_half(0, (__private const half*)&h); }
 // tanh rounds to +-1 in float beyond |x| = 13 ln 2; some drivers stop one ulp short, and
 // gradients such as 1 - tanh(x)^2 then differ from NumPy's (and torch's) exact zero
 float tanh_f(float x) { return fabs(x) > 9.0109f ? copysign(1.0f, x) : tanh(x); }
-// exp(-x) overflows to inf for x << 0, and 1/inf is the exact 0 NumPy gives too
-float sigmoid_f(float x) { return 1.0f / (1.0f + exp(-x)); }
-// NumPy's maximum propagates NaN; OpenCL's fmax does not
-float max_f(float a, float b) { return (a > b || a != a) ? a : b; }
-// integer division and power without undefined behaviour (x86 traps on a division by zero)
+"""
+  prelude_int = r"""// integer division and power without undefined behaviour (x86 traps on a division by zero)
 int div_i(int a, int b) { return b == 0 ? 0 : (b == -1 ? -a : a / b); }
 long div_l(long a, long b) { return b == 0 ? 0 : (b == -1 ? -a : a / b); }
 long pow_l(long a, long b) {
@@ -50,10 +45,17 @@ long pow_l(long a, long b) {
 }
 """
 
-# ops whose float16 result must be rounded to half (the others are exact on half inputs)
-ROUNDED = {Op.EXP, Op.LOG, Op.SQRT, Op.RECIP, Op.TANH, Op.SIN, Op.SIGMOID, Op.ERF, Op.CAST, Op.ADD, Op.SUB, Op.MUL, Op.DIV, Op.POW}
-MATH_FN = {Op.EXP: "exp", Op.LOG: "log", Op.SQRT: "sqrt", Op.TANH: "tanh_f", Op.SIN: "sin", Op.SIGMOID: "sigmoid_f", Op.ERF: "erf"}
-INFIX = {Op.ADD: "+", Op.SUB: "-", Op.MUL: "*", Op.CMPLT: "<", Op.CMPEQ: "=="}
+  def read(self, buf, index, dtype):
+    return f"vload_half({index}, {buf})" if dtype is dtypes.float16 else super().read(buf, index, dtype)
+
+  def write(self, buf, index, value, dtype):
+    if dtype is dtypes.float16: return f"vstore_half({value}, {index}, {buf});"
+    if dtype is dtypes.bool: return f"{buf}[{index}] = (uchar)({value});"
+    return super().write(buf, index, value, dtype)
+
+
+PRELUDE = OpenCLLanguage.prelude()
+STYPE = OpenCLLanguage.storage_types
 
 
 @dataclass
@@ -65,21 +67,6 @@ class Rendered:
   local_size: tuple
   extra_args: tuple = ()      # after (out, data...): "err" (int flag buffer), "key", "counter" (uint)
   notes: dict = field(default_factory=dict)
-
-
-def literal(value, dtype):
-  """An OpenCL C literal of `value` as `dtype` computes (negative values parenthesised)."""
-  if dtype is dtypes.bool: return "1" if value else "0"
-  if dtype is dtypes.int32:
-    value = int(np.int32(value))
-    return "(-2147483647-1)" if value == -2**31 else (f"({value})" if value < 0 else str(value))
-  if dtype is dtypes.int64:
-    value = int(value)
-    return "(-9223372036854775807L-1L)" if value == -2**63 else (f"({value}L)" if value < 0 else f"{value}L")
-  v = float(np.float16(value)) if dtype is dtypes.float16 else float(np.float32(value))
-  if v != v: return "NAN"
-  if v in (float("inf"), float("-inf")): return "INFINITY" if v > 0 else "(-INFINITY)"
-  return f"({v!r}f)" if v < 0 or (v == 0 and np.signbit(v)) else f"{v!r}f"
 
 
 def _coord(var, inner, size, outermost):
@@ -119,90 +106,29 @@ def view_index(view, groups):
   return " + ".join(terms) or "0", " && ".join(conds) or None
 
 
-def store(dtype, index, value, buf="out"):
-  if dtype is dtypes.float16: return f"vstore_half({value}, {index}, {buf});"
-  if dtype is dtypes.bool: return f"{buf}[{index}] = (uchar)({value});"
-  return f"{buf}[{index}] = {value};"
-
-
-def load(dtype, buf, index):
-  if dtype is dtypes.float16: return f"vload_half({index}, {buf})"
-  if dtype is dtypes.bool: return f"({buf}[{index}]!=0)"
-  return f"{buf}[{index}]"
-
-
-class Renderer:
-  """Expressions for KNodes. Nodes the AST uses more than once (kernel.shared) become variables,
-  emitted once into the current list of lines; the rest are inlined. vector: the expressions
-  are float4s of four neighbouring elements along the last axis (see vector_width)."""
+class Renderer(OpenCLLanguage):
+  """Expressions of one kernel at the coordinates `groups` names (see view_index). vector: the
+  expressions are float4s of four neighbouring elements along the last axis (see vector_width)."""
 
   def __init__(self, kernel, in_dtypes, vector=False):
-    self.kernel, self.in_dtypes, self.shared, self.vector = kernel, in_dtypes, kernel.shared, vector
-    self.names, self.lines, self.count = {}, [], 0
+    super().__init__(kernel, in_dtypes)
+    self.vector = vector
 
-  def value(self, node, groups):
-    name = self.names.get(id(node))
-    if name is not None: return name
-    code = self._value(node, groups)
-    if id(node) not in self.shared: return code
-    name = f"v{self.count}"
-    self.count += 1
-    self.lines.append(f"float4 {name} = (float4)({code});" if self.vector else f"{CTYPE[node.dtype.name]} {name} = {code};")
-    self.names[id(node)] = name
-    return name
+  def declare(self, name, dtype, code):
+    return f"float4 {name} = (float4)({code});" if self.vector else super().declare(name, dtype, code)
 
   def load(self, node, groups):
     i, view = node.arg
     dtype = self.in_dtypes[i]
     index, cond = view_index(view, groups)
-    if cond == "0": return ZERO[dtype.name]
+    if cond == "0": return self.literal(0, dtype)
     if self.vector:   # four neighbours along the last axis: one vector load when they are adjacent
       stride = view.strides[-1]
       code = f"vload4(0, data{i} + {index})" if stride == 1 else f"data{i}[{index}]" if stride == 0 else \
              "(float4)(" + ", ".join(f"data{i}[{index} + {u * stride}]" for u in range(4)) + ")"
-    else: code = load(dtype, f"data{i}", index)
-    zero = "(float4)(0.0f)" if self.vector else ZERO[dtype.name]   # both arms of ?: one type
+    else: code = self.read(f"data{i}", index, dtype)
+    zero = "(float4)(0.0f)" if self.vector else self.literal(0, dtype)   # both arms of ?: one type
     return f"({cond}?{code}:{zero})" if cond else code
-
-  def _value(self, node, groups):
-    op = node.op
-    if op is Op.BUFFER: return self.load(node, groups)
-    if op is Op.CONST: return literal(node.arg, node.dtype)
-    if op is Op.COPY: return self.value(node.srcs[0], groups)
-    if op in (Op.SUM, Op.RMAX, Op.GATHER, Op.SCATTER_ADD, Op.RAND):
-      raise NotImplementedError(f"OpenCL codegen: {op.name} cannot be inlined in an expression")
-    srcs = [self.value(s, groups) for s in node.srcs]
-    code = self.alu(op, node, srcs)
-    if node.dtype is dtypes.float16 and op in ROUNDED and not (op is Op.CAST and node.srcs[0].dtype is dtypes.float16):
-      code = f"round_half({code})"
-    return code
-
-  @staticmethod
-  def alu(op, node, srcs):
-    out, src = node.dtype, node.srcs[0].dtype
-    a = srcs[0]
-    if op in MATH_FN: return f"{MATH_FN[op]}({a})"
-    if op is Op.NEG: return f"(!{a})" if out is dtypes.bool else f"(-{a})"
-    if op is Op.RECIP:
-      if out.is_float: return f"(1.0f/{a})"
-      return f"div_l(1L, {a})" if out is dtypes.int64 else f"div_i(1, {a})"
-    if op is Op.CAST:
-      to = node.arg
-      if to is dtypes.bool: return f"({a}!=0)"
-      return f"(({CTYPE[to.name]}){a})" if CTYPE[to.name] != CTYPE[src.name] else a
-    b = srcs[1] if len(srcs) > 1 else None
-    if out is dtypes.bool and op in (Op.ADD, Op.MUL, Op.MAX):   # NumPy: + is or, * is and
-      return f"({a}&&{b})" if op is Op.MUL else f"({a}||{b})"
-    if op in INFIX: return f"({a}{INFIX[op]}{b})"
-    if op is Op.DIV:
-      if out.is_float: return f"({a}/{b})"
-      return f"div_l({a}, {b})" if out is dtypes.int64 else f"div_i({a}, {b})"
-    if op is Op.MAX: return f"max_f({a}, {b})" if out.is_float else f"max({a}, {b})"
-    if op is Op.POW:
-      if out.is_float: return f"pow({a}, {b})"
-      return f"pow_l({a}, {b})" if out is dtypes.int64 else f"((int)pow_l({a}, {b}))"
-    if op is Op.WHERE: return f"({a}?{b}:{srcs[2]})"
-    raise NotImplementedError(f"OpenCL codegen: no rendering for {op.name}")
 
 
 # ---- kernel kinds
@@ -210,7 +136,7 @@ class Renderer:
 def index_type(kernel, in_sizes):
   """int indices unless some buffer or loop is too big for them."""
   sizes = [prod(kernel.shape)] + list(in_sizes)
-  if kernel.reduce is not None: sizes.append(prod(kernel.reduce.arg[1]))
+  if kernel.reduce is not None: sizes.append(prod(kernel.reduce.arg.shape))
   return "long" if max(sizes) >= 2**31 - 1 else "int"
 
 
@@ -256,8 +182,8 @@ def vector_width(kernel, in_dtypes):
   if kernel.dtype is not dtypes.float32 or not kernel.shape or kernel.shape[-1] % 4 or prod(kernel.shape) == 0: return 1
   for node in kernel._nodes():
     if node.op not in VECTOR_OPS or node.dtype is not dtypes.float32: return 1
-    if node.op is Op.BUFFER and (in_dtypes[node.arg[0]] is not dtypes.float32 or
-                                 (node.arg[1].mask is not None and node.arg[1].mask[-1] != (0, kernel.shape[-1]))): return 1
+    if node.op is Op.BUFFER and (in_dtypes[node.arg.input] is not dtypes.float32 or
+                                 (node.arg.view.mask is not None and node.arg.view.mask[-1] != (0, kernel.shape[-1]))): return 1
   return 4
 
 
@@ -270,7 +196,7 @@ def render_elementwise(kernel, in_dtypes, idx, max_local):
   if width == 4:   # gid is the first of four neighbours
     body = [f"{idx} gid = ({idx})get_global_id(0) * 4;", f"if (gid >= {n}) return;"] + r.lines + [f"vstore4((float4)({value}), 0, out + gid);"]
   else:
-    body = [f"{idx} gid = get_global_id(0);", f"if (gid >= {n}) return;"] + r.lines + [store(kernel.dtype, "gid", value)]
+    body = [f"{idx} gid = get_global_id(0);", f"if (gid >= {n}) return;"] + r.lines + [r.write("out", "gid", value, kernel.dtype)]
   src = PRELUDE + signature(name, kernel, in_dtypes) + " {\n  " + "\n  ".join(body) + "\n}\n"
   return Rendered(name, src, *_launch_1d(n // width, max_local), notes={"vector": width})
 
@@ -298,7 +224,7 @@ def render_reduce(kernel, in_dtypes, idx, caps, max_local):
   axes, in_shape, _ = red.arg
   out_numel, red_numel = prod(kernel.shape), prod(in_shape[a] for a in axes)
   kept = tuple(a for a in range(len(in_shape)) if a not in axes)
-  acc_t = "int" if red.dtype is dtypes.bool else CTYPE[red.dtype.name]
+  acc_t = "int" if red.dtype is dtypes.bool else OpenCLLanguage.arith_types[red.dtype.name]
   init = "0" if acc_t == "int" and red.dtype is dtypes.bool else REDUCE_INIT[red.op][acc_t]
   grouped = grouped_reduce(out_numel, red_numel, caps)
   local = min(_pow2_floor(max_local), 256) if grouped else None
@@ -309,10 +235,10 @@ def render_reduce(kernel, in_dtypes, idx, caps, max_local):
   red_value = {"float": "acc", "int": "acc", "long": "acc"}[acc_t]
   if red.dtype is dtypes.float16: red_value = "round_half(acc)"
   if red.dtype is dtypes.bool: red_value = "(acc!=0)"
-  r.lines.append(f"{CTYPE[red.dtype.name]} red = {red_value};")
+  r.lines.append(r.declare("red", red.dtype, red_value))
   r.names[id(red)] = "red"
   value = r.value(kernel.ast, [("gid", tuple(range(len(kernel.shape))))])
-  epilogue = r.lines + [store(kernel.dtype, "gid", value)]
+  epilogue = r.lines + [r.write("out", "gid", value, kernel.dtype)]
   update = f"acc = {_combine(red.op, acc_t, 'acc', x)};"
   loop = "\n    ".join(loop_lines + [update])
 
@@ -338,15 +264,15 @@ def render_reduce(kernel, in_dtypes, idx, caps, max_local):
 def render_gather(kernel, in_dtypes, idx, max_local):
   """out[n, c] = table[index[n], c]; an index out of range sets the error flag."""
   table, index = kernel.ast.srcs
-  rows, cols = table.arg[1].shape
+  rows, cols = table.arg.view.shape
   n = prod(kernel.shape)
   r = Renderer(kernel, in_dtypes)
-  ix = r.load(index, [("row", tuple(range(len(index.arg[1].shape))))])
+  ix = r.load(index, [("row", tuple(range(len(index.arg.view.shape))))])
   value = r.load(table, [("ix", (0,)), ("col", (1,))])
   body = [f"{idx} gid = get_global_id(0);", f"if (gid >= {n}) return;",
           f"{idx} row = gid / {cols}, col = gid % {cols};", f"long ix_in = (long){ix};",
-          f"if (ix_in < 0 || ix_in >= {rows}) {{ err[0] = 1; {store(kernel.dtype, 'gid', ZERO[kernel.dtype.name])} return; }}",
-          f"{idx} ix = ({idx})ix_in;", store(kernel.dtype, "gid", value)]
+          f"if (ix_in < 0 || ix_in >= {rows}) {{ err[0] = 1; {r.write('out', 'gid', r.literal(0, kernel.dtype), kernel.dtype)} return; }}",
+          f"{idx} ix = ({idx})ix_in;", r.write("out", "gid", value, kernel.dtype)]
   src = PRELUDE + signature(kernel.name, kernel, in_dtypes, ["__global int* err"]) + " {\n  " + "\n  ".join(body) + "\n}\n"
   return Rendered(kernel.name, src, *_launch_1d(n, max_local), extra_args=("err",))
 
@@ -359,14 +285,14 @@ def render_scatter_add(kernel, in_dtypes, idx, max_local):
   fill = {"zero_fill": True}
   if len(kernel.ast.srcs) == 3:
     onto = kernel.ast.srcs[2]
-    if onto.op is not Op.BUFFER or onto.arg[1] != View.contiguous(kernel.shape):
+    if onto.op is not Op.BUFFER or onto.arg.view != View.contiguous(kernel.shape):
       raise NotImplementedError("OpenCL codegen: a scatter-add onto anything but a whole buffer")
-    fill = {"fill_from": onto.arg[0]}
+    fill = {"fill_from": onto.arg.input}
   rows, cols = kernel.shape
-  nidx = prod(index.arg[1].shape)
-  gnd = len(grad.arg[1].shape)
+  nidx = prod(index.arg.view.shape)
+  gnd = len(grad.arg.view.shape)
   r = Renderer(kernel, in_dtypes)
-  ix = r.load(index, [("n", tuple(range(len(index.arg[1].shape))))])
+  ix = r.load(index, [("n", tuple(range(len(index.arg.view.shape))))])
   g = r.load(grad, [("n", tuple(range(gnd - 1))), ("col", (gnd - 1,))])
   dt = kernel.dtype
   body = [f"{idx} col = get_global_id(0);", f"if (col >= {cols}) return;",
@@ -374,14 +300,14 @@ def render_scatter_add(kernel, in_dtypes, idx, max_local):
           f"  long ix = (long){ix};",
           f"  if (ix < 0 || ix >= {rows}) {{ err[0] = 1; continue; }}",
           f"  {idx} o = ({idx})ix * {cols} + col;",
-          "  " + store(dt, "o", (f"round_half({load(dt, 'out', 'o')} + {g})" if dt is dtypes.float16 else f"{load(dt, 'out', 'o')} + {g}")),
+          "  " + r.write("out", "o", r.round_half(f"{r.read('out', 'o', dt)} + {g}") if dt is dtypes.float16 else f"{r.read('out', 'o', dt)} + {g}", dt),
           "}"]
   src = PRELUDE + signature(kernel.name, kernel, in_dtypes, ["__global int* err"]) + " {\n  " + "\n  ".join(body) + "\n}\n"
   return Rendered(kernel.name, src, *_launch_1d(cols, max_local), extra_args=("err",), notes=fill)
 
 
 def render_rand(kernel, idx, max_local):
-  """backend_numpy.rand_uniform, bit for bit: murmur3's finalizer over the counter."""
+  """backends/numpy/device.rand_uniform, bit for bit: murmur3's finalizer over the counter."""
   n = prod(kernel.shape)
   body = [f"{idx} gid = get_global_id(0);", f"if (gid >= {n}) return;",
           "uint x = (uint)gid + counter;", "x = (x * 0x9E3779B9u) ^ key;",
@@ -422,7 +348,7 @@ def matmul_shape(kernel):
   """(batch, m, n, k) axis groups and (batch, M, N, K) sizes of a matmul kernel."""
   axes, in_shape, _ = kernel.reduce.arg
   la, lb = kernel.reduce.srcs[0].srcs
-  groups = matmul_axes(la.arg[1], lb.arg[1], axes)
+  groups = matmul_axes(la.arg.view, lb.arg.view, axes)
   return groups, tuple(prod(in_shape[a] for a in g) for g in groups)
 
 
@@ -458,7 +384,7 @@ def matmul_macros(kernel, in_dtypes, idx):
   data_params = "".join(f", __global const {STYPE[d.name]}* data{i}" for i, d in enumerate(in_dtypes))
   data_names = "".join(f", data{i}" for i in range(len(in_dtypes)))
   epilogue = (f"void mm_store(float acc, {idx} gid, __global {STYPE[kernel.dtype.name]}* out{data_params}) {{\n"
-              f"  float red = {red};\n  " + "\n  ".join(r.lines + [store(kernel.dtype, "gid", value)]) + "\n}\n")
+              f"  float red = {red};\n  " + "\n  ".join(r.lines + [r.write("out", "gid", value, kernel.dtype)]) + "\n}\n")
   defines = {"MM_M": mm, "MM_N": nn, "MM_K": kk, "MM_BATCH": nb, "IDX": idx,
              "OUT_T": STYPE[kernel.dtype.name], "MM_ARGS": data_params,
              "MM_STORE(acc, b, i, j)": f"mm_store(acc, {oidx}, out{data_names})"}
@@ -474,14 +400,14 @@ def render_matmul(kernel, in_dtypes, idx, config, image=False):
   defines, epilogue = matmul_macros(kernel, in_dtypes, idx)
   r = Renderer(kernel, in_dtypes)
   defines["A_AT(b, i, k)"] = r.load(la, [("(b)", batch), ("(i)", m), ("(k)", k)])
-  defines["A_K_FAST"] = int(_fastest(la.arg[1], k) or not _fastest(la.arg[1], m))
+  defines["A_K_FAST"] = int(_fastest(la.arg.view, k) or not _fastest(la.arg.view, m))
   if not image:
     defines["B_AT(b, k, j)"] = r.load(lb, [("(b)", batch), ("(k)", k), ("(j)", n)])
-    defines["B_N_FAST"] = int(_fastest(lb.arg[1], n) or not _fastest(lb.arg[1], k))
+    defines["B_N_FAST"] = int(_fastest(lb.arg.view, n) or not _fastest(lb.arg.view, k))
   name = kernel.name + ("_image" if image else "")
   defines.update({"MM_NAME": name, "BM": config.bm, "BN": config.bn, "BK": config.bk, "TM": config.tm, "TN": config.tn})
   src = PRELUDE + "".join(f"#define {k_} {v}\n" for k_, v in defines.items()) + epilogue
-  src += (KERNEL_DIR / ("matmul_image.cl" if image else "matmul.cl")).read_text()
+  src += read_kernel("matmul_image.cl" if image else "matmul.cl")
   tx, ty = config.bn // config.tn, config.bm // config.tm
   gsize = (_round_up(nn, config.bn) // config.bn * tx, _round_up(mm, config.bm) // config.bm * ty, nb)
   return Rendered(name, src, gsize, (tx, ty, 1), extra_args=("image",) if image else (), notes={"config": config})
@@ -511,8 +437,8 @@ def assign_in_place_ok(kernel):
 
   def walk(node, in_reduce):
     if node.op is Op.BUFFER:
-      if node.arg[0] != target: return True
-      view = node.arg[1]
+      if node.arg.input != target: return True
+      view = node.arg.view
       return not in_reduce and view.is_contiguous() and prod(view.shape) == prod(out_shape)
     inner = in_reduce or node.op in (Op.SUM, Op.RMAX, Op.GATHER, Op.SCATTER_ADD)
     return all(walk(s, inner) for s in node.srcs)

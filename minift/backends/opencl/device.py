@@ -1,12 +1,12 @@
 """The OpenCL backend: runs the scheduler's kernels on an OpenCL device (phone GPUs; PoCL in CI).
 
-Each kernel is rendered to OpenCL C (codegen_opencl.py; matmuls use kernels/matmul.cl),
+Each kernel is rendered to OpenCL C (codegen.py; matmuls use kernels/matmul.cl),
 built once per process and once per machine (program binaries cached on disk), and launched on
 one in-order queue. Buffers are cl.Buffers, recycled through a freed-buffer cache keyed by size.
 
 Environment: MINIFT_CL_DEVICE picks the device ("platform:device" indices or a name substring;
 GPUs before CPUs by default); the binary cache is ~/.cache/minift/cl ($MINIFT_CACHE_DIR/cl).
-Any failure here (no pyopencl, no platform, a failed self-check) makes device.py fall back to
+Any failure here (no pyopencl, no platform, a failed self-check) makes the registry (runtime/device.py) fall back to
 NumPy with one warning.
 """
 import hashlib, os, re, time, weakref
@@ -14,13 +14,14 @@ from dataclasses import dataclass, asdict
 from pathlib import Path
 import numpy as np
 import pyopencl as cl
-from minift.device import Buffer, log
 from minift.dtype import dtypes
-from minift.helpers import DEBUG, prod, prune_cache, touch_cache
+from minift.helpers import DEBUG, KERNEL_DIR, log, prod, prune_cache, touch_cache
 from minift.lazy import LazyOp, Op
-from minift.schedule import Kernel, KNode
+from minift.runtime.buffer import Buffer
+from minift.runtime.device import Device
+from minift.schedule import Kernel, KNode, LoadArg
 from minift.view import View
-from minift import codegen_opencl as cg
+from minift.backends.opencl import codegen as cg
 
 BUILD_OPTIONS = ""   # no fast-math: results must match the NumPy backend
 
@@ -124,18 +125,22 @@ def default_cache_dir():
   return Path(env) / "cl" if env else Path.home() / ".cache" / "minift" / "cl"
 
 
-class _Plan:
+_UNTRIED = object()   # _Launch.image_launch before the image variant was tried
+
+
+class _Launch:
   """A built kernel and how to launch it. image_weight: (input index, N, K) when a matmul could
-  read its B operand from an image2d; image_plan: that variant, built on first use."""
-  __slots__ = ("clk", "rendered", "global_size", "local_size", "in_place_ok", "image_weight", "image_plan")
+  read its B operand from an image2d; image_launch: that variant (built on first use; None when
+  no tile of it fits)."""
+  __slots__ = ("clk", "rendered", "global_size", "local_size", "in_place_ok", "image_weight", "image_launch")
 
   def __init__(self, clk, rendered, in_place_ok, image_weight=None):
     self.clk, self.rendered, self.in_place_ok = clk, rendered, in_place_ok
     self.global_size, self.local_size = rendered.global_size, rendered.local_size
-    self.image_weight, self.image_plan = image_weight, None
+    self.image_weight, self.image_launch = image_weight, _UNTRIED
 
 
-class OpenCLDevice:
+class OpenCLDevice(Device):
   name = "opencl"
 
   def __init__(self, spec=None):
@@ -149,7 +154,7 @@ class OpenCLDevice:
     self.stats = {"built": 0, "cache_hits": 0, "launches": 0}   # programs compiled from source / loaded from disk
     self._programs = {}                           # source hash -> cl.Program
     self._kernels = {}                            # (source hash, name) -> (cl.Kernel, work-group limit)
-    self._plans = weakref.WeakKeyDictionary()     # schedule.Kernel -> {input dtypes: _Plan}
+    self._launches = weakref.WeakKeyDictionary()  # schedule.Kernel -> {input dtypes: _Launch}
     self._free, self._free_bytes = {}, 0          # freed-buffer cache: nbytes -> [cl.Buffer]
     self._free_limit = self.caps.global_mem_size // 4
     self._events = []                             # events of the last run (DEBUG=2 timing)
@@ -212,7 +217,7 @@ class OpenCLDevice:
     return host.view(np.bool_) if buf.dtype is dtypes.bool else host
 
   def copy_in(self, buf, arr):
-    self._written(buf)
+    self.forget_copies(buf)
     arr = np.ascontiguousarray(np.asarray(arr, dtype=buf.dtype.np)).reshape(-1)
     if arr.size: cl.enqueue_copy(self.queue, buf.data, arr, is_blocking=True)
 
@@ -233,7 +238,7 @@ class OpenCLDevice:
       image = self._images[buf] = self.weight_image(buf, rows, cols)
     return image
 
-  def _written(self, buf):
+  def forget_copies(self, buf):
     self._images.pop(buf, None)
     self._weight_uses.pop(buf, None)
 
@@ -304,14 +309,14 @@ class OpenCLDevice:
     m = min(self.caps.max_work_group_size, self.caps.max_work_item_sizes[0])
     return min(m, limit) if limit else m
 
-  def _plan(self, kernel, in_dtypes, in_sizes):
-    plans = self._plans.get(kernel)
-    if plans is None: plans = self._plans[kernel] = {}
-    plan = plans.get(in_dtypes)
-    if plan is None: plan = plans[in_dtypes] = self._make_plan(kernel, in_dtypes, in_sizes)
-    return plan
+  def _launch_of(self, kernel, in_dtypes, in_sizes):
+    launches = self._launches.get(kernel)
+    if launches is None: launches = self._launches[kernel] = {}
+    launch = launches.get(in_dtypes)
+    if launch is None: launch = launches[in_dtypes] = self._build_launch(kernel, in_dtypes, in_sizes)
+    return launch
 
-  def _make_plan(self, kernel, in_dtypes, in_sizes):
+  def _build_launch(self, kernel, in_dtypes, in_sizes):
     if kernel.kind == "matmul":
       configs = cg.matmul_configs(kernel, self.caps)
       for config in configs:   # the first whose work-group this kernel can launch
@@ -328,13 +333,13 @@ class OpenCLDevice:
         clk, limit = self._kernel_for(rendered)
     in_place = kernel.assign_target is None or cg.assign_in_place_ok(kernel)
     image = cg.image_weight(kernel, in_sizes, self.caps) if kernel.kind == "matmul" else None
-    return _Plan(clk, rendered, in_place, image)
+    return _Launch(clk, rendered, in_place, image)
 
-  def _image_plan(self, kernel, in_dtypes, in_sizes):
+  def _image_launch(self, kernel, in_dtypes, in_sizes):
     for config in cg.matmul_configs(kernel, self.caps):
       rendered = cg.render_matmul(kernel, in_dtypes, cg.index_type(kernel, in_sizes), config, image=True)
       clk, limit = self._kernel_for(rendered)
-      if prod(rendered.local_size) <= limit: return _Plan(clk, rendered, True)
+      if prod(rendered.local_size) <= limit: return _Launch(clk, rendered, True)
     return None
 
   def _kernel_for(self, rendered):
@@ -356,28 +361,28 @@ class OpenCLDevice:
     n = prod(kernel.shape)
     if n == 0: return assign_out if assign_out is not None else self.alloc(0, kernel.dtype)
     in_dtypes, in_sizes = tuple(b.dtype for b in ins), tuple(b.size for b in ins)
-    plan = self._plan(kernel, in_dtypes, in_sizes)
-    if assign_out is not None: self._written(assign_out)
-    in_place = assign_out is not None and plan.in_place_ok
+    launch = self._launch_of(kernel, in_dtypes, in_sizes)
+    if assign_out is not None: self.forget_copies(assign_out)
+    in_place = assign_out is not None and launch.in_place_ok
     out = assign_out if in_place else self.alloc(n, kernel.dtype)
     args = [out.data] + [b.data for b in ins]
-    if plan.image_weight is not None and self.use_images:
-      w, rows, cols = plan.image_weight
+    if launch.image_weight is not None and self.use_images:
+      w, rows, cols = launch.image_weight
       image = self._image_for(ins[w], rows, cols)
       if image is not None:
-        if plan.image_plan is None: plan.image_plan = self._image_plan(kernel, in_dtypes, in_sizes) or False
-        if plan.image_plan:
-          plan = plan.image_plan
+        if launch.image_launch is _UNTRIED: launch.image_launch = self._image_launch(kernel, in_dtypes, in_sizes)
+        if launch.image_launch is not None:
+          launch = launch.image_launch
           args.append(image)
-    extra = plan.rendered.extra_args
+    extra = launch.rendered.extra_args
     if "key" in extra: args += list(cg.rand_args(*rand_key))
     if "err" in extra:
       cl.enqueue_fill_buffer(self.queue, self._err, np.int32(0), 0, 4)
       args.append(self._err)
-    if plan.rendered.notes.get("zero_fill"): cl.enqueue_fill_buffer(self.queue, out.data, np.uint8(0), 0, out.nbytes)
-    onto = ins[plan.rendered.notes["fill_from"]] if "fill_from" in plan.rendered.notes else out   # out itself: scattered in place (jit._donated)
+    if launch.rendered.notes.get("zero_fill"): cl.enqueue_fill_buffer(self.queue, out.data, np.uint8(0), 0, out.nbytes)
+    onto = ins[launch.rendered.notes["fill_from"]] if "fill_from" in launch.rendered.notes else out   # out itself: scattered in place (jit._donated)
     if onto is not out: cl.enqueue_copy(self.queue, out.data, onto.data, byte_count=out.nbytes)
-    self._launch(plan.clk, plan.global_size, plan.local_size, args)
+    self._launch(launch.clk, launch.global_size, launch.local_size, args)
     if "err" in extra: self._check_index_error(kernel, ins)
     if assign_out is not None and not in_place:   # the kernel read the target: write it afterwards
       cl.enqueue_copy(self.queue, assign_out.data, out.data, byte_count=out.nbytes)
@@ -394,7 +399,7 @@ class OpenCLDevice:
       node, shape = best
       sub, sub_ins = _rebuild(node, ins, shape, node.dtype, kernel.device)
       part = self.run(sub, sub_ins)
-      load = KNode(Op.BUFFER, (), (len(ins), View.contiguous(shape)), node.dtype)
+      load = KNode(Op.BUFFER, (), LoadArg(len(ins), View.contiguous(shape)), node.dtype)
       kernel, ins = _rebuild(kernel.ast, ins + [part], kernel.shape, kernel.dtype, kernel.device, {id(node): load}, kernel.assign_target)
     return kernel, ins
 
@@ -403,9 +408,9 @@ class OpenCLDevice:
     cl.enqueue_copy(self.queue, flag, self._err, is_blocking=True)
     if not flag[0]: return
     table_node, idx_node = kernel.ast.srcs
-    idx = self.to_numpy(ins[idx_node.arg[0]])
+    idx = self.to_numpy(ins[idx_node.arg.input])
     if kernel.kind == "gather":
-      raise IndexError(f"embedding index out of range: indices span [{idx.min()}, {idx.max()}] but the table has {table_node.arg[1].shape[0]} rows")
+      raise IndexError(f"embedding index out of range: indices span [{idx.min()}, {idx.max()}] but the table has {table_node.arg.view.shape[0]} rows")
     raise IndexError(f"scatter-add index out of range: indices span [{idx.min()}, {idx.max()}] for {kernel.shape[0]} rows")
 
   # ---- self-check
@@ -413,7 +418,7 @@ class OpenCLDevice:
   def _self_check(self):
     """A tiny kernel against NumPy, through the same build path (and disk cache) as the rest."""
     for name in ("matmul.cl", "matmul_image.cl"):   # the hand kernels live in the repository's kernels/
-      if not (cg.KERNEL_DIR / name).exists(): raise RuntimeError(f"OpenCL: {cg.KERNEL_DIR / name} is missing (reinstall minift: its kernels/ was not installed)")
+      if not (KERNEL_DIR / name).exists(): raise RuntimeError(f"OpenCL: {KERNEL_DIR / name} is missing (reinstall minift: its kernels/ was not installed)")
     src = ("__kernel void minift_self_check(__global float* out, __global const float* a, __global const half* h) {\n"
            "  int i = get_global_id(0);\n  out[i] = a[i] * 2.0f + vload_half(i, h);\n}\n")
     clk, _ = self.kernel("minift_self_check", src)
@@ -434,7 +439,7 @@ def _loads(node, memo=None):
   """The set of input indices a subtree reads."""
   memo = {} if memo is None else memo
   if id(node) not in memo:
-    memo[id(node)] = {node.arg[0]} if node.op is Op.BUFFER else set().union(*[_loads(s, memo) for s in node.srcs])
+    memo[id(node)] = {node.arg.input} if node.op is Op.BUFFER else set().union(*[_loads(s, memo) for s in node.srcs])
   return memo[id(node)]
 
 
@@ -442,7 +447,7 @@ def _largest_subtree(kernel, limit):
   """(node, shape it is computed in) of the elementwise subtree reading the most buffers, at
   most limit; None when there is none with two or more."""
   best, memo, seen = None, {}, set()
-  reduce_shape = kernel.reduce.arg[1] if kernel.reduce is not None else None
+  reduce_shape = kernel.reduce.arg.shape if kernel.reduce is not None else None
   stack = [(kernel.ast, kernel.shape)]
   while stack:
     node, shape = stack.pop()
@@ -450,7 +455,7 @@ def _largest_subtree(kernel, limit):
     seen.add(id(node))
     if node.op in (Op.GATHER, Op.SCATTER_ADD, Op.RAND, Op.COPY, Op.BUFFER, Op.CONST): continue
     if node.op in (Op.SUM, Op.RMAX):
-      if not node.arg[2]: stack.append((node.srcs[0], reduce_shape))   # a matmul's operands are loads
+      if not node.arg.matmul: stack.append((node.srcs[0], reduce_shape))   # a matmul's operands are loads
       continue
     n = len(_loads(node, memo))
     if node is not kernel.ast and 2 <= n <= limit and (best is None or n > best[0]): best = (n, node, shape)
@@ -465,7 +470,7 @@ def _rebuild(ast, ins, shape, dtype, device, replace=None, assign_target=None):
     if id(node) in replace: node = replace[id(node)]
     if node.op is Op.BUFFER:
       i, view = node.arg
-      return KNode(Op.BUFFER, (), (used.setdefault(i, len(used)), view), node.dtype)
+      return KNode(Op.BUFFER, (), LoadArg(used.setdefault(i, len(used)), view), node.dtype)
     new = KNode(node.op, tuple(copy_memo(s) for s in node.srcs), node.arg, node.dtype)
     return new
   memo = {}

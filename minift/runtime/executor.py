@@ -1,0 +1,65 @@
+"""Running kernels: run_schedule (a schedule from schedule.create_schedule, in order) and
+run_kernel (one kernel on buffers; jit replays call it directly).
+
+Two hooks plug into every kernel run, each set by its owner through a function here or in
+runtime.buffer, never read elsewhere: the pager (runtime.buffer.set_pager; the sharder) gets
+each kernel's inputs before it runs and what it wrote after, and the captures
+(capturing(); jit) record every kernel run with its buffers.
+"""
+import contextlib, time
+from minift.helpers import DEBUG, GlobalCounters
+from minift.runtime.buffer import active_pager
+from minift.runtime.device import get_device
+from minift.schedule import snapshot_kernel
+
+_captures = []   # what capturing() records into, innermost last
+
+
+@contextlib.contextmanager
+def capturing(capture):
+  """Within the block, capture.record(kernel, out, ins, rand_key) is called after every kernel
+  run_schedule runs (jit records a step's kernels so)."""
+  _captures.append(capture)
+  try: yield capture
+  finally: _captures.remove(capture)
+
+
+def run_kernel(kernel, ins, out=None, rand_key=None, upcoming=None):
+  """Run one kernel (schedule.Kernel, or a device's FusedAssigns) on input buffers; returns its
+  output buffer. out: the buffer to write the result into (an assign's target) or None.
+  upcoming(): the input buffers of the kernels that run next (the pager prefetches what they need)."""
+  device = get_device(kernel.device)
+  st = time.perf_counter() if DEBUG >= 2 else 0.0
+  pager = active_pager()
+  if pager is None: res = device.run(kernel, ins, out, rand_key)
+  else:
+    pinned = pager.acquire(ins, upcoming)
+    try: res = device.run(kernel, ins, out, rand_key)
+    finally: pager.release(pinned, device.written(kernel, ins, out))
+  GlobalCounters.kernel_count += 1
+  if DEBUG >= 2:
+    et = device.synchronize_time(st)
+    print(f"minift kernel {GlobalCounters.kernel_count:5d} {kernel.name:<40s} {str(kernel.shape):<24s} {et*1e3:9.3f} ms")
+  return res
+
+
+def run_schedule(schedule):
+  """Run kernels in order. Each kernel is detached from the graph after it runs, so
+  intermediates are freed as soon as nothing later reads them."""
+  for name in {k.device for k in schedule}:   # a backend may build the schedule's kernels in one go
+    get_device(name).prepare([k for k in schedule if k.device == name])
+  schedule.reverse()
+  while schedule:
+    k = schedule.pop()
+    ins = [b.buffer for b in k.inputs]
+    if any(b is None for b in ins): raise RuntimeError(f"kernel {k.name} ran before its inputs were realized")
+    if k.assign_target is not None:
+      snap = snapshot_kernel(k.inputs[k.assign_target], k.out)
+      if snap is not None: schedule += [k, snap]; continue   # run the copy first
+    rand_key = k.ast.arg if k.kind == "rand" else None
+    upcoming = lambda: ([b.buffer for b in later.inputs if b.buffer is not None] for later in reversed(schedule))
+    out = run_kernel(k, ins, ins[k.assign_target] if k.assign_target is not None else None, rand_key, upcoming)
+    k.out.buffer, k.out.srcs = out, ()
+    k.out = k.inputs = None
+    for cap in _captures: cap.record(k, out, ins, rand_key)
+    del k, ins, out
