@@ -306,8 +306,10 @@ class Renderer(CLanguage):
     return _function(name, args, w)
 
   def pointer_lines(self, dtypes):
-    """The typed pointers p0, p1, ... to the inputs of these dtypes."""
-    return [f"const {self.storage_types[d.name]}* p{i} = (const {self.storage_types[d.name]}*)in{i};" for i, d in enumerate(dtypes)]
+    """The typed pointers p0, p1, ... to the inputs of these dtypes; an input the loop does not read
+    (a float16 weight BLAS multiplied, next to a matmul epilogue) is left untyped."""
+    types = [self.storage_types.get(d.name, "void") for d in dtypes]
+    return [f"const {t}* p{i} = (const {t}*)in{i};" for i, t in enumerate(types)]
 
   def render_chunked(self, name, args, w, red, loop, store):
     """A reduction to one value in chunks(): a call with lo >= 0 writes the partial results of
