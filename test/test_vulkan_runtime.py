@@ -1,4 +1,4 @@
-"""The Vulkan layer (minift/vulkan.py) on the Vulkan device here (Mesa's lavapipe in CI): hand-written
+"""The Vulkan layer (minift/backends/vulkan/vk.py) on the Vulkan device here (Mesa's lavapipe in CI): hand-written
 GLSL compute shaders against NumPy, memory, caches, errors, and the validation layer watching all of it.
 
 Skipped, with the reason, only where there is no Vulkan loader or no device. Where the Khronos
@@ -7,7 +7,7 @@ a missing barrier is an error) and a test fails if it reported anything."""
 import os, re, shutil, struct, subprocess, sys
 import numpy as np
 import pytest
-from minift import vulkan as vk
+from minift.backends.vulkan import vk
 
 
 def _why_unavailable():
@@ -472,7 +472,7 @@ def test_validation_layer_reports_misuse(tmp_path):
 
 
 def test_validation_asked_for_but_missing_warns(tmp_path):
-  code = "import minift.vulkan as vk; d = vk.Device(); print('validating', d.instance.validation); d.close()"
+  code = "from minift.backends.vulkan import vk; d = vk.Device(); print('validating', d.instance.validation); d.close()"
   env = {**os.environ, "MINIFT_VK_VALIDATION": "1", "VK_LAYER_PATH": str(tmp_path), "MINIFT_CACHE_DIR": str(tmp_path)}   # no layers there
   r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env, cwd=os.path.dirname(os.path.dirname(__file__)))
   assert r.returncode == 0, r.stderr

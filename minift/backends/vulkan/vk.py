@@ -30,15 +30,19 @@ Only what compute needs, in one file:
 - Dispatch: dispatches, copies and fills are recorded into one command buffer, with a pipeline
   barrier only before a command that touches memory an earlier command since the last barrier wrote
   (or writes memory one read); `flush()` submits it once and waits on one fence. Host access to a
-  Memory the pending commands use flushes first; a Memory freed while pending commands use it is
-  reused only after the flush. With DEBUG>=2 (or profiling=True) every dispatch is timed with
-  timestamp queries (`Device.timings` after a flush).
+  Memory the pending commands use flushes first. A Memory freed while pending commands use it
+  waits in limbo; when an allocation finds no room otherwise, the limbo's space is handed out again
+  behind a pipeline barrier (the commands that used it are recorded before, those that use the new
+  Memory after), so a long recording reuses its intermediates' memory instead of growing or
+  submitting early; a Memory made from such space counts as in use until the flush (a host copy
+  into it waits for the commands that read the old contents). With DEBUG>=2 (or profiling=True)
+  every dispatch is timed with timestamp queries (`Device.timings` after a flush).
 
 Errors: VulkanUnavailable (no loader, no usable device, no compiler: the backend falls back to
 NumPy), VulkanError (a call returned an error: names the call and the VkResult), ShaderCompileError
 (names the kernel, carries the compiler's message).
 """
-import atexit, bisect, ctypes, hashlib, logging, os, re, shutil, subprocess, sys, tempfile
+import atexit, bisect, concurrent.futures, ctypes, hashlib, logging, os, re, shutil, subprocess, sys, tempfile, threading
 from ctypes import addressof, byref, c_char, c_char_p, c_float, c_int32, c_size_t, c_uint8, c_uint32, c_uint64, c_void_p
 from dataclasses import dataclass, asdict
 from pathlib import Path
@@ -688,24 +692,39 @@ class GLSLCompiler:
     self.version = (r.stdout + r.stderr).strip()
     self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     self.stats = {"compiled": 0, "cache_hits": 0}
-    self._warned = False
+    self._warned, self._spirv, self._lock = False, {}, threading.Lock()   # _spirv: what this process compiled or loaded
 
   def compile(self, name, src, device_key=""):
-    """SPIR-V bytes for `src`: from the disk cache, else compiled (ShaderCompileError on failure) and cached."""
+    """SPIR-V bytes for `src`: from memory, else from the disk cache, else compiled
+    (ShaderCompileError on failure) and cached."""
     key = hashlib.sha256("\0".join([src, self.version, TARGET_ENV, device_key]).encode()).hexdigest()
+    spirv = self._spirv.get(key)
+    if spirv is not None: return spirv
     path = self.cache_dir / f"{key[:40]}.spv"
     try:
       spirv = path.read_bytes()
       if len(spirv) >= 20 and len(spirv) % 4 == 0 and int.from_bytes(spirv[:4], "little") == SPIRV_MAGIC:
-        self.stats["cache_hits"] += 1
+        with self._lock: self.stats["cache_hits"] += 1
         touch_cache(path)
+        self._spirv[key] = spirv
         return spirv
     except OSError:
       pass
     spirv = self._run(name, src)
-    self.stats["compiled"] += 1
+    with self._lock: self.stats["compiled"] += 1
     self._save(path, spirv)
+    self._spirv[key] = spirv
     return spirv
+
+  def compile_many(self, items, device_key=""):
+    """Compile [(name, src)] at once, one compiler process per core (a schedule's new kernels: each
+    process takes tens of milliseconds, mostly starting up). The first error is raised after all ran."""
+    items = list(items)
+    if len(items) < 2:
+      for name, src in items: self.compile(name, src, device_key)
+      return
+    with concurrent.futures.ThreadPoolExecutor(max_workers=min(len(items), os.cpu_count() or 1)) as pool:
+      for f in [pool.submit(self.compile, name, src, device_key) for name, src in items]: f.result()
 
   def _run(self, name, src):
     if DEBUG >= 3: log.info(f"Vulkan: compiling {name}")
@@ -898,7 +917,7 @@ class Device:
       vk.vkCreateQueryPool(dev, byref(VkQueryPoolCreateInfo(queryType=QUERY_TIMESTAMP, queryCount=2 * self._timed)), None, byref(qp))
       self._query_pool = qp.value
     self._pipeline_bound, self._wrote = None, False
-    self._written, self._read, self._in_use, self._deferred = set(), set(), {}, []
+    self._written, self._read, self._in_use, self._deferred, self._recycled = set(), set(), {}, [], False
 
   def _init_pipeline_cache(self):
     try: data = self._pipeline_cache_path.read_bytes()
@@ -930,10 +949,13 @@ class Device:
     except BaseException:
       for block, off, size in pieces: block.give(off, size)
       raise
-    return Memory(self, nbytes, pieces)
+    mem = Memory(self, nbytes, pieces)
+    if self._recycled: self._in_use[id(mem)] = mem   # it may lie where pending commands read: host copies wait for them
+    return mem
 
   def free(self, mem):
-    """Give a Memory's space back; if pending commands use it, after they have run."""
+    """Give a Memory's space back; if pending commands use it, after they have run or behind a
+    barrier (_take)."""
     if not mem.pieces: return
     if id(mem) in self._in_use:
       self._deferred.append(mem.pieces)
@@ -943,6 +965,7 @@ class Device:
 
   def _release(self, pieces):
     for block, off, size in pieces: block.give(off, size)
+    if self._recording: return   # recorded commands may name any block: none is destroyed before the flush
     empty = [b for b in self._blocks if b.empty]
     while sum(b.size for b in empty) > self.keep_empty:   # keep some for reuse, give the rest back to the driver
       self._destroy_block(empty.pop())
@@ -964,8 +987,12 @@ class Device:
 
   def _take(self, size):
     best = self._find(size)
-    if best is None and self._deferred:   # freed space waits for the pending commands: run them
-      self.flush()
+    if best is None and self._deferred:   # freed space waits for the pending commands: reuse it behind a barrier
+      self._barrier(PIPE_COMPUTE | PIPE_TRANSFER, ACCESS_SHADER_WRITE | ACCESS_TRANSFER_WRITE, PIPE_COMPUTE | PIPE_TRANSFER, ALL_READ_WRITE)
+      self.stats["barriers"] += 1
+      self._written, self._read = set(), set()
+      deferred, self._deferred, self._recycled = self._deferred, [], True
+      for pieces in deferred: self._release(pieces)
       best = self._find(size)
     if best is None:
       block = self._new_block(max(self.block_size, size))
@@ -1093,8 +1120,7 @@ class Device:
       raise ValueError(f"kernel {name!r} binds {nbindings} storage buffers; {self.caps.name} allows {self.caps.max_storage_buffers}")
     if push_size % 4 or push_size > self.caps.max_push_constants_size:
       raise ValueError(f"kernel {name!r}: {push_size} bytes of push constants (a multiple of 4, at most {self.caps.max_push_constants_size})")
-    if self.compiler is None: self.compiler = GLSLCompiler(self.cache_dir)
-    spirv = self.compiler.compile(name, src, f"{self.caps.name}|{self.caps.driver_version}|{self.caps.driver_info}|{self.caps.api_version}")
+    spirv = self._compiler().compile(name, src, self._device_key)
     vk, dev = self.vk, self.handle
     module = c_uint64(0)
     code = ctypes.create_string_buffer(spirv, len(spirv))
@@ -1116,6 +1142,18 @@ class Device:
     self._pipeline_cache_dirty = True
     found = self._kernels[key] = Kernel(name, pipeline.value, layout, set_layout, nbindings, push_size)
     return found
+
+  def _compiler(self):
+    if self.compiler is None: self.compiler = GLSLCompiler(self.cache_dir)
+    return self.compiler
+
+  @property
+  def _device_key(self): return f"{self.caps.name}|{self.caps.driver_version}|{self.caps.driver_info}|{self.caps.api_version}"
+
+  def precompile(self, items):
+    """Compile the GLSL sources [(name, src)] to SPIR-V in parallel, so that kernel() on them only
+    creates pipelines (a schedule's new kernels, before its first runs)."""
+    self._compiler().compile_many(items, self._device_key)
 
   def _layout(self, nbindings, push_size):
     set_layout = self._set_layouts.get(nbindings)
@@ -1286,9 +1324,10 @@ class Device:
       vk.vkResetCommandBuffer(cmd, 0)
       for pool, _ in self._pools[:self._pool_at + 1]: vk.vkResetDescriptorPool(self.handle, pool, 0)
       self._pool_at, self._pool_left = -1, (0, 0)
-      self._written, self._read, self._in_use, self._wrote = set(), set(), {}, False
+      self._written, self._read, self._in_use, self._wrote, self._recycled = set(), set(), {}, False, False
       deferred, self._deferred = self._deferred, []
       for pieces in deferred: self._release(pieces)
+      if not deferred: self._release(())   # blocks emptied while recording go back now
 
   synchronize = flush
 
