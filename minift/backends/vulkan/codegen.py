@@ -34,14 +34,17 @@ import numpy as np
 @dataclass(frozen=True)
 class Storage:
   """How a device stores the dtypes in buffers: at their own width where it has the feature
-  (bool8: 8-bit storage, half16: 16-bit storage, int64: shaderInt64), else 32 bits wide."""
+  (bool8: 8-bit storage, half16: 16-bit storage, int64: shaderInt64), else 32 bits wide; and
+  whether shaders declare SignedZeroInfNanPreserve (nan_preserve: without it a compiler may fold
+  x*0 to 0 where x is NaN, as lavapipe does for the mean of an empty tensor)."""
   bool8: bool = True
   half16: bool = True
   int64: bool = True
+  nan_preserve: bool = False
 
   @staticmethod
   def of(caps):
-    return Storage(bool8=caps.storage8, half16=caps.storage16, int64=caps.int64)
+    return Storage(bool8=caps.storage8, half16=caps.storage16, int64=caps.int64, nan_preserve=caps.nan_preserve)
 
   def np_dtype(self, dtype):
     """The NumPy dtype of the bytes a buffer of `dtype` holds on the device."""
@@ -56,6 +59,8 @@ class Storage:
     if self.half16: lines.append("#extension GL_EXT_shader_16bit_storage : require")
     if self.bool8: lines.append("#extension GL_EXT_shader_8bit_storage : require")
     if self.int64: lines.append("#extension GL_ARB_gpu_shader_int64 : require")
+    if self.nan_preserve:   # SPV_KHR_float_controls: capability SignedZeroInfNanPreserve (4466), execution mode of that name (4461) for 32-bit floats
+      lines += ["#extension GL_EXT_spirv_intrinsics : require", 'spirv_execution_mode(extensions = ["SPV_KHR_float_controls"], capabilities = [4466], 4461, 32);']
     lines += [f"#define i64 {'int64_t' if self.int64 else 'int'}", f"#define HALF_T {'float16_t' if self.half16 else 'float'}",
               f"#define BOOL_T {'uint8_t' if self.bool8 else 'uint'}"]
     return "\n".join(lines) + "\n"
@@ -367,6 +372,12 @@ def render_reduce(kernel, src):
   return Rendered(kernel.name, src.build(local, body, shared=shared), _grid(out_numel, target.max_groups), notes={"grouped": True})
 
 
+def _index_type(index, src):
+  """The GLSL type an index is checked in: its own (lavapipe's LLVM 15 miscompiles comparing an int
+  widened to int64: int64_t(i) >= 5 came out true for i in 0..4)."""
+  return GLSLLanguage.arith_types[src.in_dtypes[index.arg.input].name]
+
+
 def render_gather(kernel, src):
   """out[n, c] = table[index[n], c]; an index out of range sets the error flag."""
   table, index = kernel.ast.srcs
@@ -374,10 +385,11 @@ def render_gather(kernel, src):
   n, idx, local = prod(kernel.shape), src.idx, src.target.local
   r = src.renderer()
   ix = r.load(index, [("row", tuple(range(len(index.arg.view.shape))))])
+  it = _index_type(index, src)
   value = r.load(table, [("ix", (0,)), ("col", (1,))])
   body = [f"{idx} gid = {_linear_id(idx, local)};", f"if (gid >= {n}) return;",
-          f"{idx} row = gid / {cols}, col = gid % {cols};", f"i64 ix_in = i64({ix});",
-          f"if (ix_in < i64(0) || ix_in >= i64({rows})) {{ atomicMax(err[0], int(pc.check)); "
+          f"{idx} row = gid / {cols}, col = gid % {cols};", f"{it} ix_in = {ix};",
+          f"if (ix_in < {it}(0) || ix_in >= {it}({rows})) {{ atomicMax(err[0], int(pc.check)); "
           f"{r.write('dst', 'gid', r.literal(0, kernel.dtype), kernel.dtype)} return; }}",
           f"{idx} ix = {idx}(ix_in);", r.write("dst", "gid", value, kernel.dtype)]
   return Rendered(kernel.name, src.build(local, body, err=True, push=("check",)), _grid(-(-n // local), src.target.max_groups), push=("check",))
@@ -398,13 +410,14 @@ def render_scatter_add(kernel, src):
   nidx, gnd, idx, local = prod(index.arg.view.shape), len(grad.arg.view.shape), src.idx, src.target.local
   r = src.renderer()
   ix = r.load(index, [("n", tuple(range(len(index.arg.view.shape))))])
+  it = _index_type(index, src)
   g = r.load(grad, [("n", tuple(range(gnd - 1))), ("col", (gnd - 1,))])
   dt = kernel.dtype
   total = f"{r.read('dst', 'o', dt)} + {g}"
   body = [f"{idx} col = {_linear_id(idx, local)};", f"if (col >= {cols}) return;",
           f"for ({idx} n = 0; n < {nidx}; n++) {{",
-          f"  i64 ix = i64({ix});",
-          f"  if (ix < i64(0) || ix >= i64({rows})) {{ atomicMax(err[0], int(pc.check)); continue; }}",
+          f"  {it} ix = {ix};",
+          f"  if (ix < {it}(0) || ix >= {it}({rows})) {{ atomicMax(err[0], int(pc.check)); continue; }}",
           f"  {idx} o = {idx}(ix) * {cols} + col;",
           "  " + r.write("dst", "o", r.round_half(total) if dt is dtypes.float16 else total, dt),
           "}"]

@@ -192,6 +192,9 @@ VkPhysicalDevice16BitStorageFeatures = _struct("VkPhysicalDevice16BitStorageFeat
                                                "uniformAndStorageBuffer16BitAccess storagePushConstant16 storageInputOutput16", 1000083000)
 VkPhysicalDeviceShaderFloat16Int8Features = _struct("VkPhysicalDeviceShaderFloat16Int8Features", "u32 sType; ptr pNext; "
                                                     "u32 shaderFloat16 shaderInt8", 1000082000)
+VkPhysicalDeviceFloatControlsProperties = _struct("VkPhysicalDeviceFloatControlsProperties", "u32 sType; ptr pNext; u32 denormBehaviorIndependence "
+                                                  "roundingModeIndependence shaderSignedZeroInfNanPreserveFloat16 shaderSignedZeroInfNanPreserveFloat32 "
+                                                  "shaderSignedZeroInfNanPreserveFloat64 rest[12]", 1000197000)
 VkPhysicalDevice8BitStorageFeatures = _struct("VkPhysicalDevice8BitStorageFeatures", "u32 sType; ptr pNext; u32 storageBuffer8BitAccess "
                                               "uniformAndStorageBuffer8BitAccess storagePushConstant8", 1000177000)
 VkQueueFamilyProperties = _struct("VkQueueFamilyProperties", "u32 queueFlags queueCount timestampValidBits minImageTransferGranularity[3]")
@@ -570,6 +573,7 @@ class Caps:
   int16: bool
   int64: bool
   float64: bool
+  nan_preserve: bool              # shaderSignedZeroInfNanPreserveFloat32: shaders may ask that x*0 is not folded to 0 (NaN, inf, -0 kept)
   storage16: bool                 # storageBuffer16BitAccess: float16/int16 storage buffers
   storage8: bool                  # storageBuffer8BitAccess: uint8/int8 (bool) storage buffers
   memory_heaps: tuple             # ((bytes, device-local), ...)
@@ -816,7 +820,7 @@ class Device:
     if f16 in extra: want.append(VkPhysicalDeviceShaderFloat16Int8Features(shaderFloat16=on(f16.shaderFloat16), shaderInt8=on(f16.shaderInt8)))
     if s8 in extra: want.append(VkPhysicalDevice8BitStorageFeatures(storageBuffer8BitAccess=on(s8.storageBuffer8BitAccess)))
     enable = VkPhysicalDeviceFeatures2(pNext=_chain(want), features=want_core)
-    exts = [e for e, core in (("VK_KHR_shader_float16_int8", API_1_2), ("VK_KHR_8bit_storage", API_1_2),
+    exts = [e for e, core in (("VK_KHR_shader_float16_int8", API_1_2), ("VK_KHR_8bit_storage", API_1_2), ("VK_KHR_shader_float_controls", API_1_2),
                               ("VK_EXT_pipeline_creation_feedback", API_1_3)) if self.api_version < core and e in self.device_extensions]
     exts += [e for e in ("VK_KHR_portability_subset",) if e in self.device_extensions]   # required where offered
     self.feedback = has("VK_EXT_pipeline_creation_feedback", API_1_3)
@@ -840,8 +844,8 @@ class Device:
 
   def _query_caps(self, props, family, core, s16, f16, s8, has):
     sub, m3 = VkPhysicalDeviceSubgroupProperties(), VkPhysicalDeviceMaintenance3Properties()
-    drv = VkPhysicalDeviceDriverProperties()
-    chain = [sub, m3] + ([drv] if has("VK_KHR_driver_properties", API_1_2) else [])
+    drv, fc = VkPhysicalDeviceDriverProperties(), VkPhysicalDeviceFloatControlsProperties()
+    chain = [sub, m3] + ([drv] if has("VK_KHR_driver_properties", API_1_2) else []) + ([fc] if has("VK_KHR_shader_float_controls", API_1_2) else [])
     props2 = VkPhysicalDeviceProperties2(pNext=_chain(chain))
     self.vk.vkGetPhysicalDeviceProperties2(self.physical, byref(props2))
     mem = self._mem_props = VkPhysicalDeviceMemoryProperties()
@@ -863,7 +867,7 @@ class Device:
       non_coherent_atom_size=lim.nonCoherentAtomSize, max_memory_allocation_size=m3.maxMemoryAllocationSize,
       timestamp_period=lim.timestampPeriod, timestamp_bits=family.timestampValidBits,
       float16=bool(f16.shaderFloat16), int8=bool(f16.shaderInt8), int16=bool(core.shaderInt16), int64=bool(core.shaderInt64),
-      float64=bool(core.shaderFloat64), storage16=bool(s16.storageBuffer16BitAccess), storage8=bool(s8.storageBuffer8BitAccess),
+      float64=bool(core.shaderFloat64), nan_preserve=fc in chain and bool(fc.shaderSignedZeroInfNanPreserveFloat32), storage16=bool(s16.storageBuffer16BitAccess), storage8=bool(s8.storageBuffer8BitAccess),
       memory_heaps=tuple((mem.memoryHeaps[i].size, bool(mem.memoryHeaps[i].flags & HEAP_DEVICE_LOCAL)) for i in range(mem.memoryHeapCount)),
       memory_types=tuple((_memory_flag_names(mem.memoryTypes[i].propertyFlags), mem.memoryTypes[i].heapIndex) for i in range(mem.memoryTypeCount)),
       unified_memory=unified, pipeline_cache_uuid=bytes(p.pipelineCacheUUID).hex())
