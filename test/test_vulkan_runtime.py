@@ -301,7 +301,7 @@ def test_kernel_caches_hit_on_second_use(tmp_path):
   cache = tmp_path / "cache"
   first = _device(tmp_path, cache_dir=cache)
   k = first.kernel("affine", UNARY, 2, 12)
-  assert first.compiler.stats == {"compiled": 1, "cache_hits": 0} and first.stats["pipelines"] == 1
+  assert first.compiler.stats == {"compiled": 1, "cache_hits": 0, "processes": 1} and first.stats["pipelines"] == 1
   assert first.kernel("affine", UNARY, 2, 12) is k   # in memory: nothing compiled or created again
   assert first.compiler.stats["compiled"] == 1 and first.stats["pipelines"] == 1
   first.close()
@@ -311,7 +311,7 @@ def test_kernel_caches_hit_on_second_use(tmp_path):
   second = _device(tmp_path, cache_dir=cache)   # a new start: SPIR-V from disk, the pipeline cache loaded
   assert second.pipeline_cache_loaded == saved
   k = second.kernel("affine", UNARY, 2, 12)
-  assert second.compiler.stats == {"compiled": 0, "cache_hits": 1}
+  assert second.compiler.stats == {"compiled": 0, "cache_hits": 1, "processes": 0}
   if second.feedback and saved > 32:   # drivers that store pipelines (lavapipe keeps only a 32-byte header) say it was a hit
     assert second.stats["pipeline_cache_hits"] == 1
   x = np.arange(100, dtype=np.float32)
@@ -319,12 +319,29 @@ def test_kernel_caches_hit_on_second_use(tmp_path):
   second.dispatch(k, _groups(100), [out, _array(second, x)], struct.pack("<Iff", 100, 2.0, 1.0))
   np.testing.assert_array_equal(second.download(out, np.float32), 2 * x + 1)
   second.kernel("affine2", UNARY.replace("p.mul + p.add", "p.mul - p.add"), 2, 12)   # another source compiles
-  assert second.compiler.stats == {"compiled": 1, "cache_hits": 1}
+  assert second.compiler.stats == {"compiled": 1, "cache_hits": 1, "processes": 1}
 
   for spv in cache.glob("*.spv"): spv.write_bytes(b"not SPIR-V")   # a damaged cache file is compiled again
   third = _device(tmp_path, cache_dir=cache)
   third.kernel("affine", UNARY, 2, 12)
-  assert third.compiler.stats == {"compiled": 1, "cache_hits": 0}
+  assert third.compiler.stats == {"compiled": 1, "cache_hits": 0, "processes": 1}
+
+
+@pytest.mark.parametrize("name", ["glslc", "glslangValidator"])
+def test_compile_many_batches_and_names_the_failing_shader(tmp_path, name):
+  path = shutil.which(name)
+  if path is None: pytest.skip(f"{name} is not installed")
+  c = vk.GLSLCompiler(tmp_path, path)
+  items = [(f"affine{i}", UNARY.replace("p.mul + p.add", f"p.mul + p.add + {i}.0")) for i in range(6)]
+  c.compile_many(items + items[:2])   # the repeats compile once
+  assert c.stats["compiled"] == 6 and c.stats["processes"] == (min(6, os.cpu_count()) if name == "glslc" else 6)   # glslc: many shaders per process
+  assert all(c.compile(n, s) == c._spirv[c._key(s, "")] for n, s in items) and c.stats["compiled"] == 6
+  broken = ("broken_kernel", UNARY.replace("p.mul + p.add", "p.mul + not_declared_anywhere"))
+  fresh = [(f"more{i}", UNARY.replace("p.mul + p.add", f"p.mul * {i}.0")) for i in range(3)]
+  with pytest.raises(vk.ShaderCompileError) as e: c.compile_many(fresh + [broken])
+  assert "broken_kernel" in str(e.value) and "not_declared_anywhere" in str(e.value)
+  c.compile_many(fresh)
+  assert c.stats["compiled"] == 9   # the good ones beside the broken one were compiled and kept
 
 
 def test_compile_error_names_kernel_and_carries_compiler_message(dev):

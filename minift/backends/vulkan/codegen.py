@@ -63,6 +63,8 @@ class Storage:
       lines += ["#extension GL_EXT_spirv_intrinsics : require", 'spirv_execution_mode(extensions = ["SPV_KHR_float_controls"], capabilities = [4466], 4461, 32);']
     lines += [f"#define i64 {'int64_t' if self.int64 else 'int'}", f"#define HALF_T {'float16_t' if self.half16 else 'float'}",
               f"#define BOOL_T {'uint8_t' if self.bool8 else 'uint'}"]
+    if self.int64:   # int to int64 as a bit pattern: lavapipe (LLVM 15) miscompiles compares of a plain int64_t(int) (came out true for 0 >= 5)
+      lines.append("int64_t widen_i(int x) { return packInt2x32(ivec2(x, x >> 31)); }")
     return "\n".join(lines) + "\n"
 
 
@@ -187,6 +189,7 @@ i64 pow_l(i64 a, i64 b) {
   def cast(self, x, src, to):
     if to is dtypes.bool: return x if src is dtypes.bool else f"({x}!={self.literal(0, src)})"
     t = self.arith_types[to.name]
+    if t == "i64" and src is dtypes.int32 and self.storage.int64: return f"widen_i({x})"
     return f"{t}({x})" if t != self.arith_types[src.name] else x
 
   def read(self, buf, index, dtype):
@@ -373,8 +376,8 @@ def render_reduce(kernel, src):
 
 
 def _index_type(index, src):
-  """The GLSL type an index is checked in: its own (lavapipe's LLVM 15 miscompiles comparing an int
-  widened to int64: int64_t(i) >= 5 came out true for i in 0..4)."""
+  """The GLSL type an index is checked in: its own (no 64-bit arithmetic for int32 indices, which
+  phone GPUs emulate)."""
   return GLSLLanguage.arith_types[src.in_dtypes[index.arg.input].name]
 
 

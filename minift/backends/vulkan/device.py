@@ -46,7 +46,7 @@ class VulkanDevice(Device):
     cache_dir, window, ... as the tests use them)."""
     if vk.find_compiler() is None:
       raise vk.VulkanUnavailable("no GLSL compiler: glslangValidator or glslc must be on PATH "
-                                 "(Debian/Ubuntu: apt install glslang-tools; Termux: pkg install glslang or shaderc)")
+                                 "(Debian/Ubuntu: apt install glslc or glslang-tools; Termux: pkg install shaderc or glslang)")
     self.vk = vk.Device(spec, **options)
     caps = self.caps = self.vk.caps
     self.storage = cg.Storage.of(caps)

@@ -678,30 +678,33 @@ def default_cache_dir():
 
 
 def find_compiler():
-  """Path of glslangValidator, else glslc, on PATH; None when neither is there."""
-  return shutil.which("glslangValidator") or shutil.which("glslc")
+  """Path of glslc, else glslangValidator, on PATH; None when neither is there. glslc first: it
+  compiles many shaders in one process (compile_many), and a compiler process spends most of its
+  time starting up."""
+  return shutil.which("glslc") or shutil.which("glslangValidator")
 
 
 class GLSLCompiler:
-  """Compiles GLSL 450 compute shaders to SPIR-V with glslangValidator or glslc, caching the
+  """Compiles GLSL 450 compute shaders to SPIR-V with glslc or glslangValidator, caching the
   SPIR-V on disk keyed by the source, the compiler's version and the device."""
 
   def __init__(self, cache_dir=None, path=None):
     self.path = path or find_compiler()
     if not self.path:
       raise VulkanUnavailable("no GLSL compiler: glslangValidator or glslc must be on PATH "
-                              "(Debian/Ubuntu: apt install glslang-tools; Termux: pkg install glslang or shaderc)")
+                              "(Debian/Ubuntu: apt install glslang-tools or glslc; Termux: pkg install glslang or shaderc)")
     self.glslc = Path(self.path).name.startswith("glslc")
     r = subprocess.run([self.path, "--version"], capture_output=True, text=True, timeout=60)
     self.version = (r.stdout + r.stderr).strip()
     self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    self.stats = {"compiled": 0, "cache_hits": 0}
+    self.stats = {"compiled": 0, "cache_hits": 0, "processes": 0}
     self._warned, self._spirv, self._lock = False, {}, threading.Lock()   # _spirv: what this process compiled or loaded
 
-  def compile(self, name, src, device_key=""):
-    """SPIR-V bytes for `src`: from memory, else from the disk cache, else compiled
-    (ShaderCompileError on failure) and cached."""
-    key = hashlib.sha256("\0".join([src, self.version, TARGET_ENV, device_key]).encode()).hexdigest()
+  def _key(self, src, device_key):
+    return hashlib.sha256("\0".join([src, self.version, TARGET_ENV, device_key]).encode()).hexdigest()
+
+  def _cached(self, key):
+    """SPIR-V from memory or the disk cache, else None."""
     spirv = self._spirv.get(key)
     if spirv is not None: return spirv
     path = self.cache_dir / f"{key[:40]}.spv"
@@ -714,21 +717,53 @@ class GLSLCompiler:
         return spirv
     except OSError:
       pass
-    spirv = self._run(name, src)
+    return None
+
+  def _keep(self, key, spirv):
     with self._lock: self.stats["compiled"] += 1
-    self._save(path, spirv)
+    self._save(self.cache_dir / f"{key[:40]}.spv", spirv)
     self._spirv[key] = spirv
+
+  def compile(self, name, src, device_key=""):
+    """SPIR-V bytes for `src`: from memory, else from the disk cache, else compiled
+    (ShaderCompileError on failure) and cached."""
+    key = self._key(src, device_key)
+    spirv = self._cached(key)
+    if spirv is None:
+      spirv = self._run(name, src)
+      self._keep(key, spirv)
     return spirv
 
   def compile_many(self, items, device_key=""):
-    """Compile [(name, src)] at once, one compiler process per core (a schedule's new kernels: each
-    process takes tens of milliseconds, mostly starting up). The first error is raised after all ran."""
-    items = list(items)
-    if len(items) < 2:
-      for name, src in items: self.compile(name, src, device_key)
-      return
-    with concurrent.futures.ThreadPoolExecutor(max_workers=min(len(items), os.cpu_count() or 1)) as pool:
-      for f in [pool.submit(self.compile, name, src, device_key) for name, src in items]: f.result()
+    """Compile [(name, src)] at once (a schedule's new kernels): with glslc, a few processes that
+    take many shaders each; with glslangValidator (one shader per process), one process per core
+    at a time. A failing shader raises its own ShaderCompileError."""
+    todo = {}
+    for name, src in items:
+      key = self._key(src, device_key)
+      if key not in todo and self._cached(key) is None: todo[key] = (name, src)
+    if not todo: return
+    jobs = list(todo.items())
+    workers = min(len(jobs), os.cpu_count() or 1)
+    if self.glslc and len(jobs) > 1:
+      batches = [jobs[i::workers] for i in range(workers)]
+      with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool: list(pool.map(self._run_batch, batches))
+      jobs = [(key, item) for key, item in jobs if key not in self._spirv]   # what a failed batch left: one by one, for its message
+    if not jobs: return
+    with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
+      for f in [pool.submit(self.compile, name, src, device_key) for _, (name, src) in jobs]: f.result()
+
+  def _run_batch(self, jobs):
+    """glslc -c over many files in one process; keeps what it compiled (a failure leaves the rest to compile())."""
+    with tempfile.TemporaryDirectory(prefix="minift-glsl-") as tmp:
+      for n, (_, (_, src)) in enumerate(jobs): (Path(tmp) / f"k{n}.comp").write_text(src)
+      with self._lock: self.stats["processes"] += 1
+      subprocess.run([self.path, "-fshader-stage=compute", f"--target-env={TARGET_ENV}", "-c"] + [f"k{n}.comp" for n in range(len(jobs))],
+                     capture_output=True, cwd=tmp, timeout=600)
+      for n, (key, _) in enumerate(jobs):
+        try: spirv = (Path(tmp) / f"k{n}.comp.spv").read_bytes()
+        except OSError: continue
+        if len(spirv) >= 20 and int.from_bytes(spirv[:4], "little") == SPIRV_MAGIC: self._keep(key, spirv)
 
   def _run(self, name, src):
     if DEBUG >= 3: log.info(f"Vulkan: compiling {name}")
@@ -738,6 +773,7 @@ class GLSLCompiler:
       inp.write_text(src)
       if self.glslc: cmd = [self.path, "-fshader-stage=compute", f"--target-env={TARGET_ENV}", "-o", str(out), str(inp)]
       else: cmd = [self.path, "-V", "--target-env", TARGET_ENV, "-S", "comp", "-o", str(out), str(inp)]
+      with self._lock: self.stats["processes"] += 1
       r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
       if r.returncode != 0 or not out.exists():
         lines = [l for l in (r.stdout + r.stderr).replace(tmp + os.sep, "").splitlines() if l.strip() and l.strip() != inp.name]
