@@ -191,3 +191,40 @@ def test_no_vulkan_device_falls_back_to_numpy():
   assert "device numpy sum 12.0" in r.stdout
   warnings = [l for l in r.stderr.splitlines() if "Vulkan unavailable" in l]
   assert len(warnings) == 1 and "no-such-device-xyz" in warnings[0]
+
+
+def test_sharder_gpu_tier_pages_vulkan_memory(tiny, monkeypatch):
+  """GPU -> RAM -> disk with Vulkan buffers in the GPU tier: the same bits as without paging."""
+  from test_sharder import train, assert_bounded, KB
+  from minift.sharder import Sharder
+  monkeypatch.setenv("MINIFT_DEVICE", "vulkan")
+  ref_losses, ref_final, _ = train(tiny["llama"], tiny["text"], steps=3)
+  with Sharder(ram_budget_mb=24 * KB, gpu_budget_mb=16 * KB, trace=True) as sh:
+    losses, final, _ = train(tiny["llama"], tiny["text"], steps=3, sharder=sh)
+    assert_bounded(sh)
+    assert sh.peak["gpu"] > 0 and any(event == "upload" for event, *_ in sh.trace)
+  np.testing.assert_array_equal(losses, ref_losses)
+  for k in ref_final: np.testing.assert_array_equal(final[k], ref_final[k])
+
+
+# ---- tools
+
+def test_kernel_test_tool_on_vulkan(tmp_path):
+  """What a user runs on a phone: every check passes and the report names the device."""
+  r = subprocess.run([sys.executable, str(ROOT / "tools" / "kernel_test.py"), "--device", "vulkan", "--quick", "--repeat", "1",
+                      "--json", str(tmp_path / "out.json")], capture_output=True, text=True, timeout=600)
+  assert r.returncode == 0, r.stdout + r.stderr
+  report = json.loads((tmp_path / "out.json").read_text())
+  assert report["device"] == "vulkan" and report["caps"]["name"] == get_device("vulkan").caps.name
+  checks = {row["check"] for row in report["results"]}
+  assert {"matmul.comp float", "softmax", "gpt2 block fwd+bwd"} <= checks and all(row["ok"] for row in report["results"])
+  assert " passed, 0 failed; shaders compiled" in r.stdout
+
+
+def test_bench_tool_takes_vulkan_and_task_lists(tmp_path, monkeypatch):
+  monkeypatch.syspath_prepend(str(ROOT / "tools"))
+  monkeypatch.setenv("MINIFT_DEVICE", "numpy")   # bench.main sets it: restored after the test
+  import bench
+  rows = bench.main(["--device", "vulkan", "--task", "elementwise,layernorm", "--repeat", "1", "--json", str(tmp_path / "b.json")])
+  assert [r["task"] for r in rows] == ["elementwise", "softmax", "layernorm"] and all(r["minift_ms"] > 0 for r in rows)
+  with pytest.raises(SystemExit): bench.main(["--task", "matmul,nope"])
