@@ -228,3 +228,16 @@ def test_bench_tool_takes_vulkan_and_task_lists(tmp_path, monkeypatch):
   rows = bench.main(["--device", "vulkan", "--task", "elementwise,layernorm", "--repeat", "1", "--json", str(tmp_path / "b.json")])
   assert [r["task"] for r in rows] == ["elementwise", "softmax", "layernorm"] and all(r["minift_ms"] > 0 for r in rows)
   with pytest.raises(SystemExit): bench.main(["--task", "matmul,nope"])
+
+
+def test_generate_tool_on_vulkan_writes_what_numpy_writes(tiny, monkeypatch):
+  import io
+  monkeypatch.syspath_prepend(str(ROOT / "tools"))
+  monkeypatch.setenv("MINIFT_DEVICE", "numpy")   # --device sets it: restored after the test
+  import generate
+  texts = {}
+  for device in ("numpy", "vulkan"):
+    out = io.StringIO()
+    generate.main(["--model", tiny["gpt2"], "--prompt", "To be", "--max_new_tokens", "12", "--temperature", "1.0", "--seed", "0", "--device", device], out=out)
+    texts[device] = out.getvalue().splitlines()[0]
+  assert texts["vulkan"] == texts["numpy"] and len(set(texts["numpy"])) > 2, texts   # sampled: a stream of varied tokens

@@ -8,6 +8,7 @@ repeatability). --chat wraps the prompt as a user message with the model's chat 
 """
 import argparse, os, sys, time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from minift.runtime.device import BACKENDS   # noqa: E402
 
 
 def main(argv=None, out=sys.stdout):
@@ -23,7 +24,9 @@ def main(argv=None, out=sys.stdout):
   ap.add_argument("--chat", action="store_true", help="format the prompt with the tokenizer's chat template")
   ap.add_argument("--lora", default=None, help="a PEFT LoRA adapter folder, merged into the weights")
   ap.add_argument("--dtype", default="float32", choices=["float32", "float16"])
+  ap.add_argument("--device", choices=list(BACKENDS), default=None, help="backend (default: MINIFT_DEVICE or numpy)")
   args = ap.parse_args(argv)
+  if args.device: os.environ["MINIFT_DEVICE"] = args.device
   if args.temperature < 0: raise SystemExit("error: --temperature must be >= 0")
   if args.top_p is not None and not 0 < args.top_p <= 1: raise SystemExit("error: --top_p must be in (0, 1]")
 
