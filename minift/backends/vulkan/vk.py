@@ -23,7 +23,8 @@ Only what compute needs, in one file:
   piece and need nothing special. `Device.bindings_for(nbytes)` says k before a Memory exists. Pieces of
   one tensor may lie in different VkDeviceMemory blocks, so a tensor is never limited by
   maxStorageBufferRange nor by maxMemoryAllocationSize.
-- Kernels: GLSL 450 compute source compiled to SPIR-V by glslangValidator or glslc found on PATH,
+- Kernels: GLSL 450 compute source compiled to SPIR-V by glslc (preferred: one process compiles a
+  schedule's new shaders together) or glslangValidator found on PATH,
   cached in ~/.cache/minift/vk ($MINIFT_CACHE_DIR/vk) keyed by the source, the compiler's version
   and the device, kept under MINIFT_CACHE_MAX_MB like the other kernel caches; compute pipelines are
   created through a VkPipelineCache saved in the same folder when the device closes.
