@@ -87,6 +87,43 @@ def test_nan_survives_multiplying_by_a_known_zero(dev):
   assert np.isnan(Tensor(np.zeros(0, np.float32), device="vulkan").mean().numpy())
 
 
+# ---- float16 weights
+
+def _same(f, *arrays, rtol=1e-5, atol=1e-6):
+  want, got = ([r.numpy() for r in (lambda out: out if isinstance(out, (list, tuple)) else [out])(f(*[Tensor(a, device=d) for a in arrays]))]
+               for d in ("numpy", "vulkan"))
+  for w, g in zip(want, got):
+    assert w.dtype == g.dtype and w.shape == g.shape
+    np.testing.assert_allclose(g.astype(np.float64), w.astype(np.float64), rtol=rtol, atol=atol)
+
+
+def test_matmul_reads_half_weights_directly(dev):
+  x, w = randn(40, 32), randn(24, 32).astype(np.float16)
+  f = lambda p, q: p.linear(q)
+  (k,) = Tensor.schedule(f(Tensor(x, device="vulkan"), Tensor(w, device="vulkan")))
+  assert k.kind == "matmul" and [i.dtype for i in k.inputs] == [dtypes.float32, dtypes.float16]
+  if dev.storage.half16:   # 16-bit storage: the weight stays half in memory and in the shader
+    src = cg.render(k, (dtypes.float32, dtypes.float16), (x.size, w.size), (1, 1, 1), dev.target).src
+    assert "float16_t data1[]" in src.replace("HALF_T", "float16_t") and "#define HALF_T float16_t" in src
+    assert dev.vk.download(Tensor(w, device="vulkan").realize().lazydata.base.buffer.data, np.float16).nbytes == w.nbytes
+  _same(f, x, w)
+
+
+def test_devices_without_8_and_16_bit_storage_store_32_bits_wide(monkeypatch, tmp_path):
+  import dataclasses
+  wide = VulkanDevice(cache_dir=tmp_path / "vk")
+  wide.storage = cg.Storage(bool8=False, half16=False, int64=wide.storage.int64, nan_preserve=wide.storage.nan_preserve)
+  wide.target = dataclasses.replace(wide.target, storage=wide.storage)
+  monkeypatch.setitem(runtime_device._devices, "vulkan", wide)
+  try:
+    x, w, h = randn(6, 8), randn(5, 8).astype(np.float16), (randn(6, 5) * 100).astype(np.float16)
+    _same(lambda p, q, r: [p.linear(q), (p.linear(q).cast(dtypes.float16) + r) * 3, r > 0], x, w, h)
+    buf = Tensor(h, device="vulkan").realize().lazydata.base.buffer
+    assert buf.data.nbytes == h.size * 4   # half held as float
+  finally:
+    wide.vk.close()
+
+
 # ---- tensors larger than one binding (maxStorageBufferRange)
 
 @pytest.fixture
