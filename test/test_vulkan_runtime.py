@@ -391,6 +391,27 @@ def test_suballocation_reuses_freed_space(tmp_path):
   assert d.bytes_reserved == held - (3 << 20)
 
 
+def test_a_long_recording_reuses_freed_space_behind_a_barrier(tmp_path):
+  """Intermediates freed while the recording still uses them: when nothing else fits, their space
+  is handed out again behind a barrier, so the chain neither grows the memory nor submits early
+  (and the validation layer's synchronization checks see no hazard)."""
+  d = _device(tmp_path, block_size=64 << 10)
+  n = 4096   # 16 KiB: four fit in the block
+  x = _array(d, np.ones(n, np.float32))
+  k = _add(d)
+  for step in range(10):   # x <- x + x, each result in new memory, the old one freed at once
+    y = d.alloc(4 * n)
+    d.dispatch(k, _groups(n), [y, x, x], struct.pack("<If", n, 1.0))
+    d.free(x)
+    x = y
+  assert d.stats["allocations"] == 1 and d.stats["submits"] == 0
+  late = d.alloc(4 * n)   # recycled space that the recorded commands may still read: writing it from the host waits for them
+  d.upload(late, np.full(n, 7, np.float32))
+  assert d.stats["submits"] == 1
+  np.testing.assert_array_equal(d.download(x, np.float32), np.full(n, 2.0 ** 10, np.float32))
+  np.testing.assert_array_equal(d.download(late, np.float32), np.full(n, 7, np.float32))
+
+
 def test_dispatch_checks_bindings_push_constants_and_limits(dev):
   k, m = _add(dev), dev.alloc(64)
   with pytest.raises(ValueError, match="'add' takes 3 bindings; got 2"):
