@@ -494,7 +494,8 @@ def test_caps_agree_with_vulkaninfo(dev):
     c.max_storage_buffer_range, c.max_shared_memory, c.max_workgroup_invocations, c.max_push_constants_size,
     c.min_storage_buffer_offset_alignment, c.non_coherent_atom_size, c.max_storage_buffers, c.subgroup_size)
   assert float(info["timestampPeriod"]) == pytest.approx(c.timestamp_period)
-  assert (info["shaderFloat16"] == "true", info["storageBuffer16BitAccess"] == "true", info["shaderInt64"] == "true") == (c.float16, c.storage16, c.int64)
+  assert (info["shaderFloat16"] == "true", info["storageBuffer16BitAccess"] == "true", info["shaderInt64"] == "true",
+          info["shaderSignedZeroInfNanPreserveFloat32"] == "true") == (c.float16, c.storage16, c.int64, c.nan_preserve)
 
 
 @pytest.mark.skipif(REASON is None and not VALIDATION, reason="the Vulkan validation layer (vulkan-validationlayers) is not installed")

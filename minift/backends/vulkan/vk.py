@@ -904,7 +904,8 @@ class Device:
       non_coherent_atom_size=lim.nonCoherentAtomSize, max_memory_allocation_size=m3.maxMemoryAllocationSize,
       timestamp_period=lim.timestampPeriod, timestamp_bits=family.timestampValidBits,
       float16=bool(f16.shaderFloat16), int8=bool(f16.shaderInt8), int16=bool(core.shaderInt16), int64=bool(core.shaderInt64),
-      float64=bool(core.shaderFloat64), nan_preserve=fc in chain and bool(fc.shaderSignedZeroInfNanPreserveFloat32), storage16=bool(s16.storageBuffer16BitAccess), storage8=bool(s8.storageBuffer8BitAccess),
+      float64=bool(core.shaderFloat64), nan_preserve=fc in chain and bool(fc.shaderSignedZeroInfNanPreserveFloat32),
+      storage16=bool(s16.storageBuffer16BitAccess), storage8=bool(s8.storageBuffer8BitAccess),
       memory_heaps=tuple((mem.memoryHeaps[i].size, bool(mem.memoryHeaps[i].flags & HEAP_DEVICE_LOCAL)) for i in range(mem.memoryHeapCount)),
       memory_types=tuple((_memory_flag_names(mem.memoryTypes[i].propertyFlags), mem.memoryTypes[i].heapIndex) for i in range(mem.memoryTypeCount)),
       unified_memory=unified, pipeline_cache_uuid=bytes(p.pipelineCacheUUID).hex())
