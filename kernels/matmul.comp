@@ -16,7 +16,7 @@
 //   MM_STORE(acc, b, i, j)  write one result (the backend's mm_store applies the epilogue)
 //   A_K_FAST, B_N_FAST      load tiles walking k (resp. n) fastest: coalesced when that is the
 //                           operand's contiguous axis
-// Without MM_STORE (kernels/matmul_lab.py's Vulkan versions) the defaults below declare row-major
+// Without MM_STORE (tools/kernel_test.py --device vulkan runs it so) the defaults below declare row-major
 // out, A and B in bindings 0, 1 and 2; B_HALF stores B as float16 (16-bit storage).
 
 #ifndef IDX
