@@ -61,6 +61,7 @@ class Recording:
   rng_used: int     # random numbers the call drew
   rng0: int         # Tensor._rng_counter when the capture began
   structure: object # the call's return value, its tensors replaced on replay
+  devices: set      # the backends its kernels run on
 
 
 class _Capture:
@@ -149,7 +150,7 @@ class jit:
         if isinstance(r, Slot): last_use[r.index] = n
     self.recording = Recording(steps, last_use, out_slots, len(cap.slots), _donated(steps, last_use, out_slots),
                                [(resolve(r), shape, view, moves) for r, shape, view, moves in returns],
-                               Tensor._rng_counter - rng0, rng0, ret)
+                               Tensor._rng_counter - rng0, rng0, ret, {st.kernel.device for st in steps})
     return ret
 
   def _replay(self, inputs):
@@ -176,6 +177,7 @@ class jit:
       out = run_kernel(kernel, ins, target, rand_key, upcoming(n))
       if isinstance(out_ref, Slot): slots[out_ref.index] = out
       for s in frees.get(n, ()): slots[s] = None
+    for name in rec.devices: get_device(name).submit()   # one submit per replay where a backend records kernels
     Tensor._rng_counter = rng_start + rec.rng_used
     made = iter([self._wrap(get(r), shape, view, moves) for r, shape, view, moves in rec.returns])
     return _rebuild(rec.structure, made)

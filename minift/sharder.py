@@ -2,8 +2,8 @@
 gradients) paged between device memory, host RAM and disk under byte budgets.
 
 Every managed Buffer gets a Page, which lives in exactly one tier:
-  gpu   (OpenCL buffers) buf.data is a device buffer kernels read
-  ram   a NumPy array in host memory: buf.data for the NumPy backend, page.host for OpenCL
+  gpu   (OpenCL and Vulkan buffers) buf.data is device memory kernels read
+  ram   a NumPy array in host memory: buf.data for the NumPy backend, page.host for the GPU ones
   disk  nothing in memory; the bytes are in the page's shard file or, for a frozen weight
         memory-mapped from a weight file, in that file (re-read from there, never written)
 Before a kernel runs, run_kernel hands its input buffers to acquire(): each is brought up to
@@ -350,9 +350,7 @@ class Sharder(Pager):
       dev = buf.device
       page.host = dev.to_numpy(buf)
       self.used["ram"] += page.nbytes
-      dev.forget_copies(buf)   # drop a texture copy of it too
-      mem, buf.data = buf.data, None
-      mem.release()
+      dev.page_out(buf)
       page.tier = "ram"
       self.used["gpu"] -= page.nbytes
     else:
@@ -442,9 +440,7 @@ class Sharder(Pager):
       self._note("load", page)
     if page.tier == "ram" and page.top == "gpu":
       self._make_room("gpu", page.nbytes, protect)
-      dev = buf.device
-      buf.data = dev._alloc(page.nbytes)
-      dev.copy_in(buf, page.host)
+      buf.device.page_in(buf, page.host)
       page.host, page.tier = None, "gpu"
       self.used["gpu"] += page.nbytes
       self.used["ram"] -= page.nbytes

@@ -3,8 +3,8 @@ import minift
 
 
 def _devices():
-  # "opencl" only where minift really has it (available_devices() falls back silently otherwise)
-  return ["numpy", "numpy-blocks", "numpy-c"] + [d for d in minift.available_devices() if d == "opencl"]
+  # the GPU backends only where minift really has them (available_devices() falls back silently otherwise)
+  return ["numpy", "numpy-blocks", "numpy-c"] + [d for d in minift.available_devices() if d in ("opencl", "vulkan")]
 
 
 @pytest.fixture(params=_devices())

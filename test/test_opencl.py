@@ -327,7 +327,7 @@ def test_a_full_binary_cache_keeps_only_the_newest(tmp_path):
 
 
 def test_installed_package_finds_its_kernels(tmp_path):
-  # a plain (non-editable) install carries kernels/ (*.cl, attention.c) inside the package as minift/kernels
+  # a plain (non-editable) install carries kernels/ (*.cl, *.comp, attention.c) inside the package as minift/kernels
   src, site = tmp_path / "src", tmp_path / "site"
   for part in ("minift", "models", "kernels"):   # from a clean copy: a build/ left in the checkout would be reused
     shutil.copytree(ROOT / part, src / part, ignore=shutil.ignore_patterns("__pycache__"))
@@ -336,6 +336,7 @@ def test_installed_package_finds_its_kernels(tmp_path):
                      capture_output=True, text=True, timeout=300)
   assert r.returncode == 0, r.stderr
   assert (site / "minift" / "kernels" / "matmul.cl").exists() and (site / "minift" / "kernels" / "attention.c").exists()
+  assert (site / "minift" / "kernels" / "matmul.comp").exists()   # the Vulkan backend's matmul
   code = ("import numpy as np, minift\nfrom minift import Tensor\nprint(minift.__file__)\n"
           "a = np.arange(12, dtype=np.float32).reshape(3, 4)\n"
           "print(Tensor(a, device='opencl').device, np.abs((Tensor(a, device='opencl') @ Tensor(a.T, device='opencl')).numpy() - a @ a.T).max())\n"
@@ -358,7 +359,7 @@ def test_fallback_when_the_device_names_nothing():
           "t = Tensor(np.ones(3, np.float32), device='opencl') * 2\n"
           "print(t.device, minift.available_devices(), t.numpy())")
   r = _child(code, MINIFT_CL_DEVICE="no-such-device-xyz")
-  assert r.stdout.split()[0] == "numpy" and "['numpy']" in r.stdout
+  assert r.stdout.split()[0] == "numpy" and "['numpy'" in r.stdout and "'opencl'" not in r.stdout
   assert r.stderr.count("OpenCL unavailable") == 1 and "no-such-device-xyz" in r.stderr
 
 

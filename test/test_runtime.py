@@ -126,7 +126,7 @@ def test_a_toy_backend_is_one_class_and_one_registry_line(monkeypatch):
   a.assign(a + 1).realize()   # an in-place update: written into a's own buffer
   np.testing.assert_array_equal(a.numpy(), x + 1)
   assert "toy" in registry.available_devices()
-  with pytest.raises(ValueError, match="unknown device 'tpu'; expected one of 'numpy', 'opencl', 'toy'"):
+  with pytest.raises(ValueError, match="unknown device 'tpu'; expected one of 'numpy', 'opencl', 'vulkan', 'toy'"):
     Tensor(x, device="tpu")
 
 

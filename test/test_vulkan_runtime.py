@@ -1,4 +1,4 @@
-"""The Vulkan layer (minift/vulkan.py) on the Vulkan device here (Mesa's lavapipe in CI): hand-written
+"""The Vulkan layer (minift/backends/vulkan/vk.py) on the Vulkan device here (Mesa's lavapipe in CI): hand-written
 GLSL compute shaders against NumPy, memory, caches, errors, and the validation layer watching all of it.
 
 Skipped, with the reason, only where there is no Vulkan loader or no device. Where the Khronos
@@ -7,7 +7,7 @@ a missing barrier is an error) and a test fails if it reported anything."""
 import os, re, shutil, struct, subprocess, sys
 import numpy as np
 import pytest
-from minift import vulkan as vk
+from minift.backends.vulkan import vk
 
 
 def _why_unavailable():
@@ -301,7 +301,7 @@ def test_kernel_caches_hit_on_second_use(tmp_path):
   cache = tmp_path / "cache"
   first = _device(tmp_path, cache_dir=cache)
   k = first.kernel("affine", UNARY, 2, 12)
-  assert first.compiler.stats == {"compiled": 1, "cache_hits": 0} and first.stats["pipelines"] == 1
+  assert first.compiler.stats == {"compiled": 1, "cache_hits": 0, "processes": 1} and first.stats["pipelines"] == 1
   assert first.kernel("affine", UNARY, 2, 12) is k   # in memory: nothing compiled or created again
   assert first.compiler.stats["compiled"] == 1 and first.stats["pipelines"] == 1
   first.close()
@@ -311,7 +311,7 @@ def test_kernel_caches_hit_on_second_use(tmp_path):
   second = _device(tmp_path, cache_dir=cache)   # a new start: SPIR-V from disk, the pipeline cache loaded
   assert second.pipeline_cache_loaded == saved
   k = second.kernel("affine", UNARY, 2, 12)
-  assert second.compiler.stats == {"compiled": 0, "cache_hits": 1}
+  assert second.compiler.stats == {"compiled": 0, "cache_hits": 1, "processes": 0}
   if second.feedback and saved > 32:   # drivers that store pipelines (lavapipe keeps only a 32-byte header) say it was a hit
     assert second.stats["pipeline_cache_hits"] == 1
   x = np.arange(100, dtype=np.float32)
@@ -319,12 +319,29 @@ def test_kernel_caches_hit_on_second_use(tmp_path):
   second.dispatch(k, _groups(100), [out, _array(second, x)], struct.pack("<Iff", 100, 2.0, 1.0))
   np.testing.assert_array_equal(second.download(out, np.float32), 2 * x + 1)
   second.kernel("affine2", UNARY.replace("p.mul + p.add", "p.mul - p.add"), 2, 12)   # another source compiles
-  assert second.compiler.stats == {"compiled": 1, "cache_hits": 1}
+  assert second.compiler.stats == {"compiled": 1, "cache_hits": 1, "processes": 1}
 
   for spv in cache.glob("*.spv"): spv.write_bytes(b"not SPIR-V")   # a damaged cache file is compiled again
   third = _device(tmp_path, cache_dir=cache)
   third.kernel("affine", UNARY, 2, 12)
-  assert third.compiler.stats == {"compiled": 1, "cache_hits": 0}
+  assert third.compiler.stats == {"compiled": 1, "cache_hits": 0, "processes": 1}
+
+
+@pytest.mark.parametrize("name", ["glslc", "glslangValidator"])
+def test_compile_many_batches_and_names_the_failing_shader(tmp_path, name):
+  path = shutil.which(name)
+  if path is None: pytest.skip(f"{name} is not installed")
+  c = vk.GLSLCompiler(tmp_path, path)
+  items = [(f"affine{i}", UNARY.replace("p.mul + p.add", f"p.mul + p.add + {i}.0")) for i in range(6)]
+  c.compile_many(items + items[:2])   # the repeats compile once
+  assert c.stats["compiled"] == 6 and c.stats["processes"] == (min(6, os.cpu_count()) if name == "glslc" else 6)   # glslc: many shaders per process
+  assert all(c.compile(n, s) == c._spirv[c._key(s, "")] for n, s in items) and c.stats["compiled"] == 6
+  broken = ("broken_kernel", UNARY.replace("p.mul + p.add", "p.mul + not_declared_anywhere"))
+  fresh = [(f"more{i}", UNARY.replace("p.mul + p.add", f"p.mul * {i}.0")) for i in range(3)]
+  with pytest.raises(vk.ShaderCompileError) as e: c.compile_many(fresh + [broken])
+  assert "broken_kernel" in str(e.value) and "not_declared_anywhere" in str(e.value)
+  c.compile_many(fresh)
+  assert c.stats["compiled"] == 9   # the good ones beside the broken one were compiled and kept
 
 
 def test_compile_error_names_kernel_and_carries_compiler_message(dev):
@@ -372,6 +389,27 @@ def test_suballocation_reuses_freed_space(tmp_path):
   held = d.bytes_reserved
   d.trim()
   assert d.bytes_reserved == held - (3 << 20)
+
+
+def test_a_long_recording_reuses_freed_space_behind_a_barrier(tmp_path):
+  """Intermediates freed while the recording still uses them: when nothing else fits, their space
+  is handed out again behind a barrier, so the chain neither grows the memory nor submits early
+  (and the validation layer's synchronization checks see no hazard)."""
+  d = _device(tmp_path, block_size=64 << 10)
+  n = 4096   # 16 KiB: four fit in the block
+  x = _array(d, np.ones(n, np.float32))
+  k = _add(d)
+  for step in range(10):   # x <- x + x, each result in new memory, the old one freed at once
+    y = d.alloc(4 * n)
+    d.dispatch(k, _groups(n), [y, x, x], struct.pack("<If", n, 1.0))
+    d.free(x)
+    x = y
+  assert d.stats["allocations"] == 1 and d.stats["submits"] == 0
+  late = d.alloc(4 * n)   # recycled space that the recorded commands may still read: writing it from the host waits for them
+  d.upload(late, np.full(n, 7, np.float32))
+  assert d.stats["submits"] == 1
+  np.testing.assert_array_equal(d.download(x, np.float32), np.full(n, 2.0 ** 10, np.float32))
+  np.testing.assert_array_equal(d.download(late, np.float32), np.full(n, 7, np.float32))
 
 
 def test_dispatch_checks_bindings_push_constants_and_limits(dev):
@@ -456,7 +494,8 @@ def test_caps_agree_with_vulkaninfo(dev):
     c.max_storage_buffer_range, c.max_shared_memory, c.max_workgroup_invocations, c.max_push_constants_size,
     c.min_storage_buffer_offset_alignment, c.non_coherent_atom_size, c.max_storage_buffers, c.subgroup_size)
   assert float(info["timestampPeriod"]) == pytest.approx(c.timestamp_period)
-  assert (info["shaderFloat16"] == "true", info["storageBuffer16BitAccess"] == "true", info["shaderInt64"] == "true") == (c.float16, c.storage16, c.int64)
+  assert (info["shaderFloat16"] == "true", info["storageBuffer16BitAccess"] == "true", info["shaderInt64"] == "true",
+          info["shaderSignedZeroInfNanPreserveFloat32"] == "true") == (c.float16, c.storage16, c.int64, c.nan_preserve)
 
 
 @pytest.mark.skipif(REASON is None and not VALIDATION, reason="the Vulkan validation layer (vulkan-validationlayers) is not installed")
@@ -472,7 +511,7 @@ def test_validation_layer_reports_misuse(tmp_path):
 
 
 def test_validation_asked_for_but_missing_warns(tmp_path):
-  code = "import minift.vulkan as vk; d = vk.Device(); print('validating', d.instance.validation); d.close()"
+  code = "from minift.backends.vulkan import vk; d = vk.Device(); print('validating', d.instance.validation); d.close()"
   env = {**os.environ, "MINIFT_VK_VALIDATION": "1", "VK_LAYER_PATH": str(tmp_path), "MINIFT_CACHE_DIR": str(tmp_path)}   # no layers there
   r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env, cwd=os.path.dirname(os.path.dirname(__file__)))
   assert r.returncode == 0, r.stderr

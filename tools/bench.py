@@ -4,6 +4,7 @@
   python tools/bench.py                      # all foundation benchmarks on the NumPy backend
   python tools/bench.py --task matmul --repeat 10
   python tools/bench.py --device opencl --json out.json
+  python tools/bench.py --device vulkan --task matmul,lora_step
 
 Tasks: matmul (GPT-2 shapes vs np.matmul), elementwise (a fused chain vs the same NumPy
 expression), softmax and layernorm (vs NumPy), block (a GPT-2-small block, d=768, 12 heads,
@@ -25,6 +26,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "test"))
 from minift import Tensor, jit   # noqa: E402  (before NumPy: minift/__init__.py sets how OpenBLAS threads idle)
 from minift.errors import ArgumentParser, UserError, check_output, integer, run, writing   # noqa: E402
+from minift.runtime.device import BACKENDS   # noqa: E402
 import numpy as np   # noqa: E402
 
 
@@ -476,14 +478,17 @@ FOUNDATION = ["matmul", "elementwise", "softmax", "block", "overhead"]
 
 def main(argv=None):
   ap = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  ap.add_argument("--task", default="all", choices=["all"] + list(TASKS) + ["layernorm"], help="which benchmark (default: all)")
-  ap.add_argument("--device", default="numpy", choices=["numpy", "opencl"], help="minift backend")
+  ap.add_argument("--task", default="all", help=f"which benchmark, or several separated by commas: all, {', '.join(list(TASKS) + ['layernorm'])} (default: all)")
+  ap.add_argument("--device", default="numpy", choices=list(BACKENDS), help="minift backend")
   ap.add_argument("--repeat", type=integer(1), default=5, help="timed runs of each side (default 5)")
   ap.add_argument("--json", help="also write the rows to this JSON file")
   args = ap.parse_args(argv)
   if args.json: check_output(args.json, "--json")
+  asked = args.task.split(",")
+  unknown = [t for t in asked if t not in ["all", "layernorm"] + list(TASKS)]
+  if unknown: ap.error(f"--task: unknown {', '.join(unknown)}; expected all or some of {', '.join(list(TASKS) + ['layernorm'])}")
   os.environ["MINIFT_DEVICE"] = args.device   # models and step tasks create their tensors on it
-  tasks = FOUNDATION if args.task == "all" else ["softmax" if args.task == "layernorm" else args.task]
+  tasks = list(dict.fromkeys(t for a in asked for t in (FOUNDATION if a == "all" else ["softmax" if a == "layernorm" else a])))
   rows = []
   for t in tasks: TASKS[t](rows, args.device, args.repeat)
   if args.json:

@@ -25,6 +25,7 @@ Prints per-subject accuracy, then micro and macro averages; the last line is
 import argparse, csv, glob, io, json, os, sys, time
 from collections import defaultdict
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from minift.runtime.device import BACKENDS   # noqa: E402
 import minift   # noqa: F401,E402  (before NumPy: minift/__init__.py sets how OpenBLAS threads idle)
 import numpy as np
 from tqdm import tqdm
@@ -129,9 +130,11 @@ def main(argv=None):
   ap.add_argument("--batch_size", type=integer(1), default=1)
   ap.add_argument("--lora", default=None, help="a PEFT LoRA adapter folder, merged into the weights")
   ap.add_argument("--dtype", default="float32", choices=["float32", "float16"])
+  ap.add_argument("--device", choices=list(BACKENDS), default=None, help="backend (default: MINIFT_DEVICE or numpy)")
   ap.add_argument("--json", default=None, help="also write the results to this JSON file")
   args = ap.parse_args(argv)
   if args.json: check_output(args.json, "--json")
+  if args.device: os.environ["MINIFT_DEVICE"] = args.device
 
   if args.k and args.split == "dev": raise UsageError("--k: k-shot examples come from dev, so dev cannot be the evaluated split")
   if args.data.endswith(".jsonl"):

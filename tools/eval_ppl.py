@@ -12,6 +12,7 @@ Hamlet at --ctx 512). PPL = exp(mean NLL). The last line is `ppl=<value> tokens=
 """
 import argparse, json, math, os, sys, time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from minift.runtime.device import BACKENDS   # noqa: E402
 from tqdm import tqdm
 from minift.data import read_text as read_utf8
 from minift.errors import ArgumentParser, MissingFile, UsageError, check_output, integer, run, writing
@@ -45,9 +46,11 @@ def main(argv=None):
   ap.add_argument("--lora", default=None, help="a PEFT LoRA adapter folder, merged into the weights")
   ap.add_argument("--batch_size", type=integer(1), default=1, help="windows per forward pass")
   ap.add_argument("--dtype", default="float32", choices=["float32", "float16"], help="weight storage")
+  ap.add_argument("--device", choices=list(BACKENDS), default=None, help="backend (default: MINIFT_DEVICE or numpy)")
   ap.add_argument("--json", default=None, help="also write the results to this JSON file")
   args = ap.parse_args(argv)
   if args.json: check_output(args.json, "--json")
+  if args.device: os.environ["MINIFT_DEVICE"] = args.device
 
   text, source = read_text(args)
   t0 = time.time()

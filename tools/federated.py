@@ -19,6 +19,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from finetune import default_model   # tools/finetune.py: this script's folder is on sys.path
 from minift.errors import ArgumentParser, MissingFile, UsageError, UserError, integer, number, run
+from minift.runtime.device import BACKENDS
 
 
 def default_texts():
@@ -54,7 +55,9 @@ def parse_args(argv=None):
   a("--baselines", action="store_true", help="after the federated run: client 0 alone and central training on all shards, same rounds")
   a("--write_app", metavar="DIR", help="write the Flower app (pyproject.toml) to DIR and exit; paths in it are the server host's")
   a("--quiet", action="store_true", help="do not echo the server log")
+  a("--device", choices=list(BACKENDS), default=None, help="backend of the server and the clients started here (default: MINIFT_DEVICE or numpy)")
   args = ap.parse_args(argv)
+  if args.device: os.environ["MINIFT_DEVICE"] = args.device   # the SuperNodes started here inherit it
   if args.model is None:
     args.model = default_model()
     if args.model is None: ap.error("--model is required (the demo model needs: python tools/get_assets.py --demo)")

@@ -23,6 +23,7 @@ import argparse, contextlib, glob, json, math, os, shutil, signal, sys, threadin
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from minift import energy
 from minift.errors import ArgumentParser, UsageError, UserError, integer, number, read_json, run
+from minift.runtime.device import BACKENDS
 
 
 def default_model():
@@ -78,10 +79,10 @@ def parse_args(argv=None):
   a("--save_interval", type=integer(0), default=0, help="checkpoint every N steps, 0 for only at the end (default 0)")
   a("--resume", action="store_true", help="continue from <out>/checkpoint: same settings and data, except that --lr and "
     "--clip_grad_norm may change (e.g. lowered after a divergence; they apply from the checkpoint's step on)")
-  a("--device", choices=["numpy", "opencl"], default=None, help="backend (default: MINIFT_DEVICE or numpy)")
+  a("--device", choices=list(BACKENDS), default=None, help="backend (default: MINIFT_DEVICE or numpy)")
   a("--shard_enable", action="store_true", help="page weights, trainable state and optimizer moments to disk under --shard_budget_mb")
   a("--shard_budget_mb", type=number(0, low_open=True), default=None, help="host RAM the paged tensors may use, in MiB (default 512 with --shard_enable; implies it)")
-  a("--gpu_budget_mb", type=number(0, low_open=True), default=None, help="OpenCL device memory the paged tensors may use, in MiB (implies --shard_enable)")
+  a("--gpu_budget_mb", type=number(0, low_open=True), default=None, help="GPU (OpenCL or Vulkan) memory the paged tensors may use, in MiB (implies --shard_enable)")
   a("--shard_optimizer_only", action="store_true", help="page only the optimizer moments (weights and gradients stay in memory): "
     "a full fine-tune's Adam moments are twice the weights and only the update reads them; implies --shard_enable")
   a("--shard_dir", default=None, help="where the shard folder is made (default: the system temp folder); removed at exit")

@@ -9,6 +9,7 @@ repeatability). --chat wraps the prompt as a user message with the model's chat 
 import argparse, os, sys, time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from minift.errors import ArgumentParser, UsageError, integer, number, run
+from minift.runtime.device import BACKENDS
 
 
 def main(argv=None, out=sys.stdout):
@@ -24,7 +25,9 @@ def main(argv=None, out=sys.stdout):
   ap.add_argument("--chat", action="store_true", help="format the prompt with the tokenizer's chat template")
   ap.add_argument("--lora", default=None, help="a PEFT LoRA adapter folder, merged into the weights")
   ap.add_argument("--dtype", default="float32", choices=["float32", "float16"])
+  ap.add_argument("--device", choices=list(BACKENDS), default=None, help="backend (default: MINIFT_DEVICE or numpy)")
   args = ap.parse_args(argv)
+  if args.device: os.environ["MINIFT_DEVICE"] = args.device
 
   from models import load
   from models.generation import generate

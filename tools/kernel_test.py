@@ -1,14 +1,17 @@
-"""Check minift's OpenCL backend on this machine: the command to run on a phone (Termux).
+"""Check minift's GPU backends on this machine: the command to run on a phone (Termux).
 
-  python tools/kernel_test.py              # caps, every hand kernel, fused graphs vs NumPy
-  python tools/kernel_test.py --quick      # small shapes only (a minute on a phone)
+  python tools/kernel_test.py                    # OpenCL: caps, every hand kernel, fused graphs vs NumPy
+  python tools/kernel_test.py --device vulkan    # the same on Vulkan
+  python tools/kernel_test.py --quick            # small shapes only (a minute on a phone)
   python tools/kernel_test.py --json out.json
 
-Lists the OpenCL platforms, devices and the caps of the one minift picks (MINIFT_CL_DEVICE to
-choose), runs every hand-written kernel of kernels/ and a set of fused graphs built with the
-Tensor API (softmax, layernorm, cross-entropy, a GPT-2 block forward and backward) on OpenCL and
-on NumPy, and prints one row per check: max abs error, pass/fail, and GFLOP/s (matmuls) or GB/s
-(memory-bound graphs). Exits 1 if any check fails, 2 if there is no usable OpenCL device.
+Lists the OpenCL platforms and devices (or the Vulkan devices) and the caps of the one minift picks
+(MINIFT_CL_DEVICE / MINIFT_VK_DEVICE to choose), runs the hand-written matmul kernels of kernels/
+(OpenCL: every version of matmul_lab.py; Vulkan: matmul.comp with float and half B) and a set of
+fused graphs built with the Tensor API (softmax, layernorm, cross-entropy, a GPT-2 block forward
+and backward) on the device and on NumPy, and prints one row per check: max abs error, pass/fail,
+and GFLOP/s (matmuls) or GB/s (memory-bound graphs). Exits 1 if any check fails, 2 if the device
+is not usable.
 """
 import argparse, importlib.util, json, sys, time
 from pathlib import Path
@@ -27,6 +30,18 @@ def list_platforms():
     rows.append(dict(index=f"{pi}:{di}", platform=p.name.strip(), device=d.name.strip(), type=device_type_name(d),
                      version=d.version.strip(), driver=d.driver_version.strip()))
   return rows
+
+
+def list_vulkan_devices():
+  """Every Vulkan device the loader lists, as dicts (index, device, type, version)."""
+  from minift.backends.vulkan import vk
+  instance = vk.Instance(validation=False)
+  try:
+    return [dict(index=str(i), platform="Vulkan", device=vk._text(p.deviceName), type=vk.DEVICE_TYPES.get(p.deviceType, "other"),
+                 version=f"Vulkan {vk.version_str(p.apiVersion)}", driver=vk.driver_version_str(p.vendorID, p.driverVersion))
+            for i, _, p in instance.physical_devices()]
+  finally:
+    instance.close()
 
 
 def _lab():
@@ -52,7 +67,39 @@ def hand_kernels(dev, quick, repeat):
   return rows
 
 
-# ---- fused graphs: the same Tensor code on OpenCL and on NumPy
+def vulkan_matmuls(dev, quick, repeat):
+  """kernels/matmul.comp on its default row-major bindings (float B, and half B where the device
+  has 16-bit storage) against NumPy."""
+  from minift.helpers import read_kernel
+  from minift.codegen.gpu import first_config
+  vk, rng, rows = dev.vk, np.random.default_rng(0), []
+  shapes = [(100, 70, 36), (256, 768, 768)] if quick else [(100, 70, 36), (512, 768, 768), (512, 3072, 768), (512, 768, 3072)]
+  for m, n, k in shapes:
+    c = first_config(m, n)
+    for half in ([False, True] if dev.storage.half16 else [False]):
+      a, b = rng.standard_normal((m, k)).astype(np.float32), rng.standard_normal((k, n)).astype(np.float32)
+      if half: b = b.astype(np.float16)
+      defines = dict(MM_M=m, MM_N=n, MM_K=k, BM=c.bm, BN=c.bn, BK=c.bk, TM=c.tm, TN=c.tn, **({"B_HALF": 1} if half else {}))
+      src = dev.storage.head() + "".join(f"#define {key} {v}\n" for key, v in defines.items()) + read_kernel("matmul.comp")
+      kernel = vk.kernel(f"matmul_{'half' if half else 'float'}_{m}x{n}x{k}", src, 3)
+      ma, mb, mo = vk.alloc(a.nbytes), vk.alloc(b.nbytes), vk.alloc(m * n * 4)
+      vk.upload(ma, a)
+      vk.upload(mb, b)
+      best = float("inf")
+      for _ in range(max(repeat, 1)):
+        t = time.perf_counter()
+        vk.dispatch(kernel, (-(-n // c.bn), -(-m // c.bm), 1), [mo, ma, mb])
+        vk.flush()
+        best = min(best, time.perf_counter() - t)
+      got, want = vk.download(mo, np.float32).reshape(m, n), a @ b.astype(np.float32)
+      err = float(np.abs(got - want).max())
+      rows.append(dict(check=f"matmul.comp {'half B' if half else 'float'}", shape=f"{m}x{n}x{k}", max_abs_err=err,
+                       ok=bool(err <= 1e-3 * max(1.0, float(np.abs(want).max()))), rate=2 * m * n * k / best / 1e9, unit="GFLOP/s"))
+      for mem in (ma, mb, mo): vk.free(mem)
+  return rows
+
+
+# ---- fused graphs: the same Tensor code on the device and on NumPy
 
 def gpt2_block(x, p, n_head):
   """A GPT-2 block (pre-LayerNorm attention and GELU MLP, residuals) on (B, T, C) x."""
@@ -119,17 +166,18 @@ def _graphs(quick):
 
 def fused_graphs(dev, quick, repeat):
   from minift import Tensor
+  name_of = dev.name
   rows = []
   for name, shape, build, arrays, nbytes, flops in _graphs(quick):
     want = [t.numpy() for t in Tensor.realize_all(*build(arrays, "numpy"))]
-    got = [t.numpy() for t in Tensor.realize_all(*build(arrays, "opencl"))]   # also compiles
+    got = [t.numpy() for t in Tensor.realize_all(*build(arrays, name_of))]   # also compiles
     err = max(float(np.abs(g.astype(np.float64) - w).max()) if g.size else 0.0 for g, w in zip(got, want))
     scale = max(float(np.abs(w).max()) if w.size else 0.0 for w in want)
     tol = 1e-4 * max(scale, 1.0)
     best = float("inf")
     for _ in range(repeat):
       t = time.perf_counter()
-      Tensor.realize_all(*build(arrays, "opencl"))
+      Tensor.realize_all(*build(arrays, name_of))
       dev.synchronize()
       best = min(best, time.perf_counter() - t)
     row = dict(check=name, shape=shape, max_abs_err=err, ok=bool(err <= tol and all(g.shape == w.shape for g, w in zip(got, want))))
@@ -142,33 +190,44 @@ def fused_graphs(dev, quick, repeat):
 
 def main():
   p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--device", default="opencl", choices=["opencl", "vulkan"], help="the GPU backend to check (default: opencl)")
   p.add_argument("--quick", action="store_true", help="small shapes only")
   p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
   p.add_argument("--repeat", type=integer(1), default=3, help="timed runs per check (best is reported)")
   args = p.parse_args()
   if args.json: check_output(args.json, "--json")
-  report = dict(platforms=[], caps=None, results=[])
+  title = {"opencl": "OpenCL", "vulkan": "Vulkan"}[args.device]
+  report = dict(device=args.device, platforms=[], caps=None, results=[])
   try:
-    report["platforms"] = list_platforms()
-  except Exception as e:   # no pyopencl or no ICD loader
-    print(f"cannot list OpenCL platforms: {type(e).__name__}: {e}")
+    report["platforms"] = list_platforms() if args.device == "opencl" else list_vulkan_devices()
+  except Exception as e:   # no pyopencl or ICD loader; no Vulkan loader
+    print(f"cannot list {title} devices: {type(e).__name__}: {e}")
   from minift.runtime import device
-  dev = device.start("opencl")   # the device the Tensor API uses; None (and a warning saying why) if unusable
+  dev = device.start(args.device)   # the device the Tensor API uses; None (and a warning saying why) if unusable
   if dev is None:
     for r in report["platforms"]: print(f"  {r['index']}  {r['platform']} / {r['device']}")
-    reason = device.unavailable.get("opencl", "unknown reason")
+    reason = device.unavailable.get(args.device, "unknown reason")
     if args.json:
-      with writing(args.json): Path(args.json).write_text(json.dumps(dict(report, error=f"no usable OpenCL device: {reason}"), indent=1))
-    raise NoDevice(f"no usable OpenCL device ({reason}); MINIFT_CL_DEVICE picks one of the devices listed above")
+      with writing(args.json): Path(args.json).write_text(json.dumps(dict(report, error=f"no usable {title} device: {reason}"), indent=1))
+    pick = "MINIFT_CL_DEVICE picks one of the devices listed above" if args.device == "opencl" else "MINIFT_VK_DEVICE picks one of the devices listed above"
+    raise NoDevice(f"no usable {title} device ({reason}); {pick}")
 
-  print("OpenCL platforms and devices:")
+  print(f"{title} {'platforms and devices' if args.device == 'opencl' else 'devices'}:")
   for r in report["platforms"]: print(f"  {r['index']}  {r['platform']} / {r['device']} ({r['type']}, {r['version']}, driver {r['driver']})")
   caps = dev.caps.as_dict()
-  report["caps"] = {k: v for k, v in caps.items() if k != "extensions"}
+  report["caps"] = {k: v for k, v in caps.items() if k not in ("extensions", "memory_types")}
   print(f"\nusing {dev.caps.name}:")
   for k, v in report["caps"].items(): print(f"  {k:<22s} {v}")
-  results = hand_kernels(dev, args.quick, args.repeat) + fused_graphs(dev, args.quick, args.repeat)
-  report["results"], report["kernel_cache"] = results, dict(dev.stats, dir=str(dev.cache_dir))
+  hand = hand_kernels(dev, args.quick, args.repeat) if args.device == "opencl" else vulkan_matmuls(dev, args.quick, args.repeat)
+  results = hand + fused_graphs(dev, args.quick, args.repeat)
+  if args.device == "opencl":
+    report["kernel_cache"] = dict(dev.stats, dir=str(dev.cache_dir))
+    cache = f"programs built {dev.stats['built']}, loaded from the cache {dev.stats['cache_hits']} ({dev.cache_dir})"
+  else:
+    stats = dev.vk.compiler.stats
+    report["kernel_cache"] = dict(stats, pipelines=dev.stats["pipelines"], submits=dev.stats["submits"], dir=str(dev.cache_dir))
+    cache = f"shaders compiled {stats['compiled']}, loaded from the cache {stats['cache_hits']} ({dev.cache_dir})"
+  report["results"] = results
   print(f"\n{'check':<32s} {'shape':<18s} {'max abs err':>12s} {'result':>7s} {'rate':>16s}")
   for r in results:
     if "skipped" in r:
@@ -177,8 +236,7 @@ def main():
     rate = f"{r['rate']:.2f} {r['unit']}" if "rate" in r else ""
     print(f"{r['check']:<32s} {r['shape']:<18s} {r['max_abs_err']:12.3e} {'pass' if r['ok'] else 'FAIL':>7s} {rate:>16s}")
   failed = [r for r in results if not r["ok"]]
-  print(f"\n{len(results) - len(failed)} passed, {len(failed)} failed; programs built {dev.stats['built']}, "
-        f"loaded from the cache {dev.stats['cache_hits']} ({dev.cache_dir})")
+  print(f"\n{len(results) - len(failed)} passed, {len(failed)} failed; {cache}")
   if args.json:
     with writing(args.json): Path(args.json).write_text(json.dumps(report, indent=1, default=str))
   sys.exit(1 if failed else 0)

@@ -7,8 +7,8 @@ the required methods it declares as class attributes, which the executor, jit an
 (they never probe a device with hasattr).
 
 MINIFT_DEVICE (or device=) names the backend; 'numpy' always works. A backend that cannot
-start here (no pyopencl, no OpenCL platform, a failed self-check) falls back to NumPy with one
-warning.
+start here (no pyopencl or OpenCL platform, no Vulkan device or GLSL compiler, a failed
+self-check) falls back to NumPy with one warning.
 """
 import importlib, os, time
 from dataclasses import dataclass
@@ -25,7 +25,12 @@ class Device:
                   FusedAssigns program (jit asks, for the updates it replays).
   prepare()       called with the kernels of a schedule that run here before the first of them
                   runs (to build them all in one go); does nothing by default.
+  submit()        called once the last kernel of a schedule or a jit replay has been run(): a
+                  backend that records kernels into a command buffer (Vulkan) submits it here,
+                  once per realize; does nothing by default.
   written()       the buffers a kernel run wrote in place (the pager marks their disk copies stale).
+  page_out(), page_in()  a device-memory backend lets the pager (the sharder) take a buffer's memory
+                  back and give it memory again.
   """
   name = None
   runs_attention = False
@@ -60,6 +65,17 @@ class Device:
 
   def synchronize(self):
     """Wait until the work queued on the device is done."""
+
+  def submit(self):
+    """The kernels of a schedule (or a jit replay) have all been run(): start what was recorded."""
+
+  def page_out(self, buf):
+    """Give buf's device memory back now (the pager keeps its bytes elsewhere); buf.data becomes None."""
+    raise NotImplementedError(f"the {self.name} backend keeps buffers in host memory: the pager moves their arrays")
+
+  def page_in(self, buf, arr):
+    """Give a paged-out buf device memory again, holding the NumPy array arr."""
+    raise NotImplementedError(f"the {self.name} backend keeps buffers in host memory: the pager moves their arrays")
 
   def synchronize_time(self, start):
     """Seconds since time.perf_counter() was `start`, once the device finished its work (DEBUG=2)."""
@@ -113,6 +129,7 @@ class FusedAssigns:
 BACKENDS = {
   "numpy": "minift.backends.numpy:NumpyDevice",
   "opencl": "minift.backends.opencl:OpenCLDevice",
+  "vulkan": "minift.backends.vulkan:VulkanDevice",
 }
 FALLBACK = "numpy"   # the backend that always starts
 

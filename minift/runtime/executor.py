@@ -44,9 +44,11 @@ def run_kernel(kernel, ins, out=None, rand_key=None, upcoming=None):
 
 
 def run_schedule(schedule):
-  """Run kernels in order. Each kernel is detached from the graph after it runs, so
+  """Run kernels in order, then submit them (Device.submit: one submit per realize where a
+  backend records them). Each kernel is detached from the graph after it runs, so
   intermediates are freed as soon as nothing later reads them."""
-  for name in {k.device for k in schedule}:   # a backend may build the schedule's kernels in one go
+  devices = {k.device for k in schedule}
+  for name in devices:   # a backend may build the schedule's kernels in one go
     get_device(name).prepare([k for k in schedule if k.device == name])
   schedule.reverse()
   while schedule:
@@ -63,3 +65,4 @@ def run_schedule(schedule):
     k.out = k.inputs = None
     for cap in _captures: cap.record(k, out, ins, rand_key)
     del k, ins, out
+  for name in devices: get_device(name).submit()

@@ -6,21 +6,16 @@ Every kernel takes (out, data0, ..., dataN-1), the inputs in the order the sched
 plus a few extra arguments for some kinds (rand: key and counter; gather and scatter-add: an
 error flag). Arithmetic is done in float for float16 and float32; float16 is stored as half and
 moved with vload_half/vstore_half (no cl_khr_fp16 needed) and rounded to half after every op,
-as NumPy does. bool is stored as uchar, int64 as long.
-
-Indexing: a View maps a coordinate to an element. A kernel names its coordinates by "groups":
-(variable, axes) pairs, where the variable is the row-major flat index over those axes (gid
-over every axis of an elementwise kernel; gid over the kept and r over the reduced axes of a
-reduce; b, i, j, k over the batch, m, n and k axes of a matmul). Axes that merge into one
-stride cost one multiply, whatever their number; masked axes (pads) add a bounds check.
+as NumPy does. bool is stored as uchar, int64 as long. Indexing through views, matmul shapes and
+tiles are shared with the Vulkan backend (codegen/gpu.py).
 """
 from dataclasses import dataclass, field
-import numpy as np
 from minift.codegen.cstyle import CStyleLanguage
+from minift.codegen.gpu import (view_index, wide_index, round_up as _round_up, pow2_floor as _pow2_floor, assign_in_place_ok,
+                                rand_args, MatmulConfig, FALLBACKS, first_config, matmul_shape, fastest as _fastest, matmul_out_index)
 from minift.dtype import dtypes
 from minift.helpers import prod, read_kernel
 from minift.lazy import Op
-from minift.schedule import matmul_axes
 from minift.view import View
 
 
@@ -69,43 +64,6 @@ class Rendered:
   notes: dict = field(default_factory=dict)
 
 
-def _coord(var, inner, size, outermost):
-  """Coordinate of one run of axes inside a group's flat index `var`."""
-  c = var if inner == 1 else f"({var}/{inner})"
-  return c if outermost else f"({c}%{size})"
-
-
-def view_index(view, groups):
-  """(index expression, validity condition or None) of `view` at the coordinates `groups`
-  names. Axes in no group are at coordinate 0. The condition is "0" when nothing is valid."""
-  covered = {a for _, axes in groups for a in axes}
-  if view.mask is not None:
-    for a, (lo, hi) in enumerate(view.mask):
-      if lo >= hi or (a not in covered and not lo <= 0 < hi): return "0", "0"
-  terms, conds = [], []
-  for var, axes in groups:
-    axes = [a for a in axes if view.shape[a] != 1]
-    if not axes: continue
-    sizes = [view.shape[a] for a in axes]
-    inner = [prod(sizes[p + 1:]) for p in range(len(axes))]
-    start = 0
-    for p in range(1, len(axes) + 1):   # split into runs of axes that merge into one stride
-      if p < len(axes) and view.strides[axes[p - 1]] == view.strides[axes[p]] * sizes[p]: continue
-      stride = view.strides[axes[p - 1]]
-      if stride != 0:
-        c = _coord(var, inner[p - 1], prod(sizes[start:p]), start == 0)
-        terms.append(c if stride == 1 else f"{c}*{stride}" if stride > 0 else f"{c}*({stride})")
-      start = p
-    if view.mask is not None:
-      for p, a in enumerate(axes):
-        lo, hi = view.mask[a]
-        c = _coord(var, inner[p], sizes[p], p == 0)
-        if lo > 0: conds.append(f"{c}>={lo}")
-        if hi < view.shape[a]: conds.append(f"{c}<{hi}")
-  if view.offset: terms.append(f"({view.offset})" if view.offset < 0 else str(view.offset))
-  return " + ".join(terms) or "0", " && ".join(conds) or None
-
-
 class Renderer(OpenCLLanguage):
   """Expressions of one kernel at the coordinates `groups` names (see view_index). vector: the
   expressions are float4s of four neighbouring elements along the last axis (see vector_width)."""
@@ -135,9 +93,7 @@ class Renderer(OpenCLLanguage):
 
 def index_type(kernel, in_sizes):
   """int indices unless some buffer or loop is too big for them."""
-  sizes = [prod(kernel.shape)] + list(in_sizes)
-  if kernel.reduce is not None: sizes.append(prod(kernel.reduce.arg.shape))
-  return "long" if max(sizes) >= 2**31 - 1 else "int"
+  return "long" if wide_index(kernel, in_sizes) else "int"
 
 
 def signature(name, kernel, in_dtypes, extra=(), attrs=""):
@@ -145,15 +101,6 @@ def signature(name, kernel, in_dtypes, extra=(), attrs=""):
   params += [f"__global const {STYPE[d.name]}* data{i}" for i, d in enumerate(in_dtypes)]
   params += list(extra)
   return f"__kernel {attrs}void {name}({', '.join(params)})"
-
-
-def _round_up(n, m): return -(-n // m) * m
-
-
-def _pow2_floor(n):
-  p = 1
-  while p * 2 <= n: p *= 2
-  return p
 
 
 def render(kernel, in_dtypes, in_sizes, caps, max_local=256, config=None):
@@ -317,45 +264,12 @@ def render_rand(kernel, idx, max_local):
   return Rendered(kernel.name, src, *_launch_1d(n, max_local), extra_args=("key", "counter"))
 
 
-def rand_args(seed, counter):
-  """The (key, counter) kernel arguments of rand_uniform(n, seed, counter)."""
-  key = (seed * 0x9E3779B1 + (counter >> 32) * 0x85EBCA77) & 0xFFFFFFFF
-  return np.uint32(key), np.uint32(counter & 0xFFFFFFFF)
-
-
 # ---- matmul: kernels/matmul.cl with the operand access and the epilogue as macros
-
-@dataclass(frozen=True)
-class MatmulConfig:
-  """A tile of BM x BN outputs per work-group, TM x TN per work-item, BK deep in local memory."""
-  bm: int
-  bn: int
-  bk: int
-  tm: int
-  tn: int
-
-  @property
-  def threads(self): return (self.bn // self.tn) * (self.bm // self.tm)
-
-  def local_bytes(self): return 4 * self.bk * (self.bm + self.bn + 2)
-
-
-BIG, TALL, WIDE, SMALL = MatmulConfig(64, 64, 16, 4, 4), MatmulConfig(64, 16, 16, 4, 1), MatmulConfig(16, 64, 16, 1, 4), MatmulConfig(16, 16, 16, 1, 1)
-FALLBACKS = (MatmulConfig(32, 32, 16, 2, 2), MatmulConfig(16, 16, 8, 2, 2), MatmulConfig(8, 8, 8, 1, 1))
-
-
-def matmul_shape(kernel):
-  """(batch, m, n, k) axis groups and (batch, M, N, K) sizes of a matmul kernel."""
-  axes, in_shape, _ = kernel.reduce.arg
-  la, lb = kernel.reduce.srcs[0].srcs
-  groups = matmul_axes(la.arg.view, lb.arg.view, axes)
-  return groups, tuple(prod(in_shape[a] for a in g) for g in groups)
-
 
 def matmul_configs(kernel, caps):
   """Tile configurations to try, best first, that fit the device's work-group and local memory."""
   _, (_, m, n, _) = matmul_shape(kernel)
-  first = BIG if m >= 64 and n >= 64 else TALL if m >= 64 else WIDE if n >= 64 else SMALL
+  first = first_config(m, n)
   out = []
   for c in (first,) + FALLBACKS:
     if c in out: continue
@@ -364,19 +278,11 @@ def matmul_configs(kernel, caps):
   return out
 
 
-def _fastest(view, axes):
-  """True when the innermost of `axes` has stride 1 in view (loads along it coalesce)."""
-  axes = [a for a in axes if view.shape[a] != 1]
-  return bool(axes) and abs(view.strides[axes[-1]]) == 1
-
-
 def matmul_macros(kernel, in_dtypes, idx):
   """Defines shared by the buffer and image matmul kernels: sizes, the store with the fused
   epilogue, and the kernel arguments."""
   (batch, m, n, k), (nb, mm, nn, kk) = matmul_shape(kernel)
-  axes, in_shape, _ = kernel.reduce.arg
-  out_view = View.contiguous(tuple(1 if a in axes else s for a, s in enumerate(in_shape)))
-  oidx, _ = view_index(out_view, [("(b)", batch), ("(i)", m), ("(j)", n)])
+  oidx = matmul_out_index(kernel, batch, m, n)
   r = Renderer(kernel, in_dtypes)
   r.names[id(kernel.reduce)] = "red"
   red = "round_half(acc)" if kernel.reduce.dtype is dtypes.float16 else "acc"
@@ -427,19 +333,3 @@ def image_weight(kernel, in_sizes, caps):
   merged_k = view_index(view, [("k", k)])[0] in ("k", "0")
   merged_n = view_index(view, [("j", n)])[0] in (f"j*{kk}", "0")
   return (i, nn, kk) if kv and nv and merged_k and merged_n else None
-
-
-def assign_in_place_ok(kernel):
-  """True when every output element reads the assign target only at its own index, outside any
-  reduction, so writing the result straight into the target is safe."""
-  target = kernel.assign_target
-  out_shape = kernel.shape
-
-  def walk(node, in_reduce):
-    if node.op is Op.BUFFER:
-      if node.arg.input != target: return True
-      view = node.arg.view
-      return not in_reduce and view.is_contiguous() and prod(view.shape) == prod(out_shape)
-    inner = in_reduce or node.op in (Op.SUM, Op.RMAX, Op.GATHER, Op.SCATTER_ADD)
-    return all(walk(s, inner) for s in node.srcs)
-  return walk(kernel.ast, False)

@@ -16,11 +16,9 @@ import numpy as np
 import pyopencl as cl
 from minift.dtype import dtypes
 from minift.helpers import DEBUG, KERNEL_DIR, log, prod, prune_cache, touch_cache
-from minift.lazy import LazyOp, Op
 from minift.runtime.buffer import Buffer
 from minift.runtime.device import Device
-from minift.schedule import Kernel, KNode, LoadArg
-from minift.view import View
+from minift.codegen.gpu import split_kernel
 from minift.backends.opencl import codegen as cg
 
 BUILD_OPTIONS = ""   # no fast-math: results must match the NumPy backend
@@ -238,6 +236,15 @@ class OpenCLDevice(Device):
       image = self._images[buf] = self.weight_image(buf, rows, cols)
     return image
 
+  def page_out(self, buf):
+    self.forget_copies(buf)   # drop a texture copy of it too
+    mem, buf.data = buf.data, None
+    mem.release()             # to the driver, not the freed-buffer cache: the pager's budget is real memory
+
+  def page_in(self, buf, arr):
+    buf.data = self._alloc(buf.nbytes)
+    self.copy_in(buf, arr)
+
   def forget_copies(self, buf):
     self._images.pop(buf, None)
     self._weight_uses.pop(buf, None)
@@ -392,16 +399,9 @@ class OpenCLDevice(Device):
   def _split(self, kernel, ins):
     """A kernel with more input buffers than the device takes (a cat of many tensors): run
     subtrees of its AST as kernels of their own until the rest fits."""
-    limit = self.caps.max_buffers
-    while len(ins) > limit:
-      best = _largest_subtree(kernel, limit)
-      if best is None: raise RuntimeError(f"OpenCL: kernel {kernel.name} reads {len(ins)} buffers, more than {self.caps.name} takes ({limit}), and cannot be split")
-      node, shape = best
-      sub, sub_ins = _rebuild(node, ins, shape, node.dtype, kernel.device)
-      part = self.run(sub, sub_ins)
-      load = KNode(Op.BUFFER, (), LoadArg(len(ins), View.contiguous(shape)), node.dtype)
-      kernel, ins = _rebuild(kernel.ast, ins + [part], kernel.shape, kernel.dtype, kernel.device, {id(node): load}, kernel.assign_target)
-    return kernel, ins
+    done = split_kernel(kernel, ins, self.caps.max_buffers, self.run)
+    if done is None: raise RuntimeError(f"OpenCL: kernel {kernel.name} reads {len(ins)} buffers, more than {self.caps.name} takes ({self.caps.max_buffers}), and cannot be split")
+    return done
 
   def _check_index_error(self, kernel, ins):
     flag = np.zeros(1, np.int32)
@@ -431,54 +431,3 @@ class OpenCLDevice(Device):
     want = a * 2 + h.astype(np.float32)
     if not np.allclose(got, want, atol=1e-6):
       raise RuntimeError(f"OpenCL self-check failed on {self.caps.name}: max error {np.abs(got - want).max()}")
-
-
-# ---- splitting a kernel that reads too many buffers
-
-def _loads(node, memo=None):
-  """The set of input indices a subtree reads."""
-  memo = {} if memo is None else memo
-  if id(node) not in memo:
-    memo[id(node)] = {node.arg.input} if node.op is Op.BUFFER else set().union(*[_loads(s, memo) for s in node.srcs])
-  return memo[id(node)]
-
-
-def _largest_subtree(kernel, limit):
-  """(node, shape it is computed in) of the elementwise subtree reading the most buffers, at
-  most limit; None when there is none with two or more."""
-  best, memo, seen = None, {}, set()
-  reduce_shape = kernel.reduce.arg.shape if kernel.reduce is not None else None
-  stack = [(kernel.ast, kernel.shape)]
-  while stack:
-    node, shape = stack.pop()
-    if id(node) in seen: continue
-    seen.add(id(node))
-    if node.op in (Op.GATHER, Op.SCATTER_ADD, Op.RAND, Op.COPY, Op.BUFFER, Op.CONST): continue
-    if node.op in (Op.SUM, Op.RMAX):
-      if not node.arg.matmul: stack.append((node.srcs[0], reduce_shape))   # a matmul's operands are loads
-      continue
-    n = len(_loads(node, memo))
-    if node is not kernel.ast and 2 <= n <= limit and (best is None or n > best[0]): best = (n, node, shape)
-    stack.extend((s, shape) for s in node.srcs)
-  return None if best is None else best[1:]
-
-
-def _rebuild(ast, ins, shape, dtype, device, replace=None, assign_target=None):
-  """A Kernel computing `ast` (with nodes swapped per `replace`) over just the buffers it reads."""
-  replace, used = dict(replace or {}), {}
-  def copy(node):
-    if id(node) in replace: node = replace[id(node)]
-    if node.op is Op.BUFFER:
-      i, view = node.arg
-      return KNode(Op.BUFFER, (), LoadArg(used.setdefault(i, len(used)), view), node.dtype)
-    new = KNode(node.op, tuple(copy_memo(s) for s in node.srcs), node.arg, node.dtype)
-    return new
-  memo = {}
-  def copy_memo(node):   # keeps the DAG: a node used twice stays one node
-    if id(node) not in memo: memo[id(node)] = copy(node)
-    return memo[id(node)]
-  new_ast = copy_memo(ast)
-  order = sorted(used, key=used.get)
-  target = used.get(assign_target) if assign_target is not None else None
-  out = LazyOp(Op.CONTIGUOUS, (), None, shape, dtype, device)
-  return Kernel(out, [None] * len(order), new_ast, target), [ins[i] for i in order]

@@ -23,22 +23,27 @@ Only what compute needs, in one file:
   piece and need nothing special. `Device.bindings_for(nbytes)` says k before a Memory exists. Pieces of
   one tensor may lie in different VkDeviceMemory blocks, so a tensor is never limited by
   maxStorageBufferRange nor by maxMemoryAllocationSize.
-- Kernels: GLSL 450 compute source compiled to SPIR-V by glslangValidator or glslc found on PATH,
+- Kernels: GLSL 450 compute source compiled to SPIR-V by glslc (preferred: one process compiles a
+  schedule's new shaders together) or glslangValidator found on PATH,
   cached in ~/.cache/minift/vk ($MINIFT_CACHE_DIR/vk) keyed by the source, the compiler's version
   and the device, kept under MINIFT_CACHE_MAX_MB like the other kernel caches; compute pipelines are
   created through a VkPipelineCache saved in the same folder when the device closes.
 - Dispatch: dispatches, copies and fills are recorded into one command buffer, with a pipeline
   barrier only before a command that touches memory an earlier command since the last barrier wrote
   (or writes memory one read); `flush()` submits it once and waits on one fence. Host access to a
-  Memory the pending commands use flushes first; a Memory freed while pending commands use it is
-  reused only after the flush. With DEBUG>=2 (or profiling=True) every dispatch is timed with
-  timestamp queries (`Device.timings` after a flush).
+  Memory the pending commands use flushes first. A Memory freed while pending commands use it
+  waits in limbo; when an allocation finds no room otherwise, the limbo's space is handed out again
+  behind a pipeline barrier (the commands that used it are recorded before, those that use the new
+  Memory after), so a long recording reuses its intermediates' memory instead of growing or
+  submitting early; a Memory made from such space counts as in use until the flush (a host copy
+  into it waits for the commands that read the old contents). With DEBUG>=2 (or profiling=True)
+  every dispatch is timed with timestamp queries (`Device.timings` after a flush).
 
 Errors: VulkanUnavailable (no loader, no usable device, no compiler: the backend falls back to
 NumPy), VulkanError (a call returned an error: names the call and the VkResult), ShaderCompileError
 (names the kernel, carries the compiler's message).
 """
-import atexit, bisect, ctypes, hashlib, logging, os, re, shutil, subprocess, sys, tempfile
+import atexit, bisect, concurrent.futures, ctypes, hashlib, logging, os, re, shutil, subprocess, sys, tempfile, threading
 from ctypes import addressof, byref, c_char, c_char_p, c_float, c_int32, c_size_t, c_uint8, c_uint32, c_uint64, c_void_p
 from dataclasses import dataclass, asdict
 from pathlib import Path
@@ -188,6 +193,9 @@ VkPhysicalDevice16BitStorageFeatures = _struct("VkPhysicalDevice16BitStorageFeat
                                                "uniformAndStorageBuffer16BitAccess storagePushConstant16 storageInputOutput16", 1000083000)
 VkPhysicalDeviceShaderFloat16Int8Features = _struct("VkPhysicalDeviceShaderFloat16Int8Features", "u32 sType; ptr pNext; "
                                                     "u32 shaderFloat16 shaderInt8", 1000082000)
+VkPhysicalDeviceFloatControlsProperties = _struct("VkPhysicalDeviceFloatControlsProperties", "u32 sType; ptr pNext; u32 denormBehaviorIndependence "
+                                                  "roundingModeIndependence shaderSignedZeroInfNanPreserveFloat16 shaderSignedZeroInfNanPreserveFloat32 "
+                                                  "shaderSignedZeroInfNanPreserveFloat64 rest[12]", 1000197000)
 VkPhysicalDevice8BitStorageFeatures = _struct("VkPhysicalDevice8BitStorageFeatures", "u32 sType; ptr pNext; u32 storageBuffer8BitAccess "
                                               "uniformAndStorageBuffer8BitAccess storagePushConstant8", 1000177000)
 VkQueueFamilyProperties = _struct("VkQueueFamilyProperties", "u32 queueFlags queueCount timestampValidBits minImageTransferGranularity[3]")
@@ -566,6 +574,7 @@ class Caps:
   int16: bool
   int64: bool
   float64: bool
+  nan_preserve: bool              # shaderSignedZeroInfNanPreserveFloat32: shaders may ask that x*0 is not folded to 0 (NaN, inf, -0 kept)
   storage16: bool                 # storageBuffer16BitAccess: float16/int16 storage buffers
   storage8: bool                  # storageBuffer8BitAccess: uint8/int8 (bool) storage buffers
   memory_heaps: tuple             # ((bytes, device-local), ...)
@@ -670,42 +679,92 @@ def default_cache_dir():
 
 
 def find_compiler():
-  """Path of glslangValidator, else glslc, on PATH; None when neither is there."""
-  return shutil.which("glslangValidator") or shutil.which("glslc")
+  """Path of glslc, else glslangValidator, on PATH; None when neither is there. glslc first: it
+  compiles many shaders in one process (compile_many), and a compiler process spends most of its
+  time starting up."""
+  return shutil.which("glslc") or shutil.which("glslangValidator")
 
 
 class GLSLCompiler:
-  """Compiles GLSL 450 compute shaders to SPIR-V with glslangValidator or glslc, caching the
+  """Compiles GLSL 450 compute shaders to SPIR-V with glslc or glslangValidator, caching the
   SPIR-V on disk keyed by the source, the compiler's version and the device."""
 
   def __init__(self, cache_dir=None, path=None):
     self.path = path or find_compiler()
     if not self.path:
       raise VulkanUnavailable("no GLSL compiler: glslangValidator or glslc must be on PATH "
-                              "(Debian/Ubuntu: apt install glslang-tools; Termux: pkg install glslang or shaderc)")
+                              "(Debian/Ubuntu: apt install glslang-tools or glslc; Termux: pkg install glslang or shaderc)")
     self.glslc = Path(self.path).name.startswith("glslc")
     r = subprocess.run([self.path, "--version"], capture_output=True, text=True, timeout=60)
     self.version = (r.stdout + r.stderr).strip()
     self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    self.stats = {"compiled": 0, "cache_hits": 0}
-    self._warned = False
+    self.stats = {"compiled": 0, "cache_hits": 0, "processes": 0}
+    self._warned, self._spirv, self._lock = False, {}, threading.Lock()   # _spirv: what this process compiled or loaded
 
-  def compile(self, name, src, device_key=""):
-    """SPIR-V bytes for `src`: from the disk cache, else compiled (ShaderCompileError on failure) and cached."""
-    key = hashlib.sha256("\0".join([src, self.version, TARGET_ENV, device_key]).encode()).hexdigest()
+  def _key(self, src, device_key):
+    return hashlib.sha256("\0".join([src, self.version, TARGET_ENV, device_key]).encode()).hexdigest()
+
+  def _cached(self, key):
+    """SPIR-V from memory or the disk cache, else None."""
+    spirv = self._spirv.get(key)
+    if spirv is not None: return spirv
     path = self.cache_dir / f"{key[:40]}.spv"
     try:
       spirv = path.read_bytes()
       if len(spirv) >= 20 and len(spirv) % 4 == 0 and int.from_bytes(spirv[:4], "little") == SPIRV_MAGIC:
-        self.stats["cache_hits"] += 1
+        with self._lock: self.stats["cache_hits"] += 1
         touch_cache(path)
+        self._spirv[key] = spirv
         return spirv
     except OSError:
       pass
-    spirv = self._run(name, src)
-    self.stats["compiled"] += 1
-    self._save(path, spirv)
+    return None
+
+  def _keep(self, key, spirv):
+    with self._lock: self.stats["compiled"] += 1
+    self._save(self.cache_dir / f"{key[:40]}.spv", spirv)
+    self._spirv[key] = spirv
+
+  def compile(self, name, src, device_key=""):
+    """SPIR-V bytes for `src`: from memory, else from the disk cache, else compiled
+    (ShaderCompileError on failure) and cached."""
+    key = self._key(src, device_key)
+    spirv = self._cached(key)
+    if spirv is None:
+      spirv = self._run(name, src)
+      self._keep(key, spirv)
     return spirv
+
+  def compile_many(self, items, device_key=""):
+    """Compile [(name, src)] at once (a schedule's new kernels): with glslc, a few processes that
+    take many shaders each; with glslangValidator (one shader per process), one process per core
+    at a time. A failing shader raises its own ShaderCompileError."""
+    todo = {}
+    for name, src in items:
+      key = self._key(src, device_key)
+      if key not in todo and self._cached(key) is None: todo[key] = (name, src)
+    if not todo: return
+    jobs = list(todo.items())
+    workers = min(len(jobs), os.cpu_count() or 1)
+    if self.glslc and len(jobs) > 1:
+      batches = [jobs[i::workers] for i in range(workers)]
+      with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool: list(pool.map(self._run_batch, batches))
+      jobs = [(key, item) for key, item in jobs if key not in self._spirv]   # what a failed batch left: one by one, for its message
+    if not jobs: return
+    with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
+      for f in [pool.submit(self.compile, name, src, device_key) for _, (name, src) in jobs]: f.result()
+
+  def _run_batch(self, jobs):
+    """glslc -c over many files in one process; keeps what it compiled (a failure leaves the rest to compile())."""
+    with tempfile.TemporaryDirectory(prefix="minift-glsl-") as tmp:
+      for n, (_, (_, src)) in enumerate(jobs): (Path(tmp) / f"k{n}.comp").write_text(src)
+      with self._lock: self.stats["processes"] += 1
+      subprocess.run([self.path, "-fshader-stage=compute", f"--target-env={TARGET_ENV}", "-c"] + [f"k{n}.comp" for n in range(len(jobs))],
+                     capture_output=True, cwd=tmp, timeout=600)
+      for n, (key, _) in enumerate(jobs):
+        try: spirv = (Path(tmp) / f"k{n}.comp.spv").read_bytes()
+        except OSError: continue
+        if len(spirv) >= 20 and int.from_bytes(spirv[:4], "little") == SPIRV_MAGIC: self._keep(key, spirv)
 
   def _run(self, name, src):
     if DEBUG >= 3: log.info(f"Vulkan: compiling {name}")
@@ -715,6 +774,7 @@ class GLSLCompiler:
       inp.write_text(src)
       if self.glslc: cmd = [self.path, "-fshader-stage=compute", f"--target-env={TARGET_ENV}", "-o", str(out), str(inp)]
       else: cmd = [self.path, "-V", "--target-env", TARGET_ENV, "-S", "comp", "-o", str(out), str(inp)]
+      with self._lock: self.stats["processes"] += 1
       r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
       if r.returncode != 0 or not out.exists():
         lines = [l for l in (r.stdout + r.stderr).replace(tmp + os.sep, "").splitlines() if l.strip() and l.strip() != inp.name]
@@ -797,7 +857,7 @@ class Device:
     if f16 in extra: want.append(VkPhysicalDeviceShaderFloat16Int8Features(shaderFloat16=on(f16.shaderFloat16), shaderInt8=on(f16.shaderInt8)))
     if s8 in extra: want.append(VkPhysicalDevice8BitStorageFeatures(storageBuffer8BitAccess=on(s8.storageBuffer8BitAccess)))
     enable = VkPhysicalDeviceFeatures2(pNext=_chain(want), features=want_core)
-    exts = [e for e, core in (("VK_KHR_shader_float16_int8", API_1_2), ("VK_KHR_8bit_storage", API_1_2),
+    exts = [e for e, core in (("VK_KHR_shader_float16_int8", API_1_2), ("VK_KHR_8bit_storage", API_1_2), ("VK_KHR_shader_float_controls", API_1_2),
                               ("VK_EXT_pipeline_creation_feedback", API_1_3)) if self.api_version < core and e in self.device_extensions]
     exts += [e for e in ("VK_KHR_portability_subset",) if e in self.device_extensions]   # required where offered
     self.feedback = has("VK_EXT_pipeline_creation_feedback", API_1_3)
@@ -821,8 +881,8 @@ class Device:
 
   def _query_caps(self, props, family, core, s16, f16, s8, has):
     sub, m3 = VkPhysicalDeviceSubgroupProperties(), VkPhysicalDeviceMaintenance3Properties()
-    drv = VkPhysicalDeviceDriverProperties()
-    chain = [sub, m3] + ([drv] if has("VK_KHR_driver_properties", API_1_2) else [])
+    drv, fc = VkPhysicalDeviceDriverProperties(), VkPhysicalDeviceFloatControlsProperties()
+    chain = [sub, m3] + ([drv] if has("VK_KHR_driver_properties", API_1_2) else []) + ([fc] if has("VK_KHR_shader_float_controls", API_1_2) else [])
     props2 = VkPhysicalDeviceProperties2(pNext=_chain(chain))
     self.vk.vkGetPhysicalDeviceProperties2(self.physical, byref(props2))
     mem = self._mem_props = VkPhysicalDeviceMemoryProperties()
@@ -844,7 +904,8 @@ class Device:
       non_coherent_atom_size=lim.nonCoherentAtomSize, max_memory_allocation_size=m3.maxMemoryAllocationSize,
       timestamp_period=lim.timestampPeriod, timestamp_bits=family.timestampValidBits,
       float16=bool(f16.shaderFloat16), int8=bool(f16.shaderInt8), int16=bool(core.shaderInt16), int64=bool(core.shaderInt64),
-      float64=bool(core.shaderFloat64), storage16=bool(s16.storageBuffer16BitAccess), storage8=bool(s8.storageBuffer8BitAccess),
+      float64=bool(core.shaderFloat64), nan_preserve=fc in chain and bool(fc.shaderSignedZeroInfNanPreserveFloat32),
+      storage16=bool(s16.storageBuffer16BitAccess), storage8=bool(s8.storageBuffer8BitAccess),
       memory_heaps=tuple((mem.memoryHeaps[i].size, bool(mem.memoryHeaps[i].flags & HEAP_DEVICE_LOCAL)) for i in range(mem.memoryHeapCount)),
       memory_types=tuple((_memory_flag_names(mem.memoryTypes[i].propertyFlags), mem.memoryTypes[i].heapIndex) for i in range(mem.memoryTypeCount)),
       unified_memory=unified, pipeline_cache_uuid=bytes(p.pipelineCacheUUID).hex())
@@ -898,7 +959,7 @@ class Device:
       vk.vkCreateQueryPool(dev, byref(VkQueryPoolCreateInfo(queryType=QUERY_TIMESTAMP, queryCount=2 * self._timed)), None, byref(qp))
       self._query_pool = qp.value
     self._pipeline_bound, self._wrote = None, False
-    self._written, self._read, self._in_use, self._deferred = set(), set(), {}, []
+    self._written, self._read, self._in_use, self._deferred, self._recycled = set(), set(), {}, [], False
 
   def _init_pipeline_cache(self):
     try: data = self._pipeline_cache_path.read_bytes()
@@ -930,10 +991,13 @@ class Device:
     except BaseException:
       for block, off, size in pieces: block.give(off, size)
       raise
-    return Memory(self, nbytes, pieces)
+    mem = Memory(self, nbytes, pieces)
+    if self._recycled: self._in_use[id(mem)] = mem   # it may lie where pending commands read: host copies wait for them
+    return mem
 
   def free(self, mem):
-    """Give a Memory's space back; if pending commands use it, after they have run."""
+    """Give a Memory's space back; if pending commands use it, after they have run or behind a
+    barrier (_take)."""
     if not mem.pieces: return
     if id(mem) in self._in_use:
       self._deferred.append(mem.pieces)
@@ -943,6 +1007,7 @@ class Device:
 
   def _release(self, pieces):
     for block, off, size in pieces: block.give(off, size)
+    if self._recording: return   # recorded commands may name any block: none is destroyed before the flush
     empty = [b for b in self._blocks if b.empty]
     while sum(b.size for b in empty) > self.keep_empty:   # keep some for reuse, give the rest back to the driver
       self._destroy_block(empty.pop())
@@ -964,8 +1029,12 @@ class Device:
 
   def _take(self, size):
     best = self._find(size)
-    if best is None and self._deferred:   # freed space waits for the pending commands: run them
-      self.flush()
+    if best is None and self._deferred:   # freed space waits for the pending commands: reuse it behind a barrier
+      self._barrier(PIPE_COMPUTE | PIPE_TRANSFER, ACCESS_SHADER_WRITE | ACCESS_TRANSFER_WRITE, PIPE_COMPUTE | PIPE_TRANSFER, ALL_READ_WRITE)
+      self.stats["barriers"] += 1
+      self._written, self._read = set(), set()
+      deferred, self._deferred, self._recycled = self._deferred, [], True
+      for pieces in deferred: self._release(pieces)
       best = self._find(size)
     if best is None:
       block = self._new_block(max(self.block_size, size))
@@ -1093,8 +1162,7 @@ class Device:
       raise ValueError(f"kernel {name!r} binds {nbindings} storage buffers; {self.caps.name} allows {self.caps.max_storage_buffers}")
     if push_size % 4 or push_size > self.caps.max_push_constants_size:
       raise ValueError(f"kernel {name!r}: {push_size} bytes of push constants (a multiple of 4, at most {self.caps.max_push_constants_size})")
-    if self.compiler is None: self.compiler = GLSLCompiler(self.cache_dir)
-    spirv = self.compiler.compile(name, src, f"{self.caps.name}|{self.caps.driver_version}|{self.caps.driver_info}|{self.caps.api_version}")
+    spirv = self._compiler().compile(name, src, self._device_key)
     vk, dev = self.vk, self.handle
     module = c_uint64(0)
     code = ctypes.create_string_buffer(spirv, len(spirv))
@@ -1116,6 +1184,18 @@ class Device:
     self._pipeline_cache_dirty = True
     found = self._kernels[key] = Kernel(name, pipeline.value, layout, set_layout, nbindings, push_size)
     return found
+
+  def _compiler(self):
+    if self.compiler is None: self.compiler = GLSLCompiler(self.cache_dir)
+    return self.compiler
+
+  @property
+  def _device_key(self): return f"{self.caps.name}|{self.caps.driver_version}|{self.caps.driver_info}|{self.caps.api_version}"
+
+  def precompile(self, items):
+    """Compile the GLSL sources [(name, src)] to SPIR-V in parallel, so that kernel() on them only
+    creates pipelines (a schedule's new kernels, before its first runs)."""
+    self._compiler().compile_many(items, self._device_key)
 
   def _layout(self, nbindings, push_size):
     set_layout = self._set_layouts.get(nbindings)
@@ -1286,9 +1366,10 @@ class Device:
       vk.vkResetCommandBuffer(cmd, 0)
       for pool, _ in self._pools[:self._pool_at + 1]: vk.vkResetDescriptorPool(self.handle, pool, 0)
       self._pool_at, self._pool_left = -1, (0, 0)
-      self._written, self._read, self._in_use, self._wrote = set(), set(), {}, False
+      self._written, self._read, self._in_use, self._wrote, self._recycled = set(), set(), {}, False, False
       deferred, self._deferred = self._deferred, []
       for pieces in deferred: self._release(pieces)
+      if not deferred: self._release(())   # blocks emptied while recording go back now
 
   synchronize = flush
 
