@@ -17,6 +17,7 @@ stride cost one multiply, whatever their number; masked axes (pads) add a bounds
 from dataclasses import dataclass, field
 import numpy as np
 from minift.codegen.cstyle import CStyleLanguage
+from minift.codegen.tiles import matmul_tiles
 from minift.dtype import dtypes
 from minift.helpers import prod, read_kernel
 from minift.lazy import Op
@@ -325,25 +326,6 @@ def rand_args(seed, counter):
 
 # ---- matmul: kernels/matmul.cl with the operand access and the epilogue as macros
 
-@dataclass(frozen=True)
-class MatmulConfig:
-  """A tile of BM x BN outputs per work-group, TM x TN per work-item, BK deep in local memory."""
-  bm: int
-  bn: int
-  bk: int
-  tm: int
-  tn: int
-
-  @property
-  def threads(self): return (self.bn // self.tn) * (self.bm // self.tm)
-
-  def local_bytes(self): return 4 * self.bk * (self.bm + self.bn + 2)
-
-
-BIG, TALL, WIDE, SMALL = MatmulConfig(64, 64, 16, 4, 4), MatmulConfig(64, 16, 16, 4, 1), MatmulConfig(16, 64, 16, 1, 4), MatmulConfig(16, 16, 16, 1, 1)
-FALLBACKS = (MatmulConfig(32, 32, 16, 2, 2), MatmulConfig(16, 16, 8, 2, 2), MatmulConfig(8, 8, 8, 1, 1))
-
-
 def matmul_shape(kernel):
   """(batch, m, n, k) axis groups and (batch, M, N, K) sizes of a matmul kernel."""
   axes, in_shape, _ = kernel.reduce.arg
@@ -353,15 +335,11 @@ def matmul_shape(kernel):
 
 
 def matmul_configs(kernel, caps):
-  """Tile configurations to try, best first, that fit the device's work-group and local memory."""
+  """Tiles to try, best first (codegen/tiles.py), that fit the device's work-group limits and
+  local memory (all of them for a 256-item limit when caps is None)."""
   _, (_, m, n, _) = matmul_shape(kernel)
-  first = BIG if m >= 64 and n >= 64 else TALL if m >= 64 else WIDE if n >= 64 else SMALL
-  out = []
-  for c in (first,) + FALLBACKS:
-    if c in out: continue
-    if caps is not None and (c.threads > caps.max_work_group_size or c.local_bytes() > caps.local_mem_size): continue
-    out.append(c)
-  return out
+  if caps is None: return matmul_tiles(m, n, 256)
+  return matmul_tiles(m, n, caps.max_work_group_size, caps.max_work_item_sizes[:2], caps.local_mem_size)
 
 
 def _fastest(view, axes):
