@@ -38,15 +38,19 @@ def _defines(**kw):
 def _up(a, b): return -(-a // b) * b
 
 
+def _square_source(version, m, n, k, side):
+  """(kernel name, source) of v1, or of v2 with side x side tiles."""
+  if version == 1: return "matmul_v1", _defines(MM_M=m, MM_N=n, MM_K=k) + (HERE / "matmul_v1_naive.cl").read_text()
+  return "matmul_v2", _defines(MM_M=m, MM_N=n, MM_K=k, TS=side) + (HERE / "matmul_v2_tiled.cl").read_text()
+
+
 def _square_kernel(dev, version, m, n, k):
   """(cl.Kernel, local size) of v1/v2: the largest square work-group of at most 16 x 16 that
   the device and the built kernel take (v2's tile side is its work-group side)."""
   from minift.codegen.tiles import square_group
   side = square_group(min(dev.caps.max_work_group_size, *dev.caps.max_work_item_sizes[:2]))
   while True:
-    if version == 1: name, src = "matmul_v1", _defines(MM_M=m, MM_N=n, MM_K=k) + (HERE / "matmul_v1_naive.cl").read_text()
-    else: name, src = "matmul_v2", _defines(MM_M=m, MM_N=n, MM_K=k, TS=side) + (HERE / "matmul_v2_tiled.cl").read_text()
-    clk, limit = dev.kernel(name, src)
+    clk, limit = dev.kernel(*_square_source(version, m, n, k, side))
     if side * side <= limit or side == 1: break
     side = square_group(limit, side // 2)   # this kernel takes fewer work-items than the device
   return clk, (side, side)
