@@ -107,3 +107,16 @@ def test_run_on_a_64_item_device_reports_everything(tmp_path):
   assert len(hand) == 6 and all(np.prod(r["local_size"]) <= 64 for r in hand if r["status"] == "pass")
   assert report["summary"]["pass"] == len(results) - report["summary"]["skip"] and report["summary"]["exit_code"] == 0
   assert f"{report['summary']['pass']} passed, 0 failed" in r.stdout
+
+
+def test_oclgrind_check_fails_on_an_out_of_bounds_write():
+  # the CI step that runs the kernels under Oclgrind must fail when a kernel writes out of bounds
+  spec = importlib.util.spec_from_file_location("oclgrind_check", ROOT / "tools" / "oclgrind_check.py")
+  og = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(og)
+  if not any(Path(p).exists() for p in og.LIBRARY_PLACES) and not os.environ.get("OCLGRIND_ICD_LIB"):
+    if os.environ.get("CI"): raise RuntimeError("no Oclgrind in CI: .ci/run should install the oclgrind package")
+    pytest.skip("Oclgrind is not installed")
+  r = subprocess.run([sys.executable, str(ROOT / "tools" / "oclgrind_check.py"), "--planted-oob"], capture_output=True, text=True, timeout=600)
+  assert r.returncode == 1, r.stdout + r.stderr
+  assert "FAIL" in r.stdout and "Invalid write of size 4" in r.stdout and "planted_oob" in r.stdout
