@@ -16,8 +16,11 @@
 #define ATT_ROWS 4                 /* query rows per register tile */
 #ifdef __AVX512F__
 #define ATT_W 4                    /* 16-float vectors per register tile: 16 of 32 registers hold the sums */
+#elif defined(__ARM_NEON)
+#define ATT_W 1                    /* NEON: a 16-float vector is 4 of the 32 q registers, so the 4 x 1 tile's sums
+                                      take 16 and its B row 4; 2 wide would need 40 and spill (not timed on a core yet) */
 #else
-#define ATT_W 1
+#define ATT_W 1                    /* AVX2: 16 ymm registers, of which the 4 x 1 tile takes 10 */
 #endif
 #define ATT_TILE (16 * ATT_W)
 typedef float att_v16 __attribute__((vector_size(64), aligned(4)));

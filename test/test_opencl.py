@@ -241,6 +241,147 @@ def test_matmul_image_weights(dev, monkeypatch):
     np.testing.assert_allclose((Tensor(x, device="opencl").linear(W)).numpy(), 2 * want, rtol=1e-5, atol=1e-5)
 
 
+# ---- matmul tiles for small devices (codegen/tiles.py) and the fallback when a driver refuses
+
+from minift.codegen import tiles as tile_lib
+
+
+def _matmul_tiles_used(dev, monkeypatch):
+  """Patches dev.pick_tile to record the tile of every matmul it builds."""
+  used, real = [], dev.pick_tile
+  def spy(family, m, n, make):
+    rendered, clk = real(family, m, n, make)
+    used.append(rendered.notes["config"])
+    return rendered, clk
+  monkeypatch.setattr(dev, "pick_tile", spy)
+  return used
+
+
+@pytest.mark.parametrize("cls", sorted(tile_lib.TILES))
+def test_every_tile_matches_numpy(dev, monkeypatch, cls):
+  # ragged sizes (no tile divides them) in the tile's shape class, each tile of the class forced in turn
+  m, n = {"square": (70, 90), "tall": (70, 20), "wide": (20, 90), "small": (20, 30)}[cls]
+  x, w = randn(m, 45), randn(45, n)
+  used = _matmul_tiles_used(dev, monkeypatch)
+  for tile in tile_lib.TILES[cls]:
+    if tile.threads > dev.caps.max_work_group_size: continue
+    monkeypatch.setattr(tile_lib, "matmul_tiles", lambda *a, **kw: [tile])
+    got = (Tensor(x, device="opencl") @ Tensor(w, device="opencl") + 1).numpy()
+    np.testing.assert_allclose(got, x @ w + 1, rtol=1e-5, atol=1e-5, err_msg=str(tile))
+    assert used[-1] == tile
+
+
+SMALL_LIMIT_CHILD = """
+import json, numpy as np
+from minift import Tensor
+from minift.runtime.device import get_device
+dev, used = get_device("opencl"), []
+real = dev.pick_tile
+def spy(*a):
+  r = real(*a)
+  used.append(r[0].notes["config"].threads)
+  return r
+dev.pick_tile = spy
+rng = np.random.default_rng(0)
+a, b, r = rng.standard_normal((70, 40)), rng.standard_normal((40, 90)), rng.standard_normal((70, 90))
+ta = Tensor(a.astype(np.float32), device="opencl", requires_grad=True)
+y = (ta @ Tensor(b.astype(np.float32), device="opencl")).relu()
+(y * Tensor(r.astype(np.float32), device="opencl")).sum().backward()   # a long reduction, and dy @ b.T
+errs = [float(np.abs(y.numpy() - np.maximum(a @ b, 0)).max()), float(np.abs(ta.grad.numpy() - (r * (a @ b > 0)) @ b.T).max())]
+print(json.dumps(dict(limit=dev.caps.max_work_group_size, used=used, errs=errs)))
+"""
+
+
+@pytest.fixture(scope="module")
+def shared_cache(tmp_path_factory): return tmp_path_factory.mktemp("cache")
+
+
+@pytest.mark.parametrize("limit", [16, 32, 64, 128])
+def test_small_work_group_limits(shared_cache, limit):
+  # PoCL with a lowered work-group limit, as Mali and Adreno report: the biggest tile within it
+  # runs (every tile of every class is checked against NumPy in test_every_tile_matches_numpy)
+  r = _child(SMALL_LIMIT_CHILD, POCL_MAX_WORK_GROUP_SIZE=str(limit), MINIFT_CACHE_DIR=str(shared_cache))
+  got = json.loads(r.stdout.splitlines()[-1])
+  assert got["limit"] == limit
+  assert max(got["errs"]) < 1e-5, got
+  assert got["used"] and max(got["used"]) == limit and all(u <= limit for u in got["used"]), got   # the 128-item tile at 128
+
+
+def _cl_error(code):
+  return cl.RuntimeError(cl._cl._ErrorRecord("clEnqueueNDRangeKernel", code, "refused (simulated)"))
+
+
+@pytest.fixture
+def fresh_tiles(dev, monkeypatch, tmp_path):
+  """dev with an empty cache folder and no refused tiles (restored after the test)."""
+  monkeypatch.setattr(dev, "cache_dir", tmp_path)
+  monkeypatch.setattr(dev, "_refused", None)
+  return tmp_path
+
+
+def test_build_failure_falls_back_to_the_next_tile_and_is_remembered(dev, monkeypatch, fresh_tiles):
+  if dev.caps.max_work_group_size < 256: pytest.skip("needs a 256 work-item device")
+  big = tile_lib.TILES["square"][0]
+  real = dev.kernel
+  def refuse_big(name, src):
+    if name.startswith("matmul") and f"#define BM {big.bm}\n#define BN {big.bn}\n" in src and f"#define TM {big.tm}\n#define TN {big.tn}\n" in src:
+      raise opencl_device.CLBuildError(name, "ptxas: too many registers (simulated)", src)
+    return real(name, src)
+  monkeypatch.setattr(dev, "kernel", refuse_big)
+  used = _matmul_tiles_used(dev, monkeypatch)
+  x, w = randn(96, 40), randn(40, 80)
+  np.testing.assert_allclose((Tensor(x, device="opencl") @ Tensor(w, device="opencl")).numpy(), x @ w, rtol=1e-5, atol=1e-5)
+  assert used[-1] == tile_lib.TILES["square"][1]   # the 128-item tile
+  saved = json.loads((fresh_tiles / "tiles.json").read_text())
+  (per_device,) = saved.values()
+  (family, refused), = per_device.items()
+  assert family.startswith("matmul ") and refused == {str(big): "build failed"}
+  # a new process (a new device object on the same cache) does not try the refused tile again
+  other = opencl_device.OpenCLDevice()
+  other.cache_dir = fresh_tiles
+  rendered = []
+  other.pick_tile("matmul", 96, 80, lambda c: rendered.append(c) or cg.Rendered("t", "__kernel void t() {}", (1,), (1,), notes={"config": c}))
+  assert rendered == [tile_lib.TILES["square"][1]]
+
+
+def test_out_of_resources_at_launch_falls_back(dev, monkeypatch, fresh_tiles):
+  if dev.caps.max_work_group_size < 256: pytest.skip("needs a 256 work-item device")
+  # a driver that runs out of registers for groups over 64 work-items, at launch (Mali, Adreno)
+  real, refused = dev._launch, []
+  def launch(clk, global_size, local_size, args):
+    if prod_(local_size) > 64:
+      refused.append((clk.function_name, local_size))
+      raise _cl_error(cl.status_code.OUT_OF_RESOURCES)
+    return real(clk, global_size, local_size, args)
+  prod_ = lambda s: int(np.prod(s))
+  monkeypatch.setattr(dev, "_launch", launch)
+  used = _matmul_tiles_used(dev, monkeypatch)
+  x, w, long_rows = randn(72, 24), randn(24, 88), randn(3, 3000)
+  f = lambda a, b, c: [(a @ b).softmax(-1), c.sum(-1), c.exp()]
+  want = [(x @ w - (x @ w).max(-1, keepdims=True)), long_rows.sum(-1), np.exp(long_rows)]
+  want[0] = np.exp(want[0]) / np.exp(want[0]).sum(-1, keepdims=True)
+  got = [t.numpy() for t in f(*[Tensor(v, device="opencl") for v in (x, w, long_rows)])]
+  for g, wv in zip(got, want): np.testing.assert_allclose(g, wv, rtol=1e-4, atol=1e-5)
+  assert [t.threads for t in used] == [256, 128, 64]   # each refusal, the next smaller tile
+  assert {name.split('_')[0] for name, _ in refused} == {'matmul', 'r', 'elementwise'}   # reductions and elementwise kernels retried smaller too
+  saved = json.loads((fresh_tiles / "tiles.json").read_text())
+  (per_device,) = saved.values()
+  (refused_tiles,) = per_device.values()
+  assert set(refused_tiles) == {str(t) for t in tile_lib.TILES["square"] if t.threads > 64}
+  assert set(refused_tiles.values()) == {"CL_OUT_OF_RESOURCES at launch"}
+
+
+def test_no_tile_names_what_was_tried(dev, monkeypatch, fresh_tiles):
+  real = dev.kernel
+  def refuse_matmuls(name, src):
+    if name.startswith("matmul"): raise opencl_device.CLBuildError(name, "error: out of registers (simulated)", src)
+    return real(name, src)
+  monkeypatch.setattr(dev, "kernel", refuse_matmuls)
+  with pytest.raises(RuntimeError, match=r"(?s)no matmul tile for a 64x48 output runs on .*build failed.*last build log:.*out of registers"):
+    (Tensor(randn(64, 8), device="opencl") @ Tensor(randn(8, 48), device="opencl")).numpy()
+  assert not (fresh_tiles / "tiles.json").exists()   # a source that never builds is no refusal to remember
+
+
 def test_gather_scatter_add_and_index_errors():
   table, idx = randn(10, 6), np.array([[3, 1, 3], [9, 0, 3]], np.int64)
   want, got = [], []

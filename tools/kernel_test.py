@@ -3,17 +3,25 @@
   python tools/kernel_test.py                    # OpenCL: caps, every hand kernel, fused graphs vs NumPy
   python tools/kernel_test.py --device vulkan    # the same on Vulkan
   python tools/kernel_test.py --quick            # small shapes only (a minute on a phone)
+  python tools/kernel_test.py --tiny             # tiny shapes, for slow simulators (tools/oclgrind_check.py)
   python tools/kernel_test.py --json out.json
 
 Lists the OpenCL platforms and devices (or the Vulkan devices) and the caps of the one minift picks
 (MINIFT_CL_DEVICE / MINIFT_VK_DEVICE to choose), runs the hand-written matmul kernels of kernels/
-(OpenCL: every version of matmul_lab.py; Vulkan: matmul.comp with float and half B) and a set of
-fused graphs built with the Tensor API (softmax, layernorm, cross-entropy, a GPT-2 block forward
-and backward) on the device and on NumPy, and prints one row per check: max abs error, pass/fail,
-and GFLOP/s (matmuls) or GB/s (memory-bound graphs). Exits 1 if any check fails, 2 if the device
-is not usable.
+(OpenCL: every version of matmul_lab.py, with the work-groups and tiles the backend picks for this
+device; Vulkan: matmul.comp with float and half B) and a set of fused graphs built with the Tensor
+API (softmax, layernorm, cross-entropy, a GPT-2 block forward and backward) on the device and on
+NumPy, and prints one row per check: pass, FAIL or skip, max abs error, GFLOP/s (matmuls) or GB/s
+(memory-bound graphs).
+
+Every output is filled with NaN before its kernel runs, so a kernel that writes nothing fails.
+A check errors out as a failure; it is skipped only when the device lacks what it needs (image
+support, an image format), and the row says why. Exits 0 only when every check the device can
+run passed; 1 on any failure or any check skipped for another reason; 2 if there is no usable
+device. --json also carries the device's limits (work-group and work-item sizes, local memory,
+image formats, float32 denormal support, ...), the tiles chosen and every result.
 """
-import argparse, importlib.util, json, sys, time
+import argparse, functools, importlib.util, json, sys, time
 from pathlib import Path
 import numpy as np
 
@@ -44,6 +52,7 @@ def list_vulkan_devices():
     instance.close()
 
 
+@functools.cache
 def _lab():
   spec = importlib.util.spec_from_file_location("matmul_lab", ROOT / "kernels" / "matmul_lab.py")
   mod = importlib.util.module_from_spec(spec)
@@ -51,51 +60,71 @@ def _lab():
   return mod
 
 
-def hand_kernels(dev, quick, repeat):
+def _failed(check, shape, e):
+  return dict(check=check, shape=shape, status="fail", error=f"{type(e).__name__}: {e}"[:2000])
+
+
+def hand_kernels(dev, size, repeat):
+  """One row per hand kernel version and shape; size: "full", "quick" or "tiny"."""
   lab = _lab()
-  shapes = [(100, 70, 36), (256, 768, 768)] if quick else [(100, 70, 36)] + lab.GPT2_SHAPES
+  shapes = {"tiny": [(37, 20, 12)], "quick": [(100, 70, 36), (256, 768, 768)]}.get(size, [(100, 70, 36)] + lab.GPT2_SHAPES)
   rows = []
   for m, n, k in shapes:
     for v, name in lab.VERSIONS.items():
       if v in (1, 2) and m * n * k > 512 * 768 * 768: continue   # the slow references only on small shapes
-      r = lab.run_version(dev, v, m, n, k, repeat=repeat)
-      if "skipped" in r:
-        rows.append(dict(check=f"matmul {name}", shape=f"{m}x{n}x{k}", ok=True, skipped=r["skipped"]))
+      check, shape = f"matmul {name}", f"{m}x{n}x{k}"
+      try: r = lab.run_version(dev, v, m, n, k, repeat=repeat)
+      except Exception as e:
+        rows.append(_failed(check, shape, e))
         continue
-      rows.append(dict(check=f"matmul {name}", shape=f"{m}x{n}x{k}", max_abs_err=r["max_abs_err"], ok=r["ok"],
-                       rate=r["gflops"], unit="GFLOP/s"))
+      if "skipped" in r:   # the lab skips only what this device lacks (lab.unsupported)
+        rows.append(dict(check=check, shape=shape, status="skip", reason=r["skipped"], unsupported=True))
+        continue
+      row = dict(check=check, shape=shape, status="pass" if r["ok"] else "fail", max_abs_err=r["max_abs_err"],
+                 tolerance=r["tolerance"], rate=r["gflops"], unit="GFLOP/s", local_size=r["local_size"])
+      if "tile" in r: row["tile"] = r["tile"]
+      rows.append(row)
   return rows
 
 
-def vulkan_matmuls(dev, quick, repeat):
+def vulkan_matmuls(dev, size, repeat):
   """kernels/matmul.comp on its default row-major bindings (float B, and half B where the device
-  has 16-bit storage) against NumPy."""
+  has 16-bit storage) against NumPy, with the tile the backend picks for this device; the output
+  starts as NaN."""
   from minift.helpers import read_kernel
-  from minift.codegen.gpu import first_config
+  from minift.codegen.tiles import matmul_tiles
   vk, rng, rows = dev.vk, np.random.default_rng(0), []
-  shapes = [(100, 70, 36), (256, 768, 768)] if quick else [(100, 70, 36), (512, 768, 768), (512, 3072, 768), (512, 768, 3072)]
+  shapes = {"tiny": [(20, 12, 8)], "quick": [(100, 70, 36), (256, 768, 768)],
+            "full": [(100, 70, 36), (512, 768, 768), (512, 3072, 768), (512, 768, 3072)]}[size]
+  target = dev.target
   for m, n, k in shapes:
-    c = first_config(m, n)
     for half in ([False, True] if dev.storage.half16 else [False]):
-      a, b = rng.standard_normal((m, k)).astype(np.float32), rng.standard_normal((k, n)).astype(np.float32)
-      if half: b = b.astype(np.float16)
-      defines = dict(MM_M=m, MM_N=n, MM_K=k, BM=c.bm, BN=c.bn, BK=c.bk, TM=c.tm, TN=c.tn, **({"B_HALF": 1} if half else {}))
-      src = dev.storage.head() + "".join(f"#define {key} {v}\n" for key, v in defines.items()) + read_kernel("matmul.comp")
-      kernel = vk.kernel(f"matmul_{'half' if half else 'float'}_{m}x{n}x{k}", src, 3)
-      ma, mb, mo = vk.alloc(a.nbytes), vk.alloc(b.nbytes), vk.alloc(m * n * 4)
-      vk.upload(ma, a)
-      vk.upload(mb, b)
-      best = float("inf")
-      for _ in range(max(repeat, 1)):
-        t = time.perf_counter()
-        vk.dispatch(kernel, (-(-n // c.bn), -(-m // c.bm), 1), [mo, ma, mb])
-        vk.flush()
-        best = min(best, time.perf_counter() - t)
-      got, want = vk.download(mo, np.float32).reshape(m, n), a @ b.astype(np.float32)
-      err = float(np.abs(got - want).max())
-      rows.append(dict(check=f"matmul.comp {'half B' if half else 'float'}", shape=f"{m}x{n}x{k}", max_abs_err=err,
-                       ok=bool(err <= 1e-3 * max(1.0, float(np.abs(want).max()))), rate=2 * m * n * k / best / 1e9, unit="GFLOP/s"))
-      for mem in (ma, mb, mo): vk.free(mem)
+      check, shape = f"matmul.comp {'half B' if half else 'float'}", f"{m}x{n}x{k}"
+      try:
+        c = matmul_tiles(m, n, target.max_invocations, target.max_size[:2], target.shared_bytes)[0]
+        a, b = rng.standard_normal((m, k)).astype(np.float32), rng.standard_normal((k, n)).astype(np.float32)
+        if half: b = b.astype(np.float16)
+        defines = dict(MM_M=m, MM_N=n, MM_K=k, BM=c.bm, BN=c.bn, BK=c.bk, TM=c.tm, TN=c.tn, **({"B_HALF": 1} if half else {}))
+        src = dev.storage.head() + "".join(f"#define {key} {v}\n" for key, v in defines.items()) + read_kernel("matmul.comp")
+        kernel = vk.kernel(f"matmul_{'half' if half else 'float'}_{m}x{n}x{k}", src, 3)
+        ma, mb, mo = vk.alloc(a.nbytes), vk.alloc(b.nbytes), vk.alloc(m * n * 4)
+        vk.upload(ma, a)
+        vk.upload(mb, b)
+        vk.upload(mo, np.full(m * n, np.nan, np.float32))   # a kernel that writes nothing fails
+        best = float("inf")
+        for _ in range(max(repeat, 1)):
+          t = time.perf_counter()
+          vk.dispatch(kernel, (-(-n // c.bn), -(-m // c.bm), 1), [mo, ma, mb])
+          vk.flush()
+          best = min(best, time.perf_counter() - t)
+        got, want = vk.download(mo, np.float32).reshape(m, n), a @ b.astype(np.float32)
+        for mem in (ma, mb, mo): vk.free(mem)
+      except Exception as e:
+        rows.append(_failed(check, shape, e))
+        continue
+      err, tol = max_error([got], [want]), 1e-3 * max(1.0, float(np.abs(want).max()))
+      rows.append(dict(check=check, shape=shape, status="pass" if err <= tol else "fail", max_abs_err=err, tolerance=tol,
+                       rate=2 * m * n * k / best / 1e9, unit="GFLOP/s", tile=str(c)))
   return rows
 
 
@@ -120,16 +149,21 @@ def gpt2_params(C, rng):
           for k, s in shapes.items()}
 
 
-def _graphs(quick):
+SIZES = {  # (rows, width) of the row-wise graphs, (rows, vocab) of cross-entropy, (B, T, C, heads) of the block
+  "full": ((512, 4096), (512, 50257), (4, 128, 768, 12)),
+  "quick": ((256, 1024), (256, 2048), (2, 32, 64, 4)),
+  "tiny": ((8, 64), (8, 96), (1, 8, 16, 2)),
+}
+
+
+def _graphs(size):
   """(name, shape text, build(arrays, device) -> list of output Tensors, input arrays, bytes, flops)."""
   from minift import Tensor
   rng = np.random.default_rng(0)
-  rows, width = (256, 1024) if quick else (512, 4096)
+  (rows, width), (n_logits, vocab), (B, T, C, H) = SIZES[size]
   x = rng.standard_normal((rows, width)).astype(np.float32)
-  vocab = 2048 if quick else 50257
-  logits = rng.standard_normal((256 if quick else 512, vocab)).astype(np.float32)
+  logits = rng.standard_normal((n_logits, vocab)).astype(np.float32)
   target = rng.integers(0, vocab, logits.shape[0]).astype(np.int64)
-  B, T, C, H = (2, 32, 64, 4) if quick else (4, 128, 768, 12)
   xb = rng.standard_normal((B, T, C)).astype(np.float32)
   params = gpt2_params(C, rng)
   gelu_x = rng.standard_normal((rows, width)).astype(np.float32)
@@ -164,23 +198,42 @@ def _graphs(quick):
   ]
 
 
-def fused_graphs(dev, quick, repeat):
+def max_error(got, want):
+  """Largest |got - want| over the outputs; inf where shapes differ or got has NaN where want has
+  none (a kernel that wrote nothing into a NaN-filled output)."""
+  err = 0.0
+  for g, w in zip(got, want):
+    if g.shape != w.shape: return float("inf")
+    if not g.size: continue
+    g, w = g.astype(np.float64), w.astype(np.float64)
+    if (np.isnan(g) != np.isnan(w)).any(): return float("inf")
+    err = max(err, float(np.nanmax(np.abs(g - w))) if not np.isnan(w).all() else 0.0)
+  return err
+
+
+def fused_graphs(dev, size, repeat):
   from minift import Tensor
   name_of = dev.name
   rows = []
-  for name, shape, build, arrays, nbytes, flops in _graphs(quick):
-    want = [t.numpy() for t in Tensor.realize_all(*build(arrays, "numpy"))]
-    got = [t.numpy() for t in Tensor.realize_all(*build(arrays, name_of))]   # also compiles
-    err = max(float(np.abs(g.astype(np.float64) - w).max()) if g.size else 0.0 for g, w in zip(got, want))
-    scale = max(float(np.abs(w).max()) if w.size else 0.0 for w in want)
-    tol = 1e-4 * max(scale, 1.0)
-    best = float("inf")
-    for _ in range(repeat):
-      t = time.perf_counter()
-      Tensor.realize_all(*build(arrays, name_of))
-      dev.synchronize()
-      best = min(best, time.perf_counter() - t)
-    row = dict(check=name, shape=shape, max_abs_err=err, ok=bool(err <= tol and all(g.shape == w.shape for g, w in zip(got, want))))
+  for name, shape, build, arrays, nbytes, flops in _graphs(size):
+    try:
+      want = [t.numpy() for t in Tensor.realize_all(*build(arrays, "numpy"))]
+      dev.poison = True   # every buffer the device run allocates starts as NaN
+      try: got = [t.numpy() for t in Tensor.realize_all(*build(arrays, name_of))]   # also compiles
+      finally: dev.poison = False
+      err = max_error(got, want)
+      scale = max(float(np.nanmax(np.abs(w))) if w.size and not np.isnan(w).all() else 0.0 for w in want)
+      tol = 1e-4 * max(scale, 1.0)
+      best = float("inf")
+      for _ in range(repeat):
+        t = time.perf_counter()
+        Tensor.realize_all(*build(arrays, name_of))
+        dev.synchronize()
+        best = min(best, time.perf_counter() - t)
+    except Exception as e:
+      rows.append(_failed(name, shape, e))
+      continue
+    row = dict(check=name, shape=shape, status="pass" if err <= tol else "fail", max_abs_err=err, tolerance=tol)
     if flops: row.update(rate=flops / best / 1e9, unit="GFLOP/s")
     else: row.update(rate=nbytes / best / 1e9, unit="GB/s")
     row["ms"] = best * 1e3
@@ -188,10 +241,20 @@ def fused_graphs(dev, quick, repeat):
   return rows
 
 
+def summarize(results):
+  """(counts, exit code): 0 only when something passed, nothing failed and nothing was skipped
+  that the device could have run (a skip for a missing feature is fine)."""
+  counts = {s: sum(r["status"] == s for r in results) for s in ("pass", "fail", "skip")}
+  counts["skip_unsupported"] = sum(r["status"] == "skip" and r.get("unsupported", False) for r in results)
+  bad = counts["fail"] or counts["skip"] > counts["skip_unsupported"] or not counts["pass"]
+  return counts, 1 if bad else 0
+
+
 def main():
   p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--device", default="opencl", choices=["opencl", "vulkan"], help="the GPU backend to check (default: opencl)")
   p.add_argument("--quick", action="store_true", help="small shapes only")
+  p.add_argument("--tiny", action="store_true", help="tiny shapes (simulators such as Oclgrind)")
   p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
   p.add_argument("--repeat", type=integer(1), default=3, help="timed runs per check (best is reported)")
   args = p.parse_args()
@@ -214,32 +277,37 @@ def main():
 
   print(f"{title} {'platforms and devices' if args.device == 'opencl' else 'devices'}:")
   for r in report["platforms"]: print(f"  {r['index']}  {r['platform']} / {r['device']} ({r['type']}, {r['version']}, driver {r['driver']})")
-  caps = dev.caps.as_dict()
-  report["caps"] = {k: v for k, v in caps.items() if k not in ("extensions", "memory_types")}
+  report["caps"] = {k: v for k, v in dev.caps.as_dict().items() if k != "memory_types"}
   print(f"\nusing {dev.caps.name}:")
-  for k, v in report["caps"].items(): print(f"  {k:<22s} {v}")
-  hand = hand_kernels(dev, args.quick, args.repeat) if args.device == "opencl" else vulkan_matmuls(dev, args.quick, args.repeat)
-  results = hand + fused_graphs(dev, args.quick, args.repeat)
+  for k, v in report["caps"].items():
+    if k != "extensions": print(f"  {k:<30s} {v}")
+  size = "tiny" if args.tiny else "quick" if args.quick else "full"
+  hand = hand_kernels(dev, size, args.repeat) if args.device == "opencl" else vulkan_matmuls(dev, size, args.repeat)
+  results = hand + fused_graphs(dev, size, args.repeat)
+  counts, code = summarize(results)
   if args.device == "opencl":
-    report["kernel_cache"] = dict(dev.stats, dir=str(dev.cache_dir))
+    kernel_cache = dict(dev.stats, dir=str(dev.cache_dir))
     cache = f"programs built {dev.stats['built']}, loaded from the cache {dev.stats['cache_hits']} ({dev.cache_dir})"
+    refused = {f: dict(t) for f, t in (dev._refused or {}).items() if t}
   else:
     stats = dev.vk.compiler.stats
-    report["kernel_cache"] = dict(stats, pipelines=dev.stats["pipelines"], submits=dev.stats["submits"], dir=str(dev.cache_dir))
+    kernel_cache = dict(stats, pipelines=dev.stats["pipelines"], submits=dev.stats["submits"], dir=str(dev.cache_dir))
     cache = f"shaders compiled {stats['compiled']}, loaded from the cache {stats['cache_hits']} ({dev.cache_dir})"
-  report["results"] = results
-  print(f"\n{'check':<32s} {'shape':<18s} {'max abs err':>12s} {'result':>7s} {'rate':>16s}")
+    refused = {}
+  report.update(results=results, summary=dict(counts, exit_code=code), kernel_cache=kernel_cache, refused_tiles=refused)
+  print(f"\n{'check':<32s} {'shape':<18s} {'result':>6s} {'max abs err':>12s} {'rate':>16s}  tile / why")
   for r in results:
-    if "skipped" in r:
-      print(f"{r['check']:<32s} {r['shape']:<18s} {'':>12s} {'skip':>7s}  {r['skipped']}")
-      continue
-    rate = f"{r['rate']:.2f} {r['unit']}" if "rate" in r else ""
-    print(f"{r['check']:<32s} {r['shape']:<18s} {r['max_abs_err']:12.3e} {'pass' if r['ok'] else 'FAIL':>7s} {rate:>16s}")
-  failed = [r for r in results if not r["ok"]]
-  print(f"\n{len(results) - len(failed)} passed, {len(failed)} failed; {cache}")
+    if r["status"] == "skip": tail = f"{'':>12s} {'':>16s}  {r['reason']}" + ("" if r.get("unsupported") else " (the device could run it)")
+    elif "error" in r: tail = f"{'':>12s} {'':>16s}  {r['error'].splitlines()[0]}"
+    else: tail = f"{r['max_abs_err']:12.3e} {r['rate']:>9.2f} {r['unit']:<6s}  {r.get('tile', '')}"
+    print(f"{r['check']:<32s} {r['shape']:<18s} {r['status'] if r['status'] != 'fail' else 'FAIL':>6s} {tail}")
+  for family, tiles in report["refused_tiles"].items():
+    for tile, why in tiles.items(): print(f"refused {family.split()[0]} tile {tile}: {why}")
+  print(f"\n{counts['pass']} passed, {counts['fail']} failed, {counts['skip']} skipped "
+        f"({counts['skip_unsupported']} not supported by this device); {cache}")
   if args.json:
     with writing(args.json): Path(args.json).write_text(json.dumps(report, indent=1, default=str))
-  sys.exit(1 if failed else 0)
+  sys.exit(code)
 
 
 class NoDevice(UserError):

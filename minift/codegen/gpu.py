@@ -11,7 +11,6 @@ reduce; b, i, j, k over the batch, m, n and k axes of a matmul). Axes that merge
 stride cost one multiply, whatever their number; masked axes (pads) add a bounds check. The
 expressions use only + * / % and comparisons on integers, which read the same in C and GLSL.
 """
-from dataclasses import dataclass
 import numpy as np
 from minift.helpers import prod
 from minift.lazy import LazyOp, Op
@@ -97,28 +96,7 @@ def rand_args(seed, counter):
 
 # ---- matmul
 
-@dataclass(frozen=True)
-class MatmulConfig:
-  """A tile of BM x BN outputs per work-group, TM x TN per work-item, BK deep in local memory."""
-  bm: int
-  bn: int
-  bk: int
-  tm: int
-  tn: int
-
-  @property
-  def threads(self): return (self.bn // self.tn) * (self.bm // self.tm)
-
-  def local_bytes(self): return 4 * self.bk * (self.bm + self.bn + 2)
-
-
-BIG, TALL, WIDE, SMALL = MatmulConfig(64, 64, 16, 4, 4), MatmulConfig(64, 16, 16, 4, 1), MatmulConfig(16, 64, 16, 1, 4), MatmulConfig(16, 16, 16, 1, 1)
-FALLBACKS = (MatmulConfig(32, 32, 16, 2, 2), MatmulConfig(16, 16, 8, 2, 2), MatmulConfig(8, 8, 8, 1, 1))
-
-
-def first_config(m, n):
-  """The tile for an M x N output: 64 x 64 with 4 x 4 per work-item, or a skinny one (LoRA's rank-8 matmuls)."""
-  return BIG if m >= 64 and n >= 64 else TALL if m >= 64 else WIDE if n >= 64 else SMALL
+# tiles (MatmulConfig, and which to try on a device) are in codegen/tiles.py
 
 
 def matmul_shape(kernel):

@@ -4,14 +4,29 @@ shared libraries, one per batch, cached on disk under $MINIFT_CACHE_DIR/c or ~/.
 """
 import ctypes, hashlib, os, platform, shutil, subprocess, tempfile
 from pathlib import Path
-from minift.helpers import log, prune_cache, touch_cache
+from minift.helpers import DEBUG, log, prune_cache, touch_cache
+
+
+CPU_KEYS = ("vendor_id", "cpu family", "model", "flags",                        # x86
+            "CPU implementer", "CPU architecture", "CPU variant", "CPU part", "Features")   # ARM
+
+
+def _cpuinfo():
+  with open("/proc/cpuinfo") as f: return f.read()
 
 
 def _cpu_id():
-  try:
-    with open("/proc/cpuinfo") as f:
-      return next((line for line in f if line.split(":")[0].strip() in ("flags", "Features")), "")
+  """The CPU that -march/-mcpu=native code is tuned for: the model and feature lines of
+  /proc/cpuinfo (on ARM the implementer and part name the core, e.g. 0x41/0xd0c for a
+  Neoverse-N1; Features alone are the same for many cores), each distinct value once (a phone's
+  big and little cores both count)."""
+  try: text = _cpuinfo()
   except OSError: return platform.machine() + platform.processor()
+  seen = {}
+  for line in text.splitlines():
+    key, _, value = line.partition(":")
+    if key.strip() in CPU_KEYS: seen.setdefault(key.strip(), set()).add(value.strip())
+  return "; ".join(f"{k}={','.join(sorted(v))}" for k, v in sorted(seen.items())) or platform.machine() + platform.processor()
 
 
 def cache_dir():
@@ -25,7 +40,10 @@ class Compiler:
   the cache."""
 
   FLAGS = ["-O3", "-fno-math-errno", "-ffp-contract=off", "-fPIC", "-shared"]
-  OPTIONAL = ["-march=native", "-fopenmp-simd"]   # each dropped where the compiler refuses it
+  # tuning for this CPU: gcc and x86 clang take -march=native; clang on aarch64 refuses it and
+  # takes -mcpu=native (gcc there takes both); the first the compiler accepts is used
+  ARCH = ["-march=native", "-mcpu=native"]
+  SIMD = "-fopenmp-simd"
 
   def __init__(self, prelude):
     self.prelude = prelude   # the C every library starts with (the helper functions kernels call)
@@ -38,18 +56,24 @@ class Compiler:
 
   @property
   def flags(self):
-    """The compiler's flags, found once by building a small loop with each optional flag."""
+    """The compiler's flags, found once by building a small loop with each optional flag: an
+    ARCH flag and SIMD where the compiler takes them (DEBUG=1 says which, and why not)."""
     if self._flags is None and self.failed is None:
       test = self.prelude + "void probe(float* x) {\n#pragma omp simd\n for (long i = 0; i < 64; i++) x[i] = exp_f(x[i]);\n}\n"
-      flags = list(self.FLAGS)
+      refused = []
       with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "p.c").write_text(test)
-        for extra in ([*self.OPTIONAL], [self.OPTIONAL[1]], [self.OPTIONAL[0]], []):
-          res = self._cc(flags + extra, Path(tmp) / "p.c", Path(tmp) / "p.so")
+        tries = [[a, self.SIMD] for a in self.ARCH] + [[self.SIMD]] + [[a] for a in self.ARCH] + [[]]
+        for extra in tries:
+          res = self._cc(self.FLAGS + extra, Path(tmp) / "p.c", Path(tmp) / "p.so")
           if res.returncode == 0:
-            self._flags = flags + extra
+            self._flags = self.FLAGS + extra
             break
+          refused.append((extra, (res.stderr.strip().splitlines() or ["?"])[0]))
         else: self._fail(res.stderr)
+      if DEBUG >= 1 and self._flags is not None:
+        dropped = "".join(f"\n  refused {' '.join(e) or '(no extra flags)'}: {why}" for e, why in refused)
+        log.info(f"C loops: {self.cc} {' '.join(self._flags)}{dropped}")
     return self._flags
 
   def _cc(self, flags, c_file, so_file):

@@ -12,7 +12,8 @@ tiles are shared with the Vulkan backend (codegen/gpu.py).
 from dataclasses import dataclass, field
 from minift.codegen.cstyle import CStyleLanguage
 from minift.codegen.gpu import (view_index, wide_index, round_up as _round_up, pow2_floor as _pow2_floor, assign_in_place_ok,
-                                rand_args, MatmulConfig, FALLBACKS, first_config, matmul_shape, fastest as _fastest, matmul_out_index)
+                                rand_args, matmul_shape, fastest as _fastest, matmul_out_index)
+from minift.codegen.tiles import matmul_tiles
 from minift.dtype import dtypes
 from minift.helpers import prod, read_kernel
 from minift.lazy import Op
@@ -267,15 +268,11 @@ def render_rand(kernel, idx, max_local):
 # ---- matmul: kernels/matmul.cl with the operand access and the epilogue as macros
 
 def matmul_configs(kernel, caps):
-  """Tile configurations to try, best first, that fit the device's work-group and local memory."""
+  """Tiles to try, best first (codegen/tiles.py), that fit the device's work-group limits and
+  local memory (all of them for a 256-item limit when caps is None)."""
   _, (_, m, n, _) = matmul_shape(kernel)
-  first = first_config(m, n)
-  out = []
-  for c in (first,) + FALLBACKS:
-    if c in out: continue
-    if caps is not None and (c.threads > caps.max_work_group_size or c.local_bytes() > caps.local_mem_size): continue
-    out.append(c)
-  return out
+  if caps is None: return matmul_tiles(m, n, 256)
+  return matmul_tiles(m, n, caps.max_work_group_size, caps.max_work_item_sizes[:2], caps.local_mem_size)
 
 
 def matmul_macros(kernel, in_dtypes, idx):

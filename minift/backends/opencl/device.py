@@ -4,24 +4,33 @@ Each kernel is rendered to OpenCL C (codegen.py; matmuls use kernels/matmul.cl),
 built once per process and once per machine (program binaries cached on disk), and launched on
 one in-order queue. Buffers are cl.Buffers, recycled through a freed-buffer cache keyed by size.
 
+Matmul tiles come from codegen/tiles.py, the biggest that the device's and the built kernel's
+limits allow; when the driver refuses one (a failed build, CL_OUT_OF_RESOURCES at launch) the next
+smaller one runs, and the refusal is kept in tiles.json in the cache so later starts skip it.
+
 Environment: MINIFT_CL_DEVICE picks the device ("platform:device" indices or a name substring;
 GPUs before CPUs by default); the binary cache is ~/.cache/minift/cl ($MINIFT_CACHE_DIR/cl).
 Any failure here (no pyopencl, no platform, a failed self-check) makes the registry (runtime/device.py) fall back to
 NumPy with one warning.
 """
-import hashlib, os, re, time, weakref
+import hashlib, json, os, re, time, weakref
 from dataclasses import dataclass, asdict
 from pathlib import Path
 import numpy as np
 import pyopencl as cl
 from minift.dtype import dtypes
-from minift.helpers import DEBUG, KERNEL_DIR, log, prod, prune_cache, touch_cache
+from minift.helpers import DEBUG, KERNEL_DIR, log, prod, prune_cache, read_kernel, touch_cache
+from minift.lazy import LazyOp, Op
 from minift.runtime.buffer import Buffer
 from minift.runtime.device import Device
 from minift.codegen.gpu import split_kernel
 from minift.backends.opencl import codegen as cg
+from minift.codegen import tiles
 
 BUILD_OPTIONS = ""   # no fast-math: results must match the NumPy backend
+# launch errors that mean "this work-group is too big for this kernel here" (registers ran out):
+# the launch is retried with a smaller work-group
+REFUSED_LAUNCH = {cl.status_code.OUT_OF_RESOURCES: "CL_OUT_OF_RESOURCES", cl.status_code.INVALID_WORK_GROUP_SIZE: "CL_INVALID_WORK_GROUP_SIZE"}
 
 
 class CLBuildError(RuntimeError):
@@ -55,6 +64,14 @@ class DeviceCaps:
   image_support: bool
   image2d_max: tuple      # (width, height) in pixels
   extensions: str
+  single_fp_config: tuple = ()            # CL_DEVICE_SINGLE_FP_CONFIG flags: DENORM, INF_NAN, FMA, ROUND_TO_NEAREST, ...
+  image_formats: tuple = ()               # "ORDER/TYPE" of every read-only image2d format, e.g. "RGBA/HALF_FLOAT"
+  preferred_work_group_multiple: int = 0  # CL_KERNEL_PREFERRED_WORK_GROUP_SIZE_MULTIPLE of a simple kernel (the self-check's)
+
+  @property
+  def denormals(self):
+    """Whether float32 denormals are kept (phone GPUs often flush them to zero)."""
+    return "DENORM" in self.single_fp_config
 
   @property
   def is_cpu(self): return self.type == "CPU"
@@ -65,8 +82,13 @@ class DeviceCaps:
     return self.max_parameter_size // (self.address_bits // 8) - 2
 
   @staticmethod
-  def query(platform, device):
+  def query(platform, device, ctx=None):
     exts = device.extensions
+    fp = device.single_fp_config
+    formats = ()
+    if device.image_support:
+      found = cl.get_supported_image_formats(ctx or cl.Context([device]), cl.mem_flags.READ_ONLY, cl.mem_object_type.IMAGE2D)
+      formats = tuple(sorted({f"{_name(cl.channel_order, f.channel_order)}/{_name(cl.channel_type, f.channel_data_type)}" for f in found}))
     return DeviceCaps(
       platform=platform.name.strip(), name=device.name.strip(), vendor=device.vendor.strip(),
       type=device_type_name(device), version=device.version.strip(),
@@ -77,12 +99,19 @@ class DeviceCaps:
       global_mem_size=device.global_mem_size, max_parameter_size=device.max_parameter_size, address_bits=device.address_bits,
       fp16="cl_khr_fp16" in exts.split(), image_support=bool(device.image_support),
       image2d_max=(device.image2d_max_width, device.image2d_max_height) if device.image_support else (0, 0),
-      extensions=exts.strip())
+      extensions=exts.strip(), image_formats=formats,
+      single_fp_config=tuple(n for n in dir(cl.device_fp_config) if n.isupper() and fp & getattr(cl.device_fp_config, n)))
 
   def as_dict(self):
     d = asdict(self)
-    d["is_cpu"] = self.is_cpu
+    d["is_cpu"], d["denormals"] = self.is_cpu, self.denormals
     return d
+
+
+def _name(kind, value):
+  """pyopencl's name of a constant, or its number where pyopencl has none (vendor formats)."""
+  try: return kind.to_string(value)
+  except ValueError: return hex(value)
 
 
 def device_type_name(device):
@@ -143,8 +172,8 @@ class OpenCLDevice(Device):
 
   def __init__(self, spec=None):
     self.platform, self.device = select_device(os.environ.get("MINIFT_CL_DEVICE", "") if spec is None else spec)
-    self.caps = DeviceCaps.query(self.platform, self.device)
     self.ctx = cl.Context([self.device])
+    self.caps = DeviceCaps.query(self.platform, self.device, self.ctx)
     self.profiling = DEBUG >= 2
     props = cl.command_queue_properties.PROFILING_ENABLE if self.profiling else 0
     self.queue = cl.CommandQueue(self.ctx, self.device, properties=props)   # in-order
@@ -162,6 +191,8 @@ class OpenCLDevice(Device):
     self.use_images = self.caps.image_support and "qualcomm" in self.caps.vendor.lower()
     self._images, self._weight_uses = weakref.WeakKeyDictionary(), weakref.WeakKeyDictionary()
     self._cache_warned = False
+    self._refused = None   # {kernel family: {tile: reason}} the driver refused (see refused_tiles)
+    self.poison = False    # fill every new buffer with NaN bytes (tools/kernel_test.py: a kernel that writes nothing fails)
     self._self_check()
     if DEBUG >= 1: log.info(f"OpenCL device: {self.caps.name} ({self.caps.platform}, driver {self.caps.driver_version})")
 
@@ -188,7 +219,9 @@ class OpenCLDevice(Device):
     self._free, self._free_bytes = {}, 0
 
   def alloc(self, size, dtype):
-    return Buffer(self, size, dtype, self._alloc(size * dtype.itemsize))
+    mem = self._alloc(size * dtype.itemsize)
+    if self.poison: cl.enqueue_fill_buffer(self.queue, mem, np.uint8(0xFF), 0, mem.size)   # NaN as float32 and half, -1 as ints
+    return Buffer(self, size, dtype, mem)
 
   def free(self, buf):
     mem, buf.data = buf.data, None
@@ -231,6 +264,7 @@ class OpenCLDevice(Device):
   def _image_for(self, buf, rows, cols):
     image = self._images.get(buf)
     if image is None:
+      if f"RGBA/{'HALF_FLOAT' if buf.dtype is dtypes.float16 else 'FLOAT'}" not in self.caps.image_formats: return None
       uses = self._weight_uses[buf] = self._weight_uses.get(buf, 0) + 1
       if uses < 2: return None   # activations are used once: only weights earn an image
       image = self._images[buf] = self.weight_image(buf, rows, cols)
@@ -323,35 +357,117 @@ class OpenCLDevice(Device):
     if launch is None: launch = launches[in_dtypes] = self._build_launch(kernel, in_dtypes, in_sizes)
     return launch
 
-  def _build_launch(self, kernel, in_dtypes, in_sizes):
+  def _build_launch(self, kernel, in_dtypes, in_sizes, max_local=None):
     if kernel.kind == "matmul":
-      configs = cg.matmul_configs(kernel, self.caps)
-      for config in configs:   # the first whose work-group this kernel can launch
-        rendered = cg.render(kernel, in_dtypes, in_sizes, self.caps, config=config)
-        clk, limit = self._kernel_for(rendered)
-        if prod(rendered.local_size) <= limit: break
-      else:
-        raise RuntimeError(f"OpenCL: no matmul tile fits {kernel.name} on {self.caps.name} (work-group limit {limit})")
+      idx = cg.index_type(kernel, in_sizes)
+      rendered, clk = self._matmul_tile(kernel, lambda config: cg.render_matmul(kernel, in_dtypes, idx, config))
     else:
-      rendered = cg.render(kernel, in_dtypes, in_sizes, self.caps, max_local=self._max_local())
+      rendered = cg.render(kernel, in_dtypes, in_sizes, self.caps, max_local=self._max_local(max_local))
       clk, limit = self._kernel_for(rendered)
       if prod(rendered.local_size) > limit:   # this kernel allows less than the device: re-render smaller
-        rendered = cg.render(kernel, in_dtypes, in_sizes, self.caps, max_local=self._max_local(limit))
+        rendered = cg.render(kernel, in_dtypes, in_sizes, self.caps, max_local=self._max_local(min(limit, max_local or limit)))
         clk, limit = self._kernel_for(rendered)
     in_place = kernel.assign_target is None or cg.assign_in_place_ok(kernel)
     image = cg.image_weight(kernel, in_sizes, self.caps) if kernel.kind == "matmul" else None
     return _Launch(clk, rendered, in_place, image)
 
   def _image_launch(self, kernel, in_dtypes, in_sizes):
-    for config in cg.matmul_configs(kernel, self.caps):
-      rendered = cg.render_matmul(kernel, in_dtypes, cg.index_type(kernel, in_sizes), config, image=True)
-      clk, limit = self._kernel_for(rendered)
-      if prod(rendered.local_size) <= limit: return _Launch(clk, rendered, True)
-    return None
+    idx = cg.index_type(kernel, in_sizes)
+    try: rendered, clk = self._matmul_tile(kernel, lambda config: cg.render_matmul(kernel, in_dtypes, idx, config, image=True), "matmul_image")
+    except RuntimeError: return None   # no tile of the image variant runs here: the buffer variant does
+    return _Launch(clk, rendered, True)
+
+  def _matmul_tile(self, kernel, make, family="matmul"):
+    _, (_, m, n, _) = cg.matmul_shape(kernel)
+    return self.pick_tile(family, m, n, make)
+
+  def pick_tile(self, family, m, n, make):
+    """(rendered, cl.Kernel) of the first tile for an (m, n) matmul output (codegen/tiles.py,
+    biggest first) that builds and whose work-group the built kernel takes (its
+    CL_KERNEL_WORK_GROUP_SIZE and local memory); make(config) renders a tile (a codegen Rendered
+    whose notes hold "config"). family names the kernel template (matmul, matmul_image): tiles
+    the driver refused for it before are not tried, and a tile that fails to build is refused
+    from now on once a smaller one builds (a source that builds with no tile is an error)."""
+    refused, failed, tried, log_text = self.refused_tiles(family), {}, [], ""
+    for config in tiles.matmul_tiles(m, n, self.caps.max_work_group_size, self.caps.max_work_item_sizes[:2], self.caps.local_mem_size, refused):
+      rendered = make(config)
+      try: clk, limit = self._kernel_for(rendered)
+      except CLBuildError as e:
+        failed[str(config)], log_text = "build failed", e.build_log
+        tried.append(f"{config}: build failed")
+        continue
+      local_mem = clk.get_work_group_info(cl.kernel_work_group_info.LOCAL_MEM_SIZE, self.device)
+      if config.threads > limit or local_mem > self.caps.local_mem_size:
+        tried.append(f"{config}: the built kernel takes {limit} work-items and {self.caps.local_mem_size} bytes of local memory, not {config.threads} and {local_mem}")
+        continue
+      if failed: self.refuse_tiles(family, failed, persist=True)
+      if DEBUG >= 3: log.info(f"OpenCL: {rendered.name} tile {config} ({config.threads} work-items)")
+      return rendered, clk
+    skipped = "".join(f"; {t} refused before ({why})" for t, why in refused.items())
+    raise RuntimeError(f"OpenCL: no {family} tile for a {m}x{n} output runs on {self.caps.name} (work-group limit "
+                       f"{self.caps.max_work_group_size}, local memory {self.caps.local_mem_size} bytes): tried "
+                       + ("; ".join(tried) or "none") + skipped + (f"\nlast build log:\n{log_text}" if log_text else ""))
+
+  # ---- tiles the driver refused, remembered per device
+
+  def _device_key(self):
+    return " / ".join([self.caps.platform, self.caps.name, self.caps.version, self.caps.driver_version])
+
+  def refused_tiles(self, family):
+    """{tile: reason} of the tiles this device's driver refused for the `family` kernel template:
+    those of this process and those remembered in tiles.json in the cache folder. A template
+    whose source changes starts afresh (its key holds a hash of the source)."""
+    if self._refused is None:
+      try: saved = json.loads((self.cache_dir / "tiles.json").read_text()).get(self._device_key(), {})
+      except (OSError, ValueError, AttributeError): saved = {}
+      self._refused = {k: dict(v) for k, v in saved.items() if isinstance(v, dict)}
+    return self._refused.setdefault(self._family_key(family), {})
+
+  @staticmethod
+  def _family_key(family):
+    name = {"matmul": "matmul.cl", "matmul_image": "matmul_image.cl"}.get(family)
+    return f"{family} {hashlib.sha256(read_kernel(name).encode()).hexdigest()[:12]}" if name else family
+
+  def refuse_tiles(self, family, reasons, persist):
+    """Refuse tiles ({tile: reason}) from now on; persist: also in tiles.json (once a smaller
+    tile ran, so that a source that never builds is not remembered as refused tiles)."""
+    self.refused_tiles(family).update(reasons)
+    if not persist: return
+    for tile, why in reasons.items(): log.warning(f"OpenCL: {self.caps.name} refused the {family} tile {tile} ({why}); smaller tiles from now on")
+    path = self.cache_dir / "tiles.json"
+    try:
+      try: saved = json.loads(path.read_text())
+      except (OSError, ValueError): saved = {}
+      if not isinstance(saved, dict): saved = {}
+      mine = saved.setdefault(self._device_key(), {})
+      mine.setdefault(self._family_key(family), {}).update(reasons)
+      path.parent.mkdir(parents=True, exist_ok=True)
+      tmp = path.with_suffix(f".{os.getpid()}.tmp")
+      tmp.write_text(json.dumps(saved, indent=1, sort_keys=True))
+      os.replace(tmp, path)   # atomic; a concurrent writer's refusals may be lost, and are found again
+    except OSError as e:
+      log.warning(f"OpenCL: cannot write {path} ({e}); refused tiles will be tried again next time")
 
   def _kernel_for(self, rendered):
     if DEBUG >= 4: print(f"----- {rendered.name} global={rendered.global_size} local={rendered.local_size}\n{rendered.src}")
     return self.kernel(rendered.name, rendered.src)
+
+  def _refit(self, kernel, in_dtypes, in_sizes, launch, why):
+    """After the driver refused to launch `launch` (why: the error's name): the same kernel with a
+    smaller work-group, from now on. A matmul's tile is refused for this device (remembered once
+    the smaller one ran, see run); other kernels are rendered for half the work-group."""
+    launches = self._launches[kernel]
+    config = launch.rendered.notes.get("config")
+    if config is not None:
+      family = "matmul_image" if "image" in launch.rendered.extra_args else "matmul"
+      self.refuse_tiles(family, {str(config): f"{why} at launch"}, persist=False)
+      if family == "matmul_image": launches[in_dtypes].image_launch = _UNTRIED
+      else: del launches[in_dtypes]
+      return family, str(config), why
+    local = prod(launch.local_size)
+    if local <= 1: raise RuntimeError(f"OpenCL: {self.caps.name} refused to launch {kernel.name} ({why}) even with one work-item")
+    launches[in_dtypes] = self._build_launch(kernel, in_dtypes, in_sizes, max_local=local // 2)
+    return None
 
   # ---- running
 
@@ -372,24 +488,35 @@ class OpenCLDevice(Device):
     if assign_out is not None: self.forget_copies(assign_out)
     in_place = assign_out is not None and launch.in_place_ok
     out = assign_out if in_place else self.alloc(n, kernel.dtype)
-    args = [out.data] + [b.data for b in ins]
-    if launch.image_weight is not None and self.use_images:
-      w, rows, cols = launch.image_weight
-      image = self._image_for(ins[w], rows, cols)
-      if image is not None:
-        if launch.image_launch is _UNTRIED: launch.image_launch = self._image_launch(kernel, in_dtypes, in_sizes)
-        if launch.image_launch is not None:
-          launch = launch.image_launch
-          args.append(image)
-    extra = launch.rendered.extra_args
-    if "key" in extra: args += list(cg.rand_args(*rand_key))
-    if "err" in extra:
-      cl.enqueue_fill_buffer(self.queue, self._err, np.int32(0), 0, 4)
-      args.append(self._err)
-    if launch.rendered.notes.get("zero_fill"): cl.enqueue_fill_buffer(self.queue, out.data, np.uint8(0), 0, out.nbytes)
-    onto = ins[launch.rendered.notes["fill_from"]] if "fill_from" in launch.rendered.notes else out   # out itself: scattered in place (jit._donated)
-    if onto is not out: cl.enqueue_copy(self.queue, out.data, onto.data, byte_count=out.nbytes)
-    self._launch(launch.clk, launch.global_size, launch.local_size, args)
+    refits = []
+    while True:   # until the driver takes the launch: each refusal, a smaller work-group (_refit)
+      launch = self._launch_of(kernel, in_dtypes, in_sizes)
+      args = [out.data] + [b.data for b in ins]
+      if launch.image_weight is not None and self.use_images:
+        w, rows, cols = launch.image_weight
+        image = self._image_for(ins[w], rows, cols)
+        if image is not None:
+          if launch.image_launch is _UNTRIED: launch.image_launch = self._image_launch(kernel, in_dtypes, in_sizes)
+          if launch.image_launch is not None:
+            launch = launch.image_launch
+            args.append(image)
+      extra = launch.rendered.extra_args
+      if "key" in extra: args += list(cg.rand_args(*rand_key))
+      if "err" in extra:
+        cl.enqueue_fill_buffer(self.queue, self._err, np.int32(0), 0, 4)
+        args.append(self._err)
+      if launch.rendered.notes.get("zero_fill"): cl.enqueue_fill_buffer(self.queue, out.data, np.uint8(0), 0, out.nbytes)
+      onto = ins[launch.rendered.notes["fill_from"]] if "fill_from" in launch.rendered.notes else out   # out itself: scattered in place (jit._donated)
+      if onto is not out: cl.enqueue_copy(self.queue, out.data, onto.data, byte_count=out.nbytes)
+      try:
+        self._launch(launch.clk, launch.global_size, launch.local_size, args)
+        break
+      except cl.Error as e:
+        why = REFUSED_LAUNCH.get(getattr(e, "code", None))
+        if why is None: raise
+        refits.append(self._refit(kernel, in_dtypes, in_sizes, launch, why))
+    for family, tile, why in filter(None, refits):   # a smaller tile ran: remember the refusal
+      self.refuse_tiles(family, {tile: f"{why} at launch"}, persist=True)
     if "err" in extra: self._check_index_error(kernel, ins)
     if assign_out is not None and not in_place:   # the kernel read the target: write it afterwards
       cl.enqueue_copy(self.queue, assign_out.data, out.data, byte_count=out.nbytes)
@@ -422,6 +549,7 @@ class OpenCLDevice(Device):
     src = ("__kernel void minift_self_check(__global float* out, __global const float* a, __global const half* h) {\n"
            "  int i = get_global_id(0);\n  out[i] = a[i] * 2.0f + vload_half(i, h);\n}\n")
     clk, _ = self.kernel("minift_self_check", src)
+    self.caps.preferred_work_group_multiple = clk.get_work_group_info(cl.kernel_work_group_info.PREFERRED_WORK_GROUP_SIZE_MULTIPLE, self.device)
     a = np.linspace(-2, 2, 16, dtype=np.float32)
     h = np.linspace(0, 1, 16, dtype=np.float16)
     ba, bh = self.from_numpy(a, dtypes.float32), self.from_numpy(h, dtypes.float16)

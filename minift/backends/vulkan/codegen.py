@@ -22,7 +22,8 @@ no erf; the spec lets a driver's sin be 2^-11 off and its pow undefined for nega
 """
 from dataclasses import dataclass, field
 from minift.codegen.cstyle import CStyleLanguage
-from minift.codegen.gpu import (view_index, wide_index, round_up, pow2_floor, MatmulConfig, FALLBACKS, first_config,
+from minift.codegen.tiles import matmul_tiles
+from minift.codegen.gpu import (view_index, wide_index, round_up, pow2_floor,
                                 matmul_shape, fastest, matmul_out_index)
 from minift.dtype import dtypes
 from minift.helpers import prod, read_kernel
@@ -442,13 +443,9 @@ def render_rand(kernel, src):
 # ---- matmul: kernels/matmul.comp with the operand access and the epilogue as macros
 
 def matmul_configs(kernel, target):
-  """Tile configurations to try, best first, that fit the device's workgroup and shared memory."""
+  """Tiles to try, best first (codegen/tiles.py), that fit the device's workgroup limits and shared memory."""
   _, (_, m, n, _) = matmul_shape(kernel)
-  out = []
-  for c in (first_config(m, n),) + FALLBACKS:
-    tx, ty = c.bn // c.tn, c.bm // c.tm
-    if c in out or c.threads > target.max_invocations or tx > target.max_size[0] or ty > target.max_size[1] or c.local_bytes() > target.shared_bytes: continue
-    out.append(c)
+  out = matmul_tiles(m, n, target.max_invocations, target.max_size[:2], target.shared_bytes)
   if not out: raise RuntimeError(f"Vulkan: no matmul tile fits {kernel.name} (workgroup {target.max_invocations}, shared memory {target.shared_bytes} bytes)")
   return out
 

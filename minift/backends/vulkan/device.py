@@ -58,6 +58,7 @@ class VulkanDevice(Device):
     self._launches = weakref.WeakKeyDictionary()   # schedule.Kernel -> {(input dtypes, pieces): _Launch}
     self._err = self.vk.alloc(4)                   # the gathers' and scatter-adds' index-out-of-range flag
     self._checks, self._checks_batch = [], None    # what the flag's pending value may name, and in which submit
+    self.poison = False   # fill every new buffer with NaN bytes (tools/kernel_test.py: a kernel that writes nothing fails)
     self._self_check()
     if DEBUG >= 1: log.info(f"Vulkan device: {caps.name} ({caps.type}, {caps.driver_name or caps.vendor} {caps.driver_info or caps.driver_version})")
 
@@ -68,7 +69,9 @@ class VulkanDevice(Device):
   def _nbytes(self, size, dtype): return size * self.storage.np_dtype(dtype).itemsize
 
   def alloc(self, size, dtype):
-    return Buffer(self, size, dtype, self.vk.alloc(self._nbytes(size, dtype)))
+    mem = self.vk.alloc(self._nbytes(size, dtype))
+    if self.poison: self.vk.fill(mem, 0xFFFFFFFF)   # NaN as float32 and half, -1 as ints
+    return Buffer(self, size, dtype, mem)
 
   def free(self, buf):
     mem, buf.data = buf.data, None
