@@ -12,6 +12,7 @@ import numpy as np
 from minift.sharder import active as active_sharder
 from minift.tensor import Tensor
 from minift.dtype import dtypes
+from minift.quant import BaseStorage, quantize, quantized_dtype
 
 
 class SafetensorsFile:
@@ -43,6 +44,7 @@ class SafetensorsFile:
 
   def keys(self): return list(self.header)
   def shape(self, name): return tuple(self.header[name]["shape"])
+  def stored_type(self, name): return self.header[name]["dtype"]
 
   def get(self, name):
     """The tensor as a NumPy array: a view of the file for F32/F16/ints, a float32 copy for BF16."""
@@ -78,6 +80,7 @@ class SafetensorsFolder:
   def keys(self): return list(self.where)
   def file(self, name): return self.where[name]
   def shape(self, name): return self.files[self.where[name]].shape(name)
+  def stored_type(self, name): return self.files[self.where[name]].stored_type(name)
   def get(self, name): return self.files[self.where[name]].get(name)
 
 
@@ -102,10 +105,12 @@ def to_tensor(arr, dtype=None):
 
 
 def load_weights(model, source, where, transposed=(), dtype=None, convert=None):
-  """Fill every parameter of `model` from `source` (keys(), shape(key), get(key)), with HF names.
-  model.hf_name maps a key to a parameter name (None skips it); parameters whose name ends with
-  one of `transposed` are stored (in, out) in the file. convert(name, array) may fix values up.
-  Shapes are all checked before anything is read."""
+  """Fill every parameter of `model` from `source` (keys(), shape(key), get(key), stored_type(key);
+  raw(key) where it holds quantized blocks), with HF names. model.hf_name maps a key to a
+  parameter name (None skips it); parameters whose name ends with one of `transposed` are stored
+  (in, out) in the file. convert(name, array) may fix values up (rows of blocks' bytes too: a row
+  permutation). dtype: the base dtype (minift/quant.py: keep, float32 (None), float16, q8_0,
+  q4_0). Shapes are all checked before anything is read."""
   params = dict(model.named_parameters())
   plan, unexpected = {}, []
   for key in source.keys():
@@ -129,18 +134,41 @@ def load_weights(model, source, where, transposed=(), dtype=None, convert=None):
     if have != want:
       raise ValueError(f"{file_of(key)}: tensor {key!r} has shape {have}, but the model ({type(model).__name__}"
                        f" from its config) expects {want}{' (Conv1D layout, in x out)' if is_t else ''}")
+  storage = BaseStorage(dtype, model)
   for name, key in plan.items():
-    if _load_in_pieces(model, source, name, key, dtype): continue
-    arr = source.get(key)
-    if convert is not None: arr = convert(name, arr)
-    t = to_tensor(arr, dtype)
-    del arr
-    model.set_parameter(name, t.T if name.endswith(tuple(transposed)) else t)
+    is_t = name.endswith(tuple(transposed))
+    target = storage.target(name, source.stored_type(key), tuple(params[name].shape))
+    if target.is_quantized: t = _quantized(source, name, key, target, convert, is_t)
+    elif _load_in_pieces(model, source, name, key, target): continue
+    else:
+      arr = source.get(key)
+      if convert is not None: arr = convert(name, arr)
+      t = to_tensor(arr, target)
+      del arr
+      if is_t: t = t.T
+    model.set_parameter(name, t)
     if active_sharder() is not None: active_sharder().adopt(model, name)   # paged as it loads
+  storage.log(where)
   return model
 
 
-def _load_in_pieces(model, source, name, key, dtype):
+def _quantized(source, name, key, dtype, convert, transposed):
+  """Parameter `name` as a quantized Tensor of dtype: the file's own blocks when it stores them in
+  that type (memory-mapped; a converted row order is a copy), else its values quantized."""
+  if hasattr(source, "raw") and quantized_dtype(source.stored_type(key)) == dtype:
+    raw = source.raw(key)                              # (rows, row bytes), a view of the file
+    shape = tuple(source.shape(key))
+    if convert is not None: raw = convert(name, raw)   # rows permuted (llama's Q and K), if at all
+  else:
+    arr = source.get(key)
+    if convert is not None: arr = convert(name, arr)
+    if transposed: arr = arr.T                         # (in, out) in the file: quantized along in, as the matmul reads it
+    shape = arr.shape
+    raw = quantize(arr, dtype)
+  return Tensor.from_quantized(raw, shape, dtype)
+
+
+def _load_in_pieces(model, source, name, key, target):
   """Under a sharder, a vocabulary table larger than its budget is read a row piece at a time
   from a source that can (GGUF: dequantized piecewise) and each piece paged as it comes, so the
   whole float32 table (671 MB for Gemma 3) never exists. Returns whether it did so. Vocabulary
@@ -152,12 +180,11 @@ def _load_in_pieces(model, source, name, key, dtype):
   sharder = active_sharder()
   if sharder is None or not hasattr(source, "get_rows") or not (isinstance(mod, Embedding) or name == "lm_head.weight"): return False
   shape = tuple(source.shape(key))
-  itemsize = 2 if dtype is not None and dtypes.from_any(dtype) == dtypes.float16 else 4
-  rows = sharder.rows_per_piece(shape, itemsize)
+  rows = sharder.rows_per_piece(shape, target.itemsize)
   if rows is None: return False
   pieces = []
   for start in range(0, shape[0], rows):
-    pieces.append(to_tensor(source.get_rows(key, start, min(shape[0], start + rows)), dtype))
+    pieces.append(to_tensor(source.get_rows(key, start, min(shape[0], start + rows)), target))
     sharder.manage(pieces[-1], f"{mod_path}.weight_pieces.{len(pieces) - 1}")
   delattr(mod, attr)
   mod.weight_pieces = pieces

@@ -26,10 +26,14 @@ class Device:
   prepare()       called with the kernels of a schedule that run here before the first of them
                   runs (to build them all in one go); does nothing by default.
   written()       the buffers a kernel run wrote in place (the pager marks their disk copies stale).
+  quantized_types the quantized dtypes (minift/quant.py, by name) whose buffers its matmul,
+                  gather and dequant kernels read; a weight of another quantized type is made
+                  float32 when it is loaded for this device (one log line). None by default.
   """
   name = None
   runs_attention = False
   fuses_assigns = False
+  quantized_types = frozenset()
 
   # ---- memory
   def from_numpy(self, arr, dtype):

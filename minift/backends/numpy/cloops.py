@@ -307,7 +307,9 @@ class Renderer(CLanguage):
 
   def pointer_lines(self, dtypes):
     """The typed pointers p0, p1, ... to the inputs of these dtypes."""
-    return [f"const {self.storage_types[d.name]}* p{i} = (const {self.storage_types[d.name]}*)in{i};" for i, d in enumerate(dtypes)]
+    # a quantized input is a matmul's operand (backends/numpy/quant.py reads it): only declared here
+    types = ["uint8_t" if d.is_quantized else self.storage_types[d.name] for d in dtypes]
+    return [f"const {t}* p{i} = (const {t}*)in{i};" for i, t in enumerate(types)]
 
   def render_chunked(self, name, args, w, red, loop, store):
     """A reduction to one value in chunks(): a call with lo >= 0 writes the partial results of

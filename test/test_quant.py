@@ -1,0 +1,123 @@
+"""Quantized frozen weights (minift/quant.py): GGUF block types dequantized bit for bit as gguf's
+reference dequantizer does, matmuls and embedding lookups that read the blocks, and no gradient
+ever for a quantized matrix."""
+import numpy as np
+import pytest
+import gguf
+from minift import Tensor
+from minift.dtype import dtypes
+from minift.quant import quantize, quantize_tensor
+from minift.backends.numpy import quant as nq
+
+rng = np.random.default_rng(0)
+TYPES = nq.TYPES
+# byte offsets of each type's fp16 scale fields in its block (kernels/dequant.h lists the layouts)
+HALVES = {"q8_0": (0,), "q4_0": (0,), "q4_1": (0, 2), "q5_0": (0,), "q5_1": (0, 2), "q2_k": (80, 82), "q3_k": (108,),
+          "q4_k": (0, 2), "q5_k": (0, 2), "q6_k": (208,)}
+
+
+def random_blocks(name, rows, cols):
+  """Random bytes as blocks of type `name` (rows, cols values), every fp16 scale a finite half of
+  any magnitude (normal and subnormal, either sign): every bit pattern of the quantized values."""
+  d = dtypes.from_any(name)
+  raw = rng.integers(0, 256, (rows * cols // d.block, d.itemsize), dtype=np.uint8)
+  for off in HALVES[name]:
+    bits = rng.integers(0, 0x7c00, raw.shape[0], dtype=np.uint16) | (rng.integers(0, 2, raw.shape[0], dtype=np.uint16) << 15)
+    raw[:, off:off + 2] = bits.astype("<u2").view(np.uint8).reshape(-1, 2)
+  return raw.reshape(rows, -1)
+
+
+def reference(raw, name):
+  return gguf.quants.dequantize(raw, gguf.GGMLQuantizationType[name.upper()])
+
+
+def same_bits(a, b): return np.array_equal(np.asarray(a, np.float32).view(np.uint32), np.asarray(b, np.float32).view(np.uint32))
+
+
+@pytest.mark.parametrize("name", TYPES)
+def test_dequantize_bit_for_bit(name):
+  """The C loops' blocks (kernels/qmatmul.c), a gathered row (an embedding lookup) and a DEQUANT
+  kernel give gguf.quants.dequantize's float32 values bit for bit."""
+  assert nq.functions() is not None, "the C loops need a compiler here"
+  d = dtypes.from_any(name)
+  rows, cols = 6, 2 * max(d.block, 256)
+  raw = random_blocks(name, rows, cols)
+  ref = reference(raw, name)
+  assert same_bits(nq.dequantize(raw.reshape(-1), d, rows * cols).reshape(rows, cols), ref)
+  idx = np.array([[4, 0], [5, 4]])
+  assert same_bits(nq.gather_rows(raw.reshape(-1), d, cols, idx), ref[idx.reshape(-1)])
+  w = Tensor.from_quantized(raw, (rows, cols), d)
+  assert w.dtype is d and w.lazydata.base.buffer.nbytes == raw.nbytes   # held as its blocks
+  assert same_bits(w.numpy(), ref)
+  assert same_bits(w.embedding(Tensor(idx)).numpy(), ref[idx])
+  assert same_bits(w[1:3, d.block:].dequantize().numpy(), ref[1:3, d.block:])   # a view of the blocks
+
+
+@pytest.mark.parametrize("name", ["q8_0", "q4_0", "q4_1", "q5_0", "q5_1"])
+def test_quantize_matches_gguf(name):
+  """quantize() writes gguf's blocks (the ones gguf's quantizer can write), and a quantized
+  tensor's values are those blocks' values."""
+  a = rng.standard_normal((8, 96)).astype(np.float32)
+  raw = quantize(a, name)
+  assert np.array_equal(raw, gguf.quants.quantize(a, gguf.GGMLQuantizationType[name.upper()]))
+  assert same_bits(quantize_tensor(Tensor(a), name).numpy(), reference(raw, name))
+
+
+@pytest.mark.parametrize("name", TYPES)
+@pytest.mark.parametrize("m", [1, 3, 40])
+def test_matmul_both_directions(name, m):
+  """x @ W.T (a layer's forward; m <= 4 rows take the direct loop, more the BLAS panels) and
+  g @ W (its input gradient) equal the products of the dequantized weight (in float64), within
+  float32 summation error relative to the operands' magnitudes (the scales are of any size)."""
+  d = dtypes.from_any(name)
+  n, k = 48, 2 * max(d.block, 256)
+  raw = random_blocks(name, n, k)
+  w = Tensor.from_quantized(raw, (n, k), d)
+  wv = reference(raw, name).astype(np.float64)
+  x, g = rng.standard_normal((m, k)).astype(np.float32), rng.standard_normal((m, n)).astype(np.float32)
+  for got, want in (((Tensor(x) @ w.T).numpy(), x @ wv.T), ((Tensor(g) @ w).numpy(), g @ wv)):
+    scale = np.abs(x).max() * np.abs(wv).max() * np.sqrt(max(n, k))
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * scale)
+
+
+def test_matmul_row_panels_of_a_tall_weight(monkeypatch):
+  """g @ W where a column of W's blocks is too big for one panel (a 262k vocabulary): panels of
+  rows, products summed."""
+  monkeypatch.setattr(nq, "COLUMN_PANELS_UP_TO", 1024)
+  monkeypatch.setattr(nq, "PANEL_BYTES", 4096)
+  raw = random_blocks("q4_k", 300, 512)
+  wv = reference(raw, "q4_k").astype(np.float64)
+  w = Tensor.from_quantized(raw, (300, 512), dtypes.q4_k)
+  g = rng.standard_normal((7, 300)).astype(np.float32)
+  want = g @ wv
+  np.testing.assert_allclose((Tensor(g) @ w).numpy(), want, rtol=0, atol=1e-5 * np.abs(want).max())
+
+
+def test_no_weight_gradient_for_a_quantized_matrix():
+  """Training LoRA on a quantized base computes the input gradient through the quantized weight
+  but never its own gradient: no kernel has the weight's shape, none makes it float32 (DEQUANT),
+  and the weight gets no .grad even when asked for one."""
+  n, k = 64, 96
+  w = quantize_tensor(Tensor(rng.standard_normal((n, k)).astype(np.float32) * 0.1), "q4_0")
+  w.requires_grad = True   # asked for, never given
+  a = Tensor(rng.standard_normal((4, k)).astype(np.float32) * 0.1, requires_grad=True)
+  x = Tensor(rng.standard_normal((5, 7, k)).astype(np.float32), requires_grad=True)
+  y = (x @ w.T + (x @ a.T) @ Tensor(np.ones((4, n), np.float32))).square().sum()
+  y.backward()
+  grads = [t.grad for t in (x, a)]
+  sched = Tensor.schedule(*grads)
+  assert sched and all(kern.kind != "dequant" for kern in sched)
+  assert not any(tuple(kern.shape) in ((n, k), (k, n)) for kern in sched)
+  assert w.grad is None
+  wv = w.numpy().astype(np.float64)
+  xv, av = x.numpy().astype(np.float64), a.numpy().astype(np.float64)
+  h = xv @ wv.T + (xv @ av.T) @ np.ones((4, n))
+  np.testing.assert_allclose(x.grad.numpy(), (2 * h) @ (wv + np.ones((n, 4)) @ av), rtol=1e-4, atol=1e-4)
+
+
+def test_other_ops_refuse_a_quantized_tensor():
+  w = quantize_tensor(Tensor(rng.standard_normal((4, 32)).astype(np.float32)), "q8_0")
+  with pytest.raises(TypeError, match="quantized"): w + 1
+  with pytest.raises(TypeError, match="quantized"): w * w
+  np.testing.assert_allclose((w.dequantize() + 1).numpy(), w.numpy() + 1)
+  np.testing.assert_allclose(w.float().exp().numpy(), np.exp(w.numpy()), rtol=1e-6)   # a cast dequantizes
