@@ -357,7 +357,9 @@ class Attention(Function):
 
 
 class Stored(Function):
-  """An op whose gradients were computed (and realized) in forward; backward scales them."""
+  """An op whose gradients were computed (and realized) in forward; backward scales them. Its
+  inputs are only linked to (a quantized LM head among them: it gets no gradient)."""
+  reads_quantized = True
   def forward(self, *xs, value, grads):
     self.grads = grads
     return value

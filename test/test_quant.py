@@ -121,3 +121,109 @@ def test_other_ops_refuse_a_quantized_tensor():
   with pytest.raises(TypeError, match="quantized"): w * w
   np.testing.assert_allclose((w.dequantize() + 1).numpy(), w.numpy() + 1)
   np.testing.assert_allclose(w.float().exp().numpy(), np.exp(w.numpy()), rtol=1e-6)   # a cast dequantizes
+
+
+# ---- models with a quantized base
+
+def forward_kinds(model, ids):
+  from minift import no_grad
+  with no_grad(): return [k.kind for k in Tensor.schedule(model(Tensor(ids)))]
+
+
+def logits(model, ids):
+  from minift import no_grad
+  with no_grad(): return model(Tensor(ids)).numpy()
+
+
+def test_gguf_kept_quantized_gives_the_dequantized_logits(tmp_path):
+  """A GGUF's Q8_0 matrices stay Q8_0 (`keep`; memory-mapped from the file, except Q and K whose
+  rows the loader reorders), and the logits equal those of the base dequantized to float32 within
+  float32 summation error; the tied LM head and every layer read the blocks (no DEQUANT kernel)."""
+  import models
+  from tiny_lm import save_tiny_gguf
+  path, _ = save_tiny_gguf(tmp_path / "tiny.q8_0.gguf", qtype=gguf.GGMLQuantizationType.Q8_0)
+  mq, _ = models.load(path, dtype="keep", with_tokenizer=False)
+  mf, _ = models.load(path, with_tokenizer=False)
+  params = dict(mq.named_parameters())
+  assert {n for n, p in params.items() if p.dtype is dtypes.q8_0} == {n for n, p in params.items() if p.ndim == 2}
+  assert all(p.dtype is dtypes.float32 for p in mf.parameters())
+  buf = params["model.layers.0.mlp.up_proj.weight"].lazydata.base.buffer
+  assert not buf.data.flags.writeable and not buf.data.flags.owndata   # a view of the file
+  ids = rng.integers(0, 70, (2, 24))
+  assert "dequant" not in forward_kinds(mq, ids)
+  want = logits(mf, ids)
+  np.testing.assert_allclose(logits(mq, ids), want, rtol=0, atol=1e-5 * np.abs(want).max())
+
+
+def test_type_without_kernel_is_made_float32_with_one_log_line(tmp_path, monkeypatch):
+  """A bfloat16 folder under `keep`: no kernel reads bfloat16, so its weights become float32,
+  with one log line for all of them."""
+  import torch, models
+  from tiny_lm import save_tiny
+  folder = save_tiny("llama", tmp_path / "bf16")
+  import transformers
+  transformers.AutoModelForCausalLM.from_pretrained(folder).to(torch.bfloat16).save_pretrained(folder)
+  from minift import quant
+  said = []
+  monkeypatch.setattr(quant.log, "info", said.append)
+  model, _ = models.load(folder, dtype="keep", with_tokenizer=False)
+  assert all(p.dtype is dtypes.float32 for p in model.parameters())
+  lines = [line for line in said if "BF16" in line]
+  assert len(lines) == 1 and "float32" in lines[0], lines
+
+
+def test_lora_on_a_quantized_base_matches_peft_on_the_dequantized_base(tmp_path):
+  """LoRA trained 20 steps on a base quantized to Q4_0 on load (an HF folder, `--quantize
+  q4_0`) takes the steps torch + peft take on the dequantized base (losses within 1e-3: the
+  input gradients through the quantized matmuls are right), and its adapter, loaded by peft onto
+  the dequantized base in transformers, gives the same held-out perplexity as minift (0.2%)."""
+  import math, torch, peft, transformers, models
+  from tiny_lm import save_tiny, TEXT
+  from minift.data import PackedData
+  from minift.lora import apply_lora, lora_modules, save_adapter, adapter_state
+  from minift.trainer import Trainer, lr_at
+  from models.evaluate import perplexity_windows, windows_nll
+  from test_finetune import train_args, torch_run, TARGETS
+  folder = save_tiny("llama", tmp_path / "base")
+  Tensor.manual_seed(0)
+  model, tok = models.load(folder, dtype="q4_0")
+  assert model.model.layers[0].mlp.up_proj.weight.dtype is dtypes.q4_0 and model.model.embed_tokens.weight.dtype is dtypes.q4_0
+  dequantized = {name: p.numpy() for name, p in model.named_parameters()}
+  apply_lora(model, TARGETS["llama"], r=4, alpha=8)
+  init = adapter_state(model)
+  named = [(f"{p}.{n}", getattr(m, n)) for p, m in lora_modules(model) for n in ("lora_A", "lora_B")]
+  trainer = Trainer(model, [t for _, t in named], train_args(), named)
+  (tmp_path / "train.txt").write_text(TEXT[:1200])
+  data = PackedData(str(tmp_path / "train.txt"), tok, 32, val_fraction=0.0, seed=0)
+  gen, batches, losses = data.batches(4, 0), [], []
+  for step in range(20):
+    try: _, x, y = next(gen)
+    except StopIteration: gen = data.batches(4, step); _, x, y = next(gen)
+    batches.append((x, y))
+    losses.append(trainer.train_step([(x, y)], lr_at(step, 1e-2, 3, 20, "linear"))[0])
+  save_adapter(model, str(tmp_path / "adapter"), base_model_path=folder)
+  held_out = tok.encode("Whether 'tis nobler in the mind to suffer the slings and arrows, or to take arms.", add_special_tokens=False)
+  windows = perplexity_windows(held_out, 32)
+  nll, n = windows_nll(model, windows)
+  ours = math.exp(nll / n)
+  # the reference: transformers with the base's weights as minift holds them (dequantized)
+  ref = transformers.AutoModelForCausalLM.from_pretrained(folder, torch_dtype=torch.float32).eval()
+  sd = ref.state_dict()
+  assert {k for k in sd if k != "lm_head.weight"} == set(dequantized)
+  with torch.no_grad():
+    for name, v in dequantized.items(): sd[name].copy_(torch.tensor(v))
+  ref.save_pretrained(tmp_path / "dequantized")
+  _, ref_losses = torch_run(str(tmp_path / "dequantized"), init, batches)
+  np.testing.assert_allclose(losses, ref_losses, rtol=1e-3)
+  def ppl(m):
+    total, count = 0.0, 0
+    for x, t in windows:
+      with torch.no_grad(): lg = m(torch.tensor([x])).logits[0]
+      tt = torch.tensor(t)
+      total += torch.nn.functional.cross_entropy(lg, tt, ignore_index=-100, reduction="sum").item()
+      count += int((tt != -100).sum())
+    return math.exp(total / count)
+  base = ppl(ref)
+  want = ppl(peft.PeftModel.from_pretrained(ref, str(tmp_path / "adapter")).eval())
+  assert abs(ours / want - 1) < 0.002, (ours, want)
+  assert abs(base / want - 1) > 0.02, "training must have changed the held-out perplexity"
