@@ -13,6 +13,7 @@ try:
   import fcntl
 except ImportError:   # Windows
   fcntl = None
+from minift.errors import UserError, name_file
 
 
 def _fsync_dir(path):
@@ -40,8 +41,9 @@ def atomic_file(path, mode="wb"):
       os.fsync(f.fileno())
     os.replace(tmp, path)
     _fsync_dir(folder)
-  except BaseException:
+  except BaseException as e:
     with contextlib.suppress(OSError): os.unlink(tmp)
+    name_file(e, path)
     raise
 
 
@@ -60,8 +62,9 @@ def atomic_path(path):
     _fsync_file(tmp)
     os.replace(tmp, path)
     _fsync_dir(folder)
-  except BaseException:
+  except BaseException as e:
     with contextlib.suppress(OSError): os.unlink(tmp)
+    name_file(e, path)
     raise
 
 
@@ -90,15 +93,29 @@ class Later:
     return blocks[0] if len(blocks) == 1 else np.concatenate(blocks)
 
 
-class NonFinite(ValueError):
+class NonFinite(UserError, ValueError):
   """A tensor to be saved holds NaN or infinity (training diverged)."""
 
 
-def all_finite(arr, chunk=1 << 20):
-  """No NaN or infinity in arr (a float array; checked in chunks: no array of its size is made)."""
-  if arr.dtype.kind not in "fc": return True
+def first_non_finite(arr, chunk=1 << 20):
+  """The flat index of the first NaN or infinity in arr (a float array), or None. One pass
+  without a temporary of the array's size: a finite sum means finite values; only when it is
+  not are the values scanned, in chunks (an overflowing sum of large finite values is then
+  let through)."""
+  if arr.dtype.kind not in "fc" or not arr.size: return None
+  if arr.dtype.kind == "f":
+    with np.errstate(over="ignore", invalid="ignore"):   # an overflowing or NaN sum is an answer here, not a problem
+      if np.isfinite(np.sum(arr, dtype=np.float64 if arr.dtype == np.float64 else np.float32)): return None
   flat = arr.reshape(-1)
-  return all(np.isfinite(flat[i:i + chunk]).all() for i in range(0, flat.size, chunk))
+  for start in range(0, flat.size, chunk):
+    bad = np.flatnonzero(~np.isfinite(flat[start:start + chunk]))
+    if bad.size: return start + int(bad[0])
+  return None
+
+
+def all_finite(arr):
+  """No NaN or infinity in arr (see first_non_finite)."""
+  return first_non_finite(arr) is None
 
 
 def save_safetensors(path, tensors, metadata=None, finite=False):
@@ -152,8 +169,9 @@ def atomic_folder(path):
     yield tmp
     for entry in os.listdir(tmp): _fsync_file(os.path.join(tmp, entry))
     _fsync_dir(tmp)
-  except BaseException:
+  except BaseException as e:
     _remove(tmp)
+    name_file(e, path)   # a full disk while writing: the line the user sees names the folder
     raise
   _reached("written", path)
   ready = os.path.join(parent, ".swap-" + os.path.basename(tmp)[len(".tmp-"):])
@@ -312,7 +330,7 @@ def clean_folder(folder):
 
 # ---- one run per folder
 
-class FolderBusy(RuntimeError):
+class FolderBusy(UserError, RuntimeError):
   """Another live process holds the folder's lock."""
 
 
@@ -359,4 +377,4 @@ def check_writable(folder, flag="--out"):
     os.makedirs(folder, exist_ok=True)
     with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test-"): pass
   except OSError as e:
-    raise PermissionError(f"{flag} {folder}: cannot write there ({e.strerror})") from None
+    raise UserError(f"{flag} {folder}: cannot write there ({e.strerror})") from None

@@ -11,61 +11,105 @@ Every example becomes token ids plus a loss mask; examples are joined (EOS betwe
 when the tokenizer has one) and cut into blocks of seq_len + 1 tokens: inputs are the first
 seq_len, targets the last seq_len, and targets whose mask is 0 are IGNORE (-100).
 """
-import glob, hashlib, json, os
+import hashlib, json, os
 import numpy as np
 from minift.checkpoint import atomic_file
+from minift.errors import FileError
+from minift.tokenizer import check_ids
 
 IGNORE = -100
 TEXT_EXTENSIONS = (".txt", ".md", ".raw", ".text")
 
 
-class DataError(ValueError):
-  """Bad training data: the message names the file and what was expected."""
+class DataError(FileError):
+  """Bad training data: the message names the file (and line) and what was expected."""
 
 
-def _read_text(path, errors):
-  with open(path, "rb") as f: raw = f.read()
+def read_text(path, errors="strict", hint="pass --data_errors replace to substitute U+FFFD"):
+  """The UTF-8 text of a file; DataError naming the file and the first bad byte (with `hint`,
+  how to get past it) when it is not UTF-8."""
+  try:
+    with open(path, "rb") as f: raw = f.read()
+  except FileNotFoundError:
+    raise DataError(f"{path}: no such file") from None
+  except IsADirectoryError:
+    raise DataError(f"{path}: a folder, expected a text file") from None
   try:
     return raw.decode("utf-8", errors=errors)
   except UnicodeDecodeError as e:
     raise DataError(f"{path}: not UTF-8 text (bad byte 0x{raw[e.start]:02x} at offset {e.start}); "
-                    f"convert it to UTF-8, or pass --data_errors replace to substitute U+FFFD") from None
+                    f"convert it to UTF-8{f', or {hint}' if hint else ''}") from None
+
+
+def check_example(obj, where):
+  """DataError naming `where` (file:line) unless obj is one of the JSONL example shapes with
+  fields of the right types."""
+  if not isinstance(obj, dict) or not ({"text"} <= obj.keys() or {"prompt", "completion"} <= obj.keys() or "messages" in obj):
+    raise DataError(f'{where}: expected an object with "text", "prompt" and "completion", or "messages"')
+  for key in ("text",) if "text" in obj else ("prompt", "completion") if "prompt" in obj else ():
+    if not isinstance(obj[key], str): raise DataError(f'{where}: "{key}" must be a string, got {type(obj[key]).__name__}')
+  if "text" in obj or "prompt" in obj: return
+  messages = obj["messages"]
+  if not isinstance(messages, list): raise DataError(f'{where}: "messages" must be a list of {{"role", "content"}} objects, got {type(messages).__name__}')
+  for i, m in enumerate(messages):
+    if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+      raise DataError(f'{where}: message {i} must be an object with a string "role" and a string "content", got {json.dumps(m)[:80]}')
 
 
 def _read_jsonl(path, errors):
   examples = []
-  for n, line in enumerate(_read_text(path, errors).splitlines(), 1):
+  for n, line in enumerate(read_text(path, errors).splitlines(), 1):
     if not line.strip(): continue
     try:
       obj = json.loads(line)
     except json.JSONDecodeError as e:
       raise DataError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-    if not isinstance(obj, dict) or not ({"text"} <= obj.keys() or {"prompt", "completion"} <= obj.keys() or "messages" in obj):
-      raise DataError(f'{path}:{n}: expected an object with "text", "prompt" and "completion", or "messages"')
+    check_example(obj, f"{path}:{n}")
     examples.append(obj)
   return examples
 
 
 def _examples_of(path, errors):
   if path.endswith(".jsonl"): return _read_jsonl(path, errors)
-  return [{"text": _read_text(path, errors)}]
+  return [{"text": read_text(path, errors)}]
 
 
-def load_splits(path, errors="strict"):
-  """{'train': [examples], 'valid': [examples] or None} from a file or folder (see module doc)."""
-  if not os.path.exists(path): raise DataError(f"--data {path}: no such file or folder")
+def data_files(folder, exclude=()):
+  """The text and JSONL files under folder, sorted. Symbolic links are followed, but every real
+  folder is walked once and every real file listed once (a link loop, or two links to one
+  file, cannot repeat it); folders in `exclude` (a run's --out) and hidden ones are left out."""
+  skip = {os.path.realpath(e) for e in exclude}
+  seen_dirs, seen_files, found = set(), set(), []
+  def walk(d):
+    real = os.path.realpath(d)
+    if real in seen_dirs or real in skip: return
+    seen_dirs.add(real)
+    with os.scandir(d) as entries:
+      for e in sorted(entries, key=lambda e: e.name):
+        if e.name.startswith("."): continue
+        if e.is_dir(): walk(e.path)
+        elif e.is_file() and e.name.endswith(TEXT_EXTENSIONS + (".jsonl",)) and os.path.realpath(e.path) not in seen_files:
+          seen_files.add(os.path.realpath(e.path))
+          found.append(e.path)
+  walk(folder)
+  return sorted(found)
+
+
+def load_splits(path, errors="strict", exclude=(), flag="--data"):
+  """{'train': [examples], 'valid': [examples] or None} from a file or folder (see module doc);
+  exclude: folders under path never read (the run's own --out); flag: what errors call path."""
+  if not os.path.exists(path): raise DataError(f"{flag} {path}: no such file or folder")
   if os.path.isdir(path):
     wiki = {s: os.path.join(path, f"wiki.{s}.raw") for s in ("train", "valid")}
     if os.path.exists(wiki["train"]):
       return {"train": _examples_of(wiki["train"], errors),
               "valid": _examples_of(wiki["valid"], errors) if os.path.exists(wiki["valid"]) else None}
-    files = sorted(f for f in glob.glob(os.path.join(path, "**", "*"), recursive=True)
-                   if os.path.isfile(f) and f.endswith(TEXT_EXTENSIONS + (".jsonl",)))
-    if not files: raise DataError(f"--data {path}: no {', '.join(TEXT_EXTENSIONS)} or .jsonl files in this folder")
+    files = data_files(path, exclude)
+    if not files: raise DataError(f"{flag} {path}: no {', '.join(TEXT_EXTENSIONS)} or .jsonl files in this folder")
     examples = [e for f in files for e in _examples_of(f, errors)]
   else:
     examples = _examples_of(path, errors)
-  if not any(_has_text(e) for e in examples): raise DataError(f"--data {path}: contains no text")
+  if not any(_has_text(e) for e in examples): raise DataError(f"{flag} {path}: contains no text")
   return {"train": examples, "valid": None}
 
 
@@ -124,12 +168,13 @@ def _cache_key(examples, tokenizer):
   return h.hexdigest()[:24]
 
 
-def tokenize_cached(examples, tokenizer, cache_dir=None):
-  """tokenize(), stored in cache_dir keyed by the text and the tokenizer, so a second run (or
-  a resumed one) reads the ids instead of tokenizing again."""
+def tokenize_cached(examples, tokenizer, cache_dir=None, key=None):
+  """tokenize(), stored in cache_dir keyed by the text and the tokenizer (key: _cache_key's,
+  if the caller has it), so a second run (or a resumed one) reads the ids instead of
+  tokenizing again."""
   if cache_dir is None: return tokenize(examples, tokenizer)
   os.makedirs(cache_dir, exist_ok=True)
-  path = os.path.join(cache_dir, f"tokens-{_cache_key(examples, tokenizer)}.npz")
+  path = os.path.join(cache_dir, f"tokens-{key or _cache_key(examples, tokenizer)}.npz")
   if os.path.exists(path):
     with np.load(path) as z: return z["ids"], z["mask"]
   ids, mask = tokenize(examples, tokenizer)
@@ -150,20 +195,25 @@ def pack(ids, mask, seq_len):
 class PackedData:
   """Blocks for training and validation, and a seeded, resumable order over training blocks."""
 
-  def __init__(self, path, tokenizer, seq_len, val_fraction=0.05, cache_dir=None, errors="strict", seed=0):
+  def __init__(self, path, tokenizer, seq_len, val_fraction=0.05, cache_dir=None, errors="strict", seed=0, exclude=(), flag="--data"):
     if seq_len < 1: raise DataError(f"--seq_len must be at least 1, got {seq_len}")
-    splits = load_splits(path, errors)
-    ids, mask = tokenize_cached(splits["train"], tokenizer, cache_dir)
+    splits = load_splits(path, errors, exclude, flag)
+    keys = {s: _cache_key(splits[s], tokenizer) for s in ("train", "valid") if splits[s] is not None}
+    self.data_hash = "-".join(keys.values())   # of the text and the tokenizer: a resumed run compares it to notice changed data
+    ids, mask = tokenize_cached(splits["train"], tokenizer, cache_dir, keys["train"])
+    check_ids(ids, tokenizer, path)
     x, y = pack(ids, mask, seq_len)
     if splits["valid"] is not None:
-      vx, vy = pack(*tokenize_cached(splits["valid"], tokenizer, cache_dir), seq_len)
+      vids, vmask = tokenize_cached(splits["valid"], tokenizer, cache_dir, keys["valid"])
+      check_ids(vids, tokenizer, path)
+      vx, vy = pack(vids, vmask, seq_len)
     else:   # hold out the last blocks (before any shuffling, so the split never moves)
       n_val = int(round(len(x) * val_fraction)) if len(x) > 1 else 0
       n_val = max(n_val, 1) if val_fraction > 0 and len(x) > 1 else n_val
       x, y, vx, vy = x[:len(x) - n_val], y[:len(y) - n_val], x[len(x) - n_val:], y[len(y) - n_val:]
     if len(x) == 0:
-      raise DataError(f"--data {path}: {len(ids)} tokens make no training block of --seq_len {seq_len} + 1; use more text or a shorter --seq_len")
-    if not (y != IGNORE).any(): raise DataError(f"--data {path}: no target token carries loss (all masked)")
+      raise DataError(f"{flag} {path}: {len(ids)} tokens make no training block of --seq_len {seq_len} + 1; use more text or a shorter --seq_len")
+    if not (y != IGNORE).any(): raise DataError(f"{flag} {path}: no target token carries loss (all masked)")
     self.train_x, self.train_y, self.val_x, self.val_y = x, y, vx, vy
     self.seed, self.n_tokens = seed, len(ids)
 

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 
 ZONE_TYPES = ("batt", "skin")
 SOURCES = "auto, sysfs, termux, sim:FILE or off"
+MAX_SLEEP_S = 86400.0   # the longest sleep a frequency, a --pm_schedule range or --pm_poll_s may ask for (one day): past it, sleep() overflows
 
 
 @dataclass
@@ -285,6 +286,8 @@ def parse_schedule(text):
     ms = _number(match[3])
     if last is not None and last < first: raise ValueError(f"--pm_schedule entry {entry.strip()!r}: the range ends before it starts")
     if ms is None or ms < 0: raise ValueError(f"--pm_schedule entry {entry.strip()!r}: the sleep must be a number of milliseconds >= 0")
+    if ms > MAX_SLEEP_S * 1000:
+      raise ValueError(f"--pm_schedule entry {entry.strip()!r}: {ms:g} ms would sleep longer than a day before each step")
     entries.append((first, last, ms, entry.strip()))
   entries.sort()
   for (_, last, _, a), (first, _, _, b) in zip(entries, entries[1:]):
@@ -327,7 +330,11 @@ def policy_from_flags(args):
             "--pm_ft_low": (args.pm_ft_low, 0, math.inf)}
   for flag, (value, low, high) in ranges.items():
     if not (math.isfinite(value) and low <= value <= high): raise ValueError(f"{flag} must be a number in [{low:g}, {high:g}], got {value:g}")
-  if not (math.isfinite(args.pm_poll_s) and args.pm_poll_s > 0): raise ValueError(f"--pm_poll_s must be a number > 0, got {args.pm_poll_s:g}")
+  for flag in ("--pm_fb_high", "--pm_fb_low", "--pm_ft_high", "--pm_ft_low"):
+    hz = getattr(args, flag[2:])
+    if 0 < hz < 1 / MAX_SLEEP_S: raise ValueError(f"{flag} {hz:g} Hz would sleep longer than a day before each step (0 means no sleep)")
+  if not (math.isfinite(args.pm_poll_s) and 0 < args.pm_poll_s <= MAX_SLEEP_S):
+    raise ValueError(f"--pm_poll_s must be a number > 0 and at most {MAX_SLEEP_S:g} (a day), got {args.pm_poll_s:g}")
   for fast, slow in (("--pm_fb_high", "--pm_fb_low"), ("--pm_ft_high", "--pm_ft_low")):
     hz_fast, hz_slow = getattr(args, fast[2:]), getattr(args, slow[2:])
     if _sleep(hz_slow) < _sleep(hz_fast):

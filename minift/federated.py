@@ -16,7 +16,7 @@ A Flower app names these components (tools/federated.py writes one):
   clientapp = "minift.federated:client_app"   node config: model, data [, cache-dir]
   serverapp = "minift.federated:server_app"   run config: the keys of RUN_CONFIG
 """
-import hashlib, json, math, os, resource, time
+import json, math, os, resource, time
 from dataclasses import dataclass, asdict
 from types import SimpleNamespace
 import numpy as np
@@ -31,8 +31,10 @@ except ImportError as e:
 
 import models
 from minift.tensor import Tensor
-from minift.data import PackedData, DataError
+from minift.data import PackedData
+from minift.errors import UserError
 from minift.lora import apply_lora, adapter_state, lora_modules, save_adapter, model_type, DEFAULT_TARGETS, PEFT_PREFIX
+from minift.lora import base_fingerprint as model_fingerprint   # (hash, summary): architecture and parameter shapes
 from minift.trainer import Trainer, Diverged, append_metrics
 from minift.checkpoint import write_json, all_finite
 from minift import energy
@@ -83,15 +85,6 @@ class RoundSettings:
   @staticmethod
   def from_config(config):
     return RoundSettings(**{k: config[k.replace("_", "-")] for k in RoundSettings.__dataclass_fields__})
-
-
-def model_fingerprint(model):
-  """(hash, summary) of what an adapter depends on: the architecture and every parameter's
-  name and shape (not the weight values: hashing them would cost a pass over the model)."""
-  shapes = {name: list(p.shape) for name, p in model.named_parameters()}
-  digest = hashlib.sha256(json.dumps([model_type(model), shapes], sort_keys=True).encode()).hexdigest()[:16]
-  n = sum(math.prod(s) for s in shapes.values())
-  return digest, f"{model_type(model)}, {len(shapes)} tensors, {n:,} parameters"
 
 
 def layout_difference(expected, arrays):
@@ -229,7 +222,7 @@ def train_round(content, node_config):
 def _train_round(content, node_config, settings, sharder):
   try:
     model, tokenizer = models.load(node_config["model"])
-  except (OSError, ValueError) as e:
+  except (OSError, ValueError, UserError) as e:   # missing, corrupt or non-finite weights (a Hub id: not cached here)
     raise Refused(f"cannot load this client's model: {e}") from None
   fingerprint, summary = model_fingerprint(model)
   if fingerprint != settings.model_fingerprint:
@@ -246,7 +239,7 @@ def _train_round(content, node_config, settings, sharder):
   try:
     data = PackedData(node_config["data"], tokenizer, settings.seq_len, val_fraction=0.0,
                       cache_dir=node_config.get("cache-dir"), seed=settings.seed)
-  except DataError as e:
+  except UserError as e:   # the text is missing or bad, or its tokens do not fit the model
     raise Refused(f"cannot use this client's data: {e}") from None
   hook = None
   if node_config.get("pm-source", "off") != "off":

@@ -11,6 +11,7 @@ The tokenizer is rebuilt from the metadata as a `tokenizers.Tokenizer`.
 """
 import mmap, os, re, struct
 import numpy as np
+from minift.errors import FileError, MissingFile
 
 # dequantizable tensor types (gguf.GGMLQuantizationType names)
 SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
@@ -68,10 +69,10 @@ class GGUFFile:
   def __init__(self, path):
     import gguf
     self.path = path
-    if not os.path.exists(path): raise FileNotFoundError(f"GGUF file {path} does not exist")
+    if not os.path.exists(path): raise MissingFile(f"GGUF file {path} does not exist")
     self._mmap = np.memmap(path, dtype=np.uint8, mode="r") if os.path.getsize(path) else np.zeros(0, np.uint8)
     self._buf, self._pos = memoryview(self._mmap), 0
-    if bytes(self._buf[:4]) != b"GGUF": raise ValueError(f"{path}: not a GGUF file (no GGUF magic at the start)")
+    if bytes(self._buf[:4]) != b"GGUF": raise FileError(f"{path}: not a GGUF file (no GGUF magic at the start)")
     try:
       self._pos = 4
       version, n_tensors, n_kv = self._read("<I"), self._read("<Q"), self._read("<Q")
@@ -89,18 +90,18 @@ class GGUFFile:
         dims = [self._read("<Q") for _ in range(n_dims)]
         infos.append((name, dims, self._read("<I"), self._read("<Q")))
     except (struct.error, ValueError, UnicodeDecodeError) as e:
-      raise ValueError(f"{path}: cannot read the GGUF header ({e}); truncated or corrupt?") from None
+      raise FileError(f"{path}: cannot read the GGUF header ({e}); truncated or corrupt?") from None
     align = int(self.metadata.get("general.alignment", 32))
     data_start = -(-self._pos // align) * align
     self.tensors = {}   # name -> (shape, quantization type, byte offset, byte count)
     for name, dims, kind, offset in infos:
       try: qtype = gguf.GGMLQuantizationType(kind)
-      except ValueError: raise ValueError(f"{path}: tensor {name!r} has unknown GGML type {kind}") from None
+      except ValueError: raise FileError(f"{path}: tensor {name!r} has unknown GGML type {kind}") from None
       block, block_bytes = gguf.GGML_QUANT_SIZES[qtype]
       n = int(np.prod(dims, dtype=np.int64))
       nbytes = n // block * block_bytes
       if data_start + offset + nbytes > len(self._mmap):
-        raise ValueError(f"{path} is truncated: tensor {name!r} ends at byte {data_start + offset + nbytes} but the file has {len(self._mmap)} bytes")
+        raise FileError(f"{path} is truncated: tensor {name!r} ends at byte {data_start + offset + nbytes} but the file has {len(self._mmap)} bytes")
       self.tensors[name] = (tuple(int(d) for d in reversed(dims)), qtype, data_start + offset, nbytes)
     self.arch = self.get("general.architecture")
     del self._buf
@@ -148,7 +149,7 @@ class GGUFFile:
     import gguf
     shape, qtype, offset, nbytes = self.tensors[name]
     if qtype.name not in SUPPORTED_TYPES:
-      raise ValueError(f"{self.path}: tensor {name!r} has type {qtype.name}, which minift cannot dequantize (supported: {', '.join(SUPPORTED_TYPES)})")
+      raise FileError(f"{self.path}: tensor {name!r} has type {qtype.name}, which minift cannot dequantize (supported: {', '.join(SUPPORTED_TYPES)})")
     rows = int(np.prod(shape[:-1], dtype=np.int64)) if len(shape) > 1 else 1
     row_bytes = nbytes // rows
     start, stop = (0, rows) if start is None else (start, stop)
@@ -175,6 +176,13 @@ class GGUFFile:
 
 def gguf_config(g):
   """A Hugging Face config.json dict from a GGUF file's metadata."""
+  try:
+    return _gguf_config(g)
+  except (TypeError, KeyError, ZeroDivisionError) as e:   # a key missing (None) or of the wrong type
+    raise FileError(f"{g.path}: its metadata does not describe a {g.arch} model ({type(e).__name__}: {e})") from None
+
+
+def _gguf_config(g):
   arch = g.arch
   key = lambda k, default=None: g.get(f"{arch}.{k}", default)
   vocab = key("vocab_size") or len(g.get("tokenizer.ggml.tokens", []))
@@ -193,10 +201,10 @@ def gguf_config(g):
              head_dim=key("attention.key_length") or key("embedding_length") // heads)
   scaling = key("rope.scaling.type")
   if scaling and scaling != "none":
-    if scaling != "linear": raise NotImplementedError(f"{g.path}: RoPE scaling {scaling!r} is not supported (only linear)")
+    if scaling != "linear": raise FileError(f"{g.path}: RoPE scaling {scaling!r} is not supported (only linear)")
     cfg["rope_scaling"] = {"rope_type": "linear", "factor": key("rope.scaling.factor")}
   if "rope_freqs.weight" in g.tensors:
-    raise NotImplementedError(f"{g.path}: per-frequency RoPE factors (tensor 'rope_freqs.weight', Llama 3.1+) are not supported")
+    raise FileError(f"{g.path}: per-frequency RoPE factors (tensor 'rope_freqs.weight', Llama 3.1+) are not supported")
   if arch in ("llama", "qwen2"):
     return dict(cfg, model_type=arch)
   if arch == "gemma3":
@@ -206,7 +214,7 @@ def gguf_config(g):
                 rope_local_base_freq=10000.0, final_logit_softcapping=key("final_logit_softcapping"),
                 # queries are scaled by 1/sqrt(head_dim), except the 27B model (62 layers): 1/sqrt(hidden/heads)
                 query_pre_attn_scalar=cfg["hidden_size"] // heads if n_layer == 62 else cfg["head_dim"])
-  raise ValueError(f"{g.path}: unknown architecture {arch!r} (general.architecture)")
+  raise FileError(f"{g.path}: unknown architecture {arch!r} (general.architecture)")
 
 
 class _GGUFSource:
@@ -223,6 +231,9 @@ class _GGUFSource:
   def raw(self, key): return self.g.raw(self.names[key])
   def get(self, key): return self.g.dequantize(self.names[key])
   def get_rows(self, key, start, stop): return self.g.dequantize(self.names[key], start, stop)
+  def release(self, key):   # an F32 tensor is a view of the file: the finiteness check read its pages
+    _, _, offset, nbytes = self.g.tensors[self.names[key]]
+    self.g._drop_pages(offset, nbytes)
   def file(self, key): return f"{self.g.path} (GGUF tensor {self.names[key]!r})"
 
 
@@ -244,16 +255,16 @@ def load_gguf(path, dtype=None, with_tokenizer=True):
   """(model, tokenizer or None) from a .gguf file. dtype: how the weights are stored (the base
   dtype, minift/quant.py): None or float32 (dequantized), float16, keep (quantized blocks stay
   quantized, memory-mapped), q8_0 or q4_0."""
-  from models import model_class, GGUF_ARCHITECTURES
+  from models import model_class, build, GGUF_ARCHITECTURES
   from minift.io_hf import load_weights
   g = GGUFFile(path)
   cls = model_class(g.arch, f"{path} (general.architecture)", GGUF_ARCHITECTURES)
   bad = [f"tensor {n!r} has type {g.type_name(n)}" for n in g.tensors if g.type_name(n) not in SUPPORTED_TYPES]
   if bad:   # before anything is read
-    raise ValueError(f"{path}: {', '.join(bad[:5])}{f' (and {len(bad) - 5} more)' if len(bad) > 5 else ''}, which minift "
+    raise FileError(f"{path}: {', '.join(bad[:5])}{f' (and {len(bad) - 5} more)' if len(bad) > 5 else ''}, which minift "
                      f"cannot dequantize (supported: {', '.join(SUPPORTED_TYPES)})")
   config = gguf_config(g)
-  model = cls.from_config_dict(config)
+  model = build(cls, config, path)
 
   def convert(name, arr):   # arr: float values, or the rows of a quantized tensor's bytes (Q and K: a row permutation)
     if g.arch == "llama" and name.endswith(("q_proj.weight", "q_proj.bias")): return unpermute_qk(arr, config["num_attention_heads"])
@@ -306,6 +317,7 @@ def gguf_tokenizer(g):
   from tokenizers import Tokenizer, AddedToken, Regex, models, normalizers, pre_tokenizers, decoders, processors
   from minift.tokenizer import TextTokenizer
   kind, pre = g.get("tokenizer.ggml.model"), g.get("tokenizer.ggml.pre", "default")
+  if not g.get("tokenizer.ggml.tokens"): raise FileError(f"{g.path}: no tokenizer in its metadata (tokenizer.ggml.tokens)")
   tokens = list(g.get("tokenizer.ggml.tokens"))
   types = list(g.get("tokenizer.ggml.token_type") or [1] * len(tokens))
   if kind == "gpt2":      # byte-level BPE
@@ -339,7 +351,7 @@ def gguf_tokenizer(g):
     dec = [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
     tok.decoder = decoders.Sequence(dec + ([decoders.Strip(" ", 1, 0)] if prefix else []))
   else:
-    raise ValueError(f"{g.path}: tokenizer model {kind!r} (tokenizer.ggml.model) is not supported; expected gpt2 or llama")
+    raise FileError(f"{g.path}: tokenizer model {kind!r} (tokenizer.ggml.model) is not supported; expected gpt2 or llama")
   # control tokens (<bos>, <|im_start|>) are special added tokens; user-defined ones (Gemma's runs of
   # newlines, HTML tags) are matched whole in the text, as llama.cpp does
   tok.add_special_tokens([AddedToken(t, normalized=False, special=True) for t, ty in zip(tokens, types) if ty == CONTROL])

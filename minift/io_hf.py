@@ -7,12 +7,14 @@ pressure); other dtypes are converted one tensor at a time, so loading never hol
 of the model. Every tensor is checked against the model: a
 missing, unexpected or wrong-shaped one is an error that names it and its file.
 """
-import json, os
+import json, mmap, os
 import numpy as np
+from minift.errors import FileError, MissingFile, read_json
+from minift.checkpoint import first_non_finite
 from minift.sharder import active as active_sharder
 from minift.tensor import Tensor
 from minift.dtype import dtypes
-from minift.quant import BaseStorage, quantize, quantized_dtype
+from minift.quant import BaseStorage, quantize, quantized_dtype, first_non_finite_block
 
 
 class SafetensorsFile:
@@ -26,25 +28,38 @@ class SafetensorsFile:
     size = os.path.getsize(path)
     with open(path, "rb") as f:
       head = f.read(8)
-      if len(head) < 8: raise ValueError(f"{path}: not a safetensors file ({size} bytes, too short for a header)")
+      if len(head) < 8: raise FileError(f"{path}: not a safetensors file ({size} bytes, too short for a header)")
       n = int.from_bytes(head, "little")
-      if n > size - 8: raise ValueError(f"{path}: truncated or not a safetensors file (header says {n} bytes, file has {size})")
+      if n > size - 8: raise FileError(f"{path}: truncated or not a safetensors file (header says {n} bytes, file has {size})")
       try: header = json.loads(f.read(n))
-      except (UnicodeDecodeError, json.JSONDecodeError) as e: raise ValueError(f"{path}: corrupt safetensors header ({e})") from None
-    header.pop("__metadata__", None)
+      except (UnicodeDecodeError, json.JSONDecodeError) as e: raise FileError(f"{path}: corrupt safetensors header ({e})") from None
+    if not isinstance(header, dict): raise FileError(f"{path}: corrupt safetensors header (not a JSON object)")
+    self.metadata = header.pop("__metadata__", None) or {}
     self.start, self.header = 8 + n, header
     for name, info in header.items():
-      if info["dtype"] not in self.DTYPES: raise ValueError(f"{path}: tensor {name!r} has unsupported dtype {info['dtype']}")
-      begin, end = info["data_offsets"]
-      want = int(np.prod(info["shape"], dtype=np.int64)) * np.dtype(self.DTYPES[info["dtype"]]).itemsize
-      if end - begin != want: raise ValueError(f"{path}: tensor {name!r} has {end - begin} bytes for shape {info['shape']} ({want} expected)")
+      try:
+        dtype, (begin, end), shape = info["dtype"], info["data_offsets"], [int(d) for d in info["shape"]]
+      except (TypeError, KeyError, ValueError):
+        raise FileError(f"{path}: corrupt safetensors header (entry {name!r} lacks a dtype, shape or data_offsets)") from None
+      if dtype not in self.DTYPES: raise FileError(f"{path}: tensor {name!r} has unsupported dtype {dtype}")
+      want = int(np.prod(shape, dtype=np.int64)) * np.dtype(self.DTYPES[dtype]).itemsize
+      if end - begin != want: raise FileError(f"{path}: tensor {name!r} has {end - begin} bytes for shape {shape} ({want} expected)")
       if self.start + end > size:
-        raise ValueError(f"{path} is truncated: tensor {name!r} ends at byte {self.start + end} but the file has {size} bytes")
+        raise FileError(f"{path} is truncated: tensor {name!r} ends at byte {self.start + end} but the file has {size} bytes")
     self._mmap = np.memmap(path, dtype=np.uint8, mode="r") if size > self.start else np.zeros(0, np.uint8)
 
   def keys(self): return list(self.header)
   def shape(self, name): return tuple(self.header[name]["shape"])
   def stored_type(self, name): return self.header[name]["dtype"]
+
+  def release(self, name):
+    """Let the tensor's file pages go from this process (the OS keeps them in its page cache;
+    a view of them faults them back in when used): after a check read every value at load."""
+    mm = getattr(self._mmap, "_mmap", None)
+    if mm is None or not hasattr(mm, "madvise"): return
+    begin, end = self.header[name]["data_offsets"]
+    first = (self.start + begin) // mmap.PAGESIZE * mmap.PAGESIZE
+    if end > begin: mm.madvise(mmap.MADV_DONTNEED, first, min(len(mm), self.start + end) - first)
 
   def get(self, name):
     """The tensor as a NumPy array: a view of the file for F32/F16/ints, a float32 copy for BF16."""
@@ -63,34 +78,47 @@ class SafetensorsFolder:
       self.files = {single: SafetensorsFile(single)}
       self.where = {k: single for k in self.files[single].keys()}
     elif os.path.exists(index):
-      with open(index) as f: weight_map = json.load(f)["weight_map"]
+      weight_map = read_json(index, "a safetensors index")
+      if not isinstance(weight_map, dict) or not isinstance(weight_map.get("weight_map"), dict):
+        raise FileError(f"{index}: expected a JSON object with a \"weight_map\" of tensor names to files")
       self.files, self.where = {}, {}
-      for name, shard in weight_map.items():
+      for name, shard in weight_map["weight_map"].items():
         p = os.path.join(folder, shard)
         if p not in self.files:
-          if not os.path.exists(p): raise FileNotFoundError(f"{index} names shard {shard}, which is missing (tensor {name!r})")
+          if not os.path.exists(p): raise MissingFile(f"{index} names shard {shard}, which is missing (tensor {name!r})")
           self.files[p] = SafetensorsFile(p)
-        if name not in self.files[p].header: raise ValueError(f"{index} puts tensor {name!r} in {shard}, which does not hold it")
+        if name not in self.files[p].header: raise FileError(f"{index} puts tensor {name!r} in {shard}, which does not hold it")
         self.where[name] = p
     else:
       found = [f for f in os.listdir(folder) if f.endswith((".bin", ".pt", ".pth"))]
       hint = f" (found {', '.join(found)}: PyTorch pickles are not read; convert them to safetensors)" if found else ""
-      raise FileNotFoundError(f"{folder}: no model.safetensors or model.safetensors.index.json{hint}")
+      raise MissingFile(f"{folder}: no model.safetensors or model.safetensors.index.json{hint}")
 
   def keys(self): return list(self.where)
   def file(self, name): return self.where[name]
   def shape(self, name): return self.files[self.where[name]].shape(name)
   def stored_type(self, name): return self.files[self.where[name]].stored_type(name)
   def get(self, name): return self.files[self.where[name]].get(name)
+  def release(self, name): self.files[self.where[name]].release(name)
 
 
 def read_config(folder):
   path = os.path.join(folder, "config.json")
-  if not os.path.isdir(folder): raise FileNotFoundError(f"model folder {folder} does not exist")
-  if not os.path.exists(path): raise FileNotFoundError(f"{folder}: no config.json (an HF model folder needs one)")
-  with open(path) as f:
-    try: return json.load(f)
-    except json.JSONDecodeError as e: raise ValueError(f"{path}: not valid JSON ({e})") from None
+  if not os.path.isdir(folder): raise MissingFile(f"model folder {folder} does not exist")
+  if not os.path.exists(path): raise MissingFile(f"{folder}: no config.json (an HF model folder needs one)")
+  config = read_json(path, "a model config")
+  if not isinstance(config, dict): raise FileError(f"{path}: expected a JSON object")
+  return config
+
+
+def check_weights_finite(arr, name, where):
+  """FileError naming the tensor and its file unless every value of arr (a weight being
+  loaded) is finite: a NaN or infinite weight would make every loss NaN."""
+  bad = first_non_finite(arr)
+  if bad is not None:
+    index, value = np.unravel_index(bad, arr.shape), arr.reshape(-1)[bad]
+    raise FileError(f"{where}: tensor {name!r} holds a non-finite value ({value} at index {tuple(int(i) for i in index)}): "
+                    f"the weights are damaged, or were saved from a run that diverged")
 
 
 def to_tensor(arr, dtype=None):
@@ -121,46 +149,53 @@ def load_weights(model, source, where, transposed=(), dtype=None, convert=None):
     plan[name] = key
   file_of = lambda key: source.file(key) if hasattr(source, "file") else where
   if unexpected:
-    raise ValueError(f"{where}: unexpected tensor(s) for {type(model).__name__}: " + ", ".join(f"{k!r} in {file_of(k)}" for k in unexpected[:10]) +
+    raise FileError(f"{where}: unexpected tensor(s) for {type(model).__name__}: " + ", ".join(f"{k!r} in {file_of(k)}" for k in unexpected[:10]) +
                      (f" and {len(unexpected) - 10} more" if len(unexpected) > 10 else ""))
   missing = [n for n in params if n not in plan]
   if missing:
-    raise ValueError(f"{where}: missing tensor(s) for {type(model).__name__}: {', '.join(missing[:10])}" +
+    raise FileError(f"{where}: missing tensor(s) for {type(model).__name__}: {', '.join(missing[:10])}" +
                      (f" and {len(missing) - 10} more" if len(missing) > 10 else ""))
   for name, key in plan.items():
     is_t = name.endswith(tuple(transposed))
     want = tuple(params[name].shape)[::-1] if is_t else tuple(params[name].shape)
     have = tuple(source.shape(key))
     if have != want:
-      raise ValueError(f"{file_of(key)}: tensor {key!r} has shape {have}, but the model ({type(model).__name__}"
+      raise FileError(f"{file_of(key)}: tensor {key!r} has shape {have}, but the model ({type(model).__name__}"
                        f" from its config) expects {want}{' (Conv1D layout, in x out)' if is_t else ''}")
   storage = BaseStorage(dtype, model)
   for name, key in plan.items():
     is_t = name.endswith(tuple(transposed))
     target = storage.target(name, source.stored_type(key), tuple(params[name].shape))
-    if target.is_quantized: t = _quantized(source, name, key, target, convert, is_t)
+    if target.is_quantized: t = _quantized(source, name, key, target, convert, is_t, file_of(key))
     elif _load_in_pieces(model, source, name, key, target): continue
     else:
       arr = source.get(key)
+      check_weights_finite(arr, key, file_of(key))
       if convert is not None: arr = convert(name, arr)
       t = to_tensor(arr, target)
       del arr
       if is_t: t = t.T
+    if hasattr(source, "release"): source.release(key)   # the check read every page of it (a quantized view faults them back in)
     model.set_parameter(name, t)
     if active_sharder() is not None: active_sharder().adopt(model, name)   # paged as it loads
   storage.log(where)
   return model
 
 
-def _quantized(source, name, key, dtype, convert, transposed):
+def _quantized(source, name, key, dtype, convert, transposed, where):
   """Parameter `name` as a quantized Tensor of dtype: the file's own blocks when it stores them in
   that type (memory-mapped; a converted row order is a copy), else its values quantized."""
   if hasattr(source, "raw") and quantized_dtype(source.stored_type(key)) == dtype:
     raw = source.raw(key)                              # (rows, row bytes), a view of the file
     shape = tuple(source.shape(key))
+    bad = first_non_finite_block(raw, dtype)
+    if bad is not None:
+      raise FileError(f"{where}: tensor {key!r} holds a non-finite {dtype.name} scale (block {bad}): "
+                      f"the weights are damaged, or were saved from a run that diverged")
     if convert is not None: raw = convert(name, raw)   # rows permuted (llama's Q and K), if at all
   else:
     arr = source.get(key)
+    check_weights_finite(arr, key, where)
     if convert is not None: arr = convert(name, arr)
     if transposed: arr = arr.T                         # (in, out) in the file: quantized along in, as the matmul reads it
     shape = arr.shape
@@ -184,7 +219,10 @@ def _load_in_pieces(model, source, name, key, target):
   if rows is None: return False
   pieces = []
   for start in range(0, shape[0], rows):
-    pieces.append(to_tensor(source.get_rows(key, start, min(shape[0], start + rows)), target))
+    arr = source.get_rows(key, start, min(shape[0], start + rows))
+    check_weights_finite(arr, key, source.file(key))
+    pieces.append(to_tensor(arr, target))
+    del arr
     sharder.manage(pieces[-1], f"{mod_path}.weight_pieces.{len(pieces) - 1}")
   delattr(mod, attr)
   mod.weight_pieces = pieces
@@ -193,11 +231,11 @@ def _load_in_pieces(model, source, name, key, target):
 
 def load_hf(folder, dtype=None, with_tokenizer=True):
   """(model, tokenizer or None) from an HF folder; the model class is picked by config.json's model_type."""
-  from models import model_class
+  from models import model_class, build
   config = read_config(folder)
   model_type = config.get("model_type")
   cls = model_class(model_type, f"{os.path.join(folder, 'config.json')} (model_type)")
-  model = cls.from_config_dict(config)
+  model = build(cls, config, os.path.join(folder, "config.json"))
   load_weights(model, SafetensorsFolder(folder), folder, transposed=cls.TRANSPOSED, dtype=dtype)
   tok = None
   if with_tokenizer:

@@ -44,6 +44,21 @@ def quantized_dtype(type_name):
   return d if d.is_quantized else None
 
 
+# byte offsets of each type's fp16 scale fields in its block (kernels/dequant.h lays them out): a
+# block's values are small integers times these, so they are all finite when these are
+SCALE_OFFSETS = {"q8_0": (0,), "q4_0": (0,), "q4_1": (0, 2), "q5_0": (0,), "q5_1": (0, 2), "q2_k": (80, 82), "q3_k": (108,),
+                 "q4_k": (0, 2), "q5_k": (0, 2), "q6_k": (208,)}
+
+
+def first_non_finite_block(raw, dtype):
+  """The index of the first block of raw (a quantized buffer's bytes) with an infinite or NaN
+  scale, or None: what a damaged file shows (checked at load without dequantizing)."""
+  blocks = np.asarray(raw, np.uint8).reshape(-1, dtype.itemsize)
+  bad = np.zeros(blocks.shape[0], bool)
+  for off in SCALE_OFFSETS[dtype.name]: bad |= (blocks[:, off + 1] & 0x7c) == 0x7c   # fp16 exponent all ones
+  return int(np.argmax(bad)) if bad.any() else None
+
+
 def quantize(arr, dtype):
   """A float array (rows, K), K a multiple of 32, as the bytes of its blocks: uint8 (rows, K / 32 * bytes)."""
   import gguf

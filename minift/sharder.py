@@ -29,6 +29,7 @@ try:
 except ImportError:   # Windows: no locks, so no cleanup of other processes' folders
   fcntl = None
 from minift.dtype import dtypes
+from minift.errors import UserError
 from minift.runtime.buffer import Pager, active_pager, set_pager
 
 MB = 2 ** 20
@@ -40,7 +41,7 @@ def size(nbytes):
   return f"{nbytes / MB:.1f} MiB" if nbytes >= MB / 10 else f"{nbytes / 1024:.1f} KiB"
 
 
-class ShardError(RuntimeError):
+class ShardError(UserError, RuntimeError):
   """The sharder cannot do what was asked (a budget too small, a full or unwritable disk);
   every tensor is still intact in memory or on disk when this is raised."""
 

@@ -17,6 +17,7 @@ from minift.optim import AdamW, SGD, grad_norm, clip_scale, state_like
 from minift.checkpoint import Later, atomic_folder, atomic_file, save_safetensors
 from minift.data import IGNORE
 from minift.nn import joined_row_pieces
+from minift.errors import FileError, UserError, read_json, writing
 
 SCHEDULES = ("linear", "cosine", "constant")
 
@@ -184,9 +185,14 @@ class Trainer:
   def load_checkpoint(self, folder):
     """Restore what save_checkpoint wrote (a weight saved whole is cut into this run's row
     pieces, if it has any); returns the saved state."""
-    from safetensors.numpy import load_file
-    with open(os.path.join(folder, "state.json")) as f: state = json.load(f)
-    tensors = load_file(os.path.join(folder, "trainable.safetensors"))
+    from minift.io_hf import SafetensorsFile
+    state = read_json(os.path.join(folder, "state.json"), "a checkpoint's state")
+    if not isinstance(state, dict) or not all(isinstance(state.get(k), int) for k in ("rng_seed", "rng_counter")):
+      raise FileError(f"{os.path.join(folder, 'state.json')}: not a checkpoint state (no rng_seed and rng_counter); the checkpoint is damaged")
+    weights = os.path.join(folder, "trainable.safetensors")
+    if not os.path.exists(weights): raise FileError(f"checkpoint {folder}: trainable.safetensors is missing; the checkpoint is damaged")
+    saved = SafetensorsFile(weights)
+    tensors = {k: saved.get(k) for k in saved.keys()}
     next_row = {}   # a whole saved weight -> its first row not yet given to a piece of this run
     def put(key, t):
       layer, _, _ = key.rpartition(".weight_pieces.")
@@ -195,29 +201,29 @@ class Trainer:
         whole, start = tensors[f"{layer}.weight"], next_row.get(layer, 0)
         value = whole[start:start + t.shape[0]]
         next_row[layer] = start + t.shape[0]
-      else: raise ValueError(f"checkpoint {folder}: it has no {key}; it was saved by a run that trains other parameters")
-      if tuple(value.shape) != t.shape: raise ValueError(f"checkpoint {folder}: {key} has shape {value.shape}, the run needs {t.shape}")
+      else: raise FileError(f"checkpoint {folder}: it has no {key}; it was saved by a run that trains other parameters")
+      if tuple(value.shape) != t.shape: raise FileError(f"checkpoint {folder}: {key} has shape {value.shape}, the run needs {t.shape}")
       t.assign(value)
     for prefix, n, t in self._state_tensors(): put(f"{prefix}.{n}", t)
     for layer, rows in next_row.items():
       if rows != tensors[f"{layer}.weight"].shape[0]:
-        raise ValueError(f"checkpoint {folder}: {layer}.weight has {tensors[f'{layer}.weight'].shape[0]} rows, the run's pieces {rows}")
+        raise FileError(f"checkpoint {folder}: {layer}.weight has {tensors[f'{layer}.weight'].shape[0]} rows, the run's pieces {rows}")
     if hasattr(self.opt, "t"): put("adam_t", self.opt.t)
     Tensor._seed, Tensor._rng_counter = state["rng_seed"], state["rng_counter"]
     return state
 
 
-class Diverged(RuntimeError):
+class Diverged(UserError, RuntimeError):
   """Training gave NaN or infinity (a loss, a gradient norm, a trained tensor)."""
 
 
-def check_finite(step, loss, norm):
+def check_step_finite(step, loss, norm):
   """Raise Diverged when the loss or gradient norm of optimizer step `step` (1-based) is NaN or infinite."""
   if not (math.isfinite(loss) and math.isfinite(norm)): raise Diverged(f"training diverged at step {step} (loss {loss}, gradient norm {norm})")
 
 
 def append_metrics(path, row):
-  with open(path, "a") as f:
+  with writing(path), open(path, "a") as f:
     f.write(json.dumps(row) + "\n")
     f.flush(); os.fsync(f.fileno())
 

@@ -1,5 +1,5 @@
 """Data pipeline and learning-rate schedules."""
-import json, os
+import json, os, re
 import numpy as np
 import pytest
 import torch
@@ -89,3 +89,40 @@ def test_schedules_match_transformers(schedule):
   for step in range(40):
     assert lr_at(step, 0.3, 5, 40, schedule) == pytest.approx(opt.param_groups[0]["lr"], rel=1e-9, abs=1e-12)
     opt.step(); sched.step()
+
+
+def test_folder_walk_reads_each_file_once_and_never_the_run_output(tmp_path, monkeypatch):
+  """Symbolic links are followed, but a link loop or a second link to one file does not repeat
+  it, and a run's --out inside the data folder (its metrics.jsonl) is never read as data."""
+  import minift.data
+  data = tmp_path / "notes"; (data / "sub").mkdir(parents=True)
+  (data / "a.txt").write_text("first note. " * 10)
+  (data / "sub" / "b.md").write_text("second note. " * 10)
+  os.symlink("..", data / "sub" / "loop")                 # a loop back to the data folder
+  os.symlink(data / "a.txt", data / "sub" / "again.txt")  # the same file under a second name
+  outside = tmp_path / "elsewhere"; outside.mkdir(); (outside / "c.txt").write_text("third note. " * 10)
+  os.symlink(outside, data / "linked")                     # a linked folder is read
+  out = data / "run-out"; out.mkdir()
+  (out / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n')   # would be a bad example if read
+  reads = []
+  real_read = minift.data.read_text
+  monkeypatch.setattr(minift.data, "read_text", lambda path, *a, **k: reads.append(os.path.realpath(path)) or real_read(path, *a, **k))
+  texts = [e["text"][:5] for e in load_splits(str(data), exclude=[str(out)])["train"]]
+  assert sorted(texts) == ["first", "secon", "third"] and len(reads) == len(set(reads)) == 3
+  with pytest.raises(DataError, match=r"metrics.jsonl:1: expected an object"): load_splits(str(data))   # what --out would have done
+
+
+@pytest.mark.parametrize("line, message", [
+  ('{"prompt": 5, "completion": "five"}', '"prompt" must be a string, got int'),
+  ('{"prompt": "five", "completion": null}', '"completion" must be a string, got NoneType'),
+  ('{"text": ["a", "list"]}', '"text" must be a string, got list'),
+  ('{"messages": "hello there"}', '"messages" must be a list of {"role", "content"} objects, got str'),
+  ('{"messages": [{"role": "user", "content": 3}]}', 'message 0 must be an object with a string "role" and a string "content"'),
+  ('{"messages": [{"content": "hi"}]}', 'message 0 must be an object with a string "role"'),
+  ('{"messages": ["hi"]}', 'message 0 must be an object'),
+  ('["text"]', 'expected an object with "text"'),
+])
+def test_jsonl_fields_of_the_wrong_type_name_file_and_line(tmp_path, line, message):
+  p = tmp_path / "chat.jsonl"
+  p.write_text('{"text": "a fine first line"}\n' + line + "\n")
+  with pytest.raises(DataError, match=re.escape(f"chat.jsonl:2: {message}")): load_splits(str(p))

@@ -257,6 +257,26 @@ def test_unwritable_out_and_mismatched_resume(tiny, tmp_path):
   for k in before: np.testing.assert_array_equal(before[k], after[k])
 
 
+def test_resume_notices_changed_data_and_never_reads_its_own_out(tiny, tmp_path):
+  """--out inside the --data folder: its metrics.jsonl and cache are never read as data (a
+  resumed run finds them there); a resumed run whose data changed since the checkpoint is
+  refused, naming the data, and the finished adapter stays."""
+  from tiny_lm import TEXT
+  data = tmp_path / "notes"; data.mkdir()
+  (data / "a.txt").write_text(TEXT)
+  out = str(data / "run")
+  common = ["--model", tiny["llama"], "--data", str(data), "--seq_len", "32", "--batch_size", "2", "--out", out]
+  run_cli(*common, "--max_steps", "2")
+  r = run_cli(*common, "--max_steps", "3", "--resume")
+  assert "resumed from" in r.stdout and "at step 2" in r.stdout
+  before = adapter_of(out)
+  (data / "a.txt").write_text(TEXT.replace("question", "answer"))
+  r = run_cli(*common, "--max_steps", "4", "--resume", check=False)
+  assert r.returncode == 1 and f"error: --resume: the text in --data {data} changed since" in r.stderr, r.stderr
+  after = adapter_of(out)
+  for k in before: np.testing.assert_array_equal(before[k], after[k])
+
+
 @pytest.mark.slow
 def test_default_demo_runs(tmp_path):
   """`python tools/finetune.py` with no model or data: SmolLM2-135M on Hamlet (pip packages)."""

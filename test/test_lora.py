@@ -115,3 +115,36 @@ def test_adapter_errors(tiny, tmp_path):
   other, _ = models.load(tiny["llama"], with_tokenizer=False)
   with pytest.raises(ValueError, match=r"q_proj.lora_B.weight has shape \(3, 4\), the model needs \(64, 4\)"):
     load_adapter(other, str(tmp_path / "a"))
+
+
+def test_adapter_for_another_base_model_is_refused(tiny, tmp_path):
+  """An adapter whose tensors fit this model but that was made for another one (here: another
+  vocabulary, same layers) is refused: by the base fingerprint minift records in the adapter,
+  and for an adapter without one (peft's) by base_model_name_or_path where that names a model
+  on this machine. A hub id or a path that is not here is not judged."""
+  import json, os, shutil
+  from safetensors.numpy import load_file, save_file
+  from minift.errors import FileError
+  other = str(tmp_path / "other-vocab")   # the llama of `tiny` with 120 tokens instead of 96
+  shutil.copytree(tiny["llama"], other)
+  w = load_file(os.path.join(other, "model.safetensors"))
+  for k in ("model.embed_tokens.weight", "lm_head.weight"): w[k] = np.concatenate([w[k], w[k][:24]])
+  save_file(w, os.path.join(other, "model.safetensors"), metadata={"format": "pt"})
+  cfg = json.load(open(os.path.join(other, "config.json")))
+  json.dump(dict(cfg, vocab_size=120), open(os.path.join(other, "config.json"), "w"))
+  model, _ = models.load(tiny["llama"], with_tokenizer=False)
+  apply_lora(model, TARGETS["llama"], r=4)
+  adapter = str(tmp_path / "adapter")
+  save_adapter(model, adapter, base_model_path=tiny["llama"])
+  load_adapter(models.load(tiny["llama"], with_tokenizer=False)[0], adapter)   # its own base: fine
+  with pytest.raises(FileError, match=r"the adapter was made for another base model \(llama, .* parameters; fingerprint \w+\), not this one"):
+    load_adapter(models.load(other, with_tokenizer=False)[0], adapter)
+  # as peft writes it: no fingerprint, the base named in adapter_config.json
+  path = os.path.join(adapter, "adapter_model.safetensors")
+  save_file(load_file(path), path, metadata={"format": "pt"})
+  with pytest.raises(FileError, match=f"the adapter was made for {tiny['llama']} .*another base model than this one"):
+    load_adapter(models.load(other, with_tokenizer=False)[0], adapter)
+  config_path = os.path.join(adapter, "adapter_config.json")
+  for named in ("HuggingFaceTB/SmolLM2-135M", "/on/another/machine/llama", other):
+    json.dump(dict(json.load(open(config_path)), base_model_name_or_path=named), open(config_path, "w"))
+    load_adapter(models.load(other, with_tokenizer=False)[0], adapter)   # not judged by a name that is not here, or names this model

@@ -12,6 +12,7 @@ transformers = pytest.importorskip("transformers")
 gguf = pytest.importorskip("gguf")
 
 from minift import Tensor, no_grad
+from minift.errors import UsageError
 from minift.io_hf import SafetensorsFile
 from minift.io_gguf import unpermute_qk
 from models import load, GPT2, Llama, Gemma3
@@ -228,6 +229,35 @@ def test_missing_and_unexpected_tensor(hf_models, tmp_path):
   folder = copy_folder(hf_models["llama"][1], tmp_path / "m2")
   rewrite(folder, lambda t: t.update({"model.layers.0.extra.weight": np.zeros(3, np.float32)}))
   with pytest.raises(ValueError, match=r"unexpected tensor\(s\).*'model.layers.0.extra.weight' in .*model.safetensors"): load(folder)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_weights_are_refused_at_load(hf_models, tmp_path, bad):
+  """A NaN or infinite base weight (a damaged file, a model saved from a diverged run) is an
+  error at load that names the tensor and the file, in safetensors (float32 and bfloat16) and
+  in GGUF (float32 and quantized); large finite values (whose float32 sum overflows) are not."""
+  from minift.errors import FileError
+  folder = copy_folder(hf_models["llama"][1], tmp_path / "m")
+  def damage(t): t["model.layers.1.mlp.up_proj.weight"][7, 3] = bad
+  rewrite(folder, damage)
+  with pytest.raises(FileError, match=r"m/model.safetensors: tensor 'model.layers.1.mlp.up_proj.weight' holds a non-finite value \(.* at index \(7, 3\)\)"):
+    load(folder)
+  from safetensors.torch import load_file, save_file
+  path = os.path.join(folder, "model.safetensors")
+  save_file({k: v.to(torch.bfloat16) for k, v in load_file(path).items()}, path)
+  with pytest.raises(FileError, match=r"tensor 'model.layers.1.mlp.up_proj.weight' holds a non-finite value"): load(folder)
+  ref_model, _ = hf_models["qwen2"]
+  with torch.no_grad(): ref_model.model.layers[0].self_attn.o_proj.weight[2, 2] = float(bad)
+  try:
+    for qtype in ("F32", "Q8_0"):
+      path = to_gguf(ref_model, "qwen2", tmp_path / f"{qtype}.gguf", qtype)
+      with pytest.raises(FileError, match=rf"{qtype}.gguf \(GGUF tensor 'blk.0.attn_output.weight'\): tensor 'model.layers.0.self_attn.o_proj.weight' holds a non-finite"):
+        load(path, with_tokenizer=False)
+  finally:
+    with torch.no_grad(): ref_model.model.layers[0].self_attn.o_proj.weight[2, 2] = 0.1
+  big = copy_folder(hf_models["llama"][1], tmp_path / "big")
+  rewrite(big, lambda t: t["model.layers.0.mlp.down_proj.weight"].fill(3e37))   # sums past float32's range, every value finite
+  load(big, with_tokenizer=False)
 
 
 # ---- GGUF: tiny models converted the way llama.cpp's converter does it
@@ -628,7 +658,7 @@ def test_mmlu_shots_come_from_dev(answer_a_model, tmp_path):
   assert k == 3 and text.count("one dev question") == 3 and "test question" not in text and text.endswith("Answer:")
   ids, k = eval_mmlu.build_prompt(tok, "one", "Q?", ["w", "x", "y", "z"], dev["one"][:3], 150)
   assert len(ids) <= 150 and k < 3
-  with pytest.raises(SystemExit, match="dev cannot be the evaluated split"):
+  with pytest.raises(UsageError, match="dev cannot be the evaluated split"):
     eval_mmlu.main(["--model", answer_a_model, "--data", str(tmp_path), "--split", "dev", "--k", "1"])
 
 
@@ -644,7 +674,7 @@ def test_eval_ppl_and_generate_tools(answer_a_model, tmp_path, capsys):
   assert r2["tokens"] == n - 1               # sliding windows score every token but the first
   empty = tmp_path / "e.txt"
   empty.write_text("")
-  with pytest.raises(SystemExit, match="no text"): eval_ppl.main(["--model", answer_a_model, "--text", str(empty)])
+  with pytest.raises(UsageError, match="no text"): eval_ppl.main(["--model", answer_a_model, "--text", str(empty)])
   import io
   buf = io.StringIO()
   new = gen_tool.main(["--model", answer_a_model, "--prompt", "the", "--max_new_tokens", "5"], out=buf)

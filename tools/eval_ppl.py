@@ -13,46 +13,45 @@ Hamlet at --ctx 512). PPL = exp(mean NLL). The last line is `ppl=<value> tokens=
 import argparse, json, math, os, sys, time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from tqdm import tqdm
-from models import load, ModelNotFound
+from minift.data import read_text as read_utf8
+from minift.errors import ArgumentParser, MissingFile, UsageError, check_output, integer, run, writing
+from models import load
 from models.evaluate import perplexity_windows, windows_nll
 
 
 def read_text(args):
   if args.text:
-    with open(args.text, encoding="utf-8") as f: text = f.read()
     source = args.text
   else:
     source = os.path.join(args.data_root, f"wiki.{args.split}.raw")
-    if not os.path.exists(source): raise SystemExit(f"error: {source} not found (expected the WikiText-2 raw layout: wiki.train.raw, wiki.valid.raw, wiki.test.raw)")
-    with open(source, encoding="utf-8") as f: text = f.read()
+    if not os.path.exists(source): raise MissingFile(f"{source} not found (expected the WikiText-2 raw layout: wiki.train.raw, wiki.valid.raw, wiki.test.raw)")
+  text = read_utf8(source, hint=None)
   if args.max_chars: text = text[:args.max_chars]
-  if not text.strip(): raise SystemExit(f"error: {source} has no text to evaluate (empty{' after --max_chars' if args.max_chars else ''})")
+  if not text.strip(): raise UsageError(f"{source} has no text to evaluate (empty{' after --max_chars' if args.max_chars else ''})")
   return text, source
 
 
 def main(argv=None):
-  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("--model", required=True, help="an HF model folder, a .gguf file, or a Hugging Face Hub repo id (org/name)")
   ap.add_argument("--gguf_file", default=None, help="a GGUF file inside the --model folder or Hub repo")
   src = ap.add_mutually_exclusive_group(required=True)
   src.add_argument("--text", help="a UTF-8 text file")
   src.add_argument("--data_root", help="a folder with wiki.{train,valid,test}.raw (WikiText-2 raw)")
   ap.add_argument("--split", default="test", choices=["train", "valid", "test"])
-  ap.add_argument("--max_chars", type=int, default=None, help="use only the first N characters")
-  ap.add_argument("--ctx", type=int, default=512, help="tokens per window, BOS included (default 512)")
-  ap.add_argument("--stride", type=int, default=None, help="sliding windows this many tokens apart (default: non-overlapping)")
+  ap.add_argument("--max_chars", type=integer(1), default=None, help="use only the first N characters")
+  ap.add_argument("--ctx", type=integer(2), default=512, help="tokens per window, BOS included, at least 2; capped at the model's context (default 512)")
+  ap.add_argument("--stride", type=integer(1), default=None, help="sliding windows this many tokens apart (default: non-overlapping)")
   ap.add_argument("--lora", default=None, help="a PEFT LoRA adapter folder, merged into the weights")
-  ap.add_argument("--batch_size", type=int, default=1, help="windows per forward pass")
+  ap.add_argument("--batch_size", type=integer(1), default=1, help="windows per forward pass")
   ap.add_argument("--dtype", default="float32", choices=["float32", "float16"], help="weight storage")
   ap.add_argument("--json", default=None, help="also write the results to this JSON file")
   args = ap.parse_args(argv)
+  if args.json: check_output(args.json, "--json")
 
   text, source = read_text(args)
   t0 = time.time()
-  try:
-    model, tok = load(args.model, dtype=args.dtype, gguf_file=args.gguf_file)
-  except ModelNotFound as e:
-    raise SystemExit(f"error: {e}") from None
+  model, tok = load(args.model, dtype=args.dtype, gguf_file=args.gguf_file)
   if args.lora:
     from minift.lora import load_adapter, merge_lora
     merge_lora(load_adapter(model, args.lora))
@@ -60,6 +59,11 @@ def main(argv=None):
   ids = tok.encode(text, add_special_tokens=False)
   bos = tok.bos_token_id if tok.adds_bos else None
   ctx = min(args.ctx, model.max_context)
+  if ctx < args.ctx: print(f"note: --ctx {args.ctx} is capped at the model's context of {ctx} tokens", file=sys.stderr)
+  span = ctx - (bos is not None)   # text tokens per window
+  if ctx < 2 + (bos is not None): raise UsageError(f"--ctx {args.ctx}: a window of {ctx} tokens scores no token{' after BOS' if bos is not None else ''}")
+  if args.stride is not None and args.stride > span:
+    raise UsageError(f"--stride {args.stride} must be at most {span}, the text tokens of a window of --ctx {ctx}")
   windows = perplexity_windows(ids, ctx, bos, args.stride)
   t1 = time.time()
   with tqdm(total=len(windows), desc="ppl", unit="window", file=sys.stderr) as bar:
@@ -72,10 +76,10 @@ def main(argv=None):
             "lora": args.lora, "tokens": count, "nll": nll / count, "ppl": ppl, "load_s": round(load_s, 2),
             "eval_s": round(time.time() - t1, 2), "tokens_per_s": round(sum(len(x) for x, _ in windows) / (time.time() - t1), 1)}
   if args.json:
-    with open(args.json, "w") as f: json.dump(result, f, indent=2)
+    with writing(args.json), open(args.json, "w") as f: json.dump(result, f, indent=2)
   print(f"ppl={ppl:.4f} tokens={count}")
   return result
 
 
 if __name__ == "__main__":
-  main()
+  run(main)

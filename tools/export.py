@@ -16,10 +16,11 @@ alone as a llama.cpp LoRA GGUF, for a base exported from the same MODEL without 
 import argparse, os, sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from minift.errors import ArgumentParser, FileError, MissingFile, UsageError, UserError, run
 
 
 def parse_args(argv=None):
-  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("--model", required=True, help="HF model folder, .gguf file or Hugging Face Hub repo id (org/name)")
   ap.add_argument("--gguf_file", default=None, help="a GGUF file inside the --model folder or Hub repo")
   ap.add_argument("--lora", default=None, help="PEFT LoRA adapter folder to merge in (none: the model as it is)")
@@ -38,24 +39,24 @@ def parse_args(argv=None):
 
 
 def check_out(out, model, gguf_out):
-  """Refuse an --out that would destroy something that is not an export: the input model, a
-  folder of other files, a file that is not a GGUF."""
+  """Refuse (UsageError) an --out that would destroy something that is not an export: the input
+  model, a folder of other files, a file that is not a GGUF; or one that cannot be written."""
   full = os.path.realpath(out)
   if full == os.path.realpath(model) or os.path.realpath(model).startswith(full + os.sep):
-    raise SystemExit(f"error: --out {out} is the --model being exported (or holds it); write somewhere else")
-  if not os.path.lexists(out):
-    parent = os.path.dirname(os.path.abspath(out))
-    if not os.path.isdir(parent): raise SystemExit(f"error: --out {out}: folder {parent} does not exist")
-    return
+    raise UsageError(f"--out {out} is the --model being exported (or holds it); write somewhere else")
+  parent = os.path.dirname(os.path.abspath(out))
+  if not os.path.isdir(parent): raise UsageError(f"--out {out}: folder {parent} does not exist")
+  if not os.access(parent, os.W_OK): raise UsageError(f"--out {out}: cannot write in {parent} (no permission)")   # the export is written next to it, then renamed
+  if not os.path.lexists(out): return
   if gguf_out:
-    if os.path.isdir(out): raise SystemExit(f"error: --out {out} is a folder, not a .gguf file")
+    if os.path.isdir(out): raise UsageError(f"--out {out} is a folder, not a .gguf file")
     with open(out, "rb") as f: magic = f.read(4)
-    if magic != b"GGUF": raise SystemExit(f"error: --out {out} exists and is not a GGUF file; refusing to replace it")
+    if magic != b"GGUF": raise UsageError(f"--out {out} exists and is not a GGUF file; refusing to replace it")
   else:
-    if not os.path.isdir(out): raise SystemExit(f"error: --out {out} exists and is a file; a Hugging Face export is a folder (or end --out in .gguf)")
+    if not os.path.isdir(out): raise UsageError(f"--out {out} exists and is a file; a Hugging Face export is a folder (or end --out in .gguf)")
     files = [f for f in os.listdir(out) if not f.startswith(".")]
     if files and "config.json" not in files:
-      raise SystemExit(f"error: --out {out} is a folder of other files (no config.json); refusing to replace it")
+      raise UsageError(f"--out {out} is a folder of other files (no config.json); refusing to replace it")
 
 
 def main(argv=None):
@@ -64,24 +65,12 @@ def main(argv=None):
   import models
   from minift.lora import load_adapter, merge_lora
   from minift.export import save_hf, save_gguf, save_gguf_adapter
-  try:
-    path = models.resolve(args.model, args.gguf_file)   # a local path, or a Hub repo id's files in the local cache
-  except models.ModelNotFound as e:
-    raise SystemExit(f"error: {e}") from None
-  if args.lora and not os.path.isdir(args.lora): raise SystemExit(f"error: --lora {args.lora} is not a folder (expected a PEFT LoRA adapter folder)")
+  path = models.resolve(args.model, args.gguf_file)   # a local path, or a Hub repo id's files in the local cache (ModelNotFound)
+  if args.lora and not os.path.isdir(args.lora):
+    raise (FileError if os.path.exists(args.lora) else MissingFile)(f"--lora {args.lora} is not a folder (expected a PEFT LoRA adapter folder)")
   check_out(args.out, path, gguf_out)
-  try:
-    model, tokenizer = models.load(path)
-  except (OSError, ValueError, KeyError, NotImplementedError) as e:
-    raise SystemExit(f"error: --model {args.model}: {e}") from None
-  if args.lora:
-    try:
-      load_adapter(model, args.lora)
-    except FileNotFoundError as e:   # not an adapter folder (its message names --lora and the file)
-      raise SystemExit(f"error: {e}") from None
-    except (OSError, ValueError, KeyError) as e:   # an adapter trained on another base: a missing module or a wrong shape
-      msg = str(e).strip("'\"")
-      raise SystemExit(f"error: --lora {args.lora} does not fit --model {args.model}: {msg}") from None
+  model, tokenizer = models.load(path)
+  if args.lora: load_adapter(model, args.lora)   # one made for another base model is refused, naming --lora (FileError)
   name = os.path.splitext(os.path.basename(os.path.normpath(args.out)))[0]
   what = f"LoRA adapter GGUF ({args.type}) for a base exported from {args.model}" if args.adapter_only else \
          f"GGUF ({args.type})" if gguf_out else "Hugging Face folder (float32)"
@@ -92,10 +81,10 @@ def main(argv=None):
       save_gguf(merge_lora(model), args.out, tokenizer, args.type, source=path, name=name)
     else:
       save_hf(merge_lora(model), args.out, tokenizer)
-  except ValueError as e:
-    raise SystemExit(f"error: cannot write --model {args.model} as {what.split(' (')[0]}: {e}") from None
+  except ValueError as e:   # (NonFinite too: a merge that overflowed)
+    raise UserError(f"cannot write --model {args.model} as {what.split(' (')[0]}: {e}") from None
   print(f"wrote {args.out}: {what}{' with ' + args.lora + ' merged in' if args.lora and not args.adapter_only else ''}")
 
 
 if __name__ == "__main__":
-  main()
+  run(main)

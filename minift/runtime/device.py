@@ -121,6 +121,7 @@ BACKENDS = {
 FALLBACK = "numpy"   # the backend that always starts
 
 _devices, _warned = {}, set()
+unavailable = {}   # name -> why that backend cannot start here (once start() found out), for tools to report
 
 
 def register(name, device):
@@ -128,6 +129,7 @@ def register(name, device):
   Device), or its "module:class" path. It starts on first use."""
   BACKENDS[name] = device
   _devices.pop(name, None)
+  unavailable.pop(name, None)
 
 
 def start(name):
@@ -142,12 +144,13 @@ def start(name):
     except Exception as e:   # no driver, no platform, a failed self-check: NumPy it is
       if name == FALLBACK: raise
       _devices[name] = None
+      # a missing Python binding (pyopencl) comes with the backend's extra of the same name
+      hint = f" (pip install 'minift[{name}]')" if isinstance(e, ModuleNotFoundError) and not (e.name or "").startswith("minift") else ""
+      unavailable[name] = f"{type(e).__name__}: {e}{hint}"
       if name not in _warned:
         _warned.add(name)
         title = (BACKENDS[name].rpartition(":")[2] if isinstance(BACKENDS[name], str) else BACKENDS[name].__name__).removesuffix("Device")
-        # a missing Python binding (pyopencl) comes with the backend's extra of the same name
-        hint = f" (pip install 'minift[{name}]')" if isinstance(e, ModuleNotFoundError) and not (e.name or "").startswith("minift") else ""
-        log.warning(f"{title} unavailable ({type(e).__name__}: {e}{hint}); using the NumPy backend")
+        log.warning(f"{title} unavailable ({unavailable[name]}); using the NumPy backend")
   return _devices[name]
 
 
