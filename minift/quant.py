@@ -147,3 +147,27 @@ class BaseStorage:
 
   def log(self, where):
     for why, n in sorted(self.notes.items()): log.info(f"{where}: {n} weight(s): {why}")
+
+
+# ---- the tools' flags
+
+def add_flags(ap, what="the frozen weights"):
+  """--base_dtype (alias --dtype) and --quantize on a tool's ArgumentParser."""
+  ap.add_argument("--base_dtype", "--dtype", dest="base_dtype", choices=BASE_DTYPES, default=None,
+                  help=f"storage of {what}: keep (as the file stores them: a GGUF's quantized blocks stay quantized, "
+                       "the default for a .gguf), float32 (the default for an HF folder), float16, q8_0 or q4_0 "
+                       "(quantized on load); computation stays float32")
+  ap.add_argument("--quantize", choices=QUANTIZE_TO, default=None,
+                  help="quantize the weight matrices on load (an HF folder trains as QLoRA): the same as --base_dtype q8_0 or q4_0")
+
+
+def base_dtype_of(base_dtype, quantize, model_path):
+  """The base dtype the flags ask for (models.load's dtype): --quantize, else --base_dtype, else
+  keep for a GGUF file and float32 for an HF folder."""
+  from minift.errors import UsageError
+  import os
+  if quantize is not None:
+    if base_dtype not in (None, quantize): raise UsageError(f"--quantize {quantize} and --base_dtype {base_dtype} disagree: give one of them")
+    return quantize
+  if base_dtype is not None: return base_dtype
+  return "float32" if os.path.isdir(model_path) else "keep"

@@ -224,3 +224,29 @@ def test_lora_on_a_quantized_base_matches_peft_on_the_dequantized_base(tmp_path)
   want = ppl(peft.PeftModel.from_pretrained(ref, str(tmp_path / "adapter")).eval())
   assert abs(ours / want - 1) < 0.002, (ours, want)
   assert abs(base / want - 1) > 0.02, "training must have changed the held-out perplexity"
+
+
+def test_sharder_pages_quantized_weights_as_bytes(tmp_path):
+  """Under a sharder, a quantized weight is paged as its blocks' bytes (read back from the GGUF
+  file it is mapped from, never written); a table over the budget is split into row pieces that
+  stay quantized; the logits are those of the unsharded model (the split head's pieces are
+  separate products: float32 summation order)."""
+  import models
+  from minift.sharder import Sharder
+  from tiny_lm import save_tiny_gguf
+  from test_sharder import assert_bounded, KB
+  path, _ = save_tiny_gguf(tmp_path / "tiny.q8_0.gguf", qtype=gguf.GGMLQuantizationType.Q8_0)
+  ids = rng.integers(0, 70, (2, 24))
+  whole, _ = models.load(path, dtype="keep", with_tokenizer=False)
+  want = logits(whole, ids)
+  with Sharder(ram_budget_mb=10 * KB, trace=True) as sh:
+    model, _ = models.load(path, dtype="keep", with_tokenizer=False)
+    assert sh.split_large(model) == ["model.embed_tokens"]   # 76 x 34 bytes a row of 32 values: over a quarter of 10 KiB
+    pieces = model.model.embed_tokens.weight_pieces
+    assert all(p.dtype is dtypes.q8_0 for p in pieces) and sum(p.shape[0] for p in pieces) == 76
+    up = sh.page_of(model.model.layers[0].mlp.up_proj.weight.lazydata.base.buffer)
+    assert up.nbytes == 64 * 34 and up.np_dtype == np.uint8 and up.source is not None and up.file is None
+    got = logits(model, ids)
+    assert_bounded(sh)
+    assert any(event == "load" and name == up.name for event, name, _, _ in sh.trace)
+  np.testing.assert_allclose(got, want, rtol=0, atol=1e-6 * np.abs(want).max())
