@@ -250,3 +250,83 @@ def test_sharder_pages_quantized_weights_as_bytes(tmp_path):
     assert_bounded(sh)
     assert any(event == "load" and name == up.name for event, name, _, _ in sh.trace)
   np.testing.assert_allclose(got, want, rtol=0, atol=1e-6 * np.abs(want).max())
+
+
+# ---- the pip-shipped GGUFs (tools/get_assets.py --test): slow
+
+REAL = {"smollm2": (44.19, 4771, {"q4_1", "q8_0"}), "gemma3": (52.63, 4514, {"q4_k", "q6_k"})}
+
+
+@pytest.fixture(scope="module")
+def real_models():
+  """{name: (kept quantized, dequantized to float32, tokenizer)}, loaded on first use."""
+  import models
+  import test_real_weights as rw
+  cache = {}
+  def get(name):
+    if name not in cache:
+      path = {"smollm2": rw.smollm2_path, "gemma3": rw.gemma3_path}[name]()
+      kept, tok = models.load(path, dtype="keep")
+      cache[name] = kept, models.load(path, with_tokenizer=False)[0], tok
+    return cache[name]
+  return get
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["smollm2", "gemma3"])
+def test_real_gguf_kept_quantized_logits_and_hamlet_perplexity(real_models, name):
+  """SmolLM2-135M Q4_1 and Gemma 3 270M Q4_K_M with the base kept as the file stores it: the
+  logits equal the float32-dequantized base's within float32 summation error (1e-5 of their
+  magnitude), and the Hamlet perplexity is DESIGN.md's figure within 0.01%."""
+  import math
+  from test_real_weights import hamlet_ppl
+  kept, dequantized, tok = real_models(name)
+  figure, tokens, types = REAL[name]
+  assert types <= {p.dtype.name for p in kept.parameters()}
+  ids = np.array([tok.encode("To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer")])
+  want = logits(dequantized, ids)
+  np.testing.assert_allclose(logits(kept, ids), want, rtol=0, atol=1e-5 * np.abs(want).max())
+  ppl, n = hamlet_ppl(kept, tok)
+  assert n == tokens and abs(ppl / figure - 1) < 1e-4, ppl
+
+
+# ---- OpenCL (PoCL in CI): kernels/dequant.h read value by value inside the generated kernels
+
+def opencl_or_skip():
+  import os, minift
+  if "opencl" in minift.available_devices(): return
+  if os.environ.get("CI"): raise RuntimeError("no usable OpenCL device in CI: PoCL (pocl-opencl-icd) should be installed by .ci/run")
+  pytest.skip("no usable OpenCL device")
+
+
+def test_opencl_dequantize_bit_for_bit():
+  """On OpenCL, a DEQUANT kernel of every type gives gguf's values bit for bit."""
+  opencl_or_skip()
+  for name in TYPES:
+    d = dtypes.from_any(name)
+    raw = random_blocks(name, 4, 256)
+    assert same_bits(Tensor.from_quantized(raw, (4, 256), d, device="opencl").numpy(), reference(raw, name)), name
+
+
+@pytest.mark.parametrize("name", ["q8_0", "q4_1", "q4_k", "q6_k"])
+def test_opencl_matmuls_match_numpy(name):
+  """On OpenCL an embedding lookup gives gguf's values bit for bit; x @ W.T and g @ W (the tiled
+  matmul dequantizing its tile loads) and the input gradient of x @ W.T equal the NumPy
+  backend's within float32 summation error."""
+  opencl_or_skip()
+  d = dtypes.from_any(name)
+  n, k = 40, 512
+  raw = random_blocks(name, n, k)
+  ref = reference(raw, name)
+  ws = {dev: Tensor.from_quantized(raw, (n, k), d, device=dev) for dev in ("numpy", "opencl")}
+  idx = np.array([[4, 0], [39, 4]])
+  assert same_bits(ws["opencl"].embedding(Tensor(idx, device="opencl")).numpy(), ref[idx])
+  x, g = rng.standard_normal((6, k)).astype(np.float32), rng.standard_normal((6, n)).astype(np.float32)
+  scale = np.abs(ref).max() * 4 * np.sqrt(k)
+  want, got = {}, {}
+  for dev, out in (("numpy", want), ("opencl", got)):
+    xt = Tensor(x, device=dev, requires_grad=True)
+    y = xt @ ws[dev].T
+    (y * Tensor(g, device=dev)).sum().backward()   # the input gradient: g @ W
+    out["fwd"], out["grad"] = y.numpy(), xt.grad.numpy()
+  for key in want: np.testing.assert_allclose(got[key], want[key], rtol=0, atol=1e-5 * scale, err_msg=key)

@@ -14,7 +14,7 @@ over every axis of an elementwise kernel; gid over the kept and r over the reduc
 reduce; b, i, j, k over the batch, m, n and k axes of a matmul). Axes that merge into one
 stride cost one multiply, whatever their number; masked axes (pads) add a bounds check.
 """
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 import numpy as np
 from minift.codegen.cstyle import CStyleLanguage
 from minift.dtype import dtypes
@@ -45,7 +45,11 @@ long pow_l(long a, long b) {
 }
 """
 
+  # quantized weights (minift/quant.py) are their blocks' bytes, read a value at a time by kernels/dequant.h
+  storage_types = {**CStyleLanguage.storage_types, **{d.name: "uchar" for d in dtypes.quantized()}}
+
   def read(self, buf, index, dtype):
+    if dtype.is_quantized: return f"dq_{dtype.name}({buf}, {index})"
     return f"vload_half({index}, {buf})" if dtype is dtypes.float16 else super().read(buf, index, dtype)
 
   def write(self, buf, index, value, dtype):
@@ -55,6 +59,16 @@ long pow_l(long a, long b) {
 
 
 PRELUDE = OpenCLLanguage.prelude()
+# kernels that read a quantized buffer also get kernels/dequant.h: element i of the blocks as a
+# float, with gguf's arithmetic (no contraction into FMAs: bit for bit its values)
+QPRELUDE = ("#define QGLOBAL __global\n#define QFN\n#define QINDEX long\n#define Q_AS_FLOAT(u) as_float(u)\n"
+            "#define QNOCONTRACT _Pragma(\"OPENCL FP_CONTRACT OFF\")\n")
+
+
+def with_dequant(rendered, in_dtypes):
+  """rendered with kernels/dequant.h after the prelude when an input is quantized."""
+  if not any(d.is_quantized for d in in_dtypes): return rendered
+  return replace(rendered, src=rendered.src.replace(PRELUDE, PRELUDE + QPRELUDE + read_kernel("dequant.h"), 1))
 STYPE = OpenCLLanguage.storage_types
 
 
@@ -160,12 +174,12 @@ def render(kernel, in_dtypes, in_sizes, caps, max_local=256, config=None):
   """Rendered source and launch sizes for a kernel. max_local: the largest work-group allowed
   (device and, after a first build, per-kernel limit); config: matmul tile choice."""
   idx = index_type(kernel, in_sizes)
-  if kernel.kind == "matmul": return render_matmul(kernel, in_dtypes, idx, config or matmul_configs(kernel, caps)[0])
+  if kernel.kind == "matmul": return with_dequant(render_matmul(kernel, in_dtypes, idx, config or matmul_configs(kernel, caps)[0]), in_dtypes)
   if kernel.kind == "reduce": return render_reduce(kernel, in_dtypes, idx, caps, max_local)
-  if kernel.kind == "gather": return render_gather(kernel, in_dtypes, idx, max_local)
+  if kernel.kind == "gather": return with_dequant(render_gather(kernel, in_dtypes, idx, max_local), in_dtypes)
   if kernel.kind == "scatter_add": return render_scatter_add(kernel, in_dtypes, idx, max_local)
   if kernel.kind == "rand": return render_rand(kernel, idx, max_local)
-  return render_elementwise(kernel, in_dtypes, idx, max_local)
+  return with_dequant(render_elementwise(kernel, in_dtypes, idx, max_local), in_dtypes)   # (a DEQUANT kernel among them)
 
 
 def _launch_1d(n, max_local):
