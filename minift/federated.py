@@ -57,6 +57,7 @@ RUN_CONFIG = {
   "round-timeout": 600.0,   # seconds the server waits for replies; late or missing clients are left out
   "min-clients": 2,         # the first round waits until this many SuperNodes are connected
   "eval-batches": 8,        # validation batches scored per round
+  "run-id": "",             # copied into summary.json: tells this run's summary from one an earlier run in "out" left
 }
 REFUSED = 100               # Error code of a client's refusal (Flower's own codes are below 10)
 
@@ -320,7 +321,8 @@ def server_main(grid, context):
 
 def run_server(grid, cfg):
   """Serve cfg["num-rounds"] rounds of FedAvg over a LoRA adapter of cfg["model"]; write
-  <out>/rounds.jsonl (round 0: the initial adapter), rounds/<r>/, adapter/ and summary.json."""
+  <out>/rounds.jsonl (round 0: the initial adapter; rounds.partial.jsonl until the run finishes),
+  rounds/<r>/, adapter/ and summary.json (with cfg["run-id"])."""
   t_start, out = time.time(), cfg["out"]
   for key in ("model", "val-data", "out"):
     if not cfg[key]: raise ValueError(f"the run config needs '{key}'")
@@ -335,8 +337,10 @@ def run_server(grid, cfg):
   val = PackedData(cfg["val-data"], tokenizer, cfg["seq-len"], val_fraction=0.0, cache_dir=os.path.join(out, "cache"))
   strategy = AdapterFedAvg({k: v.shape for k, v in adapter_state(model).items()},
                            min_train_nodes=cfg["min-clients"], min_available_nodes=cfg["min-clients"])
-  rounds_path = os.path.join(out, "rounds.jsonl")
-  if os.path.exists(rounds_path): os.remove(rounds_path)
+  # rounds.jsonl, adapter/ and summary.json are the last finished run's: this run logs to
+  # rounds.partial.jsonl, which becomes rounds.jsonl only once its final adapter is written
+  rounds_path = os.path.join(out, "rounds.partial.jsonl")
+  if os.path.exists(rounds_path): os.remove(rounds_path)   # what a failed or killed run left
   print(f"server: {summary} (fingerprint {fingerprint}); LoRA r={cfg['lora-rank']} on {','.join(targets)}; "
         f"{len(val.train_x)} validation blocks", flush=True)
 
@@ -363,5 +367,6 @@ def run_server(grid, cfg):
   # evaluate() loaded the last round's global adapter into the model
   save_adapter(model, os.path.join(out, "adapter"), base_model_path=cfg["model"])
   with open(rounds_path) as f: last = json.loads(f.readlines()[-1])
-  write_json(os.path.join(out, "summary.json"), {"rounds": cfg["num-rounds"], "val_ppl": last["val_ppl"],
+  os.replace(rounds_path, os.path.join(out, "rounds.jsonl"))   # (append_metrics synced every row)
+  write_json(os.path.join(out, "summary.json"), {"rounds": cfg["num-rounds"], "val_ppl": last["val_ppl"], "run_id": cfg["run-id"],
                                                  "seconds": round(time.time() - t_start, 1), "adapter": os.path.join(out, "adapter")})

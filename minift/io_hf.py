@@ -99,6 +99,8 @@ class SafetensorsFolder:
   def shape(self, name): return self.files[self.where[name]].shape(name)
   def stored_type(self, name): return self.files[self.where[name]].stored_type(name)
   def get(self, name): return self.files[self.where[name]].get(name)
+  def get_rows(self, name, start, stop): return self.get(name)[start:stop]
+  def stored_float32(self, name): return self.files[self.where[name]].header[name]["dtype"] == "F32"
   def release(self, name): self.files[self.where[name]].release(name)
 
 
@@ -121,12 +123,20 @@ def check_weights_finite(arr, name, where):
                     f"the weights are damaged, or were saved from a run that diverged")
 
 
+# a vector (a norm, a bias) smaller than this is copied out of the file mapping: reading a few bytes
+# of a mapped file maps the pages around them too (the page cache's large folios: 1-2 MB for each
+# norm vector, measured here), so a model's norms and biases used in place cost far more memory
+# than they hold (SmolLM2's 61 norms of its GGUF: 55 MB)
+COPY_BELOW = 1 << 20
+
+
 def to_tensor(arr, dtype=None):
   """A Tensor over a NumPy array that nothing else holds (a loader's file view or conversion),
   float32 by default; float16 storage when dtype is float16 (for matrices only: vectors such as
-  norms and biases stay float32). No copy when the dtype matches."""
+  norms and biases stay float32). No copy when the dtype matches, but for small vectors."""
   want = np.float16 if dtype is not None and dtypes.from_any(dtype) == dtypes.float16 and arr.ndim >= 2 else np.float32
   if arr.dtype != want: arr = arr.astype(want)
+  elif arr.ndim < 2 and arr.nbytes < COPY_BELOW: arr = np.array(arr)   # a norm or a bias: out of the file mapping (COPY_BELOW)
   arr = arr.view()                # arrays here are fresh conversions or file views that only this Tensor will
   arr.flags.writeable = False     # hold: read-only, the backend keeps them as they are instead of copying
   return Tensor(arr)
@@ -205,16 +215,18 @@ def _quantized(source, name, key, dtype, convert, transposed, where):
 
 def _load_in_pieces(model, source, name, key, target):
   """Under a sharder, a vocabulary table larger than its budget is read a row piece at a time
-  from a source that can (GGUF: dequantized piecewise) and each piece paged as it comes, so the
-  whole float32 table (671 MB for Gemma 3) never exists. Returns whether it did so. Vocabulary
-  tables only: they are what outgrows a budget, and no conversion (the Q/K unpermutation,
-  Gemma's norm offset) touches them."""
+  (GGUF: dequantized piecewise; safetensors converted to float16 or from another dtype: rows
+  of the file converted piecewise) and each piece paged as it comes, so the whole float32 table
+  (671 MB for Gemma 3) never exists. A float32 safetensors table used as it is stays whole here
+  (a file view costs nothing until read; split_large cuts it into views). Returns whether it did so. Vocabulary tables only: they are what outgrows a budget,
+  and no conversion (the Q/K unpermutation, Gemma's norm offset) touches them."""
   from minift.nn import Embedding
   mod_path, _, attr = name.rpartition(".")
   mod = model.get_submodule(mod_path)
   sharder = active_sharder()
   if sharder is None or not hasattr(source, "get_rows") or not (isinstance(mod, Embedding) or name == "lm_head.weight"): return False
   shape = tuple(source.shape(key))
+  if target == dtypes.float32 and getattr(source, "stored_float32", lambda k: False)(key): return False
   rows = sharder.rows_per_piece(shape, target.itemsize)
   if rows is None: return False
   pieces = []
@@ -223,6 +235,7 @@ def _load_in_pieces(model, source, name, key, target):
     check_weights_finite(arr, key, source.file(key))
     pieces.append(to_tensor(arr, target))
     del arr
+    if hasattr(source, "release"): source.release(key)   # read for the check and the copy: its file pages can go
     sharder.manage(pieces[-1], f"{mod_path}.weight_pieces.{len(pieces) - 1}")
   delattr(mod, attr)
   mod.weight_pieces = pieces

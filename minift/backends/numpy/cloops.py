@@ -306,9 +306,9 @@ class Renderer(CLanguage):
     return _function(name, args, w)
 
   def pointer_lines(self, dtypes):
-    """The typed pointers p0, p1, ... to the inputs of these dtypes."""
-    # a quantized input is a matmul's operand (backends/numpy/quant.py reads it): only declared here
-    types = ["uint8_t" if d.is_quantized else self.storage_types[d.name] for d in dtypes]
+    """The typed pointers p0, p1, ... to the inputs of these dtypes; an input the loop does not read
+    (a float16 or quantized weight a matmul read, next to its epilogue) is left untyped."""
+    types = [self.storage_types.get(d.name, "void") for d in dtypes]
     return [f"const {t}* p{i} = (const {t}*)in{i};" for i, t in enumerate(types)]
 
   def render_chunked(self, name, args, w, red, loop, store):

@@ -452,8 +452,7 @@ class NumpyDevice(Device):
     layout_a, layout_b, out_shape, out_order, swap = layout
     a3 = _operand(view_array(flats[la.arg.input], la.arg.view), layout_a)
     b3 = _operand(view_array(flats[lb.arg.input], lb.arg.view), layout_b)
-    out = np.matmul(b3.swapaxes(-1, -2), a3.swapaxes(-1, -2)) if swap else np.matmul(a3, b3)
-    out = out.reshape(out_shape).transpose(out_order)
+    out = _product(a3, b3, swap).reshape(out_shape).transpose(out_order)
     return out.astype(node.dtype.np, copy=False).reshape(shape)
 
 
@@ -479,8 +478,34 @@ def _matmul_layout(va, vb, axes, in_shape):
 
 def _operand(x, layout):
   index, order, shape = layout
-  x = x[index].transpose(order).reshape(shape)
-  return x.astype(np.float32) if x.dtype == np.float16 else x
+  return x[index].transpose(order).reshape(shape)
+
+
+HALF_BLOCK = 1 << 21   # float16 elements converted to float32 at a time for BLAS (8 MiB of float32)
+
+
+def _product(a3, b3, swap):
+  """a3 @ b3 by BLAS in float32, or b3^T @ a3^T when swap. A float16 operand (frozen weights
+  stored in half precision) is converted to float32 a slice along its own free axis at a time,
+  each slice making its own columns (or rows) of the product: converted whole, a half-precision
+  vocabulary table would be copied to float32 on every matmul, twice its own size in memory."""
+  mm = (lambda a, b: np.matmul(b.swapaxes(-1, -2), a.swapaxes(-1, -2))) if swap else np.matmul
+  if a3.dtype == np.float16 and b3.dtype == np.float16: a3 = a3.astype(np.float32)
+  if np.float16 not in (a3.dtype, b3.dtype): return mm(a3, b3)
+  half_b = b3.dtype == np.float16
+  big = b3 if half_b else a3
+  if big.size <= HALF_BLOCK: return mm(a3.astype(np.float32), b3.astype(np.float32))
+  free = -1 if half_b else -2                       # b's columns (n) or a's rows (m)
+  step = max(1, HALF_BLOCK // (big.size // big.shape[free]))
+  batch = np.broadcast_shapes(a3.shape[:-2], b3.shape[:-2])
+  m, n = a3.shape[-2], b3.shape[-1]
+  out = np.empty(batch + ((n, m) if swap else (m, n)), np.float32)
+  axis = -1 if half_b != swap else -2               # where that axis lands in the product
+  for j in range(0, big.shape[free], step):
+    part = mm(a3, b3[..., j:j + step].astype(np.float32)) if half_b else mm(a3[..., j:j + step, :].astype(np.float32), b3)
+    if axis == -1: out[..., j:j + step] = part
+    else: out[..., j:j + step, :] = part
+  return out
 
 
 def _reads_only_its_own_elements(kernel):
