@@ -1,6 +1,7 @@
 """Quantized frozen weights (minift/quant.py): GGUF block types dequantized bit for bit as gguf's
 reference dequantizer does, matmuls and embedding lookups that read the blocks, and no gradient
 ever for a quantized matrix."""
+import json
 import numpy as np
 import pytest
 import gguf
@@ -330,3 +331,36 @@ def test_opencl_matmuls_match_numpy(name):
     (y * Tensor(g, device=dev)).sum().backward()   # the input gradient: g @ W
     out["fwd"], out["grad"] = y.numpy(), xt.grad.numpy()
   for key in want: np.testing.assert_allclose(got[key], want[key], rtol=0, atol=1e-5 * scale, err_msg=key)
+
+
+# ---- the tools' flags
+
+def test_finetune_and_eval_base_dtype_flags(tiny, tmp_path):
+  """finetune keeps a GGUF's Q8_0 blocks by default and quantizes an HF folder with --quantize;
+  eval_ppl's perplexity with the base kept quantized is the float32 base's (1e-5); conflicting
+  or misplaced flags are one-line errors."""
+  import importlib.util, os
+  from tiny_lm import save_tiny_gguf
+  from test_finetune import run_cli, ROOT
+  path, _ = save_tiny_gguf(tmp_path / "tiny.q8_0.gguf", qtype=gguf.GGMLQuantizationType.Q8_0)
+  common = ["--data", tiny["text"], "--seq_len", "32", "--max_steps", "2"]
+  r = run_cli("--model", path, "--out", str(tmp_path / "a"), *common)
+  assert "(--base_dtype keep): " in r.stdout and "matrices stored as q8_0\n" in r.stdout, r.stdout
+  r = run_cli("--model", tiny["llama"], "--quantize", "q4_0", "--out", str(tmp_path / "b"), *common)
+  assert "(--base_dtype q4_0): " in r.stdout and "matrices stored as q4_0\n" in r.stdout, r.stdout
+  r = run_cli("--model", tiny["llama"], "--out", str(tmp_path / "c"), *common)
+  assert "(--base_dtype float32): " in r.stdout and "matrices stored as float32\n" in r.stdout, r.stdout
+  for argv, message in ((["--quantize", "q4_0", "--base_dtype", "float16"], "--quantize q4_0 and --base_dtype float16 disagree"),
+                        (["--base_dtype", "q8_0", "--full_ft"], "--base_dtype q8_0 is for LoRA"),
+                        (["--base_dtype", "q5_k"], "--base_dtype: invalid choice")):
+    r = run_cli("--model", tiny["llama"], "--out", str(tmp_path / "d"), *common, *argv, check=False)
+    assert r.returncode == 2 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+  spec = importlib.util.spec_from_file_location("eval_ppl_tool", os.path.join(ROOT, "tools", "eval_ppl.py"))
+  tool = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(tool)
+  ppl = {}
+  for base in ("keep", "float32"):
+    out = tmp_path / f"ppl_{base}.json"
+    tool.main(["--model", path, "--text", tiny["text"], "--ctx", "32", "--base_dtype", base, "--json", str(out)])
+    ppl[base] = json.load(open(out))["ppl"]
+  assert abs(ppl["keep"] / ppl["float32"] - 1) < 1e-5, ppl

@@ -357,6 +357,9 @@ def train(args, source, sharder, t_start, signals):
   n_params = sum(p.numel() for p in params)
   print(f"model {args.model}: {sum(p.numel() for p in model.parameters()):,} parameters; training {n_params:,} "
         f"({'full fine-tuning' if args.full_ft else f'LoRA r={args.lora_rank}'})")
+  frozen = [p for p in model.parameters() if not p.requires_grad]
+  print(f"frozen base weights (--base_dtype {args.base_dtype}): {sum(p.dtype.nbytes(p.numel()) for p in frozen) / 2**20:.1f} MB, "
+        f"matrices stored as {', '.join(sorted({p.dtype.name for p in frozen if p.ndim == 2})) or 'none'}")
   print(f"data {args.data}: {data.n_tokens:,} tokens, {len(data.train_x)} training and {len(data.val_x)} validation blocks of {args.seq_len}")
   micro = args.batch_size // args.grad_accum_steps
   def evaluate():   # in micro-batches too: the same sequences and result, and no more memory than a step
