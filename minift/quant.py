@@ -81,11 +81,6 @@ def quantize_tensor(t, dtype):
   return Tensor.from_quantized(quantize(t.numpy().reshape(-1, t.shape[-1]), dtype), t.shape, dtype, t.device)
 
 
-def is_quantized(model):
-  """True when any parameter of model is quantized."""
-  return any(p.dtype.is_quantized for p in model.parameters())
-
-
 def quantizable(model):
   """Names of the parameters that only matmuls and embedding lookups read: Linear weights and the
   token embedding table (not norms, biases, or position tables, which are added)."""
