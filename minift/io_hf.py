@@ -14,7 +14,7 @@ from minift.checkpoint import first_non_finite
 from minift.sharder import active as active_sharder
 from minift.tensor import Tensor
 from minift.dtype import dtypes
-from minift.quant import BaseStorage, quantize, quantized_dtype, first_non_finite_block
+from minift.quant import BaseStorage, QUANTIZE_VALUES, quantize, quantized_dtype, first_non_finite_block
 
 
 class SafetensorsFile:
@@ -61,11 +61,13 @@ class SafetensorsFile:
     first = (self.start + begin) // mmap.PAGESIZE * mmap.PAGESIZE
     if end > begin: mm.madvise(mmap.MADV_DONTNEED, first, min(len(mm), self.start + end) - first)
 
-  def get(self, name):
-    """The tensor as a NumPy array: a view of the file for F32/F16/ints, a float32 copy for BF16."""
+  def get(self, name, start=None, stop=None):
+    """The tensor as a NumPy array: a view of the file for F32/F16/ints, a float32 copy for BF16;
+    with start, stop: only those rows of its first dim (a BF16 tensor's rows alone converted)."""
     info = self.header[name]
     begin, end = info["data_offsets"]
     arr = self._mmap[self.start + begin:self.start + end].view(self.DTYPES[info["dtype"]]).reshape(info["shape"])
+    if start is not None: arr = arr[start:stop]
     if info["dtype"] == "BF16": arr = (arr.astype(np.uint32) << 16).view(np.float32)
     return arr
 
@@ -99,7 +101,7 @@ class SafetensorsFolder:
   def shape(self, name): return self.files[self.where[name]].shape(name)
   def stored_type(self, name): return self.files[self.where[name]].stored_type(name)
   def get(self, name): return self.files[self.where[name]].get(name)
-  def get_rows(self, name, start, stop): return self.get(name)[start:stop]
+  def get_rows(self, name, start, stop): return self.files[self.where[name]].get(name, start, stop)
   def stored_float32(self, name): return self.files[self.where[name]].header[name]["dtype"] == "F32"
   def release(self, name): self.files[self.where[name]].release(name)
 
@@ -203,6 +205,14 @@ def _quantized(source, name, key, dtype, convert, transposed, where):
       raise FileError(f"{where}: tensor {key!r} holds a non-finite {dtype.name} scale (block {bad}): "
                       f"the weights are damaged, or were saved from a run that diverged")
     if convert is not None: raw = convert(name, raw)   # rows permuted (llama's Q and K), if at all
+  elif convert is None and not transposed and hasattr(source, "get_rows"):   # a few million values at a time: no float32 copy of it all
+    shape = tuple(source.shape(key))
+    raw = np.empty((shape[0], dtype.nbytes(shape[1])), np.uint8)
+    step = max(1, QUANTIZE_VALUES // shape[1])
+    for r in range(0, shape[0], step):
+      arr = source.get_rows(key, r, min(shape[0], r + step))
+      check_weights_finite(arr, key, where)
+      quantize(arr, dtype, raw[r:r + step])
   else:
     arr = source.get(key)
     check_weights_finite(arr, key, where)

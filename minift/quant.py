@@ -59,11 +59,20 @@ def first_non_finite_block(raw, dtype):
   return int(np.argmax(bad)) if bad.any() else None
 
 
-def quantize(arr, dtype):
-  """A float array (rows, K), K a multiple of 32, as the bytes of its blocks: uint8 (rows, K / 32 * bytes)."""
+QUANTIZE_VALUES = 1 << 22   # values quantized at a time: gguf's quantizer makes several float32 temporaries of its input
+
+
+def quantize(arr, dtype, out=None):
+  """A float array (rows, K), K a multiple of the block, as the bytes of its blocks: uint8 (rows,
+  K / block * bytes), written into out when given; gguf's quantizer, a few million values at a time."""
   import gguf
   dtype = dtypes.from_any(dtype)
-  return gguf.quants.quantize(np.ascontiguousarray(arr, np.float32), ggml_type(dtype))
+  arr = np.asarray(arr).reshape(-1, arr.shape[-1])
+  if out is None: out = np.empty((arr.shape[0], dtype.nbytes(arr.shape[1])), np.uint8)
+  step = max(1, QUANTIZE_VALUES // max(1, arr.shape[1]))
+  for r in range(0, arr.shape[0], step):
+    out[r:r + step] = gguf.quants.quantize(np.ascontiguousarray(arr[r:r + step], np.float32), ggml_type(dtype))
+  return out
 
 
 def dequantize_reference(raw, dtype, shape):
