@@ -213,6 +213,7 @@ def _quantized(source, name, key, dtype, convert, transposed, where):
       arr = source.get_rows(key, r, min(shape[0], r + step))
       check_weights_finite(arr, key, where)
       quantize(arr, dtype, raw[r:r + step])
+      if hasattr(source, "release"): source.release(key)   # the rows read so far leave this process's memory as they go
   else:
     arr = source.get(key)
     check_weights_finite(arr, key, where)
