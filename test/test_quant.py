@@ -369,3 +369,34 @@ def test_finetune_and_eval_base_dtype_flags(tiny, tmp_path):
     tool.main(["--model", path, "--text", tiny["text"], "--ctx", "32", "--base_dtype", base, "--json", str(out)])
     ppl[base] = json.load(open(out))["ppl"]
   assert abs(ppl["keep"] / ppl["float32"] - 1) < 1e-5, ppl
+
+
+def test_merge_lora_of_a_quantized_base_is_float32():
+  """merge_lora folds the update into a float32 copy of a quantized base (the blocks cannot hold
+  it): W's dequantized values + scale * B @ A."""
+  from minift.nn import Linear
+  from minift.lora import LoRALinear
+  lin = Linear(64, 32, bias=False)
+  lin.weight = quantize_tensor(Tensor(rng.standard_normal((32, 64)).astype(np.float32)), "q4_0")
+  lora = LoRALinear(lin, r=4, alpha=8)
+  lora.lora_B.assign(rng.standard_normal((32, 4)).astype(np.float32))
+  merged = lora.merge()
+  assert merged.weight.dtype is dtypes.float32
+  want = lin.weight.numpy() + 2.0 * lora.lora_B.numpy() @ lora.lora_A.numpy()
+  np.testing.assert_allclose(merged.weight.numpy(), want, rtol=1e-5, atol=1e-5)
+
+
+def test_damaged_quantized_scale_is_refused_at_load(tmp_path):
+  """A GGUF block whose fp16 scale is infinite (a damaged file) is a one-line FileError naming the
+  tensor, before training starts, as for non-finite float weights."""
+  import models
+  from minift.errors import FileError
+  from minift.io_gguf import GGUFFile
+  from tiny_lm import save_tiny_gguf
+  path, _ = save_tiny_gguf(tmp_path / "tiny.q8_0.gguf", qtype=gguf.GGMLQuantizationType.Q8_0)
+  offset = GGUFFile(path).tensors["blk.1.ffn_up.weight"][2] + 34 * 5   # block 5's scale
+  with open(path, "r+b") as f:
+    f.seek(offset)
+    f.write(np.array([0x7c00], "<u2").tobytes())   # +inf
+  with pytest.raises(FileError, match=r"'blk.1.ffn_up.weight'.*non-finite q8_0 scale \(block 5\)"):
+    models.load(path, dtype="keep", with_tokenizer=False)
