@@ -1,6 +1,7 @@
 """Gradient rules on the primitive ops. Each forward and backward works on LazyBuffers, so the
 backward pass is more lazy graph that is scheduled and fused like the forward."""
 import math
+from minift.dtype import dtypes
 from minift.lazy import Op, LazyOp, LazyBuffer, SAVED_FOR_BACKWARD
 
 
@@ -8,16 +9,20 @@ def graph_node(t):
   """What an autograd graph links to for input t: its Function if an op made it, the tensor
   itself if it is a leaf that requires grad, None if no gradient flows to it. Not the tensor of
   an op's result: holding it would keep its buffer alive until backward even when no gradient
-  rule reads it."""
-  if not t.requires_grad: return None
+  rule reads it. A quantized tensor never gets a gradient, whatever its requires_grad says."""
+  if not t.requires_grad or t.dtype.is_quantized: return None
   return t._ctx if t._ctx is not None else t
 
 
 class Function:
   """One op in the autograd graph: parents are graph_node() of its inputs, in_shapes their
-  shapes, and the attributes forward sets are what backward reads."""
+  shapes, and the attributes forward sets are what backward reads. reads_quantized: the op may
+  take a quantized tensor (minift/quant.py: views of it, DEQUANT, an embedding lookup); any other
+  op on one is refused."""
+  reads_quantized = False
+
   def __init__(self, *tensors):
-    self.needs_input_grad = [t.requires_grad for t in tensors]
+    self.needs_input_grad = [t.requires_grad and not t.dtype.is_quantized for t in tensors]
     self.requires_grad = any(self.needs_input_grad)
 
   def free(self):
@@ -33,6 +38,10 @@ class Function:
   def apply(cls, *tensors, **kwargs):
     # minift.tensor.Tensor, taken from the inputs: tensor.py imports this module, not the reverse
     Tensor = type(tensors[0])
+    if not cls.reads_quantized and any(t.dtype.is_quantized for t in tensors):
+      q = next(t for t in tensors if t.dtype.is_quantized)
+      raise TypeError(f"{cls.__name__}: a quantized ({q.dtype.name}) tensor of shape {q.shape} is read only by matmuls and "
+                      "embedding lookups; dequantize() it first")
     ctx = cls(*tensors)
     ctx.tensor = Tensor   # what the rules written in Tensor ops (LayerNorm, ...) wrap LazyBuffers in
     lb = ctx.forward(*[t.lazydata for t in tensors], **kwargs)
@@ -63,6 +72,13 @@ class Copy(Function):
 def _copy(lb, device):
   lb = lb.contiguous()
   return LazyBuffer(LazyOp(Op.COPY, (lb,), None, lb.shape, lb.dtype, device))
+
+
+class Dequantize(Function):
+  """A quantized tensor's values as float32 (DEQUANT). No gradient: nothing quantized ever trains."""
+  reads_quantized = True
+  def forward(self, x): return LazyBuffer(LazyOp(Op.DEQUANT, (x,), None, x.shape, dtypes.float32, x.device))
+  def backward(self, g): return (None,)
 
 
 class Cast(Function):
@@ -263,6 +279,7 @@ class Max(Function):
 # ---- movement
 
 class Reshape(Function):
+  reads_quantized = True
   def forward(self, x, shape):
     self.in_shape = x.shape
     return x.reshape(shape)
@@ -270,6 +287,7 @@ class Reshape(Function):
 
 
 class Permute(Function):
+  reads_quantized = True
   def forward(self, x, order):
     self.order = order
     return x.permute(order)
@@ -280,6 +298,7 @@ class Permute(Function):
 
 
 class Expand(Function):
+  reads_quantized = True
   def forward(self, x, shape):
     self.axes = tuple(i for i, (a, b) in enumerate(zip(x.shape, shape)) if a != b)
     return x.expand(shape)
@@ -294,6 +313,7 @@ class Pad(Function):
 
 
 class Shrink(Function):
+  reads_quantized = True
   def forward(self, x, arg):
     self.pads = tuple((b, s - e) for (b, e), s in zip(arg, x.shape))
     return x.shrink(arg)
@@ -301,6 +321,7 @@ class Shrink(Function):
 
 
 class Flip(Function):
+  reads_quantized = True
   def forward(self, x, axes):
     self.axes = axes
     return x.flip(axes)
@@ -310,10 +331,12 @@ class Flip(Function):
 # ---- embedding
 
 class Gather(Function):
-  """rows of a (V, C) table picked by integer indices; backward scatter-adds into the table."""
+  """rows of a (V, C) table picked by integer indices; backward scatter-adds into the table. The
+  rows of a quantized table come out float32."""
+  reads_quantized = True
   def forward(self, table, idx):
     self.idx, self.rows = idx, table.shape[0]
-    return table.own_kernel(Op.GATHER, (table, idx), None, idx.shape + (table.shape[1],))
+    return table.own_kernel(Op.GATHER, (table, idx), None, idx.shape + (table.shape[1],), dtypes.float32 if table.dtype.is_quantized else None)
   def backward(self, g):
     return (g.own_kernel(Op.SCATTER_ADD, (g, self.idx), self.rows, (self.rows, g.shape[-1])), None)
 
@@ -334,7 +357,9 @@ class Attention(Function):
 
 
 class Stored(Function):
-  """An op whose gradients were computed (and realized) in forward; backward scales them."""
+  """An op whose gradients were computed (and realized) in forward; backward scales them. Its
+  inputs are only linked to (a quantized LM head among them: it gets no gradient)."""
+  reads_quantized = True
   def forward(self, *xs, value, grads):
     self.grads = grads
     return value

@@ -1,7 +1,8 @@
 """GGUF files (llama.cpp's format): config, weights and tokenizer from one file.
 
-Weights are dequantized to float32 one tensor at a time with the `gguf` package and renamed to
-Hugging Face names, undoing what llama.cpp's converter changed:
+Weights are dequantized to float32 one tensor at a time with the `gguf` package, or kept as
+their quantized blocks (base dtype `keep`, minift/quant.py), and renamed to Hugging Face names,
+undoing what llama.cpp's converter changed:
   * llama-architecture files store Q and K with the rows of each head permuted (llama.cpp's RoPE
     rotates adjacent pairs, HF's rotates halves): the permutation is undone;
   * Gemma files store every RMSNorm weight with 1 added (HF keeps w and scales by 1 + w): 1 is
@@ -136,6 +137,12 @@ class GGUFFile:
 
   def type_name(self, name): return self.tensors[name][1].name
 
+  def raw(self, name):
+    """The tensor's bytes as stored, a read-only view of the file: (rows, bytes per row) uint8."""
+    shape, _, offset, nbytes = self.tensors[name]
+    rows = int(np.prod(shape[:-1], dtype=np.int64)) if len(shape) > 1 else 1
+    return self._mmap[offset:offset + nbytes].reshape(rows, nbytes // rows)
+
   def dequantize(self, name, start=None, stop=None):
     """float32 NumPy array of the tensor's shape (a view of the file for F32 tensors); with
     start, stop: only those rows of its first dim (a piece of a table)."""
@@ -220,6 +227,8 @@ class _GGUFSource:
 
   def keys(self): return list(self.names)
   def shape(self, key): return self.g.shape(self.names[key])
+  def stored_type(self, key): return self.g.type_name(self.names[key])
+  def raw(self, key): return self.g.raw(self.names[key])
   def get(self, key): return self.g.dequantize(self.names[key])
   def get_rows(self, key, start, stop): return self.g.dequantize(self.names[key], start, stop)
   def release(self, key):   # an F32 tensor is a view of the file: the finiteness check read its pages
@@ -243,7 +252,9 @@ def permute_qk(w, n_head):
 
 
 def load_gguf(path, dtype=None, with_tokenizer=True):
-  """(model, tokenizer or None) from a .gguf file."""
+  """(model, tokenizer or None) from a .gguf file. dtype: how the weights are stored (the base
+  dtype, minift/quant.py): None or float32 (dequantized), float16, keep (quantized blocks stay
+  quantized, memory-mapped), q8_0 or q4_0."""
   from models import model_class, build, GGUF_ARCHITECTURES
   from minift.io_hf import load_weights
   g = GGUFFile(path)
@@ -255,7 +266,7 @@ def load_gguf(path, dtype=None, with_tokenizer=True):
   config = gguf_config(g)
   model = build(cls, config, path)
 
-  def convert(name, arr):
+  def convert(name, arr):   # arr: float values, or the rows of a quantized tensor's bytes (Q and K: a row permutation)
     if g.arch == "llama" and name.endswith(("q_proj.weight", "q_proj.bias")): return unpermute_qk(arr, config["num_attention_heads"])
     if g.arch == "llama" and name.endswith(("k_proj.weight", "k_proj.bias")): return unpermute_qk(arr, config["num_key_value_heads"])
     if g.arch == "gemma3" and name.endswith("norm.weight"): return arr - 1.0

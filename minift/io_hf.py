@@ -14,6 +14,7 @@ from minift.checkpoint import first_non_finite
 from minift.sharder import active as active_sharder
 from minift.tensor import Tensor
 from minift.dtype import dtypes
+from minift.quant import BaseStorage, QUANTIZE_VALUES, quantize, quantized_dtype, first_non_finite_block
 
 
 class SafetensorsFile:
@@ -49,6 +50,7 @@ class SafetensorsFile:
 
   def keys(self): return list(self.header)
   def shape(self, name): return tuple(self.header[name]["shape"])
+  def stored_type(self, name): return self.header[name]["dtype"]
 
   def release(self, name):
     """Let the tensor's file pages go from this process (the OS keeps them in its page cache;
@@ -59,11 +61,13 @@ class SafetensorsFile:
     first = (self.start + begin) // mmap.PAGESIZE * mmap.PAGESIZE
     if end > begin: mm.madvise(mmap.MADV_DONTNEED, first, min(len(mm), self.start + end) - first)
 
-  def get(self, name):
-    """The tensor as a NumPy array: a view of the file for F32/F16/ints, a float32 copy for BF16."""
+  def get(self, name, start=None, stop=None):
+    """The tensor as a NumPy array: a view of the file for F32/F16/ints, a float32 copy for BF16;
+    with start, stop: only those rows of its first dim (a BF16 tensor's rows alone converted)."""
     info = self.header[name]
     begin, end = info["data_offsets"]
     arr = self._mmap[self.start + begin:self.start + end].view(self.DTYPES[info["dtype"]]).reshape(info["shape"])
+    if start is not None: arr = arr[start:stop]
     if info["dtype"] == "BF16": arr = (arr.astype(np.uint32) << 16).view(np.float32)
     return arr
 
@@ -95,8 +99,9 @@ class SafetensorsFolder:
   def keys(self): return list(self.where)
   def file(self, name): return self.where[name]
   def shape(self, name): return self.files[self.where[name]].shape(name)
+  def stored_type(self, name): return self.files[self.where[name]].stored_type(name)
   def get(self, name): return self.files[self.where[name]].get(name)
-  def get_rows(self, name, start, stop): return self.get(name)[start:stop]
+  def get_rows(self, name, start, stop): return self.files[self.where[name]].get(name, start, stop)
   def stored_float32(self, name): return self.files[self.where[name]].header[name]["dtype"] == "F32"
   def release(self, name): self.files[self.where[name]].release(name)
 
@@ -140,10 +145,12 @@ def to_tensor(arr, dtype=None):
 
 
 def load_weights(model, source, where, transposed=(), dtype=None, convert=None):
-  """Fill every parameter of `model` from `source` (keys(), shape(key), get(key)), with HF names.
-  model.hf_name maps a key to a parameter name (None skips it); parameters whose name ends with
-  one of `transposed` are stored (in, out) in the file. convert(name, array) may fix values up.
-  Shapes are all checked before anything is read."""
+  """Fill every parameter of `model` from `source` (keys(), shape(key), get(key), stored_type(key);
+  raw(key) where it holds quantized blocks), with HF names. model.hf_name maps a key to a
+  parameter name (None skips it); parameters whose name ends with one of `transposed` are stored
+  (in, out) in the file. convert(name, array) may fix values up (rows of blocks' bytes too: a row
+  permutation). dtype: the base dtype (minift/quant.py: keep, float32 (None), float16, q8_0,
+  q4_0). Shapes are all checked before anything is read."""
   params = dict(model.named_parameters())
   plan, unexpected = {}, []
   for key in source.keys():
@@ -167,20 +174,57 @@ def load_weights(model, source, where, transposed=(), dtype=None, convert=None):
     if have != want:
       raise FileError(f"{file_of(key)}: tensor {key!r} has shape {have}, but the model ({type(model).__name__}"
                        f" from its config) expects {want}{' (Conv1D layout, in x out)' if is_t else ''}")
+  storage = BaseStorage(dtype, model)
   for name, key in plan.items():
-    if _load_in_pieces(model, source, name, key, dtype): continue
-    arr = source.get(key)
-    check_weights_finite(arr, key, file_of(key))
-    if convert is not None: arr = convert(name, arr)
-    t = to_tensor(arr, dtype)
-    del arr
-    if hasattr(source, "release"): source.release(key)   # the check above read every page of it
-    model.set_parameter(name, t.T if name.endswith(tuple(transposed)) else t)
+    is_t = name.endswith(tuple(transposed))
+    target = storage.target(name, source.stored_type(key), tuple(params[name].shape))
+    if target.is_quantized: t = _quantized(source, name, key, target, convert, is_t, file_of(key))
+    elif _load_in_pieces(model, source, name, key, target): continue
+    else:
+      arr = source.get(key)
+      check_weights_finite(arr, key, file_of(key))
+      if convert is not None: arr = convert(name, arr)
+      t = to_tensor(arr, target)
+      del arr
+      if is_t: t = t.T
+    if hasattr(source, "release"): source.release(key)   # the check read every page of it (a quantized view faults them back in)
+    model.set_parameter(name, t)
     if active_sharder() is not None: active_sharder().adopt(model, name)   # paged as it loads
+  storage.log(where)
   return model
 
 
-def _load_in_pieces(model, source, name, key, dtype):
+def _quantized(source, name, key, dtype, convert, transposed, where):
+  """Parameter `name` as a quantized Tensor of dtype: the file's own blocks when it stores them in
+  that type (memory-mapped; a converted row order is a copy), else its values quantized."""
+  if hasattr(source, "raw") and quantized_dtype(source.stored_type(key)) == dtype:
+    raw = source.raw(key)                              # (rows, row bytes), a view of the file
+    shape = tuple(source.shape(key))
+    bad = first_non_finite_block(raw, dtype)
+    if bad is not None:
+      raise FileError(f"{where}: tensor {key!r} holds a non-finite {dtype.name} scale (block {bad}): "
+                      f"the weights are damaged, or were saved from a run that diverged")
+    if convert is not None: raw = convert(name, raw)   # rows permuted (llama's Q and K), if at all
+  elif convert is None and not transposed and hasattr(source, "get_rows"):   # a few million values at a time: no float32 copy of it all
+    shape = tuple(source.shape(key))
+    raw = np.empty((shape[0], dtype.nbytes(shape[1])), np.uint8)
+    step = max(1, QUANTIZE_VALUES // shape[1])
+    for r in range(0, shape[0], step):
+      arr = source.get_rows(key, r, min(shape[0], r + step))
+      check_weights_finite(arr, key, where)
+      quantize(arr, dtype, raw[r:r + step])
+      if hasattr(source, "release"): source.release(key)   # the rows read so far leave this process's memory as they go
+  else:
+    arr = source.get(key)
+    check_weights_finite(arr, key, where)
+    if convert is not None: arr = convert(name, arr)
+    if transposed: arr = arr.T                         # (in, out) in the file: quantized along in, as the matmul reads it
+    shape = arr.shape
+    raw = quantize(arr, dtype)
+  return Tensor.from_quantized(raw, shape, dtype)
+
+
+def _load_in_pieces(model, source, name, key, target):
   """Under a sharder, a vocabulary table larger than its budget is read a row piece at a time
   (GGUF: dequantized piecewise; safetensors converted to float16 or from another dtype: rows
   of the file converted piecewise) and each piece paged as it comes, so the whole float32 table
@@ -193,15 +237,14 @@ def _load_in_pieces(model, source, name, key, dtype):
   sharder = active_sharder()
   if sharder is None or not hasattr(source, "get_rows") or not (isinstance(mod, Embedding) or name == "lm_head.weight"): return False
   shape = tuple(source.shape(key))
-  itemsize = 2 if dtype is not None and dtypes.from_any(dtype) == dtypes.float16 else 4
-  if itemsize == 4 and getattr(source, "stored_float32", lambda k: False)(key): return False
-  rows = sharder.rows_per_piece(shape, itemsize)
+  if target == dtypes.float32 and getattr(source, "stored_float32", lambda k: False)(key): return False
+  rows = sharder.rows_per_piece(shape, target.itemsize)
   if rows is None: return False
   pieces = []
   for start in range(0, shape[0], rows):
     arr = source.get_rows(key, start, min(shape[0], start + rows))
     check_weights_finite(arr, key, source.file(key))
-    pieces.append(to_tensor(arr, dtype))
+    pieces.append(to_tensor(arr, target))
     del arr
     if hasattr(source, "release"): source.release(key)   # read for the check and the copy: its file pages can go
     sharder.manage(pieces[-1], f"{mod_path}.weight_pieces.{len(pieces) - 1}")

@@ -27,6 +27,9 @@ class Op(Enum):
   SUM = auto(); RMAX = auto()
   # ops that always are kernels of their own
   CONTIGUOUS = auto(); ASSIGN = auto(); GATHER = auto(); SCATTER_ADD = auto(); COPY = auto(); ATTENTION = auto(); ATTENTION_BACKWARD = auto()
+  # a quantized buffer as float32 (minift/quant.py): a kernel of its own, or read by a matmul straight
+  # from the quantized buffer (schedule.narrow_source)
+  DEQUANT = auto()
 
 
 UNARY = {Op.NEG, Op.EXP, Op.LOG, Op.SQRT, Op.RECIP, Op.TANH, Op.SIN, Op.SIGMOID, Op.ERF, Op.CAST}
@@ -56,7 +59,7 @@ class LazyOp:
   def realized(self): return self.buffer is not None
 
   @property
-  def nbytes(self): return prod(self.shape) * self.dtype.itemsize
+  def nbytes(self): return self.dtype.nbytes(prod(self.shape))
 
   def __repr__(self): return f"<LazyOp {self.op.name} {self.shape} {self.dtype.name}{' realized' if self.realized else ''}>"
 

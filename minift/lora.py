@@ -43,11 +43,12 @@ class LoRALinear(Module):
     return self.base(x) + low_rank @ self.lora_B.T
 
   def merge(self):
-    """A plain Linear with the update folded in: W + scale * B @ A."""
+    """A plain Linear with the update folded in: W + scale * B @ A. A quantized base
+    (minift/quant.py) merges into float32: the update is finer than its blocks can hold."""
     out = Linear(self.base.in_features, self.base.out_features, bias=self.base.bias is not None)
     delta = (self.lora_B.detach() @ self.lora_A.detach()) * self.scale
     weight = self.base.whole()
-    out.weight = (weight.float() + delta).cast(weight.dtype).realize()
+    out.weight = (weight.float() + delta).cast("float32" if weight.dtype.is_quantized else weight.dtype).realize()
     out.bias = self.base.bias
     return out
 

@@ -42,11 +42,12 @@ CHUNK_ROWS = 256          # rows of logits linear_cross_entropy makes at a time 
 MIN_BUDGET_MB = 32        # the smallest sharder budget planned: below it every kernel pages
 HALF_BLOCK_BYTES = 8 * MB  # float16 weights are converted to float32 for BLAS this much at a time (backends/numpy/device.py HALF_BLOCK)
 # bytes per value of a frozen weight matrix stored as each --base_dtype (vectors, norms and biases
-# stay float32). A quantized base is one more entry: bytes per block over values per block
+# stay float32). A quantized base (minift/quant.py) is bytes per block over values per block
 # (q8_0 34/32, q4_0 18/32, q4_1 20/32, q4_K 144/256, q6_K 210/256), and, if the plan may choose
-# it, one more entry of BASE_LEVERS
-BASE_BYTES = {"float32": 4, "float16": 2}
-BASE_LEVERS = ("float16",)   # the base dtypes plan() tries, in order, after checkpointing
+# it, one more entry of BASE_LEVERS. `keep` (as the file stores them: a GGUF's blocks) is the
+# model's own figure (ModelInfo.keep_bytes)
+BASE_BYTES = {"float32": 4, "float16": 2, "q8_0": 34 / 32, "q4_0": 18 / 32}
+BASE_LEVERS = ("float16", "q8_0", "q4_0")   # the base dtypes plan() tries, in order, after checkpointing
 
 # measured constants (see the module docstring)
 PROCESS_MB = 48           # Python, NumPy and OpenBLAS's threads, tokenizers, tqdm, minift and its compiled C loops
@@ -132,6 +133,12 @@ class ModelInfo:
   tokenizer: tuple       # (kind, size): a key of TOKENIZER_BYTES and what its bytes are per
   softcap: bool          # final logit soft-capping: whole logits instead of linear_cross_entropy's chunks
   skeleton: object       # the model built from its config: its parameters are lazy constants, nothing allocated
+  keep_bytes: float = 4  # bytes per value of its weight matrices as the file stores them (--base_dtype keep)
+
+
+def base_bytes(m, base_dtype):
+  """Bytes per value of model m's frozen weight matrices stored as base_dtype."""
+  return m.keep_bytes if base_dtype == "keep" else BASE_BYTES[base_dtype]
 
 
 def read_model(path):
@@ -146,6 +153,8 @@ def read_model(path):
     files = SafetensorsFolder(path)
     file_backed = all(files.files[files.where[k]].header[k]["dtype"] == "F32" for k in files.keys())
     shapes = [files.shape(k) for k in files.keys()]
+    stored = [(math.prod(files.shape(k)), 2 * math.prod(files.shape(k)) if files.stored_type(k) == "F16" else 4 * math.prod(files.shape(k)))
+              for k in files.keys() if len(files.shape(k)) >= 2]   # (keep: float16 stays, the rest is float32)
     tokenizer = ("json", sum(os.path.getsize(os.path.join(path, f)) for f in ("tokenizer.json", "vocab.json", "merges.txt")
                              if os.path.exists(os.path.join(path, f))))
   else:
@@ -155,6 +164,7 @@ def read_model(path):
     cls = models.model_class(g.arch, f"{path} (general.architecture)", models.GGUF_ARCHITECTURES)
     file_backed = False   # dequantized copies (a float32 GGUF's would be views: this overestimates it)
     shapes = [g.shape(n) for n in g.tensors]
+    stored = [(math.prod(g.shape(n)), g.tensors[n][3]) for n in g.tensors if len(g.shape(n)) >= 2]   # (values, bytes in the file)
     vocab, merges = len(g.get("tokenizer.ggml.tokens") or []), len(g.get("tokenizer.ggml.merges") or [])
     tokenizer = ("spm", vocab) if g.get("tokenizer.ggml.model") == "llama" else ("bpe", vocab + merges)
     del g
@@ -168,7 +178,8 @@ def read_model(path):
   return ModelInfo(path, arch, model.config, {n: tuple(t.shape) for n, t in model.named_parameters()},
                    {n: (mod.in_features, mod.out_features) for n, mod in model.named_modules() if isinstance(mod, Linear)},
                    f"{blocks[0]}.0", len(model.get_submodule(blocks[0])), head.shape[0], head.shape[1], file_backed, load_order,
-                   tokenizer, getattr(model.config, "final_logit_softcapping", None) is not None, model)
+                   tokenizer, getattr(model.config, "final_logit_softcapping", None) is not None, model,
+                   sum(b for _, b in stored) / max(1, sum(v for v, _ in stored)))
 
 
 # ---- the run's settings
@@ -193,7 +204,7 @@ class Settings:
   def levers(self):
     """The settings in words, for the plan's line."""
     out = ["activation checkpointing" if self.grad_checkpoint else "no checkpointing"]
-    if not self.full_ft: out.append(f"{self.base_dtype} frozen weights")
+    if not self.full_ft: out.append("frozen weights as the file stores them" if self.base_dtype == "keep" else f"{self.base_dtype} frozen weights")
     if self.shard_budget_mb is None: out.append("no sharder")
     else: out.append(f"sharder budget {self.shard_budget_mb:g} MB" + (" (optimizer moments only)" if self.shard_optimizer_only else ""))
     micro = self.batch_size // self.grad_accum_steps
@@ -215,7 +226,7 @@ def param_bytes(m, s):
   else:
     trained = set(trained_linears(m, s))
     n_train = sum(s.lora_rank * (i + o) for p, (i, o) in m.linears.items() if p in trained)   # A (r, in), B (out, r)
-    frozen = sum(math.prod(sh) * (BASE_BYTES[s.base_dtype] if len(sh) >= 2 else 4) for sh in m.params.values())   # (vectors stay float32)
+    frozen = sum(math.prod(sh) * (base_bytes(m, s.base_dtype) if len(sh) >= 2 else 4) for sh in m.params.values())   # (vectors stay float32)
   moments = n_train * 4 * (2 if s.optimizer == "adamw" else 1 if s.momentum else 0)
   return frozen, n_train * 4, moments, n_train * 4
 
@@ -298,7 +309,7 @@ def estimate(m, s, eval_batch=None):
   piecewise = sharded and not s.shard_optimizer_only
   loaded = loading = 0
   for values, dims, table in m.load_order:
-    size = values * (BASE_BYTES[s.base_dtype] if dims >= 2 else f32)
+    size = values * (base_bytes(m, s.base_dtype) if dims >= 2 else f32)
     reading = values * f32 if converted or gguf or not m.file_backed else 0
     copy = size if converted else 0
     if piecewise and table: reading, copy = min(reading, budget / 4), min(copy, budget / 4)
@@ -341,7 +352,7 @@ FLAGS = {"grad_checkpoint": "--grad_checkpoint", "base_dtype": "--base_dtype", "
          "shard_optimizer_only": "--shard_optimizer_only", "shard_enable": "--shard_enable", "grad_accum_steps": "--grad_accum_steps"}
 
 
-def _stages(s, explicit):
+def _stages(m, s, explicit):
   """(settings, free) in the order plan() tries them: each stage keeps the levers of the one
   before and adds the next (the module docstring's order); levers in `explicit` stay as they are
   in s. free: the sharder's budget is plan()'s to choose (the largest that fits)."""
@@ -352,9 +363,9 @@ def _stages(s, explicit):
   if not cur.grad_checkpoint:
     cur = replace(cur, grad_checkpoint=True)
     yield cur, free
-  if not (s.full_ft or "base_dtype" in explicit):
+  if not (s.full_ft or "base_dtype" in explicit or (cur.base_dtype == "keep" and m.keep_bytes < 2)):   # (blocks are not quantized again)
     for dtype in BASE_LEVERS:   # each smaller than the one before
-      if BASE_BYTES[dtype] < BASE_BYTES[cur.base_dtype]:
+      if BASE_BYTES[dtype] < base_bytes(m, cur.base_dtype):
         cur = replace(cur, base_dtype=dtype)
         yield cur, free
   # the sharder: full fine-tuning pages the optimizer moments alone first (only the update reads them)
@@ -396,7 +407,7 @@ def plan(m, s, limit_mb, explicit=(), eval_batch=None):
   given = tuple(FLAGS[k] for k in explicit)
   fits = lambda e: e.peak_mb <= room(limit_mb)
   smallest = None   # (settings, estimate) of the least memory any stage can need
-  for cand, free in _stages(s, explicit):
+  for cand, free in _stages(m, s, explicit):
     at = lambda budget: estimate(m, replace(cand, shard_budget_mb=budget), eval_batch)
     if not free:
       e = at(cand.shard_budget_mb)

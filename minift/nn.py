@@ -9,6 +9,7 @@ import math
 from dataclasses import fields
 import numpy as np
 from minift.tensor import Tensor
+from minift.runtime.buffer import paged_in
 
 
 def _join(prefix, name): return f"{prefix}.{name}" if prefix else name
@@ -100,10 +101,16 @@ class RowSplit:
     w = self.weight
     if w.shape[0] <= max_rows: return
     lb = w.lazydata
+    if w.dtype.is_quantized and not (lb.base.realized and lb.is_unviewed()): raise ValueError(f"split: a view of a quantized weight {w.shape}")
     arr = lb.base.buffer.data if lb.base.realized and lb.is_unviewed() and lb.device == "numpy" else None
     pieces = []
     for start in range(0, w.shape[0], max_rows):
-      if arr is not None and not arr.flags.writeable:   # a file view stays a (read-only, zero-copy) file view
+      if w.dtype.is_quantized:   # whole rows of blocks: the pieces are views of the bytes (of the file, if it is one)
+        row_bytes = w.dtype.nbytes(w.shape[1])
+        rows = min(max_rows, w.shape[0] - start)
+        raw = w.lazydata.base.buffer.device.to_numpy(paged_in(w.lazydata.base.buffer))   # NumPy: the array itself
+        piece = Tensor.from_quantized(raw[start * row_bytes:(start + rows) * row_bytes], (rows, w.shape[1]), w.dtype, w.device)
+      elif arr is not None and not arr.flags.writeable:   # a file view stays a (read-only, zero-copy) file view
         piece = Tensor(arr.reshape(w.shape)[start:start + max_rows])
       else:
         piece = w[start:start + max_rows].detach().contiguous().realize()
@@ -139,7 +146,8 @@ class Embedding(Module, RowSplit):
     for piece in self.weight_pieces:   # each row is in exactly one piece: sum the masked lookups
       rows = piece.shape[0]
       inside = (idx >= start).where(idx < start + rows, False)
-      part = piece.embedding(inside.where(idx - start, 0)) * inside.unsqueeze(-1).cast(piece.dtype)
+      rows_k = piece.embedding(inside.where(idx - start, 0))   # float32 from a quantized piece
+      part = rows_k * inside.unsqueeze(-1).cast(rows_k.dtype)
       out, start = part if out is None else out + part, start + rows
     return out
 

@@ -9,7 +9,9 @@ CONST, elementwise ops and at most one reduce. The fusion rules (DESIGN.md secti
   * elementwise producers fuse into a reduce's input; elementwise consumers fuse as its epilogue
     when they see the reduce in its own element order (reduce -> broadcast -> reduce splits);
   * a sum of a product whose operands are broadcast on different axes is a matmul: its operands
-    are materialized, and backends run it on BLAS or a tiled kernel, never as a broadcast product.
+    are materialized, and backends run it on BLAS or a tiled kernel, never as a broadcast product;
+  * a quantized weight made float32 (DEQUANT) is read by a matmul straight from its blocks
+    (narrow_source); any other reader materializes it as a kernel of its own (kind "dequant").
 """
 from typing import NamedTuple
 from minift.lazy import Op, ELEMENTWISE, REDUCE, OWN_KERNEL, LazyOp, LazyBuffer, SAVED_FOR_BACKWARD
@@ -55,7 +57,7 @@ class Kernel:
     nodes = self._nodes()
     ops = [n.op for n in nodes]
     reduces = [n for n in nodes if n.op in REDUCE]
-    if any(o in (Op.GATHER, Op.SCATTER_ADD, Op.RAND, Op.ATTENTION, Op.ATTENTION_BACKWARD) for o in ops): self.kind = ast.op.name.lower()
+    if any(o in (Op.GATHER, Op.SCATTER_ADD, Op.RAND, Op.ATTENTION, Op.ATTENTION_BACKWARD, Op.DEQUANT) for o in ops): self.kind = ast.op.name.lower()
     elif reduces and reduces[0].arg.matmul: self.kind = "matmul"
     elif reduces: self.kind = "reduce"
     else: self.kind = "elementwise"
@@ -121,7 +123,7 @@ class _KernelBuilder:
       target, value = base.srcs
       assign_target = self.input_index(target.base)
       ast = self.value(value, False)
-    elif base.op in (Op.GATHER, Op.SCATTER_ADD, Op.ATTENTION, Op.ATTENTION_BACKWARD):
+    elif base.op in (Op.GATHER, Op.SCATTER_ADD, Op.ATTENTION, Op.ATTENTION_BACKWARD, Op.DEQUANT):
       ast = KNode(base.op, tuple(self.operand(s) for s in base.srcs), base.arg, base.dtype)
     elif base.op is Op.RAND:
       ast = KNode(Op.RAND, (), base.arg, base.dtype)
@@ -168,7 +170,7 @@ class _KernelBuilder:
     if base.op in REDUCE and not in_reduce and not self.has_reduce and lb.view.is_contiguous() \
         and lb.view.numel == prod(base.shape):
       return self.reduce(base)
-    return self.materialize(lb)
+    return self.materialize(lb)   # (a DEQUANT read by anything but a matmul: a kernel of its own)
 
   def reduce(self, base):
     self.has_reduce = True
@@ -182,7 +184,7 @@ class _KernelBuilder:
     mul = src.base
     if mul.realized or id(mul) in self.realize or mul.op is not Op.MUL or not mul.dtype.is_float: return None
     if any(kind == "pad" for kind, _ in src.moves): return None
-    a, b = (half_source(s.try_moves(src.moves)) for s in mul.srcs)
+    a, b = (narrow_source(s.try_moves(src.moves)) for s in mul.srcs)
     if a is None or b is None or a.const_value is not None or b.const_value is not None: return None
     if matmul_axes(a.view, b.view, base.arg) is None: return None
     product = KNode(Op.MUL, (self.operand(a), self.operand(b)), None, mul.dtype)
@@ -205,12 +207,14 @@ def matmul_axes(va, vb, reduce_axes):
   return tuple(batch), tuple(m), tuple(n), tuple(reduce_axes)
 
 
-def half_source(lb):
-  """For a matmul operand that is a float32 cast of float16 data, the float16 data (through the
-  same moves): frozen half weights are read as half by the matmul, never copied to float32."""
+def narrow_source(lb):
+  """For a matmul operand that is a float32 cast of float16 data, or a quantized weight made
+  float32 (DEQUANT), that data (through the same moves): frozen half or quantized weights are
+  read as they are stored by the matmul, never copied to float32."""
   if lb is None: return None
   base = lb.base
-  if base.op is Op.CAST and not base.realized and base.dtype is dtypes.float32 and base.srcs[0].dtype is dtypes.float16:
+  if not base.realized and ((base.op is Op.CAST and base.dtype is dtypes.float32 and base.srcs[0].dtype is dtypes.float16)
+                            or base.op is Op.DEQUANT):
     src = base.srcs[0].try_moves(lb.moves)
     if src is not None: return src
   return lb
@@ -231,7 +235,7 @@ def _forced(base, lb, consumer):
   if b.op in REDUCE and not (lb.view.is_contiguous() and lb.view.numel == prod(b.shape)): out.append(b)
   if b.op in ELEMENTWISE and any(kind == "pad" for kind, _ in lb.moves): out.append(b)
   if consumer.op is Op.SUM and b.op is Op.MUL and not b.realized and b.dtype.is_float:
-    ops = [half_source(x.try_moves(lb.moves)) for x in b.srcs]
+    ops = [narrow_source(x.try_moves(lb.moves)) for x in b.srcs]
     if None not in ops and all(o.const_value is None for o in ops) and matmul_axes(ops[0].view, ops[1].view, consumer.arg):
       out += [o.base for o in ops]
   return out
@@ -288,12 +292,14 @@ def create_schedule(outs):
         if not f.realized and f.op is not Op.CONST: realize[id(f)] = f
   # consumers first: a base joins the kernel of its consumers when they all share one kernel;
   # used by two or more kernels it is materialized once instead of computed in each. A reduce
-  # joins only as an epilogue (not inside another reduce's loop) and only one per kernel.
+  # joins only as an epilogue (not inside another reduce's loop) and only one per kernel. A
+  # DEQUANT goes to each consumer, as a constant does: matmuls read the blocks themselves (a
+  # layer's forward and its input gradient in one schedule must not make the weight float32).
   group, in_loop, has_reduce = {}, {}, set()
   for base in reversed(order):
     cs = consumers.get(id(base), {}).values()
     groups = {group[id(c)] for c in cs}
-    inline = id(base) not in realize and (len(groups) == 1 or base.op is Op.CONST)
+    inline = id(base) not in realize and (len(groups) == 1 or base.op in (Op.CONST, Op.DEQUANT))
     if inline and base.op in REDUCE:
       g = next(iter(groups))
       inline = g not in has_reduce and not any(in_loop[id(c)] or c.op in REDUCE for c in cs)

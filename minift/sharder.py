@@ -232,7 +232,7 @@ class Sharder(Pager):
     mod = model.get_submodule(mod_path)
     if not (isinstance(mod, RowSplit) and self._too_big(mod)): self.manage(getattr(mod, attr), name)
 
-  def rows_per_piece(self, shape, itemsize):
+  def rows_per_piece(self, shape, itemsize):   # itemsize: bytes per value (a fraction for a quantized dtype)
     """Rows per piece for a 2-d weight of `shape` bigger than a quarter of the smallest budget
     (so a kernel's pages and a prefetched next layer fit together), or None if it fits whole."""
     quarter = min(self.budget.values()) / 4
@@ -241,11 +241,11 @@ class Sharder(Pager):
 
   def _too_big(self, mod):
     w = getattr(mod, "weight", None)
-    return w is not None and self.rows_per_piece(w.shape, w.dtype.itemsize) is not None
+    return w is not None and self.rows_per_piece(w.shape, w.dtype.bytes_per_element) is not None
 
   def _split(self, mod):
     if not self._too_big(mod): return False
-    mod.split(self.rows_per_piece(mod.weight.shape, mod.weight.dtype.itemsize))
+    mod.split(self.rows_per_piece(mod.weight.shape, mod.weight.dtype.bytes_per_element))
     return True
 
   def split_large(self, model):

@@ -101,6 +101,7 @@ class Tensor:
     return self
 
   def numpy(self):
+    if self.dtype.is_quantized: return self.dequantize().numpy()   # the values, not the blocks' bytes
     lb = self.lazydata
     if not (lb.base.realized and lb.is_unviewed()):
       lb = lb.contiguous()
@@ -121,6 +122,30 @@ class Tensor:
   def __int__(self): return int(self.item())
 
   def detach(self): return Tensor(self.lazydata)
+
+  # ---- quantized weights (minift/quant.py)
+  @staticmethod
+  def from_quantized(raw, shape, dtype, device=None):
+    """A frozen weight of `shape` held as GGUF blocks of a quantized dtype (dtypes.q4_0, ...):
+    raw is their bytes (uint8, shared zero-copy when read-only, as a memory-mapped file). Only
+    matmuls and embedding lookups read it, and it never gets a gradient."""
+    dtype, device = dtypes.from_any(dtype), canonical_device(device)
+    shape = tuple(int(s) for s in shape)
+    if not dtype.is_quantized: raise TypeError(f"from_quantized: {dtype.name} is not a quantized dtype")
+    raw = np.asarray(raw)
+    if not shape or shape[-1] % dtype.block or raw.nbytes != dtype.nbytes(prod(shape)):
+      raise ValueError(f"from_quantized: {raw.nbytes} bytes of {dtype.name} do not hold shape {shape} (rows of whole {dtype.block}-value blocks: {dtype.nbytes(prod(shape)) if shape else 0} bytes)")
+    dev = get_device(device)
+    if dtype.name not in dev.quantized_types:   # a backend without its kernels: float32 values instead
+      from minift.quant import dequantize_reference, note_once
+      note_once(f"{device} reads no {dtype.name} weights: they are made float32")
+      return Tensor(dequantize_reference(raw, dtype, shape), device=device)
+    buf = dev.from_numpy(raw.view(np.uint8).reshape(-1), dtype)
+    return Tensor(LazyBuffer.from_buffer(buf, shape, dtype, device))
+
+  def dequantize(self):
+    """A quantized tensor's values as float32 (lazy: a matmul reads the blocks themselves)."""
+    return F.Dequantize.apply(self) if self.dtype.is_quantized else self
 
   def contiguous(self): return F.Contiguous.apply(self)
 
@@ -337,6 +362,8 @@ class Tensor:
 
   def cast(self, dtype):
     dtype = dtypes.from_any(dtype)
+    if dtype.is_quantized and dtype != self.dtype: raise TypeError(f"cast: cannot cast to {dtype.name}; quantize with minift.quant.quantize_tensor")
+    if self.dtype.is_quantized and dtype != self.dtype: return self.dequantize().cast(dtype)
     return self if dtype == self.dtype else F.Cast.apply(self, dtype=dtype)
   def float(self): return self.cast(dtypes.float32)
   def half(self): return self.cast(dtypes.float16)
@@ -616,7 +643,7 @@ class Tensor:
     """Batched, broadcasting matmul, written as a sum of a broadcast product that the
     scheduler recognises and sends to BLAS or a tiled kernel."""
     if not isinstance(w, Tensor): w = Tensor(w, device=self.device)
-    x = self
+    x, w = self.dequantize(), w.dequantize()   # a quantized weight: the matmul reads its blocks (schedule.narrow_source)
     if x.ndim == 0 or w.ndim == 0: raise ValueError(f"matmul: both operands need at least 1 dim, got {x.shape} and {w.shape}")
     x2 = x.reshape(1, -1) if x.ndim == 1 else x
     w2 = w.reshape(-1, 1) if w.ndim == 1 else w
@@ -833,7 +860,8 @@ def _cross_entropy_chunk(hc, tc, wds, starts, order, ignore_index, inv_n, need_h
     elif need_h:    # frozen table: the one-hot part's product with it is a gathered row of it, and the
       # row scale is applied to the (rows, C) product, not written over the (rows, vocab) e
       hot = (scale * insides[k].float()).unsqueeze(-1)                             # (rows, 1)
-      dhk = (l @ wd) * row_scale - wd.embedding(insides[k].where(tc - s0, 0)) * hot.cast(wd.dtype)
+      rows_k = wd.embedding(insides[k].where(tc - s0, 0))                         # (rows, C), float32 from a quantized table
+      dhk = (l @ wd) * row_scale - rows_k * hot.cast(rows_k.dtype)
       dh = dhk if dh is None else dh + dhk
     if len(wds) > 1: Tensor.realize_all(*todo, *([dh] if dh is not None else []))   # one piece's gradient at a time
   if dh is not None: todo.append(dh)

@@ -112,9 +112,11 @@ def _from_hub(repo_id, gguf_file):
 
 def load(path, dtype=None, with_tokenizer=True, gguf_file=None):
   """(model, tokenizer) from an HF model folder, a .gguf file or a Hub repo id (see resolve;
-  gguf_file picks a GGUF inside a folder or repo). dtype='float16' keeps weight matrices in
-  float16 (frozen-weight storage); computation stays float32. Files that are missing, corrupt,
-  of an unknown architecture or hold non-finite weights are errors (minift.errors.MissingFile,
+  gguf_file picks a GGUF inside a folder or repo). dtype is how the frozen weights are stored
+  (minift/quant.py): None or 'float32'; 'float16' keeps weight matrices in float16; 'keep' keeps
+  a GGUF's quantized blocks (and F16) as the file stores them; 'q8_0' or 'q4_0' quantizes the
+  matmul weights on load. Computation stays float32. Files that are missing, corrupt, of an
+  unknown architecture or hold non-finite weights are errors (minift.errors.MissingFile,
   FileError) that name the file and tensor."""
   path = resolve(path, gguf_file)
   if os.path.isdir(path):

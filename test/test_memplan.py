@@ -58,19 +58,21 @@ def medium(tmp_path_factory):
 
 def test_plan_turns_levers_on_in_order(medium):
   """A generous limit leaves everything off; each tighter one adds the next lever: checkpointing,
-  float16 frozen weights, the sharder (with the largest budget that fits), micro-batches; below
-  the smallest estimate the plan is refused, naming it."""
+  float16 frozen weights, then q8_0 and q4_0 ones (quantized on load), the sharder (with the
+  largest budget that fits), micro-batches; below the smallest estimate the plan is refused,
+  naming it. (With the base at q4_0 this model's sharder saves nothing: the sharder's steps are
+  checked with --base_dtype float16 given.)"""
   folder, text = medium
   m = memplan.read_model(folder)
   s = memplan.Settings(batch_size=8, seq_len=128, data_bytes=os.path.getsize(text))
   E = lambda **kw: memplan.estimate(m, replace(s, **kw)).peak_mb
-  steps = [E(), E(grad_checkpoint=True), E(grad_checkpoint=True, base_dtype="float16"),
-           E(grad_checkpoint=True, base_dtype="float16", shard_budget_mb=memplan.MIN_BUDGET_MB)]
+  steps = [E(), E(grad_checkpoint=True), E(grad_checkpoint=True, base_dtype="float16"), E(grad_checkpoint=True, base_dtype="q8_0"),
+           E(grad_checkpoint=True, base_dtype="q4_0")]
   assert all(a > b + 1 for a, b in zip(steps, steps[1:])), steps   # each lever saves memory here
 
-  def levers(room):   # the levers of the plan for a limit that leaves this much room under its margin
+  def levers(room, settings=s, explicit=()):   # the levers of the plan for a limit that leaves this much room under its margin
     limit = memplan.limit_for(room)
-    p = memplan.plan(m, s, limit)
+    p = memplan.plan(m, settings, limit, explicit)
     assert p.estimate.peak_mb <= memplan.room(limit) < limit
     st = p.settings
     return st.grad_checkpoint, st.base_dtype, st.shard_budget_mb, st.grad_accum_steps
@@ -78,18 +80,26 @@ def test_plan_turns_levers_on_in_order(medium):
   assert levers(steps[0] + 1) == (False, "float32", None, 1)
   assert levers(steps[0] - 0.5) == (True, "float32", None, 1)
   assert levers(steps[1] - 0.5) == (True, "float16", None, 1)
-  ckpt, base, budget, accum = levers(steps[2] - 0.5)
+  assert levers(steps[2] - 0.5) == (True, "q8_0", None, 1)
+  assert levers(steps[3] - 0.5) == (True, "q4_0", None, 1)
+  half = replace(s, base_dtype="float16")
+  sharded = E(grad_checkpoint=True, base_dtype="float16", shard_budget_mb=memplan.MIN_BUDGET_MB)
+  assert steps[2] > sharded + 1
+  ckpt, base, budget, accum = levers(steps[2] - 0.5, half, ["base_dtype"])
   assert (ckpt, base, accum) == (True, "float16", 1) and memplan.MIN_BUDGET_MB <= budget
   # the largest budget that fits: one MB more would not
   assert E(grad_checkpoint=True, base_dtype="float16", shard_budget_mb=budget + 1) > steps[2] - 0.5
-  ckpt, base, budget, accum = levers(steps[3] - 0.5)
+  ckpt, base, budget, accum = levers(sharded - 0.5, half, ["base_dtype"])
   assert (ckpt, base) == (True, "float16") and accum > 1
   with pytest.raises(memplan.PlanError) as e:
-    memplan.plan(m, s, 100)
+    memplan.plan(m, half, 100, ["base_dtype"])
   smallest = e.value.smallest_mb
   assert f"needs at least {smallest} MB" in str(e.value) and "8 micro-batches of 1" in str(e.value)
-  memplan.plan(m, s, smallest)   # fits
-  with pytest.raises(memplan.PlanError): memplan.plan(m, s, smallest - 1)
+  memplan.plan(m, half, smallest, ["base_dtype"])   # fits
+  with pytest.raises(memplan.PlanError): memplan.plan(m, half, smallest - 1, ["base_dtype"])
+  with pytest.raises(memplan.PlanError) as e:   # q4_0 frozen weights are this model's smallest
+    memplan.plan(m, s, steps[4] - 0.5)
+  assert "q4_0 frozen weights" in str(e.value)
 
 
 def test_a_smaller_base_dtype_is_one_more_entry(medium, monkeypatch):
@@ -139,8 +149,9 @@ def run_measured(*argv):
 @pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="peak RSS is read from /proc (Linux, Android)")
 @pytest.mark.slow
 def test_planned_run_stays_under_its_limit(medium, tmp_path):
-  """A limit that needs more than checkpointing and float16 frozen weights: the run's measured
-  peak RSS stays under it, and the plan's line and summary say what it did."""
+  """A limit that needs more than checkpointing and float16 frozen weights (the plan quantizes
+  the base to q8_0 on load): the run's measured peak RSS stays under it, and the plan's line and
+  summary say what it did."""
   folder, text = medium
   m = memplan.read_model(folder)
   s = memplan.Settings(batch_size=8, seq_len=128, data_bytes=os.path.getsize(text))
@@ -149,10 +160,9 @@ def test_planned_run_stays_under_its_limit(medium, tmp_path):
   r, peak = run_measured("--model", folder, "--data", text, "--out", out, "--batch_size", "8", "--seq_len", "128",
                          "--max_steps", "3", "--memory_mb", str(limit), "--shard_dir", str(tmp_path))
   assert r.returncode == 0, r.stderr[-3000:]
-  assert f"memory plan for --memory_mb {limit}: activation checkpointing, float16 frozen weights, " in r.stdout
+  assert f"memory plan for --memory_mb {limit}: activation checkpointing, q8_0 frozen weights, " in r.stdout
   summary = json.load(open(os.path.join(out, "summary.json")))
-  levers = summary["memory_plan"]["levers"]
-  assert levers[2] != "no sharder" or levers[3] != "1 micro-batch of 8", levers   # more than checkpointing and float16
+  assert summary["memory_plan"]["levers"][1] == "q8_0 frozen weights"   # more than checkpointing and float16
   assert summary["memory_plan"]["limit_mb"] == limit and summary["peak_rss_mb"] <= peak + 1
   assert peak <= limit, (peak, limit, r.stdout)
 

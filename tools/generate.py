@@ -10,6 +10,7 @@ import argparse, os, sys, time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from minift.errors import ArgumentParser, UsageError, integer, number, run
 from minift.runtime.device import BACKENDS
+from minift import quant
 
 
 def main(argv=None, out=sys.stdout):
@@ -24,14 +25,14 @@ def main(argv=None, out=sys.stdout):
   ap.add_argument("--seed", type=integer(0), default=None)
   ap.add_argument("--chat", action="store_true", help="format the prompt with the tokenizer's chat template")
   ap.add_argument("--lora", default=None, help="a PEFT LoRA adapter folder, merged into the weights")
-  ap.add_argument("--dtype", default="float32", choices=["float32", "float16"])
+  quant.add_flags(ap)
   ap.add_argument("--device", choices=list(BACKENDS), default=None, help="backend (default: MINIFT_DEVICE or numpy)")
   args = ap.parse_args(argv)
   if args.device: os.environ["MINIFT_DEVICE"] = args.device
 
-  from models import load
+  from models import load, resolve
   from models.generation import generate
-  model, tok = load(args.model, dtype=args.dtype, gguf_file=args.gguf_file)
+  model, tok = load(path := resolve(args.model, args.gguf_file), dtype=quant.base_dtype_of(args.base_dtype, args.quantize, path))
   if args.lora:
     from minift.lora import load_adapter, merge_lora
     merge_lora(load_adapter(model, args.lora))

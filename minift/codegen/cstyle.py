@@ -131,7 +131,7 @@ class CStyleLanguage:
     op = node.op
     if op is Op.BUFFER: return self.load(node, ctx)
     if op is Op.CONST: return self.literal(node.arg, node.dtype)
-    if op is Op.COPY: return self.value(node.srcs[0], ctx)
+    if op in (Op.COPY, Op.DEQUANT): return self.value(node.srcs[0], ctx)   # DEQUANT: the load reads values (Language.read)
     if op in (Op.SUM, Op.RMAX, Op.GATHER, Op.SCATTER_ADD, Op.RAND, Op.ATTENTION, Op.ATTENTION_BACKWARD):
       raise Unsupported(f"{op.name} cannot be inlined in an expression")
     code = self.alu(node, [self.value(s, ctx) for s in node.srcs])

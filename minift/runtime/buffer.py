@@ -10,12 +10,13 @@ from minift.helpers import GlobalCounters
 
 class Buffer:
   """Device memory for `size` elements of `dtype`. `device` is the runtime.device.Device that
-  made it; `data` is that device's handle (a NumPy array, a cl.Buffer, ...)."""
+  made it; `data` is that device's handle (a NumPy array, a cl.Buffer, ...). A quantized dtype's
+  `size` elements take dtype.nbytes(size) bytes: its data are those bytes (uint8)."""
   __slots__ = ("device", "size", "dtype", "data", "nbytes", "__weakref__")
 
   def __init__(self, device, size, dtype, data):
     self.device, self.size, self.dtype, self.data = device, size, dtype, data
-    self.nbytes = size * dtype.itemsize
+    self.nbytes = dtype.nbytes(size)
     GlobalCounters.mem_used += self.nbytes
     GlobalCounters.mem_peak = max(GlobalCounters.mem_peak, GlobalCounters.mem_used)
 

@@ -31,10 +31,14 @@ class Device:
   written()       the buffers a kernel run wrote in place (the pager marks their disk copies stale).
   page_out(), page_in()  a device-memory backend lets the pager (the sharder) take a buffer's memory
                   back and give it memory again.
+  quantized_types the quantized dtypes (minift/quant.py, by name) whose buffers its matmul,
+                  gather and dequant kernels read; a weight of another quantized type is made
+                  float32 when it is loaded for this device (one log line). None by default.
   """
   name = None
   runs_attention = False
   fuses_assigns = False
+  quantized_types = frozenset()
 
   # ---- memory
   def from_numpy(self, arr, dtype):

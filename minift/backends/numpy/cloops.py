@@ -307,7 +307,7 @@ class Renderer(CLanguage):
 
   def pointer_lines(self, dtypes):
     """The typed pointers p0, p1, ... to the inputs of these dtypes; an input the loop does not read
-    (a float16 weight BLAS multiplied, next to a matmul epilogue) is left untyped."""
+    (a float16 or quantized weight a matmul read, next to its epilogue) is left untyped."""
     types = [self.storage_types.get(d.name, "void") for d in dtypes]
     return [f"const {t}* p{i} = (const {t}*)in{i};" for i, t in enumerate(types)]
 

@@ -15,7 +15,7 @@ from minift.runtime.buffer import Buffer, is_paged
 from minift.runtime.device import Device, FusedAssigns
 from minift.schedule import matmul_axes
 from minift.view import View
-from minift.backends.numpy import cloops
+from minift.backends.numpy import cloops, quant
 from minift.backends.numpy.attention import ATTENTION_ROWS, attention_functions, attention_numpy, attention_backward_numpy
 from minift.backends.numpy import parallel
 
@@ -185,6 +185,7 @@ class NumpyDevice(Device):
   name = "numpy"
   runs_attention = True   # one kernel each way (attention_functions, or attention.py without a compiler)
   fuses_assigns = True    # an optimizer's updates of one weight as one C loop (cloops.render_fused)
+  quantized_types = frozenset(quant.TYPES)   # matmuls and lookups read them (quant.py)
 
   def alloc_from(self, arr):
     arr = np.ascontiguousarray(arr).reshape(-1)
@@ -194,6 +195,9 @@ class NumpyDevice(Device):
     # copy a writeable array (as torch.tensor does): the caller may change it later, and assign
     # must not write into it; a read-only one (a memory-mapped weight file) is shared, zero-copy
     arr = np.asarray(arr)
+    if dtype.is_quantized:   # arr: the blocks' bytes
+      raw = (np.array(arr, np.uint8) if arr.flags.writeable else np.asarray(arr, np.uint8)).reshape(-1)
+      return Buffer(self, raw.size // dtype.itemsize * dtype.block, dtype, raw)
     return self.alloc_from(np.array(arr, dtype=dtype.np) if arr.flags.writeable else np.asarray(arr, dtype=dtype.np))
 
   def to_numpy(self, buf):
@@ -336,7 +340,7 @@ class NumpyDevice(Device):
     each block then slices them."""
     whole = {}
     for node in kernel._nodes():
-      if node.op is Op.BUFFER: whole[id(node)] = view_array(flats[node.arg.input], node.arg.view, compact=True)
+      if node.op is Op.BUFFER and not node.dtype.is_quantized: whole[id(node)] = view_array(flats[node.arg.input], node.arg.view, compact=True)
       elif node.op is Op.SUM and node.arg.matmul: whole[id(node)] = self.matmul(node, flats, kernel.shape, state.per_node)
     for region in regions:
       res, _ = self.eval(kernel.ast, _Env(flats, kernel.shared, state.per_node, whole, region), _block_shape(kernel.shape, region))
@@ -408,10 +412,20 @@ class NumpyDevice(Device):
       return np.asarray(r, dtype=node.dtype.np).reshape(shape), True
     full = lambda load: view_array(env.flats[load.arg.input], load.arg.view)   # operands of own kernels are loads
     if op is Op.GATHER:
-      table, idx = full(node.srcs[0]), full(node.srcs[1])
-      if idx.size and (idx.min() < 0 or idx.max() >= table.shape[0]):
-        raise IndexError(f"embedding index out of range: indices span [{idx.min()}, {idx.max()}] but the table has {table.shape[0]} rows")
-      return table[idx], True
+      tnode, idx = node.srcs[0], full(node.srcs[1])
+      rows, cols = tnode.arg.view.shape
+      if idx.size and (idx.min() < 0 or idx.max() >= rows):
+        raise IndexError(f"embedding index out of range: indices span [{idx.min()}, {idx.max()}] but the table has {rows} rows")
+      if tnode.dtype.is_quantized:   # rows straight from the blocks (a row piece, a whole table: contiguous)
+        raw = env.flats[tnode.arg.input]
+        if tnode.arg.view == View.contiguous((rows, cols)): return quant.gather_rows(raw, tnode.dtype, cols, idx).reshape(idx.shape + (cols,)), True
+        return view_array(self.dequantized(raw, tnode.dtype), tnode.arg.view)[idx], True
+      return full(tnode)[idx], True
+    if op is Op.DEQUANT:
+      load = node.srcs[0]
+      raw = env.flats[load.arg.input]
+      whole = self.dequantized(raw, load.dtype)
+      return (whole.reshape(shape) if load.arg.view == View.contiguous(tuple(shape)) else view_array(whole, load.arg.view)), True
     if op is Op.SCATTER_ADD:
       g, idx = full(node.srcs[0]), full(node.srcs[1])
       # onto zeros, or onto a copy of a third operand (LazyBuffer._scatter_onto)
@@ -422,11 +436,17 @@ class NumpyDevice(Device):
       return full(node.srcs[0]), False
     raise NotImplementedError(f"NumPy backend cannot run {op}")
 
+  def dequantized(self, raw, dtype):
+    """A quantized buffer's data (its blocks' bytes) as a flat float32 array."""
+    return quant.dequantize(raw, dtype, raw.size // dtype.itemsize * dtype.block)
+
   def matmul(self, node, flats, shape, per_node):
-    """sum(a * b) over k axes as one BLAS call: (batch, m, k) @ (batch, k, n)."""
+    """sum(a * b) over k axes as one BLAS call: (batch, m, k) @ (batch, k, n). A quantized
+    operand is dequantized a panel at a time for BLAS (quant.py)."""
     axes, in_shape, _ = node.arg
     if prod(in_shape) == 0: return np.zeros(shape, node.dtype.np)   # an empty dim (k == 0 sums to zeros)
     la, lb = node.srcs[0].srcs
+    if la.dtype.is_quantized or lb.dtype.is_quantized: return quant.kernel_matmul(node, flats, shape, per_node)
     layout = per_node.get(id(node))   # a decode step runs the same few hundred small matmuls every token
     if layout is None: layout = per_node[id(node)] = _matmul_layout(la.arg.view, lb.arg.view, axes, in_shape)
     layout_a, layout_b, out_shape, out_order, swap = layout

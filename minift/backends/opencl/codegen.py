@@ -9,7 +9,8 @@ moved with vload_half/vstore_half (no cl_khr_fp16 needed) and rounded to half af
 as NumPy does. bool is stored as uchar, int64 as long. Indexing through views, matmul shapes and
 tiles are shared with the Vulkan backend (codegen/gpu.py).
 """
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+import numpy as np
 from minift.codegen.cstyle import CStyleLanguage
 from minift.codegen.gpu import (view_index, wide_index, round_up as _round_up, pow2_floor as _pow2_floor, assign_in_place_ok,
                                 rand_args, matmul_shape, fastest as _fastest, matmul_out_index)
@@ -41,7 +42,11 @@ long pow_l(long a, long b) {
 }
 """
 
+  # quantized weights (minift/quant.py) are their blocks' bytes, read a value at a time by kernels/dequant.h
+  storage_types = {**CStyleLanguage.storage_types, **{d.name: "uchar" for d in dtypes.quantized()}}
+
   def read(self, buf, index, dtype):
+    if dtype.is_quantized: return f"dq_{dtype.name}({buf}, {index})"
     return f"vload_half({index}, {buf})" if dtype is dtypes.float16 else super().read(buf, index, dtype)
 
   def write(self, buf, index, value, dtype):
@@ -51,6 +56,16 @@ long pow_l(long a, long b) {
 
 
 PRELUDE = OpenCLLanguage.prelude()
+# kernels that read a quantized buffer also get kernels/dequant.h: element i of the blocks as a
+# float, with gguf's arithmetic (no contraction into FMAs: bit for bit its values)
+QPRELUDE = ("#define QGLOBAL __global\n#define QFN\n#define QINDEX long\n#define Q_AS_FLOAT(u) as_float(u)\n"
+            "#define QNOCONTRACT _Pragma(\"OPENCL FP_CONTRACT OFF\")\n")
+
+
+def with_dequant(rendered, in_dtypes):
+  """rendered with kernels/dequant.h after the prelude when an input is quantized."""
+  if not any(d.is_quantized for d in in_dtypes): return rendered
+  return replace(rendered, src=rendered.src.replace(PRELUDE, PRELUDE + QPRELUDE + read_kernel("dequant.h"), 1))
 STYPE = OpenCLLanguage.storage_types
 
 
@@ -108,12 +123,12 @@ def render(kernel, in_dtypes, in_sizes, caps, max_local=256, config=None):
   """Rendered source and launch sizes for a kernel. max_local: the largest work-group allowed
   (device and, after a first build, per-kernel limit); config: matmul tile choice."""
   idx = index_type(kernel, in_sizes)
-  if kernel.kind == "matmul": return render_matmul(kernel, in_dtypes, idx, config or matmul_configs(kernel, caps)[0])
+  if kernel.kind == "matmul": return with_dequant(render_matmul(kernel, in_dtypes, idx, config or matmul_configs(kernel, caps)[0]), in_dtypes)
   if kernel.kind == "reduce": return render_reduce(kernel, in_dtypes, idx, caps, max_local)
-  if kernel.kind == "gather": return render_gather(kernel, in_dtypes, idx, max_local)
+  if kernel.kind == "gather": return with_dequant(render_gather(kernel, in_dtypes, idx, max_local), in_dtypes)
   if kernel.kind == "scatter_add": return render_scatter_add(kernel, in_dtypes, idx, max_local)
   if kernel.kind == "rand": return render_rand(kernel, idx, max_local)
-  return render_elementwise(kernel, in_dtypes, idx, max_local)
+  return with_dequant(render_elementwise(kernel, in_dtypes, idx, max_local), in_dtypes)   # (a DEQUANT kernel among them)
 
 
 def _launch_1d(n, max_local):

@@ -169,6 +169,7 @@ class _Launch:
 
 class OpenCLDevice(Device):
   name = "opencl"
+  quantized_types = frozenset(d.name for d in dtypes.quantized())   # read through kernels/dequant.h (codegen.with_dequant)
 
   def __init__(self, spec=None):
     self.platform, self.device = select_device(os.environ.get("MINIFT_CL_DEVICE", "") if spec is None else spec)
@@ -219,7 +220,7 @@ class OpenCLDevice(Device):
     self._free, self._free_bytes = {}, 0
 
   def alloc(self, size, dtype):
-    mem = self._alloc(size * dtype.itemsize)
+    mem = self._alloc(dtype.nbytes(size))
     if self.poison: cl.enqueue_fill_buffer(self.queue, mem, np.uint8(0xFF), 0, mem.size)   # NaN as float32 and half, -1 as ints
     return Buffer(self, size, dtype, mem)
 
@@ -234,7 +235,7 @@ class OpenCLDevice(Device):
 
   def from_numpy(self, arr, dtype):
     arr = np.ascontiguousarray(np.asarray(arr, dtype=dtype.np)).reshape(-1)
-    buf = self.alloc(arr.size, dtype)
+    buf = self.alloc(arr.size // dtype.itemsize * dtype.block if dtype.is_quantized else arr.size, dtype)   # quantized: arr is the blocks' bytes
     if arr.size: cl.enqueue_copy(self.queue, buf.data, arr, is_blocking=True)
     return buf
 
@@ -243,7 +244,7 @@ class OpenCLDevice(Device):
     return self.from_numpy(arr, dtypes.from_any(arr.dtype))
 
   def to_numpy(self, buf):
-    host = np.empty(buf.size, np.uint8 if buf.dtype is dtypes.bool else buf.dtype.np)
+    host = np.empty(buf.nbytes if buf.dtype.is_quantized else buf.size, np.uint8 if buf.dtype is dtypes.bool else buf.dtype.np)
     if buf.size: cl.enqueue_copy(self.queue, host, buf.data, is_blocking=True)
     return host.view(np.bool_) if buf.dtype is dtypes.bool else host
 
@@ -368,7 +369,7 @@ class OpenCLDevice(Device):
         rendered = cg.render(kernel, in_dtypes, in_sizes, self.caps, max_local=self._max_local(min(limit, max_local or limit)))
         clk, limit = self._kernel_for(rendered)
     in_place = kernel.assign_target is None or cg.assign_in_place_ok(kernel)
-    image = cg.image_weight(kernel, in_sizes, self.caps) if kernel.kind == "matmul" else None
+    image = cg.image_weight(kernel, in_sizes, self.caps) if kernel.kind == "matmul" and not any(d.is_quantized for d in in_dtypes) else None
     return _Launch(clk, rendered, in_place, image)
 
   def _image_launch(self, kernel, in_dtypes, in_sizes):
