@@ -371,6 +371,25 @@ def test_out_of_resources_at_launch_falls_back(dev, monkeypatch, fresh_tiles):
   assert set(refused_tiles.values()) == {"CL_OUT_OF_RESOURCES at launch"}
 
 
+def test_refused_image_launch_falls_back_to_a_smaller_image_tile(dev, monkeypatch, fresh_tiles):
+  if not dev.caps.image_support or dev.caps.max_work_group_size < 256: pytest.skip("needs image support and a 256 work-item device")
+  monkeypatch.setattr(dev, "use_images", True)
+  real, refused = dev._launch, []
+  def launch(clk, global_size, local_size, args):
+    if clk.function_name.endswith("_image") and int(np.prod(local_size)) > 64:
+      refused.append(local_size)
+      raise _cl_error(cl.status_code.OUT_OF_RESOURCES)
+    return real(clk, global_size, local_size, args)
+  monkeypatch.setattr(dev, "_launch", launch)
+  x, w = randn(80, 36), randn(72, 36)
+  W = Tensor(w, device="opencl")
+  for _ in range(2):   # the second use of the weight reads it from an image
+    np.testing.assert_allclose(Tensor(x, device="opencl").linear(W).numpy(), x @ w.T, rtol=1e-5, atol=1e-5)
+  assert len(refused) == 2   # the 256- and 128-item image tiles
+  (per_device,) = json.loads((fresh_tiles / "tiles.json").read_text()).values()
+  assert [k.split()[0] for k in per_device] == ["matmul_image"] and len(next(iter(per_device.values()))) == 2
+
+
 def test_no_tile_names_what_was_tried(dev, monkeypatch, fresh_tiles):
   real = dev.kernel
   def refuse_matmuls(name, src):

@@ -1,7 +1,7 @@
 """Matmul tile choice for small devices (minift/codegen/tiles.py): limits in, tiles out. The
 kernels each tile renders are checked against NumPy in test_opencl.py."""
 import pytest
-from minift.codegen.tiles import TILES, MatmulConfig, matmul_tiles, shape_class, square_group
+from minift.codegen.tiles import TILES, matmul_tiles, shape_class, square_group
 
 SHAPES = {"square": (512, 768), "tall": (512, 16), "wide": (8, 768), "small": (20, 30)}
 
@@ -39,9 +39,9 @@ def test_local_memory_halves_the_depth():
   assert matmul_tiles(512, 768, 256, local_mem=256) == []   # nothing fits even 4 deep
 
 
-def test_refused_tiles_are_skipped_and_names_round_trip():
+def test_refused_tiles_are_skipped():
   first, second = matmul_tiles(512, 768, 256)[:2]
-  assert MatmulConfig.parse(str(first)) == first
+  assert str(first) == "64x64x16/4x4"   # the name tiles.json keeps
   assert matmul_tiles(512, 768, 256, refused={str(first): "build failed"})[0] == second
 
 

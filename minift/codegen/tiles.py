@@ -30,14 +30,6 @@ class MatmulConfig:
 
   def __str__(self): return f"{self.bm}x{self.bn}x{self.bk}/{self.tm}x{self.tn}"
 
-  @staticmethod
-  def parse(text):
-    """The inverse of str(): '64x64x16/4x4'."""
-    tile, block = text.split("/")
-    bm, bn, bk = (int(v) for v in tile.split("x"))
-    tm, tn = (int(v) for v in block.split("x"))
-    return MatmulConfig(bm, bn, bk, tm, tn)
-
 
 C = MatmulConfig
 # per shape class, one tile for each work-group size (256, 128, 64, 32, 16 work-items); fewer
