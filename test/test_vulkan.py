@@ -254,8 +254,8 @@ def test_kernel_test_tool_on_vulkan(tmp_path):
   report = json.loads((tmp_path / "out.json").read_text())
   assert report["device"] == "vulkan" and report["caps"]["name"] == get_device("vulkan").caps.name
   checks = {row["check"] for row in report["results"]}
-  assert {"matmul.comp float", "softmax", "gpt2 block fwd+bwd"} <= checks and all(row["ok"] for row in report["results"])
-  assert " passed, 0 failed; shaders compiled" in r.stdout
+  assert {"matmul.comp float", "softmax", "gpt2 block fwd+bwd"} <= checks and all(row["status"] == "pass" for row in report["results"])
+  assert report["summary"]["fail"] == report["summary"]["skip"] == 0 and " passed, 0 failed, 0 skipped" in r.stdout and "shaders compiled" in r.stdout
 
 
 def test_bench_tool_takes_vulkan_and_task_lists(tmp_path, monkeypatch):
