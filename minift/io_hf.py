@@ -174,7 +174,7 @@ def load_weights(model, source, where, transposed=(), dtype=None, convert=None):
     if have != want:
       raise FileError(f"{file_of(key)}: tensor {key!r} has shape {have}, but the model ({type(model).__name__}"
                        f" from its config) expects {want}{' (Conv1D layout, in x out)' if is_t else ''}")
-  storage = BaseStorage(dtype, model)
+  storage = BaseStorage(dtype, quantizable(model))
   for name, key in plan.items():
     is_t = name.endswith(tuple(transposed))
     target = storage.target(name, source.stored_type(key), tuple(params[name].shape))
@@ -192,6 +192,16 @@ def load_weights(model, source, where, transposed=(), dtype=None, convert=None):
     if active_sharder() is not None: active_sharder().adopt(model, name)   # paged as it loads
   storage.log(where)
   return model
+
+
+def quantizable(model):
+  """Names of the parameters that only matmuls and embedding lookups read: Linear weights and the
+  token embedding table (not norms, biases, or position tables, which are added)."""
+  from minift.nn import Linear
+  names = {f"{path}.weight" for path, mod in model.named_modules() if isinstance(mod, Linear)}
+  emb = getattr(model, "_embed_tokens", None)
+  names |= {f"{path}.weight" for path, mod in model.named_modules() if mod is emb}
+  return names
 
 
 def _quantized(source, name, key, dtype, convert, transposed, where):

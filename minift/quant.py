@@ -83,23 +83,6 @@ def dequantize_reference(raw, dtype, shape):
   return gguf.quants.dequantize(np.asarray(raw, np.uint8).reshape(rows, -1), ggml_type(dtype)).reshape(shape)
 
 
-def quantize_tensor(t, dtype):
-  """A float Tensor (frozen weight) quantized to dtype (q8_0, q4_0, ...: those gguf can write)."""
-  from minift.tensor import Tensor
-  dtype = dtypes.from_any(dtype)
-  return Tensor.from_quantized(quantize(t.numpy().reshape(-1, t.shape[-1]), dtype), t.shape, dtype, t.device)
-
-
-def quantizable(model):
-  """Names of the parameters that only matmuls and embedding lookups read: Linear weights and the
-  token embedding table (not norms, biases, or position tables, which are added)."""
-  from minift.nn import Linear
-  names = {f"{path}.weight" for path, mod in model.named_modules() if isinstance(mod, Linear)}
-  emb = getattr(model, "_embed_tokens", None)
-  names |= {f"{path}.weight" for path, mod in model.named_modules() if mod is emb}
-  return names
-
-
 def device_types():
   """The quantized dtype names the backend tensors are made on reads (Device.quantized_types)."""
   from minift.runtime.device import canonical_device, get_device
@@ -117,16 +100,17 @@ def note_once(message):
 
 
 class BaseStorage:
-  """How a loader stores each frozen weight under a base dtype (see the module's docstring): the
+  """How a loader stores each frozen weight under a base dtype (see the module's docstring):
+  quantizable names the parameters only matmuls and lookups read (io_hf.quantizable); the
   dtype each parameter gets, and the notes of what could not be kept as asked, logged in one line
   per reason once the model is loaded (log())."""
 
-  def __init__(self, base_dtype, model):
+  def __init__(self, base_dtype, quantizable):
     base_dtype = "float32" if base_dtype is None else (base_dtype.name if hasattr(base_dtype, "name") else str(base_dtype))
     base_dtype = {"fp32": "float32", "float": "float32", "fp16": "float16", "half": "float16"}.get(base_dtype, base_dtype)
     if base_dtype not in BASE_DTYPES:
       raise ValueError(f"base dtype {base_dtype!r}: expected one of {', '.join(BASE_DTYPES)}")
-    self.kind, self.quantizable, self.kernels = base_dtype, quantizable(model), device_types()
+    self.kind, self.quantizable, self.kernels = base_dtype, set(quantizable), device_types()
     self.notes = Counter()
 
   def target(self, name, stored, shape):

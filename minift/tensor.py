@@ -143,6 +143,13 @@ class Tensor:
     buf = dev.from_numpy(raw.view(np.uint8).reshape(-1), dtype)
     return Tensor(LazyBuffer.from_buffer(buf, shape, dtype, device))
 
+  def quantize(self, dtype):
+    """A float tensor (a frozen weight whose last dim is whole blocks) quantized to dtype (q8_0,
+    q4_0, ...: the types gguf's quantizer writes), gguf's blocks bit for bit."""
+    from minift.quant import quantize
+    dtype = dtypes.from_any(dtype)
+    return Tensor.from_quantized(quantize(self.numpy().reshape(-1, self.shape[-1]), dtype), self.shape, dtype, self.device)
+
   def dequantize(self):
     """A quantized tensor's values as float32 (lazy: a matmul reads the blocks themselves)."""
     return F.Dequantize.apply(self) if self.dtype.is_quantized else self
@@ -362,7 +369,7 @@ class Tensor:
 
   def cast(self, dtype):
     dtype = dtypes.from_any(dtype)
-    if dtype.is_quantized and dtype != self.dtype: raise TypeError(f"cast: cannot cast to {dtype.name}; quantize with minift.quant.quantize_tensor")
+    if dtype.is_quantized and dtype != self.dtype: raise TypeError(f"cast: cannot cast to {dtype.name}; quantize with Tensor.quantize")
     if self.dtype.is_quantized and dtype != self.dtype: return self.dequantize().cast(dtype)
     return self if dtype == self.dtype else F.Cast.apply(self, dtype=dtype)
   def float(self): return self.cast(dtypes.float32)

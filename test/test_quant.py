@@ -8,7 +8,7 @@ import gguf
 from minift import Tensor
 from minift.dtype import dtypes
 from minift.lazy import Op
-from minift.quant import quantize, quantize_tensor, SCALE_OFFSETS
+from minift.quant import quantize, SCALE_OFFSETS
 from minift.backends.numpy import quant as nq
 
 rng = np.random.default_rng(0)
@@ -59,7 +59,7 @@ def test_quantize_matches_gguf(name):
   a = rng.standard_normal((8, 96)).astype(np.float32)
   raw = quantize(a, name)
   assert np.array_equal(raw, gguf.quants.quantize(a, gguf.GGMLQuantizationType[name.upper()]))
-  assert same_bits(quantize_tensor(Tensor(a), name).numpy(), reference(raw, name))
+  assert same_bits(Tensor(a).quantize(name).numpy(), reference(raw, name))
 
 
 @pytest.mark.parametrize("name", TYPES)
@@ -97,7 +97,7 @@ def test_no_weight_gradient_for_a_quantized_matrix():
   but never its own gradient: no kernel has the weight's shape, none makes it float32 (DEQUANT),
   and the weight gets no .grad even when asked for one."""
   n, k = 64, 96
-  w = quantize_tensor(Tensor(rng.standard_normal((n, k)).astype(np.float32) * 0.1), "q4_0")
+  w = Tensor(rng.standard_normal((n, k)).astype(np.float32) * 0.1).quantize("q4_0")
   w.requires_grad = True   # asked for, never given
   a = Tensor(rng.standard_normal((4, k)).astype(np.float32) * 0.1, requires_grad=True)
   x = Tensor(rng.standard_normal((5, 7, k)).astype(np.float32), requires_grad=True)
@@ -115,7 +115,7 @@ def test_no_weight_gradient_for_a_quantized_matrix():
 
 
 def test_other_ops_refuse_a_quantized_tensor():
-  w = quantize_tensor(Tensor(rng.standard_normal((4, 32)).astype(np.float32)), "q8_0")
+  w = Tensor(rng.standard_normal((4, 32)).astype(np.float32)).quantize("q8_0")
   with pytest.raises(TypeError, match="quantized"): w + 1
   with pytest.raises(TypeError, match="quantized"): w * w
   np.testing.assert_allclose((w.dequantize() + 1).numpy(), w.numpy() + 1)
@@ -377,7 +377,7 @@ def test_merge_lora_of_a_quantized_base_is_float32():
   from minift.nn import Linear
   from minift.lora import LoRALinear
   lin = Linear(64, 32, bias=False)
-  lin.weight = quantize_tensor(Tensor(rng.standard_normal((32, 64)).astype(np.float32)), "q4_0")
+  lin.weight = Tensor(rng.standard_normal((32, 64)).astype(np.float32)).quantize("q4_0")
   lora = LoRALinear(lin, r=4, alpha=8)
   lora.lora_B.assign(rng.standard_normal((32, 4)).astype(np.float32))
   merged = lora.merge()

@@ -438,7 +438,7 @@ class NumpyDevice(Device):
 
   def dequantized(self, raw, dtype):
     """A quantized buffer's data (its blocks' bytes) as a flat float32 array."""
-    return quant.dequantize(raw, dtype, raw.size // dtype.itemsize * dtype.block)
+    return quant.dequantize(raw, dtype, quant.numel(raw, dtype))
 
   def matmul(self, node, flats, shape, per_node):
     """sum(a * b) over k axes as one BLAS call: (batch, m, k) @ (batch, k, n). A quantized
@@ -446,7 +446,7 @@ class NumpyDevice(Device):
     axes, in_shape, _ = node.arg
     if prod(in_shape) == 0: return np.zeros(shape, node.dtype.np)   # an empty dim (k == 0 sums to zeros)
     la, lb = node.srcs[0].srcs
-    if la.dtype.is_quantized or lb.dtype.is_quantized: return quant.kernel_matmul(node, flats, shape, per_node)
+    if la.dtype.is_quantized or lb.dtype.is_quantized: return quantized_matmul(node, flats, shape, per_node)
     layout = per_node.get(id(node))   # a decode step runs the same few hundred small matmuls every token
     if layout is None: layout = per_node[id(node)] = _matmul_layout(la.arg.view, lb.arg.view, axes, in_shape)
     layout_a, layout_b, out_shape, out_order, swap = layout
@@ -513,3 +513,43 @@ def _reads_only_its_own_elements(kernel):
   be written straight into the target (a shifted or transposed read would see new values)."""
   own = View.contiguous(kernel.shape)
   return all(n.arg.view == own for n in kernel._nodes() if n.op is Op.BUFFER and n.arg.input == kernel.assign_target)
+
+
+# ---- matmuls with a quantized operand (backends/numpy/quant.py runs them)
+
+def quantized_matmul(node, flats, shape, per_node):
+  """A matmul kernel's product (of `shape`) where an operand is quantized. The plan (plan_quantized_matmul)
+  is worked out once per kernel and kept in per_node."""
+  (la, lb), axes, in_shape = node.srcs[0].srcs, node.arg.axes, node.arg.shape
+  if id(node) not in per_node:
+    lq = la if la.dtype.is_quantized else lb
+    per_node[id(node)] = plan_quantized_matmul(la, lb, axes, in_shape, quant.numel(flats[lq.arg.input], lq.dtype))
+  plan = per_node[id(node)]
+  if plan is None:   # no rectangle of blocks (never made by minift's layers): the whole weight as float32
+    arrays = [view_array(quant.dequantize(flats[l.arg.input], l.dtype, quant.numel(flats[l.arg.input], l.dtype)), l.arg.view)
+              if l.dtype.is_quantized else view_array(flats[l.arg.input], l.arg.view) for l in (la, lb)]
+    layout_a, layout_b, out_shape, out_order, swap = _matmul_layout(la.arg.view, lb.arg.view, axes, in_shape)
+    a3, b3 = _operand(arrays[0], layout_a), _operand(arrays[1], layout_b)
+    out = np.matmul(b3.swapaxes(-1, -2), a3.swapaxes(-1, -2)) if swap else np.matmul(a3, b3)
+    return out.reshape(out_shape).transpose(out_order).astype(node.dtype.np, copy=False).reshape(shape)
+  q_is_a, float_layout, rc, out_shape, out_order, swap = plan
+  lq, lf = (la, lb) if q_is_a else (lb, la)
+  xf = _operand(view_array(flats[lf.arg.input], lf.arg.view), float_layout)   # a: (M, K); b: (K, N)
+  x = xf.T if q_is_a else xf                                                  # the float side as (rows, K)
+  prod_ = quant.matmul(x, flats[lq.arg.input], lq.dtype, rc)                   # (float side's free, quantized side's free)
+  if q_is_a != swap: prod_ = prod_.T                                           # into (m, n), or (n, m) where swapped
+  return prod_.reshape(out_shape).transpose(out_order).reshape(shape)
+
+
+def plan_quantized_matmul(la, lb, axes, in_shape, numel):
+  """What quantized_matmul works out once per kernel: (quantized operand is a, the float operand's
+  layout, the Rect, output shape and order, swap), or None to dequantize the weight whole.
+  numel: the elements of the quantized buffer."""
+  batch, m, n, k = matmul_axes(la.arg.view, lb.arg.view, axes)
+  if prod(in_shape[a] for a in batch) != 1 or (la.dtype.is_quantized and lb.dtype.is_quantized): return None
+  q_is_a = la.dtype.is_quantized
+  lq = la if q_is_a else lb
+  rc = quant.rect(lq.arg.view, m if q_is_a else n, k, lq.dtype, numel)
+  if rc is None: return None
+  layout_a, layout_b, out_shape, out_order, swap = _matmul_layout(la.arg.view, lb.arg.view, axes, in_shape)
+  return q_is_a, layout_b if q_is_a else layout_a, rc, out_shape, out_order, swap

@@ -17,7 +17,6 @@ gguf.quants.dequantize, which is the reference itself.
 import ctypes, functools, hashlib
 import numpy as np
 from minift.helpers import prod, read_kernel
-from minift.schedule import matmul_axes
 from minift.backends.numpy import cloops, parallel
 
 PANEL_BYTES = 4 << 20     # float32 scratch per panel: about the size of a core's share of the last-level cache
@@ -201,45 +200,6 @@ def _matmul_n(x, raw, dtype, rc, M):
   return out
 
 
-def kernel_matmul(node, flats, shape, per_node):
-  """A matmul kernel's product (of `shape`) where an operand is quantized. The plan (plan_matmul)
-  is worked out once per kernel and kept in per_node."""
-  (la, lb), axes, in_shape = node.srcs[0].srcs, node.arg.axes, node.arg.shape
-  if id(node) not in per_node:
-    lq = la if la.dtype.is_quantized else lb
-    per_node[id(node)] = plan_matmul(la, lb, axes, in_shape, _numel(flats[lq.arg.input], lq.dtype))
-  plan = per_node[id(node)]
-  if plan is None:   # no rectangle of blocks (never made by minift's layers): the whole weight as float32
-    from minift.backends.numpy.device import view_array, _operand, _matmul_layout
-    arrays = [view_array(dequantize(flats[l.arg.input], l.dtype, _numel(flats[l.arg.input], l.dtype)), l.arg.view)
-              if l.dtype.is_quantized else view_array(flats[l.arg.input], l.arg.view) for l in (la, lb)]
-    layout_a, layout_b, out_shape, out_order, swap = _matmul_layout(la.arg.view, lb.arg.view, axes, in_shape)
-    a3, b3 = _operand(arrays[0], layout_a), _operand(arrays[1], layout_b)
-    out = np.matmul(b3.swapaxes(-1, -2), a3.swapaxes(-1, -2)) if swap else np.matmul(a3, b3)
-    return out.reshape(out_shape).transpose(out_order).astype(node.dtype.np, copy=False).reshape(shape)
-  q_is_a, float_layout, rc, out_shape, out_order, swap = plan
-  from minift.backends.numpy.device import view_array, _operand
-  lq, lf = (la, lb) if q_is_a else (lb, la)
-  xf = _operand(view_array(flats[lf.arg.input], lf.arg.view), float_layout)   # a: (M, K); b: (K, N)
-  x = xf.T if q_is_a else xf                                                  # the float side as (rows, K)
-  prod_ = matmul(x, flats[lq.arg.input], lq.dtype, rc)                         # (float side's free, quantized side's free)
-  if q_is_a != swap: prod_ = prod_.T                                           # into (m, n), or (n, m) where swapped
-  return prod_.reshape(out_shape).transpose(out_order).reshape(shape)
-
-
-def plan_matmul(la, lb, axes, in_shape, numel):
-  """What kernel_matmul works out once per kernel: (quantized operand is a, the float operand's
-  layout, the Rect, output shape and order, swap), or None to dequantize the weight whole.
-  numel: the elements of the quantized buffer."""
-  from minift.backends.numpy.device import _matmul_layout
-  batch, m, n, k = matmul_axes(la.arg.view, lb.arg.view, axes)
-  if prod(in_shape[a] for a in batch) != 1 or (la.dtype.is_quantized and lb.dtype.is_quantized): return None
-  q_is_a = la.dtype.is_quantized
-  lq = la if q_is_a else lb
-  rc = rect(lq.arg.view, m if q_is_a else n, k, lq.dtype, numel)
-  if rc is None: return None
-  layout_a, layout_b, out_shape, out_order, swap = _matmul_layout(la.arg.view, lb.arg.view, axes, in_shape)
-  return q_is_a, layout_b if q_is_a else layout_a, rc, out_shape, out_order, swap
-
-
-def _numel(raw, dtype): return raw.size // dtype.itemsize * dtype.block
+def numel(raw, dtype):
+  """The values a quantized buffer's bytes hold."""
+  return raw.size // dtype.itemsize * dtype.block
