@@ -360,8 +360,7 @@ class OpenCLDevice(Device):
 
   def _build_launch(self, kernel, in_dtypes, in_sizes, max_local=None):
     if kernel.kind == "matmul":
-      idx = cg.index_type(kernel, in_sizes)
-      rendered, clk = self._matmul_tile(kernel, lambda config: cg.with_dequant(cg.render_matmul(kernel, in_dtypes, idx, config), in_dtypes))
+      rendered, clk = self._matmul_tile(kernel, lambda config: cg.render(kernel, in_dtypes, in_sizes, self.caps, config=config))
     else:
       rendered = cg.render(kernel, in_dtypes, in_sizes, self.caps, max_local=self._max_local(max_local))
       clk, limit = self._kernel_for(rendered)
