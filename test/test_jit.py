@@ -156,3 +156,24 @@ def test_updates_fuse_only_where_each_element_reads_its_own(reads):
   np.testing.assert_allclose(a.numpy(), want_a, rtol=1e-6)
   np.testing.assert_allclose(b.numpy(), want_b, rtol=1e-6)
   assert _fused_items(fn) == (1 if reads == "same element" else 0)
+
+
+@pytest.mark.parametrize("device", ["numpy", "opencl", "vulkan"])
+def test_a_kernel_output_kept_past_the_capture_is_rewritten_by_each_replay(device):
+  """A buffer the captured call made that is still alive after it (kept, not returned) is
+  state: each replay writes it in place and later kernels read it there. An attention kernel's
+  output kept so was left as the capture made it on NumPy (its result went to a new buffer)."""
+  import torch
+  kept = []
+  def f(q):
+    a = q.scaled_dot_product_attention(q, q, is_causal=True)
+    kept[:] = [a]
+    return a.sum(-1)
+  fn = jit(f)
+  rng = np.random.default_rng(0)
+  qs = [rng.standard_normal((1, 2, 5, 4)).astype(np.float32) for _ in range(4)]
+  for q in qs:
+    out = fn(Tensor(q, device=device)).numpy()
+    want = torch.nn.functional.scaled_dot_product_attention(*[torch.tensor(q)] * 3, is_causal=True).numpy()
+    np.testing.assert_allclose(out, want.sum(-1), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(kept[0].numpy(), want, rtol=1e-5, atol=1e-5)

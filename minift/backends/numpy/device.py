@@ -264,7 +264,11 @@ class NumpyDevice(Device):
         np.add.at(assign_out.data.reshape(kernel.shape), idx.reshape(-1), g.reshape(-1, kernel.shape[-1]))
         return assign_out
       assign_out = None   # a read-only buffer: onto a copy of it after all
-    if kernel.kind in ("attention", "attention_backward"): return self.alloc_from(self.attention(kernel, flats))
+    if kernel.kind in ("attention", "attention_backward"):
+      res = self.attention(kernel, flats)
+      if assign_out is None: return self.alloc_from(res)
+      assign_out.data[...] = res   # a buffer the replay keeps (jit: state made by the captured call)
+      return assign_out
     with np.errstate(all="ignore"):
       if kernel.kind == "rand":
         seed, counter = rand_key
