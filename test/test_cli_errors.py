@@ -273,6 +273,7 @@ CASES = [
   ("bench-repeat-0", "bench", ["--repeat", "0"], "--repeat", 2),
   ("bench-task", "bench", ["--task", "everything"], "--task", 2),
   ("bench-json-no-folder", "bench", ["--task", "matmul", "--json", "{tmp}/no-such-folder/b.json"], "--json", 2),
+  ("bench-model-missing", "bench", ["--task", "breakdown", "--model", "{tmp}/no-such-model"], "--model", 2),
 ]
 
 # cases that change their process: each runs alone, as `python tools/T.py ...`

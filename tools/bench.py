@@ -10,9 +10,16 @@ Tasks: matmul (GPT-2 shapes vs np.matmul), elementwise (a fused chain vs the sam
 expression), softmax and layernorm (vs NumPy), block (a GPT-2-small block, d=768, 12 heads,
 batch 4 x 128, forward + backward vs torch on CPU), overhead (Python time per replayed
 training step, as a share of the step); `all` runs these. lora_step and full_step: one
-training step of a random GPT-2 small (batch 4 x 128; LoRA r=8 on c_attn and attn.c_proj, or
-every parameter) against PyTorch + peft, plus peak RSS of each in a separate process;
+training step (batch 4 x 128; LoRA r=8, or every parameter) of --model (gpt2: a random GPT-2
+small, LoRA on c_attn and attn.c_proj; smollm2: the demo's SmolLM2-135M, base float32, LoRA on
+the seven projections; or an HF model folder) against PyTorch + peft, side by side in this
+process plus peak RSS of each in a separate process, or with --separate each framework in its
+own processes, alternating, medians of per-step times (how a user runs one or the other);
 full_step also runs with the AdamW moments paged to disk (--shard_optimizer_only).
+breakdown: one LoRA step of --model split by kernel class (matmuls forward, input-gradient,
+weight-gradient, LoRA; attention forward, backward; reductions; elementwise; embedding;
+optimizer; Python/scheduling; sharder), each next to its floor (BLAS time of its matmul
+shapes, attention FLOPs at the SGEMM rate, bytes at the memory bandwidth).
 eval: tokens/s scoring a 512-token window with the pip-shipped SmolLM2-135M and Gemma 3 270M
 GGUFs vs transformers; load: peak RSS while loading them vs their float32 weight size.
 soak: 1,000 LoRA steps of a tiny Llama through tools/finetune.py with a checkpoint every 50,
@@ -25,12 +32,13 @@ RSS and step time; quant_1b: a Gemma-3-1B-shaped random model, LoRA r8 on seven 
 quant_speed: SmolLM2 generation tok/s (kept Q4_1 vs float32 vs transformers) and Gemma 3 270M
 eval tok/s (kept vs float32).
 """
-import argparse, json, os, statistics, sys, time
+import argparse, json, os, statistics, sys, time, weakref
+from math import prod
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "test"))
 from minift import Tensor, jit   # noqa: E402  (before NumPy: minift/__init__.py sets how OpenBLAS threads idle)
-from minift.errors import ArgumentParser, UserError, check_output, integer, run, writing   # noqa: E402
+from minift.errors import ArgumentParser, UsageError, UserError, check_output, integer, run, writing   # noqa: E402
 from minift.runtime.device import BACKENDS   # noqa: E402
 import numpy as np   # noqa: E402
 
@@ -147,7 +155,7 @@ def bench_overhead(rows, device, repeat):
   time inside kernels and everything else (Python)."""
   from tiny_gpt import block_minift
   from minift.optim import AdamW
-  from minift.runtime.device import get_device
+  from minift.runtime.executor import timing
   _, p = _gpt2_small_block(device)
   params = [t for k, t in p.items() if k.startswith("0.")]
   opt = AdamW(params, lr=1e-4)
@@ -159,29 +167,44 @@ def bench_overhead(rows, device, repeat):
     return loss
   x = Tensor(rand(4, 128, 768), device=device)
   for _ in range(3): step(x)
-  inside = [0.0]
-  real_run = get_device(x.device).run
-  def counting_run(*a, **kw):
-    t0 = time.perf_counter()
-    try: return real_run(*a, **kw)
-    finally: inside[0] += time.perf_counter() - t0
-  get_device(x.device).run = counting_run
-  try:
-    walls, overheads = [], []
-    for _ in range(repeat):
-      inside[0] = 0.0
+  walls, overheads = [], []
+  for _ in range(repeat):
+    inside = []
+    with timing(lambda kernel, ins, out, seconds, paging: inside.append(seconds)):
       t0 = time.perf_counter(); step(x).numpy(); wall = time.perf_counter() - t0
-      walls.append(wall); overheads.append(wall - inside[0])
-  finally:
-    del get_device(x.device).run
+    walls.append(wall); overheads.append(wall - sum(inside))
   wall, over = statistics.median(walls), statistics.median(overheads)
   rows.append(dict(task="overhead", shape="GPT-2-small block train step (jit replay)", step_ms=wall * 1e3, python_ms=over * 1e3, share=over / wall))
   print(f"{'overhead':<12} {'block train step, replay':<28} step {wall*1e3:9.2f} ms   python {over*1e3:7.2f} ms   share {100*over/wall:.2f}%", flush=True)
 
 
-# ---- a GPT-2-small-shaped training step (issue: LoRA and full fine-tuning) vs PyTorch (+ peft)
+# ---- training steps (issues: LoRA and full fine-tuning, #27 CPU speed) vs PyTorch (+ peft)
 
 GPT2_SMALL_TARGETS = ["c_attn", "attn.c_proj"]
+SEVEN = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
+STEP_MODELS = {"gpt2": "GPT-2 small (random), LoRA r8 on c_attn, attn.c_proj",
+               "smollm2": "SmolLM2-135M (the demo, base float32), LoRA r8 on 7 projections"}
+
+
+def _step_model(model):
+  """(path, LoRA targets, vocabulary size, title) of a --model of the step benchmarks: gpt2, a
+  random GPT-2 small saved as an HF folder; smollm2, the pip-shipped SmolLM2-135M GGUF of the
+  demo (its Q4_1 weights made float32 on both sides, as transformers loads a GGUF); or the path
+  of an HF model folder (LoRA on its architecture's default targets, minift.lora)."""
+  if model == "gpt2": return _gpt2_small_folder(), GPT2_SMALL_TARGETS, 50257, STEP_MODELS[model]
+  if model == "smollm2":
+    path = dict(_real_models()).get("SmolLM2-135M Q4_1")
+    if path is None: raise UserError("--model smollm2: SmolLM2 is not installed: python tools/get_assets.py --test")
+    return path, SEVEN.split(","), 49152, STEP_MODELS[model]
+  from minift.errors import read_json
+  from minift.lora import DEFAULT_TARGETS
+  config_path = os.path.join(model, "config.json")
+  if not os.path.isfile(config_path): raise UsageError(f"--model {model}: expected gpt2, smollm2 or an HF model folder (with config.json)")
+  config = read_json(config_path)
+  if config.get("model_type") not in DEFAULT_TARGETS:
+    raise UsageError(f"--model {model}: model_type {config.get('model_type')!r} in config.json; expected one of {', '.join(DEFAULT_TARGETS)}")
+  targets = DEFAULT_TARGETS[config["model_type"]]
+  return model, targets, config["vocab_size"], f"{os.path.basename(os.path.normpath(model))}, LoRA r8 on {', '.join(targets)}"
 
 
 def _gpt2_small_folder():
@@ -198,40 +221,50 @@ def _gpt2_small_folder():
 MOMENTS_BUDGET_MB = 320   # RAM for Adam's paged moments: GPT-2 small's largest, wte's two, are 295 MiB
 
 
-def _step_minift(folder, full_ft, device, moments_budget_mb=None):
-  """One training step of minift as a function; moments_budget_mb: page the optimizer's moments
-  to disk under that RAM budget (Sharder optimizer_only, --shard_optimizer_only)."""
+def _trainer_minift(model, full_ft, device, moments_budget_mb=None):
+  """(Trainer, batch) of one minift training step of --model `model` (batch 4 x 128);
+  moments_budget_mb: page the optimizer's moments to disk under that RAM budget (Sharder
+  optimizer_only, --shard_optimizer_only)."""
   import models
   from minift.lora import apply_lora, lora_modules
   from minift.trainer import Trainer
   from types import SimpleNamespace
-  model, _ = models.load(folder, with_tokenizer=False)
+  path, targets, vocab, _ = _step_model(model)
+  net, _ = models.load(path, with_tokenizer=False)
   if full_ft:
-    named = list(model.named_parameters())
+    named = list(net.named_parameters())
     for _, p in named: p.requires_grad = True
   else:
-    apply_lora(model, GPT2_SMALL_TARGETS, r=8, alpha=16)
-    named = [(f"{p}.{n}", getattr(m, n)) for p, m in lora_modules(model) for n in ("lora_A", "lora_B")]
+    apply_lora(net, targets, r=8, alpha=16)
+    named = [(f"{p}.{n}", getattr(m, n)) for p, m in lora_modules(net) for n in ("lora_A", "lora_B")]
   if moments_budget_mb:
     from minift.sharder import Sharder
     sharder = Sharder(moments_budget_mb, optimizer_only=True)   # before the optimizer: its moments are paged from the start
-  trainer = Trainer(model, [t for _, t in named], SimpleNamespace(optimizer="adamw", lr=1e-4, weight_decay=0.0, momentum=0.0, clip_grad_norm=1.0), named)
-  if moments_budget_mb: sharder.manage_model(model, trainer.opt)
+  trainer = Trainer(net, [t for _, t in named], SimpleNamespace(optimizer="adamw", lr=1e-4, weight_decay=0.0, momentum=0.0, clip_grad_norm=1.0), named)
+  if moments_budget_mb: sharder.manage_model(net, trainer.opt)
   rng = np.random.default_rng(0)
-  x, y = rng.integers(0, 50257, (4, 128)), rng.integers(0, 50257, (4, 128))
-  return lambda: trainer.train_step([(x, y)], 1e-4)
+  return trainer, (rng.integers(0, vocab, (4, 128)), rng.integers(0, vocab, (4, 128)))
 
 
-def _step_torch(folder, full_ft):
+def _step_minift(model, full_ft, device, moments_budget_mb=None):
+  """One minift training step of --model `model` as a function."""
+  trainer, batch = _trainer_minift(model, full_ft, device, moments_budget_mb)
+  return lambda: trainer.train_step([batch], 1e-4)
+
+
+def _step_torch(model, full_ft):
+  """One PyTorch (+ peft) training step of the same model, batch and LoRA as a function."""
   import torch, transformers, peft
-  model = transformers.GPT2LMHeadModel.from_pretrained(folder)
-  if not full_ft: model = peft.get_peft_model(model, peft.LoraConfig(r=8, lora_alpha=16, target_modules=GPT2_SMALL_TARGETS))
-  params = [p for p in model.parameters() if p.requires_grad]
+  path, targets, vocab, _ = _step_model(model)
+  if os.path.isdir(path): net = transformers.AutoModelForCausalLM.from_pretrained(path)
+  else: net = transformers.AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32)
+  if not full_ft: net = peft.get_peft_model(net, peft.LoraConfig(r=8, lora_alpha=16, target_modules=targets))
+  params = [p for p in net.parameters() if p.requires_grad]
   opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0)
   g = torch.Generator().manual_seed(0)
-  x, y = torch.randint(0, 50257, (4, 128), generator=g), torch.randint(0, 50257, (4, 128), generator=g)
+  x, y = torch.randint(0, vocab, (4, 128), generator=g), torch.randint(0, vocab, (4, 128), generator=g)
   def step():
-    loss = model(input_ids=x, labels=y).loss
+    loss = net(input_ids=x, labels=y).loss
     opt.zero_grad(); loss.backward()
     torch.nn.utils.clip_grad_norm_(params, 1.0)
     opt.step()
@@ -239,44 +272,237 @@ def _step_torch(folder, full_ft):
   return step
 
 
-def _peak_rss_mb(which, full_ft, device, steps=3, moments_budget_mb=None):
-  """Peak RSS of a separate process that runs `steps` training steps of one framework."""
+def _steps_in_process(which, model, full_ft, device, steps, moments_budget_mb=None):
+  """Run `steps` timed training steps of one framework in a fresh process, after two warm-up
+  steps (minift captures its step on the second): (per-step seconds, peak RSS MB)."""
   import subprocess
-  args = f"{full_ft}, {device!r}, {moments_budget_mb}" if which == "minift" else f"{full_ft}"
-  code = (f"import sys; sys.argv = ['bench']; import bench; folder = bench._gpt2_small_folder(); "
-          f"step = bench._step_{which}(folder, {args}); [step() for _ in range({steps})]; print(bench.peak_rss_mb())")
-  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=os.path.dirname(os.path.abspath(__file__)), check=True)
-  return float(out.stdout.strip().splitlines()[-1])
+  args = f"{model!r}, {full_ft}, {device!r}, {moments_budget_mb}" if which == "minift" else f"{model!r}, {full_ft}"
+  code = (f"import sys, time, json; sys.argv = ['bench']; import bench; step = bench._step_{which}({args}); step(); step(); times = []\n"
+          f"for _ in range({steps}): t0 = time.perf_counter(); step(); times.append(time.perf_counter() - t0)\n"
+          "print(json.dumps([times, bench.peak_rss_mb()]))")
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=os.path.dirname(os.path.abspath(__file__)))
+  if out.returncode: raise RuntimeError(f"bench: the {which} step process failed:\n{out.stderr[-3000:]}")
+  return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def _bench_train_step(rows, device, repeat, full_ft):
+def _separate(rows, name, model, full_ft, device, repeat, moments_budget_mb=None, steps=3):
+  """minift and the reference each in their own processes, as a user runs one or the other,
+  alternating `repeat` times; medians of all per-step times, and the larger peak RSS."""
   import torch
-  folder = _gpt2_small_folder()
-  ours, ref = _step_minift(folder, full_ft, device), _step_torch(folder, full_ft)
-  ours(); ours()          # capture happens on the second call
-  o, r = side_by_side(ours, ref, repeat)
-  name = "full_step" if full_ft else "lora_step"
-  row(rows, name, "GPT-2 small, 4x128" + ("" if full_ft else ", r=8"), o, r, "torch+peft" if not full_ft else "torch",
-      f"({torch.get_num_threads()} torch threads)")
-  rss_ours, rss_ref = _peak_rss_mb("minift", full_ft, device), _peak_rss_mb("torch", full_ft, device)
-  rows[-1].update(peak_rss_mb=rss_ours, ref_peak_rss_mb=rss_ref, rss_ratio=rss_ours / rss_ref)
+  ours, ref, rss_ours, rss_ref = [], [], 0.0, 0.0
+  for _ in range(repeat):
+    times, rss = _steps_in_process("minift", model, full_ft, device, steps, moments_budget_mb)
+    ours += times; rss_ours = max(rss_ours, rss)
+    times, rss = _steps_in_process("torch", model, full_ft, device, steps)
+    ref += times; rss_ref = max(rss_ref, rss)
+  shape = _step_model(model)[3] + (", all weights" if full_ft else "") + (f", moments paged ({moments_budget_mb} MB)" if moments_budget_mb else "")
+  row(rows, name, shape, statistics.median(ours), statistics.median(ref), "torch" if full_ft else "torch+peft",
+      f"(separate processes, {len(ours)} steps each, {torch.get_num_threads()} torch threads)")
+  rows[-1].update(separate=True, peak_rss_mb=rss_ours, ref_peak_rss_mb=rss_ref, rss_ratio=rss_ours / rss_ref,
+                  minift_steps_s=ours, ref_steps_s=ref)
   print(f"{name:<12} {'peak RSS':<28} minift {rss_ours:9.0f} MB   {'reference':<9} {rss_ref:9.0f} MB   ratio {rss_ours/rss_ref:5.2f}", flush=True)
-  if full_ft:   # the same with Adam's moments paged to disk (--shard_optimizer_only), alternated with torch again
-    from minift.sharder import active as active_sharder
-    del ours
-    paged = _step_minift(folder, True, device, MOMENTS_BUDGET_MB)
+
+
+def _bench_train_step(rows, device, repeat, full_ft, model="gpt2", separate=False):
+  """One training step of --model, minift vs PyTorch (+ peft). separate: each framework in its
+  own processes, alternating (the figure the goals use); else side by side in this process,
+  alternating, and peak RSS from separate processes."""
+  import torch
+  from minift.sharder import active as active_sharder
+  name = "full_step" if full_ft else "lora_step"
+  budgets = [None, MOMENTS_BUDGET_MB] if full_ft else [None]   # full_step also with Adam's moments paged to disk
+  if separate:
+    for budget in budgets: _separate(rows, name, model, full_ft, device, repeat, budget)
+    return
+  ref = _step_torch(model, full_ft)
+  for budget in budgets:
+    trainer, batch = _trainer_minift(model, full_ft, device, budget)
+    ours = lambda: trainer.train_step([batch], 1e-4)
     try:
-      paged(); paged()
-      o, r = side_by_side(paged, ref, repeat)
-    finally: active_sharder().close(restore=False)
-    row(rows, name, f"the same, moments paged ({MOMENTS_BUDGET_MB} MB)", o, r, "torch")
-    rss_paged = _peak_rss_mb("minift", True, device, moments_budget_mb=MOMENTS_BUDGET_MB)
-    rows[-1].update(peak_rss_mb=rss_paged, ref_peak_rss_mb=rss_ref, rss_ratio=rss_paged / rss_ref)
-    print(f"{name:<12} {'peak RSS':<28} minift {rss_paged:9.0f} MB   {'reference':<9} {rss_ref:9.0f} MB   ratio {rss_paged/rss_ref:5.2f}", flush=True)
+      ours(); ours()          # capture happens on the second call
+      o, r = side_by_side(ours, ref, repeat)
+    finally:
+      if budget: active_sharder().close(restore=False)
+    shape = _step_model(model)[3] + (", all weights" if full_ft else "") + (f", moments paged ({budget} MB)" if budget else "")
+    row(rows, name, shape, o, r, "torch" if full_ft else "torch+peft", f"(in one process, {torch.get_num_threads()} torch threads)")
+    del trainer, ours
+    _, rss_ours = _steps_in_process("minift", model, full_ft, device, 1, budget)
+    _, rss_ref = _steps_in_process("torch", model, full_ft, device, 1)
+    rows[-1].update(peak_rss_mb=rss_ours, ref_peak_rss_mb=rss_ref, rss_ratio=rss_ours / rss_ref)
+    print(f"{name:<12} {'peak RSS':<28} minift {rss_ours:9.0f} MB   {'reference':<9} {rss_ref:9.0f} MB   ratio {rss_ours/rss_ref:5.2f}", flush=True)
 
 
-def bench_lora_step(rows, device, repeat): _bench_train_step(rows, device, repeat, full_ft=False)
-def bench_full_step(rows, device, repeat): _bench_train_step(rows, device, repeat, full_ft=True)
+def bench_lora_step(rows, device, repeat, model="gpt2", separate=False): _bench_train_step(rows, device, repeat, False, model, separate)
+def bench_full_step(rows, device, repeat, model="gpt2", separate=False): _bench_train_step(rows, device, repeat, True, model, separate)
+
+
+# ---- where a training step's time goes (issue #27): kernel classes next to their floors
+
+BREAKDOWN_CLASSES = ["matmul forward", "matmul input-gradient", "matmul weight-gradient", "matmul LoRA",
+                     "attention forward", "attention backward", "reductions (norms, softmax)", "elementwise",
+                     "embedding", "optimizer", "Python/scheduling", "sharder"]
+
+
+class _StepRecorder:
+  """What a step's kernel runs were, without keeping their buffers (kept, they could not be
+  freed and reused within the step, and the step would run slower than it does): per run, the
+  kernel, the runs that wrote what it read, the bytes it read and wrote, its seconds and its
+  pager's, whether it read a model weight and whether it wrote optimizer state (the ids of
+  those buffers: weights, state). Who wrote a buffer is known while the buffer lives (a weak
+  reference tells a dead buffer from a new one at the same address)."""
+
+  def __init__(self, weights, state):
+    self.runs, self.writer, self.weights, self.state = [], {}, weights, state
+
+  def __call__(self, kernel, ins, out, seconds, paging):
+    reads = []
+    for b in ins:
+      w = self.writer.get(id(b))
+      if w is not None and w[0]() is b: reads.append(w[1])
+    self.writer[id(out)] = (weakref.ref(out), len(self.runs))
+    self.runs.append((kernel, reads, sum(b.nbytes for b in ins) + out.nbytes, seconds, paging,
+                      any(id(b) in self.weights for b in ins), id(out) in self.state))
+
+  def forward(self, loss_buffer):
+    """Indices of the runs the loss depends on: the forward pass."""
+    todo, seen = [self.writer[id(loss_buffer)][1]], set()
+    while todo:
+      n = todo.pop()
+      if n in seen: continue
+      seen.add(n); todo += self.runs[n][1]
+    return seen
+
+
+def _matmul_sizes(kernel):
+  """(batch, m, n, k) sizes of a matmul kernel."""
+  from minift.schedule import matmul_axes
+  axes, in_shape, _ = kernel.reduce.arg
+  la, lb = kernel.reduce.srcs[0].srcs
+  return tuple(prod(in_shape[i] for i in group) for group in matmul_axes(la.arg.view, lb.arg.view, axes))
+
+
+def _kernel_class(kernel, forward, rank, reads_weight, updates_state):
+  """The BREAKDOWN_CLASSES entry of one kernel run: forward: the loss depends on it; rank: the
+  LoRA rank (None: full fine-tuning); reads_weight: it read a weight of the model (a backward
+  matmul that reads one computes an input's gradient, one that does not a weight's); updates_state:
+  it wrote a trained tensor or the optimizer's moments."""
+  kind = getattr(kernel, "kind", None)
+  if kind is None: return "optimizer"   # FusedAssigns: AdamW's m, v and p updates in one loop
+  if kernel.assign_target is not None and updates_state: return "optimizer"
+  if kind == "matmul":
+    batch, m, n, k = _matmul_sizes(kernel)
+    if rank and rank in (m, n, k): return "matmul LoRA"
+    if forward: return "matmul forward"
+    return "matmul input-gradient" if reads_weight else "matmul weight-gradient"
+  if kind == "attention": return "attention forward"
+  if kind == "attention_backward": return "attention backward"
+  if kind in ("gather", "scatter_add"): return "embedding"
+  if kind == "reduce": return "reductions (norms, softmax)"
+  return "elementwise"
+
+
+def _attention_flops(kernel):
+  """Multiply-adds of an attention kernel's products, 2 FLOPs each: QK^T and PV forward (half
+  of them under a causal mask), those and three more backward (dV, dP, dQ, dK with S again)."""
+  q = kernel.ast.srcs[0].arg.view.shape
+  k = kernel.ast.srcs[1].arg.view.shape
+  B, H, T, D = q
+  S = k[2]
+  scale, causal, window = kernel.ast.arg
+  pairs = T * S / (2 if causal and T == S else 1)
+  return 2 * B * H * pairs * D * (5 if kernel.kind == "attention_backward" else 2)
+
+
+def _blas_seconds(sizes, cache={}):
+  """Seconds of np.matmul on contiguous float32 operands of (batch, m, n, k): the BLAS floor of
+  a matmul kernel (median of 3 runs after one)."""
+  if sizes not in cache:
+    batch, m, n, k = sizes
+    a, b = rand(batch, m, k), rand(batch, k, n, seed=1)
+    if batch == 1: a, b = a[0], b[0]
+    np.matmul(a, b)
+    cache[sizes] = statistics.median(timed(lambda: np.matmul(a, b), 3))
+  return cache[sizes]
+
+
+def _bandwidth():
+  """Bytes per second that this machine's cores together read and write (np.add over 64 MiB
+  arrays, one thread per core, each on its own part): the floor of a memory-bound kernel."""
+  from concurrent.futures import ThreadPoolExecutor
+  n, threads = 1 << 24, os.cpu_count() or 1
+  a, b, c = rand(n), rand(n, seed=1), np.empty(n, np.float32)
+  parts = [slice(i * n // threads, (i + 1) * n // threads) for i in range(threads)]
+  with ThreadPoolExecutor(threads) as pool:
+    once = lambda: list(pool.map(lambda p: np.add(a[p], b[p], out=c[p]), parts))
+    once()
+    return 3 * 4 * n / statistics.median(timed(once, 5))
+
+
+def bench_breakdown(rows, device, repeat, model="gpt2", separate=False, full_ft=False):
+  """One training step of --model split by kernel class, each class next to its floor: matmuls
+  at the BLAS time of their own shapes (np.matmul, contiguous operands), attention at its FLOPs
+  at the best SGEMM rate of the step's matmuls, every other kernel at the bytes of its input and
+  output buffers at the measured memory bandwidth; Python/scheduling is the step's wall time
+  outside kernels (floor 0), sharder the time its pager took inside them. The device waits for
+  each kernel (on OpenCL and Vulkan that is slower than a normal step). Medians over `repeat`
+  steps, after the two that capture the step."""
+  from minift.runtime.executor import timing
+  trainer, (x, y) = _trainer_minift(model, full_ft, device)
+  rank = None if full_ft else 8
+  buffers = lambda tensors: {id(t.lazydata.base.buffer) for t in tensors}
+  def step(recorder):
+    trainer.opt.set_lr(1e-4)
+    Tensor.training = True
+    try:
+      with timing(recorder):
+        t0 = time.perf_counter()
+        loss, norm = trainer.step_fn(Tensor(x), Tensor(y))
+        loss.item(), norm.item()
+        return time.perf_counter() - t0, loss.lazydata.base.buffer
+    finally: Tensor.training = False
+  trainer.train_step([(x, y)], 1e-4); trainer.train_step([(x, y)], 1e-4)   # the first two capture the step
+  totals, floors, counts, walls, flops = {c: [] for c in BREAKDOWN_CLASSES}, {}, {}, [], {}
+  bandwidth, best_rate = _bandwidth(), 0.0
+  for _ in range(repeat):
+    recorder = _StepRecorder(buffers(trainer.model.parameters()), buffers(t for _, _, t in trainer._state_tensors()))
+    wall, loss_buffer = step(recorder)
+    forward = recorder.forward(loss_buffer)
+    walls.append(wall)
+    spent, floor, count = dict.fromkeys(BREAKDOWN_CLASSES, 0.0), dict.fromkeys(BREAKDOWN_CLASSES, 0.0), dict.fromkeys(BREAKDOWN_CLASSES, 0)
+    flops = dict.fromkeys(BREAKDOWN_CLASSES, 0)
+    for n, (kernel, _, nbytes, seconds, paging, reads_weight, updates_state) in enumerate(recorder.runs):
+      cls = _kernel_class(kernel, n in forward, rank, reads_weight, updates_state)
+      spent[cls] += seconds - paging; spent["sharder"] += paging; count[cls] += 1
+      if cls.startswith("matmul"):
+        sizes = _matmul_sizes(kernel)
+        flops[cls] += 2 * prod(sizes)
+        floor[cls] += _blas_seconds(sizes)
+        best_rate = max(best_rate, 2 * prod(sizes) / _blas_seconds(sizes))
+      elif not cls.startswith("attention"): floor[cls] += nbytes / bandwidth
+    for kernel, *_ in recorder.runs:   # attention at the best SGEMM rate the step's matmuls showed
+      if getattr(kernel, "kind", None) in ("attention", "attention_backward"):
+        cls = "attention forward" if kernel.kind == "attention" else "attention backward"
+        flops[cls] += _attention_flops(kernel)
+        floor[cls] += _attention_flops(kernel) / best_rate if best_rate else 0.0
+    spent["Python/scheduling"] = wall - sum(r[3] for r in recorder.runs)
+    for c in BREAKDOWN_CLASSES: totals[c].append(spent[c])
+    floors, counts = floor, count
+  wall = statistics.median(walls)
+  title = _step_model(model)[3] + (", all weights" if full_ft else "")
+  print(f"breakdown    {title}: step {wall * 1e3:.0f} ms (median of {repeat}); SGEMM up to {best_rate / 1e9:.0f} GFLOP/s, "
+        f"memory {bandwidth / 1e9:.1f} GB/s", flush=True)
+  print(f"  {'class':<30} {'kernels':>7} {'ms':>8} {'share':>6} {'floor ms':>9} {'x floor':>8}")
+  for c in BREAKDOWN_CLASSES:
+    ms, fl = statistics.median(totals[c]) * 1e3, floors.get(c, 0.0) * 1e3
+    if not counts.get(c) and ms < 0.05 and c != "Python/scheduling": continue
+    ratio = ms / fl if fl > 0 else None
+    print(f"  {c:<30} {counts.get(c, 0):7d} {ms:8.1f} {100 * ms / (wall * 1e3):5.1f}% {fl:9.1f} {ratio if ratio else float('nan'):8.2f}")
+    rows.append(dict(task="breakdown", shape=title, kernel_class=c, kernels=counts.get(c, 0), ms=ms, share=ms / (wall * 1e3), floor_ms=fl, x_floor=ratio,
+                     gflop=flops.get(c, 0) / 1e9))
+  floor_total = sum(floors.values()) * 1e3
+  print(f"  {'step':<30} {sum(counts.values()):7d} {wall * 1e3:8.1f} {100:5.1f}% {floor_total:9.1f} {wall * 1e3 / floor_total:8.2f}", flush=True)
+  rows.append(dict(task="breakdown", shape=title, kernel_class="step", kernels=sum(counts.values()), ms=wall * 1e3, share=1.0,
+                   floor_ms=floor_total, x_floor=wall * 1e3 / floor_total, sgemm_gflops=best_rate / 1e9, bandwidth_gbs=bandwidth / 1e9))
 
 
 # ---- real models: evaluation speed and loading memory (issue: models and weights)
@@ -449,9 +675,6 @@ GEMMA3_1B = dict(vocab_size=262144, hidden_size=1152, intermediate_size=6912, nu
                  num_key_value_heads=1, head_dim=256, sliding_window=512, max_position_embeddings=32768, rope_theta=1e6,
                  rope_local_base_freq=1e4, query_pre_attn_scalar=256,
                  layer_types=["full_attention" if (i + 1) % 6 == 0 else "sliding_attention" for i in range(26)])
-SEVEN = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
-
-
 def _gemma_folder(name="gemma3-1b-shaped", **config):
   """A Gemma 3 text model of `config` (default: GEMMA3_1B) with random bfloat16 weights and a
   character tokenizer, saved once as an HF folder in the temp dir."""
@@ -585,7 +808,8 @@ def bench_soak(rows, device, repeat, steps=1000, every=50):
 TASKS = {"matmul": bench_matmul, "elementwise": bench_elementwise, "softmax": bench_softmax_layernorm,
          "block": bench_block, "overhead": bench_overhead, "lora_step": bench_lora_step, "full_step": bench_full_step,
          "eval": bench_eval, "load": bench_load, "shard": bench_shard, "soak": bench_soak, "memory": bench_memory,
-         "quant": bench_quant, "quant_1b": bench_quant_1b, "quant_speed": bench_quant_speed}
+         "quant": bench_quant, "quant_1b": bench_quant_1b, "quant_speed": bench_quant_speed, "breakdown": bench_breakdown}
+STEP_TASKS = {"lora_step", "full_step", "breakdown"}   # the tasks that take --model and --separate
 FOUNDATION = ["matmul", "elementwise", "softmax", "block", "overhead"]
 
 
@@ -595,15 +819,22 @@ def main(argv=None):
   ap.add_argument("--device", default="numpy", choices=list(BACKENDS), help="minift backend")
   ap.add_argument("--repeat", type=integer(1), default=5, help="timed runs of each side (default 5)")
   ap.add_argument("--json", help="also write the rows to this JSON file")
+  ap.add_argument("--model", default="gpt2", help="the model of lora_step, full_step and breakdown: "
+                  + "; ".join(f"{k}: {v}" for k, v in STEP_MODELS.items()) + "; or the path of an HF model folder (default gpt2)")
+  ap.add_argument("--separate", action="store_true", help="lora_step and full_step: run minift and the reference each in its own "
+                  "processes, alternating, medians of per-step times (the goals' figure); default: side by side in one process")
   args = ap.parse_args(argv)
   if args.json: check_output(args.json, "--json")
   asked = args.task.split(",")
   unknown = [t for t in asked if t not in ["all", "layernorm"] + list(TASKS)]
   if unknown: ap.error(f"--task: unknown {', '.join(unknown)}; expected all or some of {', '.join(list(TASKS) + ['layernorm'])}")
+  if args.model not in STEP_MODELS and STEP_TASKS & set(asked): _step_model(args.model)   # a wrong --model, before any benchmark runs
   os.environ["MINIFT_DEVICE"] = args.device   # models and step tasks create their tensors on it
   tasks = list(dict.fromkeys(t for a in asked for t in (FOUNDATION if a == "all" else ["softmax" if a == "layernorm" else a])))
   rows = []
-  for t in tasks: TASKS[t](rows, args.device, args.repeat)
+  for t in tasks:
+    if t in STEP_TASKS: TASKS[t](rows, args.device, args.repeat, model=args.model, separate=args.separate)
+    else: TASKS[t](rows, args.device, args.repeat)
   if args.json:
     with writing(args.json), open(args.json, "w") as f: json.dump(rows, f, indent=1)
   return rows

@@ -13,6 +13,18 @@ from minift.runtime.device import get_device
 from minift.schedule import snapshot_kernel
 
 _captures = []   # what capturing() records into, innermost last
+_timers = []     # what timing() reports to
+
+
+@contextlib.contextmanager
+def timing(report):
+  """Within the block, report(kernel, ins, out, seconds, pager_seconds) after every kernel run:
+  seconds from the call to the device having finished it (the device waits for each kernel, so
+  asynchronous devices run slower than without), pager_seconds of it in the pager (the
+  sharder's paging). bench.py --task breakdown adds these up by kernel class."""
+  _timers.append(report)
+  try: yield report
+  finally: _timers.remove(report)
 
 
 @contextlib.contextmanager
@@ -29,17 +41,23 @@ def run_kernel(kernel, ins, out=None, rand_key=None, upcoming=None):
   output buffer. out: the buffer to write the result into (an assign's target) or None.
   upcoming(): the input buffers of the kernels that run next (the pager prefetches what they need)."""
   device = get_device(kernel.device)
-  st = time.perf_counter() if DEBUG >= 2 else 0.0
-  pager = active_pager()
+  timed = DEBUG >= 2 or _timers
+  st = time.perf_counter() if timed else 0.0
+  pager, paging = active_pager(), 0.0
   if pager is None: res = device.run(kernel, ins, out, rand_key)
   else:
     pinned = pager.acquire(ins, upcoming)
+    if timed: paging = time.perf_counter() - st
     try: res = device.run(kernel, ins, out, rand_key)
-    finally: pager.release(pinned, device.written(kernel, ins, out))
+    finally:
+      if timed: pt = time.perf_counter()
+      pager.release(pinned, device.written(kernel, ins, out))
+      if timed: paging += time.perf_counter() - pt
   GlobalCounters.kernel_count += 1
-  if DEBUG >= 2:
+  if timed:
     et = device.synchronize_time(st)
-    print(f"minift kernel {GlobalCounters.kernel_count:5d} {kernel.name:<40s} {str(kernel.shape):<24s} {et*1e3:9.3f} ms")
+    if DEBUG >= 2: print(f"minift kernel {GlobalCounters.kernel_count:5d} {kernel.name:<40s} {str(kernel.shape):<24s} {et*1e3:9.3f} ms")
+    for report in _timers: report(kernel, ins, res, et, paging)
   return res
 
 
