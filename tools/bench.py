@@ -182,8 +182,7 @@ def bench_overhead(rows, device, repeat):
 
 GPT2_SMALL_TARGETS = ["c_attn", "attn.c_proj"]
 SEVEN = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
-STEP_MODELS = {"gpt2": "GPT-2 small (random), LoRA r8 on c_attn, attn.c_proj",
-               "smollm2": "SmolLM2-135M (the demo, base float32), LoRA r8 on 7 projections"}
+STEP_MODELS = {"gpt2": "GPT-2 small (random)", "smollm2": "SmolLM2-135M (the demo, base float32)"}
 
 
 def _step_model(model):
@@ -204,7 +203,13 @@ def _step_model(model):
   if config.get("model_type") not in DEFAULT_TARGETS:
     raise UsageError(f"--model {model}: model_type {config.get('model_type')!r} in config.json; expected one of {', '.join(DEFAULT_TARGETS)}")
   targets = DEFAULT_TARGETS[config["model_type"]]
-  return model, targets, config["vocab_size"], f"{os.path.basename(os.path.normpath(model))}, LoRA r8 on {', '.join(targets)}"
+  return model, targets, config["vocab_size"], os.path.basename(os.path.normpath(model))
+
+
+def _step_title(model, full_ft):
+  """The benchmarks' name of a training step of --model."""
+  _, targets, _, title = _step_model(model)
+  return title + (", all weights" if full_ft else f", LoRA r8 on {len(targets)} projections" if len(targets) > 2 else f", LoRA r8 on {', '.join(targets)}")
 
 
 def _gpt2_small_folder():
@@ -295,7 +300,7 @@ def _separate(rows, name, model, full_ft, device, repeat, moments_budget_mb=None
     ours += times; rss_ours = max(rss_ours, rss)
     times, rss = _steps_in_process("torch", model, full_ft, device, steps)
     ref += times; rss_ref = max(rss_ref, rss)
-  shape = _step_model(model)[3] + (", all weights" if full_ft else "") + (f", moments paged ({moments_budget_mb} MB)" if moments_budget_mb else "")
+  shape = _step_title(model, full_ft) + (f", moments paged ({moments_budget_mb} MB)" if moments_budget_mb else "")
   row(rows, name, shape, statistics.median(ours), statistics.median(ref), "torch" if full_ft else "torch+peft",
       f"(separate processes, {len(ours)} steps each, {torch.get_num_threads()} torch threads)")
   rows[-1].update(separate=True, peak_rss_mb=rss_ours, ref_peak_rss_mb=rss_ref, rss_ratio=rss_ours / rss_ref,
@@ -323,7 +328,7 @@ def _bench_train_step(rows, device, repeat, full_ft, model="gpt2", separate=Fals
       o, r = side_by_side(ours, ref, repeat)
     finally:
       if budget: active_sharder().close(restore=False)
-    shape = _step_model(model)[3] + (", all weights" if full_ft else "") + (f", moments paged ({budget} MB)" if budget else "")
+    shape = _step_title(model, full_ft) + (f", moments paged ({budget} MB)" if budget else "")
     row(rows, name, shape, o, r, "torch" if full_ft else "torch+peft", f"(in one process, {torch.get_num_threads()} torch threads)")
     del trainer, ours
     _, rss_ours = _steps_in_process("minift", model, full_ft, device, 1, budget)
@@ -360,7 +365,11 @@ class _StepRecorder:
       w = self.writer.get(id(b))
       if w is not None and w[0]() is b: reads.append(w[1])
     self.writer[id(out)] = (weakref.ref(out), len(self.runs))
-    self.runs.append((kernel, reads, sum(b.nbytes for b in ins) + out.nbytes, seconds, paging,
+    kind = getattr(kernel, "kind", None)
+    if kind == "gather": moved = 2 * out.nbytes   # the rows it reads, not the whole table
+    elif kind == "scatter_add": moved = 3 * ins[kernel.ast.srcs[0].arg.input].nbytes   # the gradient rows, added onto as many
+    else: moved = sum(b.nbytes for b in ins) + out.nbytes
+    self.runs.append((kernel, reads, moved, seconds, paging,
                       any(id(b) in self.weights for b in ins), id(out) in self.state))
 
   def forward(self, loss_buffer):
@@ -488,7 +497,7 @@ def bench_breakdown(rows, device, repeat, model="gpt2", separate=False, full_ft=
     for c in BREAKDOWN_CLASSES: totals[c].append(spent[c])
     floors, counts = floor, count
   wall = statistics.median(walls)
-  title = _step_model(model)[3] + (", all weights" if full_ft else "")
+  title = _step_title(model, full_ft)
   print(f"breakdown    {title}: step {wall * 1e3:.0f} ms (median of {repeat}); SGEMM up to {best_rate / 1e9:.0f} GFLOP/s, "
         f"memory {bandwidth / 1e9:.1f} GB/s", flush=True)
   print(f"  {'class':<30} {'kernels':>7} {'ms':>8} {'share':>6} {'floor ms':>9} {'x floor':>8}")
