@@ -14,11 +14,15 @@
 //                    dequantized into registers and used for every row of x (no scratch).
 //
 // lo and hi bound the outermost loop (backends/numpy/parallel.call_in_parts cuts it into one part
-// per core). Sums: each block's partial in float (vectorised), the partials added in double.
+// per core).
 
 #ifndef QMV_ROWS
 #define QMV_ROWS 8
 #endif
+// gemv's sums: Q_LANES running float sums per row of x, lane l taking the products of columns
+// l, l + Q_LANES, ... (independent chains the compiler turns into vector adds, where one sum per
+// block would end every block with a horizontal add), added in double at the end of the row
+#define Q_LANES 16
 
 // Whole blocks at a time: the same arithmetic as dequant.h's dq_T_at, with each scale worked out
 // once per group of values that share it and the inner loops left for the compiler to vectorise.
@@ -148,20 +152,21 @@ void QNAME(T, rect)(float* out, const uchar* src, long row_bytes, long nblocks, 
 void QNAME(T, gemv)(float* out, const float* x, const uchar* w, long m_rows, long k, long row_bytes, long n, long lo, long hi) { \
   float buf[QK]; \
   for (long r = lo; r < hi; r++) { \
-    double acc[QMV_ROWS]; \
-    for (long m = 0; m < m_rows; m++) acc[m] = 0.0; \
+    float lanes[QMV_ROWS][Q_LANES]; \
+    for (long m = 0; m < m_rows; m++) for (int l = 0; l < Q_LANES; l++) lanes[m][l] = 0.0f; \
     for (long kb = 0; kb < k / QK; kb++) { \
-      const uchar* b = w + r * row_bytes + kb * BYTES; \
-      dqb_##T(b, buf); \
+      dqb_##T(w + r * row_bytes + kb * BYTES, buf); \
       for (long m = 0; m < m_rows; m++) { \
         const float* xs = x + m * k + kb * QK; \
-        float s = 0.0f; \
-        _Pragma("omp simd reduction(+:s)") \
-        for (int j = 0; j < QK; j++) s += buf[j] * xs[j]; \
-        acc[m] += s; \
+        for (int j = 0; j < QK; j += Q_LANES) \
+          for (int l = 0; l < Q_LANES; l++) lanes[m][l] += buf[j + l] * xs[j + l]; \
       } \
     } \
-    for (long m = 0; m < m_rows; m++) out[m * n + r] = (float)acc[m]; \
+    for (long m = 0; m < m_rows; m++) { \
+      double s = 0.0; \
+      for (int l = 0; l < Q_LANES; l++) s += lanes[m][l]; \
+      out[m * n + r] = (float)s; \
+    } \
   } \
 }
 
