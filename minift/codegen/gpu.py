@@ -1,6 +1,6 @@
 """What the GPU backends (OpenCL, Vulkan) share below their dialects: indexing a buffer through a
 View at named coordinates, the index width, matmul shapes and tiles, when an assign may write
-its target in place, the random-number key, and splitting a kernel that binds more buffers than
+its target in place, what a scatter-add starts from, the random-number key, and splitting a kernel that binds more buffers than
 the device takes. Each backend keeps its own kernel structure (backends/opencl/codegen.py,
 backends/vulkan/codegen.py); these are the pieces that are the same in both.
 
@@ -85,6 +85,17 @@ def assign_in_place_ok(kernel):
     inner = in_reduce or node.op in (Op.SUM, Op.RMAX, Op.GATHER, Op.SCATTER_ADD)
     return all(walk(s, inner) for s in node.srcs)
   return walk(kernel.ast, False)
+
+
+def scatter_add_fill(kernel, backend):
+  """What a scatter-add kernel's output holds before it adds: zeros ({"zero_fill": True}), or a
+  third operand ({"fill_from": its input}), a whole buffer that the backend copies into the
+  output first."""
+  if len(kernel.ast.srcs) < 3: return {"zero_fill": True}
+  onto = kernel.ast.srcs[2]
+  if onto.op is not Op.BUFFER or onto.arg.view != View.contiguous(kernel.shape):
+    raise NotImplementedError(f"{backend} codegen: a scatter-add onto anything but a whole buffer")
+  return {"fill_from": onto.arg.input}
 
 
 def rand_args(seed, counter):

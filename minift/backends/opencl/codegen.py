@@ -13,12 +13,11 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 from minift.codegen.cstyle import CStyleLanguage
 from minift.codegen.gpu import (view_index, wide_index, round_up as _round_up, pow2_floor as _pow2_floor, assign_in_place_ok,
-                                rand_args, matmul_shape, fastest as _fastest, matmul_out_index)
+                                rand_args, matmul_shape, fastest as _fastest, matmul_out_index, scatter_add_fill)
 from minift.codegen.tiles import matmul_tiles
 from minift.dtype import dtypes
 from minift.helpers import prod, read_kernel
 from minift.lazy import Op
-from minift.view import View
 
 
 class OpenCLLanguage(CStyleLanguage):
@@ -245,12 +244,7 @@ def render_scatter_add(kernel, in_dtypes, idx, max_local):
   buffer: the runtime copies it into out first). One work-item per column walks n in order:
   deterministic and the same order of additions as NumPy's add.at, with no atomics."""
   grad, index = kernel.ast.srcs[:2]
-  fill = {"zero_fill": True}
-  if len(kernel.ast.srcs) == 3:
-    onto = kernel.ast.srcs[2]
-    if onto.op is not Op.BUFFER or onto.arg.view != View.contiguous(kernel.shape):
-      raise NotImplementedError("OpenCL codegen: a scatter-add onto anything but a whole buffer")
-    fill = {"fill_from": onto.arg.input}
+  fill = scatter_add_fill(kernel, "OpenCL")
   rows, cols = kernel.shape
   nidx = prod(index.arg.view.shape)
   gnd = len(grad.arg.view.shape)

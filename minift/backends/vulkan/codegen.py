@@ -24,11 +24,10 @@ from dataclasses import dataclass, field
 from minift.codegen.cstyle import CStyleLanguage
 from minift.codegen.tiles import matmul_tiles
 from minift.codegen.gpu import (view_index, wide_index, round_up, pow2_floor,
-                                matmul_shape, fastest, matmul_out_index)
+                                matmul_shape, fastest, matmul_out_index, scatter_add_fill)
 from minift.dtype import dtypes
 from minift.helpers import prod, read_kernel
 from minift.lazy import Op
-from minift.view import View
 import numpy as np
 
 
@@ -404,12 +403,7 @@ def render_scatter_add(kernel, src):
   buffer: the backend copies it into out first). One invocation per column walks n in order:
   deterministic, the same order of additions as NumPy's add.at."""
   grad, index = kernel.ast.srcs[:2]
-  fill = {"zero_fill": True}
-  if len(kernel.ast.srcs) == 3:
-    onto = kernel.ast.srcs[2]
-    if onto.op is not Op.BUFFER or onto.arg.view != View.contiguous(kernel.shape):
-      raise NotImplementedError("Vulkan codegen: a scatter-add onto anything but a whole buffer")
-    fill = {"fill_from": onto.arg.input}
+  fill = scatter_add_fill(kernel, "Vulkan")
   rows, cols = kernel.shape
   nidx, gnd, idx, local = prod(index.arg.view.shape), len(grad.arg.view.shape), src.idx, src.target.local
   r = src.renderer()
