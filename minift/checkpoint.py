@@ -30,28 +30,10 @@ def _fsync_dir(path):
 
 
 @contextlib.contextmanager
-def atomic_file(path, mode="wb"):
-  """with atomic_file(p) as f: ...  -- p appears complete or not at all."""
-  folder = os.path.dirname(os.path.abspath(path))
-  fd, tmp = tempfile.mkstemp(prefix=".tmp-" + os.path.basename(path) + "-", dir=folder)
-  try:
-    with os.fdopen(fd, mode) as f:
-      yield f
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(folder)
-  except BaseException as e:
-    with contextlib.suppress(OSError): os.unlink(tmp)
-    name_file(e, path)
-    raise
-
-
-@contextlib.contextmanager
 def atomic_path(path):
   """with atomic_path(p) as tmp: write the file tmp by any means (a library that opens the path
-  itself) -- then it replaces p as atomic_file does: p appears complete or not at all. The file
-  gets the permissions a plain open() would give it (mkstemp's are owner-only)."""
+  itself) -- then it replaces p: p appears complete or not at all. The file gets the
+  permissions a plain open() would give it (mkstemp's are owner-only)."""
   folder = os.path.dirname(os.path.abspath(path))
   fd, tmp = tempfile.mkstemp(prefix=".tmp-" + os.path.basename(path) + "-", dir=folder)
   os.close(fd)
@@ -66,6 +48,13 @@ def atomic_path(path):
     with contextlib.suppress(OSError): os.unlink(tmp)
     name_file(e, path)
     raise
+
+
+@contextlib.contextmanager
+def atomic_file(path, mode="wb"):
+  """with atomic_file(p) as f: ...  -- p appears complete or not at all (atomic_path, opened)."""
+  with atomic_path(path) as tmp, open(tmp, mode) as f:
+    yield f
 
 
 def write_json(path, obj):
