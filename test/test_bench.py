@@ -53,10 +53,22 @@ def test_breakdown_of_full_fine_tuning_has_weight_gradients(tiny_gpt2):
   assert "matmul LoRA" not in c
 
 
-def test_separate_processes_alternate_and_report_per_step_times(tiny_gpt2):
+def test_separate_processes_alternate_and_report_per_step_times(tiny_gpt2, monkeypatch):
+  monkeypatch.setenv("MINIFT_DEVICE", "numpy")   # bench.main sets it: restored after the test
   rows = bench.main(["--task", "lora_step", "--model", tiny_gpt2, "--separate", "--repeat", "2"])
   (r,) = rows
   assert r["separate"] and len(r["minift_steps_s"]) == len(r["ref_steps_s"]) == 6
   assert r["minift_ms"] == pytest.approx(1e3 * statistics.median(r["minift_steps_s"]))
   assert r["ref_ms"] == pytest.approx(1e3 * statistics.median(r["ref_steps_s"]))
   assert all(t > 0 for t in r["minift_steps_s"] + r["ref_steps_s"]) and r["peak_rss_mb"] > 0 and r["ref_peak_rss_mb"] > 0
+
+
+def test_full_step_in_one_process_and_with_moments_paged(tiny_gpt2, monkeypatch):
+  """The default (in-process) comparison, also with AdamW's moments paged through the sharder:
+  rows for both, each with the peak RSS of its own processes."""
+  from minift.sharder import active
+  monkeypatch.setenv("MINIFT_DEVICE", "numpy")
+  rows = bench.main(["--task", "full_step", "--model", tiny_gpt2, "--repeat", "1"])
+  assert [("moments paged" in r["shape"]) for r in rows] == [False, True]
+  assert all(r["minift_ms"] > 0 and r["ref_ms"] > 0 and r["peak_rss_mb"] > 0 for r in rows)
+  assert active() is None   # the paged run's sharder is closed
