@@ -400,3 +400,12 @@ def test_damaged_quantized_scale_is_refused_at_load(tmp_path):
     f.write(np.array([0x7c00], "<u2").tobytes())   # +inf
   with pytest.raises(FileError, match=r"'blk.1.ffn_up.weight'.*non-finite q8_0 scale \(block 5\)"):
     models.load(path, dtype="keep", with_tokenizer=False)
+
+
+def test_the_quantized_loops_are_named_by_all_their_source_and_settings(monkeypatch):
+  """The compiled library's names hash its whole source with its settings: with DIRECT_ROWS
+  changed, a library built for the old row count (whose gemv keeps fewer running sums) is
+  never found and run."""
+  before = nq._source.__wrapped__("sig")[0]
+  monkeypatch.setattr(nq, "DIRECT_ROWS", nq.DIRECT_ROWS + 1)
+  assert nq._source.__wrapped__("sig")[0] != before

@@ -21,7 +21,7 @@ from minift.backends.numpy import cloops, parallel
 
 PANEL_BYTES = 4 << 20     # float32 scratch per panel: about the size of a core's share of the last-level cache
 MIN_PANEL_ROWS = 64       # fewer output columns per BLAS call make it repack x too often
-DIRECT_ROWS = 4           # rows of activations up to which the direct loop beats a panel and sgemv
+DIRECT_ROWS = 8           # rows of activations up to which the direct loop beats a panel and BLAS (measured to 8: README)
 COLUMN_PANELS_UP_TO = 8 << 20   # g @ W by column panels while one block column of W is at most this big
 
 
@@ -30,13 +30,13 @@ COLUMN_PANELS_UP_TO = 8 << 20   # g @ W by column panels while one block column 
 @functools.lru_cache(maxsize=None)
 def _source(signature):
   """(name prefix, source) of the quantized loops for a compiler signature."""
-  body = read_kernel("dequant.h") + read_kernel("qmatmul.c")
-  prefix = "q_" + hashlib.sha256((cloops.PRELUDE + body + signature).encode()).hexdigest()[:20]
-  head = ("typedef unsigned char uchar;\ntypedef unsigned int uint;\n#define QGLOBAL\n#define QFN static inline\n#define QINDEX long\n"
-          "#define QNOCONTRACT\nstatic inline float q_as_float(uint u) { bits32 b; b.i = u; return b.f; }\n#define Q_AS_FLOAT(u) q_as_float(u)\n"
-          f"#define QCAT2(p, t, w) p##_##t##_##w\n#define QCAT(p, t, w) QCAT2(p, t, w)\n#define QNAME(t, w) QCAT({prefix}, t, w)\n"
-          f"#define QMV_ROWS {DIRECT_ROWS}\n")
-  return prefix, head + body
+  src = ("typedef unsigned char uchar;\ntypedef unsigned int uint;\n#define QGLOBAL\n#define QFN static inline\n#define QINDEX long\n"
+         "#define QNOCONTRACT\nstatic inline float q_as_float(uint u) { bits32 b; b.i = u; return b.f; }\n#define Q_AS_FLOAT(u) q_as_float(u)\n"
+         "#define QCAT2(p, t, w) p##_##t##_##w\n#define QCAT(p, t, w) QCAT2(p, t, w)\n#define QNAME(t, w) QCAT(QPREFIX, t, w)\n"
+         f"#define QMV_ROWS {DIRECT_ROWS}\n" + read_kernel("dequant.h") + read_kernel("qmatmul.c"))
+  # the names come from a hash of all of it: a library built from other source or settings is another library
+  prefix = "q_" + hashlib.sha256((cloops.PRELUDE + src + signature).encode()).hexdigest()[:20]
+  return prefix, f"#define QPREFIX {prefix}\n" + src
 
 
 TYPES = ("q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q2_k", "q3_k", "q4_k", "q5_k", "q6_k")
