@@ -6,7 +6,8 @@ chroot made with debootstrap, run through qemu-user-static as a Neoverse-N1.
 
 Steps: debootstrap --arch=arm64 (Python, gcc, clang) into --chroot, unless it is there already;
 a copy of this checkout in it and a fresh venv with `pip install -e .[test]` (the same package
-index as pip here: PIP_INDEX_URL and pip.conf are passed through); then, with
+index as pip here: PIP_INDEX_URL, pip.conf and the CA bundles that PIP_CERT, SSL_CERT_FILE or
+REQUESTS_CA_BUNDLE name are passed through); then, with
 QEMU_CPU=neoverse-n1 (qemu's default "max" CPU makes torch's reference matmuls wrong),
 test/test_cloops.py and test/test_cpu_flags.py, and a 3-step tiny GPT-2 LoRA fine-tune whose
 losses are compared with the same run on this machine (the compiled C loops should give
@@ -19,6 +20,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = "python3,python3-venv,python3-pip,python3-dev,gcc,clang,libc6-dev,ca-certificates,git"
+CERT_VARS = ("PIP_CERT", "SSL_CERT_FILE", "REQUESTS_CA_BUNDLE")   # CA bundles (a proxy's own CA): copied in, at the same paths
 FINETUNE = """
 import json, sys
 sys.path.insert(0, "{root}/test")
@@ -37,9 +39,9 @@ def run(cmd, **kw):
 
 def chroot_run(chroot, cmd, env=None):
   base = dict(PATH="/venv/bin:/usr/local/bin:/usr/bin:/bin", HOME="/root", QEMU_CPU="neoverse-n1", LANG="C.UTF-8")
-  for k in ("PIP_INDEX_URL", "PIP_EXTRA_INDEX_URL", "PIP_TRUSTED_HOST", "CC"):
+  for k in ("PIP_INDEX_URL", "PIP_EXTRA_INDEX_URL", "PIP_TRUSTED_HOST", "CC") + CERT_VARS:
     if k in os.environ: base[k] = os.environ[k]
-  return run(["chroot", chroot, *cmd], env={**base, **(env or {})})
+  return run([shutil.which("chroot"), chroot, *cmd], env={**base, **(env or {})})   # found on this machine's PATH, not the chroot's
 
 
 def finetune(python, root, work, env):
@@ -68,7 +70,7 @@ def main():
   chroot = Path(args.chroot)
   if not (chroot / "usr/bin/python3").exists():
     run(["debootstrap", "--arch=arm64", f"--include={PACKAGES}", args.suite, chroot, args.mirror])
-  src = chroot / "minift"
+  src = chroot / "checkout"   # not /minift: run from /, that folder would be imported as the package
   if src.exists(): shutil.rmtree(src)
   files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
   for f in files:   # the checkout as it is, uncommitted edits included
@@ -80,17 +82,20 @@ def main():
       (chroot / conf.lstrip("/")).parent.mkdir(parents=True, exist_ok=True)
       shutil.copy2(conf, chroot / conf.lstrip("/"))
   shutil.copy2("/etc/resolv.conf", chroot / "etc/resolv.conf")
+  for bundle in {os.environ[k] for k in CERT_VARS if os.path.isfile(os.environ.get(k, ""))}:
+    (chroot / bundle.lstrip("/")).parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(bundle, chroot / bundle.lstrip("/"))
   mounts = [("proc", chroot / "proc", ["-t", "proc", "proc"]), ("dev", chroot / "dev", ["--bind", "/dev"])]
   for _, where, how in mounts: run(["mount", *how, where])
   try:
     if not (chroot / "venv/bin/python").exists(): chroot_run(chroot, ["python3", "-m", "venv", "/venv"])
-    chroot_run(chroot, ["pip", "install", "-q", "-e", "/minift[test]"])
+    chroot_run(chroot, ["pip", "install", "-q", "-e", "/checkout[test]"])
     cc = {"CC": args.cc, "DEBUG": "1"}
-    chroot_run(chroot, ["python", "-m", "pytest", "/minift/test/test_cloops.py", "/minift/test/test_cpu_flags.py", "-q", "-x"], cc)
+    chroot_run(chroot, ["python", "-m", "pytest", "/checkout/test/test_cloops.py", "/checkout/test/test_cpu_flags.py", "-q", "-x"], cc)
     arm_work = chroot / "tmp/minift-ft"
     if arm_work.exists(): shutil.rmtree(arm_work)
-    chroot_run(chroot, ["python", "-c", FINETUNE.format(root="/minift"), "/tmp/minift-ft"], cc)
-    chroot_run(chroot, ["python", "/minift/tools/finetune.py", "--model", "/tmp/minift-ft/model", "--data", "/tmp/minift-ft/text.txt",
+    chroot_run(chroot, ["python", "-c", FINETUNE.format(root="/checkout"), "/tmp/minift-ft"], cc)
+    chroot_run(chroot, ["python", "/checkout/tools/finetune.py", "--model", "/tmp/minift-ft/model", "--data", "/tmp/minift-ft/text.txt",
                         "--out", "/tmp/minift-ft/out", "--max_steps", "3", "--batch_size", "2", "--seq_len", "32", "--lr", "1e-2", "--quiet"], cc)
   finally:
     for _, where, _ in reversed(mounts): subprocess.run(["umount", "-l", where])
