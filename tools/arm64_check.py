@@ -90,8 +90,8 @@ def main():
   try:
     if not (chroot / "venv/bin/python").exists(): chroot_run(chroot, ["python3", "-m", "venv", "/venv"])
     chroot_run(chroot, ["pip", "install", "-q", "-e", "/checkout[test]"])
-    cc = {"CC": args.cc, "DEBUG": "1"}
-    chroot_run(chroot, ["python", "-m", "pytest", "/checkout/test/test_cloops.py", "/checkout/test/test_cpu_flags.py", "-q", "-x"], cc)
+    cc = {"CC": args.cc, "DEBUG": "1"}   # DEBUG=1: the fine-tune prints the compiler flags the C loops use there
+    chroot_run(chroot, ["python", "-m", "pytest", "/checkout/test/test_cloops.py", "/checkout/test/test_cpu_flags.py", "-q", "-x"], {"CC": args.cc})
     arm_work = chroot / "tmp/minift-ft"
     if arm_work.exists(): shutil.rmtree(arm_work)
     chroot_run(chroot, ["python", "-c", FINETUNE.format(root="/checkout"), "/tmp/minift-ft"], cc)
