@@ -330,7 +330,7 @@ def _bench_train_step(rows, device, repeat, full_ft, model="gpt2", separate=Fals
       if budget: active_sharder().close(restore=False)
     shape = _step_title(model, full_ft) + (f", moments paged ({budget} MB)" if budget else "")
     row(rows, name, shape, o, r, "torch" if full_ft else "torch+peft", f"(in one process, {torch.get_num_threads()} torch threads)")
-    del trainer, ours
+    trainer = ours = None   # this model freed before the peak-RSS processes run
     _, rss_ours = _steps_in_process("minift", model, full_ft, device, 1, budget)
     _, rss_ref = _steps_in_process("torch", model, full_ft, device, 1)
     rows[-1].update(peak_rss_mb=rss_ours, ref_peak_rss_mb=rss_ref, rss_ratio=rss_ours / rss_ref)
@@ -778,7 +778,7 @@ def bench_quant_speed(rows, device, repeat):
       targets = np.concatenate([ids[:, 1:], [[-100]]], 1)
       o, f = side_by_side(lambda: token_nll(kept, ids, targets), lambda: token_nll(flt, ids, targets), repeat)
       row(rows, "quant_eval", f"{name}, ctx 512", o, f, "float32", f"{512/o:.0f} vs {512/f:.0f} tok/s (kept vs float32 base)")
-    del kept, flt
+    kept = flt = None   # freed before the next model loads
 
 
 # ---- the soak (issue: reliability): resident memory over a long run with checkpoints
