@@ -36,6 +36,17 @@ def strides_for(shape):
   return tuple(reversed(strides))
 
 
+def write_cache_file(path, data):
+  """Write a cache file (bytes or str) whole or not at all: a temp file named by this process,
+  renamed over `path`, so a concurrent process never reads half of it. No fsync: a cache lost to
+  a crash is built again. Raises OSError."""
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = path.with_suffix(f".{os.getpid()}.tmp")
+  if isinstance(data, str): tmp.write_text(data)
+  else: tmp.write_bytes(data)
+  os.replace(tmp, path)
+
+
 def prune_cache(folder, pattern, companions=()):
   """Keep a disk cache of built kernels (files `pattern` in `folder`) under MINIFT_CACHE_MAX_MB
   (512 by default; 0: no limit): delete the least recently used first, each with its companion

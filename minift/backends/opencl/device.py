@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pyopencl as cl
 from minift.dtype import dtypes
-from minift.helpers import DEBUG, KERNEL_DIR, log, prod, prune_cache, read_kernel, touch_cache
+from minift.helpers import DEBUG, KERNEL_DIR, log, prod, prune_cache, read_kernel, touch_cache, write_cache_file
 from minift.lazy import LazyOp, Op
 from minift.runtime.buffer import Buffer
 from minift.runtime.device import Device
@@ -327,10 +327,7 @@ class OpenCLDevice(Device):
 
   def _save_binary(self, path, prg):
     try:
-      path.parent.mkdir(parents=True, exist_ok=True)
-      tmp = path.with_suffix(f".{os.getpid()}.tmp")
-      tmp.write_bytes(prg.binaries[0])
-      os.replace(tmp, path)   # atomic: a concurrent process never reads half a file
+      write_cache_file(path, prg.binaries[0])
       prune_cache(path.parent, "*.bin")
     except OSError as e:
       if not self._cache_warned:
@@ -441,10 +438,7 @@ class OpenCLDevice(Device):
       if not isinstance(saved, dict): saved = {}
       mine = saved.setdefault(self._device_key(), {})
       mine.setdefault(self._family_key(family), {}).update(reasons)
-      path.parent.mkdir(parents=True, exist_ok=True)
-      tmp = path.with_suffix(f".{os.getpid()}.tmp")
-      tmp.write_text(json.dumps(saved, indent=1, sort_keys=True))
-      os.replace(tmp, path)   # atomic; a concurrent writer's refusals may be lost, and are found again
+      write_cache_file(path, json.dumps(saved, indent=1, sort_keys=True))   # a concurrent writer's refusals may be lost, and are found again
     except OSError as e:
       log.warning(f"OpenCL: cannot write {path} ({e}); refused tiles will be tried again next time")
 

@@ -48,7 +48,7 @@ from ctypes import addressof, byref, c_char, c_char_p, c_float, c_int32, c_size_
 from dataclasses import dataclass, asdict
 from pathlib import Path
 import numpy as np
-from minift.helpers import DEBUG, prune_cache, touch_cache
+from minift.helpers import DEBUG, prune_cache, touch_cache, write_cache_file
 
 log = logging.getLogger("minift")
 
@@ -783,10 +783,7 @@ class GLSLCompiler:
 
   def _save(self, path, spirv):
     try:
-      path.parent.mkdir(parents=True, exist_ok=True)
-      tmp = path.with_suffix(f".{os.getpid()}.tmp")
-      tmp.write_bytes(spirv)
-      os.replace(tmp, path)   # atomic: a concurrent process never reads half a file
+      write_cache_file(path, spirv)
       prune_cache(path.parent, "*.spv")
     except OSError as e:
       if not self._warned:
@@ -1228,10 +1225,7 @@ class Device:
     self.vk.vkGetPipelineCacheData(self.handle, self._pipeline_cache, byref(size), data)
     path = self._pipeline_cache_path
     try:
-      path.parent.mkdir(parents=True, exist_ok=True)
-      tmp = path.with_suffix(f".{os.getpid()}.tmp")
-      tmp.write_bytes(data.raw[:size.value])
-      os.replace(tmp, path)
+      write_cache_file(path, data.raw[:size.value])
     except OSError as e:
       log.warning(f"Vulkan: cannot write the pipeline cache {path} ({e})")
 
