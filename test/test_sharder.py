@@ -140,11 +140,13 @@ def test_fp16_disk(tiny, full_ft):
   for k in ref_final: np.testing.assert_allclose(final[k], ref_final[k], atol=1e-2, err_msg=k)   # Adam steps are at most ~lr = 1e-2
 
 
-def test_opencl_tiers_exact(tiny, monkeypatch):
-  """GPU -> RAM -> disk on the OpenCL backend (PoCL in CI)."""
-  monkeypatch.setenv("MINIFT_DEVICE", "opencl")
+@pytest.mark.parametrize("device", ["opencl", "vulkan"])
+def test_gpu_tiers_exact(tiny, monkeypatch, device):
+  """GPU -> RAM -> disk with OpenCL or Vulkan buffers in the GPU tier (PoCL and lavapipe in CI):
+  the same bits as without paging."""
+  monkeypatch.setenv("MINIFT_DEVICE", device)
   from minift.runtime.device import canonical_device
-  if canonical_device() != "opencl": pytest.fail("OpenCL is not available (CI installs PoCL)")
+  if canonical_device() != device: pytest.fail(f"{device} is not available (CI installs PoCL and lavapipe)")
   ref_losses, ref_final, _ = train(tiny["llama"], tiny["text"], steps=3)
   with Sharder(ram_budget_mb=24 * KB, gpu_budget_mb=16 * KB, trace=True) as sh:
     losses, final, _ = train(tiny["llama"], tiny["text"], steps=3, sharder=sh)

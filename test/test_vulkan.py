@@ -230,20 +230,6 @@ def test_no_vulkan_device_falls_back_to_numpy():
   assert len(warnings) == 1 and "no-such-device-xyz" in warnings[0]
 
 
-def test_sharder_gpu_tier_pages_vulkan_memory(tiny, monkeypatch):
-  """GPU -> RAM -> disk with Vulkan buffers in the GPU tier: the same bits as without paging."""
-  from test_sharder import train, assert_bounded, KB
-  from minift.sharder import Sharder
-  monkeypatch.setenv("MINIFT_DEVICE", "vulkan")
-  ref_losses, ref_final, _ = train(tiny["llama"], tiny["text"], steps=3)
-  with Sharder(ram_budget_mb=24 * KB, gpu_budget_mb=16 * KB, trace=True) as sh:
-    losses, final, _ = train(tiny["llama"], tiny["text"], steps=3, sharder=sh)
-    assert_bounded(sh)
-    assert sh.peak["gpu"] > 0 and any(event == "upload" for event, *_ in sh.trace)
-  np.testing.assert_array_equal(losses, ref_losses)
-  for k in ref_final: np.testing.assert_array_equal(final[k], ref_final[k])
-
-
 # ---- tools
 
 def test_kernel_test_tool_on_vulkan(tmp_path):
