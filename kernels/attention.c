@@ -119,8 +119,11 @@ static inline void att_block_keys(long i0, long rows, long off, long causal, lon
   if (*j1 < *j0) *j1 = *j0;
 }
 
-/* s[r0 .. r1) = exp(s - max), zeros elsewhere in [j0, j1 + 4); returns their sum */
-ATT_CONTRACT static double att_exp_row(float* s, long j0, long r0, long r1, long j1) {
+/* s[r0 .. r1) = exp(s - max), zeros elsewhere in [j0, j1 + 4); returns their sum. Not contracted
+   and never inlined into the contracted functions: exp_f's polynomial with FMAs (as gcc made it
+   there) rounds otherwise than without (as clang made it), so the probabilities would depend on
+   the compiler; the products alone are contracted, as BLAS's are. */
+__attribute__((noinline)) static double att_exp_row(float* s, long j0, long r0, long r1, long j1) {
   float m = -INFINITY;   /* (a NaN score need not reach m: exp(NaN - m) makes the row's sum NaN) */
 #pragma omp simd reduction(max:m)
   for (long x = r0; x < r1; x++) m = m > s[x] ? m : s[x];

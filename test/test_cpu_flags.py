@@ -81,3 +81,31 @@ def test_cache_key_without_cpuinfo(monkeypatch):
   def missing(): raise OSError("no /proc")
   monkeypatch.setattr(cc_mod, "_cpuinfo", missing)
   assert cc_mod._cpu_id()
+
+
+def test_arm64_check_compares_kernel_by_kernel(tmp_path):
+  """tools/arm64_check.py's comparison of two traced fine-tunes (x86 against arm64 there): two
+  runs on this machine agree; a C-loop kernel whose output changed for the same inputs fails it,
+  and so does a BLAS product off by more than float32 rounding."""
+  import json, shutil, sys
+  import numpy as np
+  from pathlib import Path
+  tools = Path(__file__).resolve().parent.parent / "tools"
+  sys.path.insert(0, str(tools))
+  import arm64_check
+  a, b = tmp_path / "a", tmp_path / "b"
+  arm64_check.make_model(a)
+  shutil.copytree(a, b)
+  for work in (a, b): subprocess.run([sys.executable, str(tools / "arm64_check.py"), "--trace", str(work)], check=True, capture_output=True)
+  assert arm64_check.compare(a, b) == []
+  trace = json.loads((b / "trace.json").read_text())
+  i = next(i for i, k in enumerate(trace) if k["kind"] == "elementwise")
+  trace[i]["out"] = "0" * 40
+  (b / "trace.json").write_text(json.dumps(trace))
+  assert any(e.startswith(f"kernel {i} ") for e in arm64_check.compare(a, b))
+  shutil.copy2(a / "trace.json", b / "trace.json")
+  products = dict(np.load(b / "matmuls.npz"))
+  first = min(products, key=int)
+  products[first] = products[first] * np.float32(1 + 1e-3)
+  np.savez(b / "matmuls.npz", **products)
+  assert any("BLAS matmul" in e for e in arm64_check.compare(a, b))
