@@ -138,10 +138,14 @@ __attribute__((noinline)) static double att_exp_row(float* s, long j0, long r0, 
 /* out (B, Hq, T, Dv) from q (B, Hq, T, D), k (B, Hkv, S, D), v (B, Hkv, S, Dv), all contiguous.
    Query i (aligned with key i + S - T) sees keys j <= i + S - T when causal, and, with a window
    (> 0), only j > i + S - T - window. Units [lo, hi) of the B * Hq * ceil(T / ATT_BLOCK) query
-   blocks: one part of the work. failed[0] is set where the scratch memory could not be had. */
-ATT_CONTRACT void ATTENTION_NAME(float* out, const float* q, const float* k, const float* v, int32_t* failed,
-                                 long B, long Hq, long Hkv, long T, long S, long D, long Dv, float scale,
-                                 long causal, long window, long lo, long hi) {
+   blocks: one part of the work. failed[0] is set where the scratch memory could not be had.
+   Arguments packed in a (every compiled loop's signature: minift/backends/numpy/parallel.py). */
+ATT_CONTRACT void ATTENTION_NAME(const intptr_t* a, long lo, long hi) {
+  float* out = (float*)a[0];
+  const float *q = (const float*)a[1], *k = (const float*)a[2], *v = (const float*)a[3];
+  int32_t* failed = (int32_t*)a[4];
+  const float scale = *(const float*)a[5];
+  const long B = a[6], Hq = a[7], Hkv = a[8], T = a[9], S = a[10], D = a[11], Dv = a[12], causal = a[13], window = a[14];
   long G = Hq / Hkv, off = S - T, blocks = (T + ATT_BLOCK - 1) / ATT_BLOCK;
   long sp = (S + ATT_TILE - 1) / ATT_TILE * ATT_TILE + ATT_TILE;   /* a tile may start anywhere below S */
   long dvp = (Dv + 15) / 16 * 16, vp_size = dvp == Dv ? 0 : S * dvp;
@@ -183,9 +187,12 @@ ATT_CONTRACT void ATTENTION_NAME(float* out, const float* q, const float* k, con
    is kept); with P = softmax and dP = dout v^T, dS = P (dP - rowsum(P dP)), and
    dq = scale dS k, dk = scale dS^T q, dv = P^T dout. Units [lo, hi) of the B * Hkv (batch, kv
    head) pairs: a part owns the keys' and values' gradients of its pairs. */
-ATT_CONTRACT void ATTENTION_BACKWARD_NAME(float* out, const float* q, const float* k, const float* v, const float* dout, int32_t* failed,
-                                          long B, long Hq, long Hkv, long T, long S, long D, long Dv, float scale,
-                                          long causal, long window, long lo, long hi) {
+ATT_CONTRACT void ATTENTION_BACKWARD_NAME(const intptr_t* a, long lo, long hi) {
+  float* out = (float*)a[0];
+  const float *q = (const float*)a[1], *k = (const float*)a[2], *v = (const float*)a[3], *dout = (const float*)a[4];
+  int32_t* failed = (int32_t*)a[5];
+  const float scale = *(const float*)a[6];
+  const long B = a[7], Hq = a[8], Hkv = a[9], T = a[10], S = a[11], D = a[12], Dv = a[13], causal = a[14], window = a[15];
   long G = Hq / Hkv, off = S - T;
   long sp = (S + ATT_TILE - 1) / ATT_TILE * ATT_TILE + ATT_TILE;
   long dp = (D + 15) / 16 * 16, dvp = (Dv + 15) / 16 * 16;

@@ -25,9 +25,13 @@
 
 #define QPTR QGLOBAL const uchar*
 
-// an fp16 (2 bytes, little-endian) as a float, exactly (subnormals, signed zeros, inf and NaN too)
+// an fp16 (2 bytes, little-endian) as a float, exactly (subnormals, signed zeros, inf and NaN too);
+// by the CPU's own conversion where the includer defines Q_HALF_BITS (exact too, for every finite half)
 QFN float q_half(QPTR p) {
   uint h = (uint)p[0] | ((uint)p[1] << 8);
+#ifdef Q_HALF_BITS
+  return Q_HALF_BITS(h);
+#endif
   uint e = (h >> 10) & 31u, m = h & 1023u;
   if (e == 0u) {   // zero or subnormal: m * 2^-24, exact in float
     float f = (float)m * 5.9604644775390625e-8f;

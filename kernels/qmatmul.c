@@ -4,6 +4,9 @@
 // dqb_T below decodes a whole block (dequant.h's dq_T_at decodes one value: the OpenCL kernels'
 // tile loads use it).
 //
+// Arguments come packed in an array (every compiled loop's signature: backends/numpy/parallel.py),
+// in the order named below.
+//
 //   QNAME(T, rect)   rows [lo, hi) of a rectangle of blocks into float32: row r's nblocks blocks
 //                    start at src + r * row_bytes and land at out + r * out_stride. A panel of a
 //                    weight dequantized into a cache-sized scratch that BLAS then multiplies, a
@@ -138,7 +141,10 @@ static inline void dqb_q6_k(const uchar* restrict b, float* restrict o) {
 }
 
 #define Q_LOOPS(T, QK, BYTES) \
-void QNAME(T, rect)(float* out, const uchar* src, long row_bytes, long nblocks, long out_stride, long lo, long hi) { \
+void QNAME(T, rect)(const intptr_t* a, long lo, long hi) { \
+  float* out = (float*)a[0]; \
+  const uchar* src = (const uchar*)a[1]; \
+  const long row_bytes = a[2], nblocks = a[3], out_stride = a[4]; \
   for (long r = lo; r < hi; r++) { \
     const uchar* row = src + r * row_bytes; \
     float* o = out + r * out_stride; \
@@ -149,25 +155,34 @@ void QNAME(T, rect)(float* out, const uchar* src, long row_bytes, long nblocks, 
     } \
   } \
 } \
-void QNAME(T, gemv)(float* out, const float* x, const uchar* w, long m_rows, long k, long row_bytes, long n, long lo, long hi) { \
+static void QNAME(T, gemv_m)(float* out, const float* x, const uchar* w, const long M, long k, long row_bytes, long n, long lo, long hi) { \
   float buf[QK]; \
   for (long r = lo; r < hi; r++) { \
     float lanes[QMV_ROWS][Q_LANES]; \
-    for (long m = 0; m < m_rows; m++) for (int l = 0; l < Q_LANES; l++) lanes[m][l] = 0.0f; \
+    for (long m = 0; m < M; m++) for (int l = 0; l < Q_LANES; l++) lanes[m][l] = 0.0f; \
     for (long kb = 0; kb < k / QK; kb++) { \
       dqb_##T(w + r * row_bytes + kb * BYTES, buf); \
-      for (long m = 0; m < m_rows; m++) { \
+      for (long m = 0; m < M; m++) { \
         const float* xs = x + m * k + kb * QK; \
         for (int j = 0; j < QK; j += Q_LANES) \
           for (int l = 0; l < Q_LANES; l++) lanes[m][l] += buf[j + l] * xs[j + l]; \
       } \
     } \
-    for (long m = 0; m < m_rows; m++) { \
+    for (long m = 0; m < M; m++) { \
       double s = 0.0; \
       for (int l = 0; l < Q_LANES; l++) s += lanes[m][l]; \
       out[m * n + r] = (float)s; \
     } \
   } \
+} \
+void QNAME(T, gemv)(const intptr_t* a, long lo, long hi) { \
+  float* out = (float*)a[0]; \
+  const float* x = (const float*)a[1]; \
+  const uchar* w = (const uchar*)a[2]; \
+  const long m_rows = a[3], k = a[4], row_bytes = a[5], n = a[6]; \
+  /* a constant row count for the one-row case (a decode step): its sums then stay in registers */ \
+  if (m_rows == 1) QNAME(T, gemv_m)(out, x, w, 1, k, row_bytes, n, lo, hi); \
+  else QNAME(T, gemv_m)(out, x, w, m_rows, k, row_bytes, n, lo, hi); \
 }
 
 Q_LOOPS(q8_0, 32, 34)

@@ -16,7 +16,7 @@ from minift.tensor import Tensor
 from minift.lazy import LazyBuffer, LazyOp, Op
 from minift.runtime.buffer import active_pager
 from minift.runtime.device import FusedAssigns, get_device
-from minift.runtime.executor import capturing, run_kernel
+from minift.runtime.executor import capturing, repeating, run_kernel
 from minift.view import View
 
 
@@ -116,9 +116,10 @@ class jit:
            tuple(repr(a) for a in args if not _tensors_in(a)), tuple(sorted((k, repr(v)) for k, v in kwargs.items() if not _tensors_in(v))))
     if key != self.key: self.calls, self.key, self.recording = 0, key, None
     self.calls += 1
-    if self.calls <= self.warmup: return self._realized(self.fn(*args, **kwargs))
-    if self.calls == self.warmup + 1: return self._capture(inputs, args, kwargs)
-    return self._replay(inputs)
+    if self.calls > self.warmup + 1: return self._replay(inputs)
+    with repeating():   # the warmup too: replays should compute as it did (the NumPy backend compiles small kernels then)
+      if self.calls <= self.warmup: return self._realized(self.fn(*args, **kwargs))
+      return self._capture(inputs, args, kwargs)
 
   @staticmethod
   def _realized(ret):

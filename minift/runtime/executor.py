@@ -4,7 +4,9 @@ run_kernel (one kernel on buffers; jit replays call it directly).
 Two hooks plug into every kernel run, each set by its owner through a function here or in
 runtime.buffer, never read elsewhere: the pager (runtime.buffer.set_pager; the sharder) gets
 each kernel's inputs before it runs and what it wrote after, and the captures
-(capturing(); jit) record every kernel run with its buffers.
+(capturing(); jit) record every kernel run with its buffers. jit also says, with repeating(),
+when the kernels scheduled are those of a function it will replay (a backend may then build
+code for kernels too small to be worth building for one run).
 """
 import contextlib, time
 from minift.helpers import DEBUG, GlobalCounters
@@ -34,6 +36,23 @@ def capturing(capture):
   _captures.append(capture)
   try: yield capture
   finally: _captures.remove(capture)
+
+
+_repeating = [0]   # jitted calls running (warmup and capture): their kernels will be replayed
+
+
+@contextlib.contextmanager
+def repeating():
+  """Within the block, the kernels scheduled belong to a jitted function whose replays run them
+  again on every call (jit wraps its warmup and capturing calls in it)."""
+  _repeating[0] += 1
+  try: yield
+  finally: _repeating[0] -= 1
+
+
+def is_repeating():
+  """Whether the kernels scheduled now will be replayed (see repeating)."""
+  return _repeating[0] > 0
 
 
 def run_kernel(kernel, ins, out=None, rand_key=None, upcoming=None):

@@ -3,10 +3,10 @@ C loops of kernels/attention.c, built with the C loops' compiler, and without a 
 computed in NumPy, a block of queries at a time (the (T, S) scores of a long sequence would not
 fit in memory at once).
 """
-import ctypes, functools, hashlib
+import functools, hashlib
 import numpy as np
 from minift.helpers import read_kernel
-from minift.backends.numpy import cloops
+from minift.backends.numpy import cloops, parallel
 
 ATTENTION_ROWS = 32   # query rows per unit of work of the compiled loops (ATT_BLOCK in attention.c)
 
@@ -31,8 +31,8 @@ def attention_functions():
     compiler.build({name: src, name + "_backward": ""})   # both names listed: the cache finds each function by its name
     fns = compiler.get(name), compiler.get(name + "_backward")
     if None in fns: return None
-  for fn, tensors in zip(fns, (3, 4)):
-    if fn.argtypes is None: fn.argtypes = [ctypes.c_void_p] * (tensors + 2) + [ctypes.c_long] * 7 + [ctypes.c_float] + [ctypes.c_long] * 4
+  for fn in fns:
+    fn.argtypes = parallel.LOOP_ARGTYPES
   return fns
 
 

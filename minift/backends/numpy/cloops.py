@@ -31,7 +31,8 @@ from minift.lazy import Op
 from minift.view import View
 from minift.backends.numpy.compiler import Compiler
 
-# Kernels of fewer elements than this run in NumPy: there, a compile is not worth it.
+# Kernels of fewer elements than this run in NumPy: there, a compile is not worth it (for one
+# run: a jitted function's kernels, replayed on every call, are compiled whatever their size).
 C_FROM = 1 << 12
 CHUNK = 1 << 16   # elements per partial sum of a big reduction to one value (Renderer.chunks)
 COLUMNS = 64   # outputs a reduction over leading axes sums at once (their accumulators stay in registers or L1)
@@ -383,7 +384,12 @@ class Renderer(CLanguage):
 
 
 def _function(name, args, w):
-  return f"void {name}({', '.join(args)}) {{\n  " + "\n  ".join(w.lines) + "\n}\n"
+  """A compiled loop's C: void name(const intptr_t* a_, long lo, long hi), every loop's signature
+  (parallel.py), its arguments (C declarations `type* name` before lo and hi) unpacked from a_."""
+  *pointers, lo, hi = args
+  assert (lo, hi) == ("long lo", "long hi")
+  unpack = [f"{decl} = ({decl.rpartition('*')[0]}*)a_[{i}];" for i, decl in enumerate(pointers)]
+  return f"void {name}(const intptr_t* a_, long lo, long hi) {{\n  " + "\n  ".join(unpack + w.lines) + "\n}\n"
 
 
 class Segment(NamedTuple):
@@ -506,17 +512,18 @@ class CLoop(NamedTuple):
   chunks: int
 
 
-def prepare(kernels, in_dtypes_of):
-  """The CLoop of each kernel (None where NumPy evaluates it: a kernel too small, or of a kind,
-  op or dtype the C loops do not cover), every new one built in one compiler run; None
-  altogether when there is no compiler."""
+def prepare(kernels, in_dtypes_of, min_size=None):
+  """The CLoop of each kernel (None where NumPy evaluates it: a kernel of fewer than min_size
+  elements, or of a kind, op or dtype the C loops do not cover), every new one built in one
+  compiler run (min_size: C_FROM unless given); None altogether when there is no compiler."""
   if not compiler.available: return None
+  if min_size is None: min_size = C_FROM
   loops, todo = [], {}
   for k in kernels:
     loops.append(None)
     if k.kind not in C_KINDS: continue
     size = prod(k.reduce.arg.shape) if k.kind == "reduce" else prod(k.shape)
-    if size < C_FROM or size == 0: continue
+    if size < min_size or size == 0: continue
     in_dtypes = in_dtypes_of(k)
     key = structure(k, in_dtypes), CHUNK, COLUMNS
     if key not in _rendered:

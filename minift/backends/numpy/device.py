@@ -5,7 +5,7 @@ and dtypes covered), and every other kernel's AST is evaluated with NumPy.
 Loads are strided views of the input buffers (no copies, pads become np.pad); temporaries
 made inside a kernel are reused in place where the shape and dtype allow it.
 """
-import ctypes, itertools
+import itertools
 import numpy as np
 from numpy.lib.stride_tricks import as_strided
 from minift.dtype import dtypes
@@ -13,6 +13,7 @@ from minift.helpers import WeakIdMap, prod
 from minift.lazy import Op
 from minift.runtime.buffer import Buffer, is_paged
 from minift.runtime.device import Device, FusedAssigns
+from minift.runtime.executor import is_repeating
 from minift.schedule import matmul_axes
 from minift.view import View
 from minift.backends.numpy import cloops, quant
@@ -222,7 +223,8 @@ class NumpyDevice(Device):
 
   def _prepare(self, kernels, in_dtypes_of):
     todo = [(k, state) for k in kernels for state in [self._state(k)] if state.loop is _UNPREPARED]
-    loops = cloops.prepare([k for k, _ in todo], in_dtypes_of)
+    # a jitted function's kernels run again on every replay: compiled whatever their size
+    loops = cloops.prepare([k for k, _ in todo], in_dtypes_of, 1 if is_repeating() else cloops.C_FROM)
     if loops is not None:   # (None: no compiler; asked again next time)
       for (_, state), loop in zip(todo, loops): state.loop = loop
 
@@ -238,7 +240,7 @@ class NumpyDevice(Device):
     if cloops.compiler.get(name) is None: cloops.compiler.build({name: src})
     fn = cloops.compiler.get(name)
     if fn is None: return None
-    fn.argtypes = [ctypes.c_void_p] * (len(in_dtypes) + 1) + [ctypes.c_long] * 2
+    fn.argtypes = parallel.LOOP_ARGTYPES
     return FusedAssigns(kernels, [m[k.assign_target] for k, m in zip(kernels, in_maps)], (fn, outer))
 
   def run_fused(self, fused, ins):
@@ -256,7 +258,7 @@ class NumpyDevice(Device):
       loop = state.loop
       if isinstance(loop, cloops.CLoop):
         fn = state.fn = cloops.compiler.get(loop.name)
-        if fn is not None: fn.argtypes = [ctypes.c_void_p] * (len(ins) + 1 + (kernel.kind == "matmul") + bool(loop.chunks)) + [ctypes.c_long] * 2
+        if fn is not None: fn.argtypes = parallel.LOOP_ARGTYPES
     if fn: return self.run_c(kernel, state, fn, flats, assign_out)
     if kernel.kind == "scatter_add" and assign_out is not None:   # onto its third operand's buffer, in place (jit._donated)
       if assign_out.data.flags.writeable:
@@ -310,7 +312,7 @@ class NumpyDevice(Device):
       part = np.empty(2 * loop.chunks, np.float64)
       args.append(part.ctypes.data)
     parallel.call_in_parts(fn, out, args, loop.outer, loop.size)
-    if loop.chunks: fn(out.ctypes.data, *args, -1, 0)
+    if loop.chunks: fn(parallel.pack([out.ctypes.data, *args]), -1, 0)
     if in_place: return assign_out
     if assign_out is not None:
       assign_out.data[...] = out
@@ -331,11 +333,11 @@ class NumpyDevice(Device):
       with np.errstate(all="ignore"):
         if not backward: return attention_numpy(q, k, v, scale, causal, window).reshape(-1)
         return np.concatenate([g.reshape(-1) for g in attention_backward_numpy(q, k, v, arrays[3], scale, causal, window)])
-    out, failed = np.empty(prod(kernel.shape), np.float32), np.zeros(1, np.int32)
+    out, failed, scale_f = np.empty(prod(kernel.shape), np.float32), np.zeros(1, np.int32), np.array([scale], np.float32)
     # parts: blocks of queries forward; (batch, kv head) pairs backward, each owning its keys' gradients
     units = B * Hkv if backward else B * Hq * -(-T // ATTENTION_ROWS)
-    parallel.call_in_parts(fns[backward], out, [a.ctypes.data for a in arrays] + [failed.ctypes.data, B, Hq, Hkv, T, S, D, Dv, scale, int(causal), window or 0],
-                  units, B * Hq * T * max(S, 1))
+    parallel.call_in_parts(fns[backward], out, [a.ctypes.data for a in arrays] + [failed.ctypes.data, scale_f.ctypes.data, B, Hq, Hkv, T, S, D, Dv, int(causal), window or 0],
+                           units, B * Hq * T * max(S, 1))
     if failed[0]: raise MemoryError(f"attention {q.shape} x {k.shape}: no memory for the scratch of {S} keys")
     return out
 
