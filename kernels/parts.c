@@ -12,12 +12,14 @@
    SPIN_NS after each part before it sleeps: a model's kernels come tens of microseconds apart,
    so the next part usually finds it awake (OpenBLAS keeps its threads spinning the same way). */
 #include <pthread.h>
+#include <sched.h>
 #include <stdint.h>
 #include <string.h>
 #include <time.h>
 
 #define MAX_WORKERS 255
 #define SPIN_NS 100000L
+#define YIELD_AFTER 256      /* pauses (~10 us) before the spinning gives way to other threads */
 
 typedef void (*part_fn)(const intptr_t* args, long lo, long hi);
 
@@ -55,8 +57,9 @@ static void* work(void* arg) {
   for (;;) {
     long go, until = now_ns() + SPIN_NS;
     for (int n = 1; (go = __atomic_load_n(&w->go, __ATOMIC_ACQUIRE)) == seen; n++) {
-      relax();
-      if (n % 256 == 0 && now_ns() > until) {
+      if (n < YIELD_AFTER) relax();
+      else sched_yield();   /* a thread that has work on this core (BLAS's) runs first */
+      if (n % 64 == 0 && now_ns() > until) {
         pthread_mutex_lock(&w->lock);
         while ((go = __atomic_load_n(&w->go, __ATOMIC_ACQUIRE)) == seen) pthread_cond_wait(&w->wake, &w->lock);
         pthread_mutex_unlock(&w->lock);
