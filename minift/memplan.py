@@ -195,7 +195,7 @@ class Settings:
   lora_targets: tuple = None        # None: the architecture's default
   optimizer: str = "adamw"
   momentum: float = 0.0
-  grad_checkpoint: bool = False
+  grad_checkpoint: float = 0.0       # the fraction of blocks checkpointed (trainer.checkpointed_blocks)
   base_dtype: str = "float32"      # storage of the frozen weight matrices (a key of BASE_BYTES)
   shard_budget_mb: float = None     # None: no sharder
   shard_optimizer_only: bool = False
@@ -203,13 +203,20 @@ class Settings:
 
   def levers(self):
     """The settings in words, for the plan's line."""
-    out = ["activation checkpointing" if self.grad_checkpoint else "no checkpointing"]
+    out = ["activation checkpointing" if self.grad_checkpoint >= 1 else f"activation checkpointing of {self.grad_checkpoint:g} of the blocks"
+           if self.grad_checkpoint else "no checkpointing"]
     if not self.full_ft: out.append("frozen weights as the file stores them" if self.base_dtype == "keep" else f"{self.base_dtype} frozen weights")
     if self.shard_budget_mb is None: out.append("no sharder")
     else: out.append(f"sharder budget {self.shard_budget_mb:g} MB" + (" (optimizer moments only)" if self.shard_optimizer_only else ""))
     micro = self.batch_size // self.grad_accum_steps
     out.append(f"{self.grad_accum_steps} micro-batch{'es' if self.grad_accum_steps > 1 else ''} of {micro}")
     return out
+
+
+def checkpointed_blocks(n, fraction):
+  """Which of n blocks to checkpoint for a fraction of them: about n * fraction, spread evenly
+  (0.5: every other block from the first; 1: all)."""
+  return [i for i in range(n) if math.floor((i + 1) * fraction + 0.5) > math.floor(i * fraction + 0.5)]
 
 
 def trained_linears(m, s):
@@ -275,8 +282,9 @@ def estimate(m, s, eval_batch=None):
 
   # -- activations a micro-batch keeps for backward
   layer = tokens * activation_floats(m, s) * f32
-  if s.grad_checkpoint: kept, recompute = L * tokens * C * f32, layer   # block inputs; one block run again in backward
-  else: kept, recompute = L * layer, 0
+  # a checkpointed block keeps its input and runs again in backward (one at a time); the others keep all
+  ck = len(checkpointed_blocks(L, s.grad_checkpoint))
+  kept, recompute = ck * tokens * C * f32 + (L - ck) * layer, layer if ck else 0
 
   # -- the head: linear_cross_entropy makes CHUNK_ROWS rows of logits at a time (their softmax and
   # gradient written over them) next to the whole hidden states and their gradient; soft-capped
@@ -360,8 +368,8 @@ def _stages(m, s, explicit):
   free = user_sharder and s.shard_budget_mb is None
   cur = s
   yield cur, free
-  if not cur.grad_checkpoint:
-    cur = replace(cur, grad_checkpoint=True)
+  if cur.grad_checkpoint < 1:
+    cur = replace(cur, grad_checkpoint=1.0)
     yield cur, free
   if not (s.full_ft or "base_dtype" in explicit or (cur.base_dtype == "keep" and m.keep_bytes < 2)):   # (blocks are not quantized again)
     for dtype in BASE_LEVERS:   # each smaller than the one before

@@ -17,6 +17,7 @@ from minift.optim import AdamW, SGD, grad_norm, clip_scale, state_like
 from minift.checkpoint import Later, atomic_folder, atomic_file, save_safetensors
 from minift.data import IGNORE
 from minift.nn import joined_row_pieces
+from minift.memplan import checkpointed_blocks
 from minift.errors import FileError, UserError, read_json, writing
 
 SCHEDULES = ("linear", "cosine", "constant")
@@ -69,15 +70,17 @@ def checkpointed(fn, x):
   return y
 
 
-def enable_activation_checkpointing(model):
-  """Checkpoint every transformer block of model (its `h` or `layers` list)."""
+def enable_activation_checkpointing(model, fraction=1.0):
+  """Checkpoint the transformer blocks of model (its `h` or `layers` list): all of them, or a
+  fraction spread evenly (checkpointed_blocks). Returns (blocks checkpointed, blocks)."""
   blocks = [b for name, mod in model.named_modules() for attr in ("h", "layers")
             if isinstance(getattr(mod, attr, None), list) for b in getattr(mod, attr)]
   if not blocks: raise ValueError(f"{type(model).__name__}: no block list (h or layers) to checkpoint")
-  for block in blocks:
-    forward = block.forward
-    block.forward = lambda x, *args, _f=forward, **kw: checkpointed(lambda z: _f(z, *args, **kw), x)
-  return len(blocks)
+  chosen = checkpointed_blocks(len(blocks), fraction)
+  for i in chosen:
+    forward = blocks[i].forward
+    blocks[i].forward = lambda x, *args, _f=forward, **kw: checkpointed(lambda z: _f(z, *args, **kw), x)
+  return len(chosen), len(blocks)
 
 
 # ---- the loop

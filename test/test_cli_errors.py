@@ -141,6 +141,7 @@ CASES = [
   ("ft-rank-0", "finetune", FT + ["--lora_rank", "0"], "--lora_rank", 2),
   ("ft-alpha-inf", "finetune", FT + ["--lora_alpha", "inf"], "--lora_alpha", 2),
   ("ft-dropout", "finetune", FT + ["--lora_dropout", "1.5"], "--lora_dropout", 2),
+  ("ft-checkpoint-fraction", "finetune", FT + ["--grad_checkpoint", "2"], "--grad_checkpoint", 2),
   ("ft-momentum", "finetune", FT + ["--momentum", "-0.5"], "--momentum", 2),
   ("ft-val-fraction", "finetune", FT + ["--val_fraction", "1"], "--val_fraction", 2),
   ("ft-warmup-neg", "finetune", FT + ["--warmup_steps", "-3"], "--warmup_steps", 2),

@@ -98,12 +98,14 @@ def test_gradient_accumulation_is_one_big_batch(tiny):
 
 
 def test_activation_checkpointing_same_gradients_less_memory(tmp_path):
+  """Every block or half of them (--grad_checkpoint 1 and 0.5) checkpointed: the same gradients
+  as without; the peak falls with the blocks checkpointed."""
   folder = save_tiny("llama", tmp_path, layers=8)   # deep enough that saved activations dominate the peak
   def grads(checkpointing):
     Tensor.manual_seed(0)
     model, tok = models.load(folder)
     apply_lora(model, TARGETS["llama"], r=4, alpha=8, dropout=0.1)
-    if checkpointing: enable_activation_checkpointing(model)
+    if checkpointing: assert enable_activation_checkpointing(model, checkpointing) == (round(8 * checkpointing), 8)
     x = Tensor(np.random.default_rng(0).integers(3, 60, (16, 64)))
     Tensor.training = True
     try:
@@ -115,11 +117,15 @@ def test_activation_checkpointing_same_gradients_less_memory(tmp_path):
     finally:
       Tensor.training = False
     return [g.numpy() for g in gs], peak
-  plain, peak_plain = grads(False)
-  ckpt, peak_ckpt = grads(True)
-  for a, b in zip(plain, ckpt): np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)   # dropout replays the same masks
+  plain, peak_plain = grads(0)
+  ckpt, peak_ckpt = grads(1.0)
+  half, peak_half = grads(0.5)
+  for a, b, c in zip(plain, ckpt, half):   # dropout replays the same masks
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(a, c, rtol=1e-5, atol=1e-7)
   # weights, logits and one block's recomputed activations are a fixed share of the peak
   assert peak_ckpt < 0.6 * peak_plain, (peak_ckpt, peak_plain)
+  assert peak_ckpt < peak_half < 0.85 * peak_plain, (peak_ckpt, peak_half, peak_plain)
 
 
 def run_cli(*argv, check=True, **kw):

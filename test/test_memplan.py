@@ -118,6 +118,20 @@ def test_a_smaller_base_dtype_is_one_more_entry(medium, monkeypatch):
   assert (p.settings.base_dtype, p.settings.shard_budget_mb) == ("q8_0", None) and "q8_0 frozen weights" in p.line()
 
 
+def test_checkpointing_a_fraction_of_the_blocks(medium):
+  """--grad_checkpoint 0.5: half the blocks keep their inputs alone, so the step's activations
+  are halfway between none and all checkpointed; the plan's first lever makes it every block."""
+  folder, text = medium
+  m = memplan.read_model(folder)
+  assert memplan.checkpointed_blocks(m.layers, 0.5) == list(range(0, m.layers, 2))
+  s = memplan.Settings(batch_size=8, seq_len=128, data_bytes=os.path.getsize(text))
+  none, half, every = (memplan.estimate(m, replace(s, grad_checkpoint=f)).phases["step"] for f in (0.0, 0.5, 1.0))
+  assert every < half < none and half == pytest.approx((none + every) / 2, rel=0.05), (none, half, every)
+  p = memplan.plan(m, replace(s, grad_checkpoint=0.5), memplan.limit_for(every + 0.5))
+  assert p.settings.grad_checkpoint == 1.0 and "activation checkpointing," in p.line()
+  assert "checkpointing of 0.5 of the blocks" in memplan.plan(m, replace(s, grad_checkpoint=0.5), 1e6).line()
+
+
 def test_plan_keeps_explicit_levers(medium):
   """A lever the user set stays as given, and the line says so; others are planned around it."""
   folder, text = medium

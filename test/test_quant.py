@@ -341,8 +341,9 @@ def test_opencl_matmuls_match_numpy(name):
 # ---- the tools' flags
 
 def test_finetune_and_eval_base_dtype_flags(tiny, tmp_path):
-  """finetune keeps a GGUF's Q8_0 blocks by default and quantizes an HF folder with --quantize;
-  eval_ppl's perplexity with the base kept quantized is the float32 base's (1e-5); conflicting
+  """finetune keeps a GGUF's Q8_0 blocks by default and quantizes an HF folder with --quantize,
+  checkpointing half the blocks by default then (none for a float32 base; --grad_checkpoint 0
+  turns it off); eval_ppl's perplexity with the base kept quantized is the float32 base's (1e-5); conflicting
   or misplaced flags are one-line errors."""
   import importlib.util, os
   from tiny_lm import save_tiny_gguf
@@ -351,10 +352,15 @@ def test_finetune_and_eval_base_dtype_flags(tiny, tmp_path):
   common = ["--data", tiny["text"], "--seq_len", "32", "--max_steps", "2"]
   r = run_cli("--model", path, "--out", str(tmp_path / "a"), *common)
   assert "(--base_dtype keep): " in r.stdout and "matrices stored as q8_0\n" in r.stdout, r.stdout
+  half = "activation checkpointing (--grad_checkpoint 0.5): 1 of 2 blocks"
+  assert half in r.stdout, r.stdout
   r = run_cli("--model", tiny["llama"], "--quantize", "q4_0", "--out", str(tmp_path / "b"), *common)
-  assert "(--base_dtype q4_0): " in r.stdout and "matrices stored as q4_0\n" in r.stdout, r.stdout
+  assert "(--base_dtype q4_0): " in r.stdout and "matrices stored as q4_0\n" in r.stdout and half in r.stdout, r.stdout
+  r = run_cli("--model", tiny["llama"], "--quantize", "q4_0", "--grad_checkpoint", "0", "--out", str(tmp_path / "b0"), *common)
+  assert "activation checkpointing" not in r.stdout, r.stdout
   r = run_cli("--model", tiny["llama"], "--out", str(tmp_path / "c"), *common)
   assert "(--base_dtype float32): " in r.stdout and "matrices stored as float32\n" in r.stdout, r.stdout
+  assert "activation checkpointing" not in r.stdout, r.stdout
   for argv, message in ((["--quantize", "q4_0", "--base_dtype", "float16"], "--quantize q4_0 and --base_dtype float16 disagree"),
                         (["--base_dtype", "q8_0", "--full_ft"], "--base_dtype q8_0 is for LoRA"),
                         (["--base_dtype", "q5_k"], "--base_dtype: invalid choice")):

@@ -732,15 +732,17 @@ def _quant_pairs(rows, name, argv, bases, out_root):
 
 def bench_quant(rows, device, repeat):
   """LoRA on a quantized base (issue #23), every run of tools/finetune.py in its own process:
-  the demo (SmolLM2-135M Q4_1, LoRA r8, 4 x 128) with its base kept as Q4_1 vs made float32,
-  and both again with activation checkpointing (without it the activations, about 0.8 GB, are
-  most of the peak); peak RSS and step time (median of the steps after the first two)."""
+  the demo (SmolLM2-135M Q4_1, LoRA r8, 4 x 128) with its base kept as Q4_1 (by default half the
+  blocks checkpointed; also none) vs made float32, and both again with every block checkpointed
+  (without checkpointing the activations, about 0.8 GB, are most of the peak); peak RSS and step
+  time (median of the steps after the first two)."""
   import tempfile
   if device != "numpy": raise SystemExit("bench quant: peak RSS is this process's (the NumPy backend)")
   steps = str(max(repeat, 3) + 2)
   with tempfile.TemporaryDirectory() as root:
     _quant_pairs(rows, "SmolLM2-135M demo, LoRA r8, 4 x 128", ["--max_steps", steps, "--eval_batches", "1"],
-                 [("float32", []), ("keep", []), ("float32", ["--grad_checkpoint"]), ("keep", ["--grad_checkpoint"])], root)
+                 [("float32", []), ("keep", []), ("keep", ["--grad_checkpoint", "0"]), ("float32", ["--grad_checkpoint"]),
+                  ("keep", ["--grad_checkpoint"])], root)
 
 
 def bench_quant_1b(rows, device, repeat, folder=None):

@@ -67,7 +67,10 @@ def parse_args(argv=None):
   a("--warmup_steps", type=integer(0), default=0, help="linear warmup steps (default 0)")
   a("--schedule", choices=["linear", "cosine", "constant"], default="linear", help="after warmup (default linear)")
   a("--clip_grad_norm", type=number(0), default=1.0, help="global gradient norm limit, 0 to disable (default 1.0)")
-  a("--grad_checkpoint", action="store_true", help="recompute each block's activations in backward (less memory)")
+  a("--grad_checkpoint", type=number(0, 1), nargs="?", const=1.0, default=None, metavar="FRACTION",
+    help="recompute the activations of this fraction of the blocks in backward, spread evenly (less memory, one more forward "
+    "of those blocks; no value: every block, 0: none). Default 0.5 for LoRA on a base kept quantized (keep, q8_0, q4_0: "
+    "a run chosen for its memory), 0 otherwise")
   a("--memory_mb", type=number(0, low_open=True), default=None, help="plan the run to stay under this many MB of resident memory: turns on "
     "checkpointing, a float16 base, the sharder and micro-batches as needed, keeping those set explicitly; "
     "refuses (naming the smallest that fits) before loading weights when it cannot")
@@ -115,7 +118,7 @@ def parse_args(argv=None):
     if args.base_dtype not in (None, args.quantize): ap.error(f"--quantize {args.quantize} and --base_dtype {args.base_dtype} disagree: give one of them")
     args.base_dtype = args.quantize
   # the memory levers the user set, which a --memory_mb plan keeps as they are
-  args.explicit = [k for k, set_ in (("grad_checkpoint", args.grad_checkpoint), ("base_dtype", args.base_dtype is not None),
+  args.explicit = [k for k, set_ in (("grad_checkpoint", args.grad_checkpoint is not None), ("base_dtype", args.base_dtype is not None),
                    ("shard_budget_mb", args.shard_budget_mb is not None), ("shard_optimizer_only", args.shard_optimizer_only),
                    ("shard_enable", args.shard_enable), ("grad_accum_steps", args.grad_accum_steps is not None)) if set_]
   if args.grad_accum_steps is None: args.grad_accum_steps = 1
@@ -252,6 +255,8 @@ def run_training(args, signals):
   import models
   args.model_path = models.resolve(args.model, args.gguf_file)   # a Hub id: from the HF cache, or downloaded
   if args.base_dtype is None: args.base_dtype = quant.base_dtype_of(None, None, args.model_path)   # keep for a GGUF, float32 for an HF folder
+  if args.grad_checkpoint is None:   # a base kept small is chosen for memory: half the blocks' activations go too (~7% more time)
+    args.grad_checkpoint = 0.5 if not args.full_ft and args.base_dtype in ("keep", "q8_0", "q4_0") else 0.0
   if args.memory_mb is not None: plan_memory(args)
   from minift import Tensor
   from minift.sharder import Sharder
@@ -330,7 +335,7 @@ def train(args, source, sharder, t_start, signals):
       raise UsageError(f"--lora_targets: {e}") from None
     named = [(f"{path}.{n}", getattr(mod, n)) for path, mod in lora_modules(model) for n in ("lora_A", "lora_B")]
   params = [t for _, t in named]
-  if args.grad_checkpoint: enable_activation_checkpointing(model)
+  checkpointing = enable_activation_checkpointing(model, args.grad_checkpoint) if args.grad_checkpoint else (0, None)
   trainer = Trainer(model, params, args, named)
   if sharder is not None: sharder.manage_model(model, trainer.opt, trainer.grad_buffers)
 
@@ -361,6 +366,7 @@ def train(args, source, sharder, t_start, signals):
   frozen = [p for p in model.parameters() if not p.requires_grad]
   print(f"frozen base weights (--base_dtype {args.base_dtype}): {sum(p.dtype.nbytes(p.numel()) for p in frozen) / 2**20:.1f} MB, "
         f"matrices stored as {', '.join(sorted({p.dtype.name for p in frozen if p.ndim == 2})) or 'none'}")
+  if checkpointing[0]: print(f"activation checkpointing (--grad_checkpoint {args.grad_checkpoint:g}): {checkpointing[0]} of {checkpointing[1]} blocks")
   print(f"data {args.data}: {data.n_tokens:,} tokens, {len(data.train_x)} training and {len(data.val_x)} validation blocks of {args.seq_len}")
   micro = args.batch_size // args.grad_accum_steps
   def evaluate():   # in micro-batches too: the same sequences and result, and no more memory than a step
