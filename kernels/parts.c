@@ -8,9 +8,11 @@
    part is done (the caller waits spinning: it has nothing else to do).
 
    Why not Python threads: handing a part to a sleeping thread through a queue and waking it
-   took ~100 us on a 2-core VM, as long as a decode step's gemv itself. Here a worker spins for
-   SPIN_NS after each part before it sleeps: a model's kernels come tens of microseconds apart,
-   so the next part usually finds it awake (OpenBLAS keeps its threads spinning the same way). */
+   took ~100 us on a 2-core VM, as long as a decode step's gemv itself. Here a worker keeps
+   looking for its next part for SPIN_NS before it sleeps (OpenBLAS keeps its threads spinning
+   the same way): a model's kernels come tens of microseconds apart, so the next part usually
+   finds it awake. It pauses at first, then yields the core while it looks, so that OpenBLAS's
+   threads (a matmul between two parted loops) run first. */
 #include <pthread.h>
 #include <sched.h>
 #include <stdint.h>

@@ -216,6 +216,28 @@ def test_ctrl_c_waits_for_the_other_parts(monkeypatch, force_c):
   assert np.array_equal((x.exp() * 3).numpy(), want)
 
 
+def test_parts_run_in_a_forked_child(monkeypatch, force_c):
+  """A forked child has none of its parent's worker threads: they are started again there, and
+  the child's loops in parts give the parent's bits."""
+  import os, time
+  monkeypatch.setattr(parallel, "PARTS_FROM", 1)
+  monkeypatch.setenv("MINIFT_THREADS", "2")
+  x = Tensor(np.linspace(-3, 3, 64 * 1024, dtype=np.float32).reshape(64, 1024))
+  want = (x.exp() * 3).numpy()   # the workers started in this process
+  pid = os.fork()
+  if pid == 0:
+    os._exit(0 if np.array_equal((x.exp() * 3).numpy(), want) else 1)
+  for _ in range(600):   # (a child stuck waiting for threads it does not have would hang the suite)
+    done, status = os.waitpid(pid, os.WNOHANG)
+    if done: break
+    time.sleep(0.1)
+  else:
+    os.kill(pid, 9)
+    os.waitpid(pid, 0)
+    pytest.fail("the forked child did not finish in 60 s")
+  assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, status
+
+
 @pytest.mark.parametrize("value", ["0", "-1", "two", ""])
 def test_bad_thread_count_is_an_error_naming_the_variable(monkeypatch, force_c, value):
   monkeypatch.setenv("MINIFT_THREADS", value)
