@@ -80,10 +80,9 @@ def test_matmul_both_directions(name, m):
 
 
 def test_matmul_row_panels_of_a_tall_weight(monkeypatch):
-  """g @ W where a column of W's blocks is too big for one panel (a 262k vocabulary): panels of
-  rows, products summed."""
-  monkeypatch.setattr(nq, "COLUMN_PANELS_UP_TO", 1024)
-  monkeypatch.setattr(nq, "PANEL_BYTES", 4096)
+  """g @ W where column panels would be narrow (a tall weight: a vocabulary): panels of rows,
+  products summed."""
+  monkeypatch.setattr(nq, "PANEL_BYTES", 4096)   # column panels of 0 blocks: rows, 64 at a time
   raw = random_blocks("q4_k", 300, 512)
   wv = reference(raw, "q4_k").astype(np.float64)
   w = Tensor.from_quantized(raw, (300, 512), dtypes.q4_k)

@@ -5,8 +5,9 @@ A matmul with a quantized operand dequantizes the weight a panel at a time into 
 about PANEL_BYTES (it stays in the cache) and hands each panel to BLAS, so a float32 copy of the
 weight never exists and BLAS still does the arithmetic: x @ W.T (a layer's forward) takes panels
 of W's rows, each giving a strip of the output's columns; g @ W (the gradient of the layer's
-input) takes panels of W's columns, or, where a column of blocks alone is bigger than that (a
-262k-token vocabulary), panels of rows whose products are summed. A few rows of activations (a
+input) takes panels of W's columns where they are at least MIN_PANEL_COLS wide, else (a tall
+weight: a vocabulary, an MLP's down projection) panels of rows whose products are summed, which
+read g once instead of once per narrow strip. A few rows of activations (a
 decode step: M <= DIRECT_ROWS) go to a direct loop instead that reads each block once and
 dots it with every row (kernels/qmatmul.c, gemv): no scratch, one pass over the weight.
 
@@ -22,7 +23,7 @@ from minift.backends.numpy import cloops, parallel
 PANEL_BYTES = 4 << 20     # float32 scratch per panel: about the size of a core's share of the last-level cache
 MIN_PANEL_ROWS = 64       # fewer output columns per BLAS call make it repack x too often
 DIRECT_ROWS = 8           # rows of activations up to which the direct loop beats a panel and BLAS (measured to 8: README)
-COLUMN_PANELS_UP_TO = 8 << 20   # g @ W by column panels while one block column of W is at most this big
+MIN_PANEL_COLS = 256      # g @ W: column panels at least this wide (or all columns), else row panels (measured: README)
 
 
 # ---- the compiled loops
@@ -184,14 +185,14 @@ def _matmul_t(x, raw, dtype, rc, M):
 def _matmul_n(x, raw, dtype, rc, M):
   K, N, qk = rc.rows, rc.cols, dtype.block
   out = np.empty((M, N), np.float32)
-  if K * qk * 4 <= COLUMN_PANELS_UP_TO:   # panels of whole blocks of columns: each a strip of the output
-    width = max(qk, PANEL_BYTES // (4 * K) // qk * qk)
+  width = PANEL_BYTES // (4 * K) // qk * qk   # whole blocks of columns: each panel a strip of the output
+  if width >= min(N, MIN_PANEL_COLS):
     for c0 in range(0, N, width):
       c1 = min(N, c0 + width)
       panel = dequantize_rect(raw, dtype, rc.offset + c0, K, rc.row_len, c1 - c0, _panel(K * (c1 - c0)).reshape(K, c1 - c0))
       np.matmul(x, panel, out=out[:, c0:c1])
     return out
-  step = max(MIN_PANEL_ROWS, PANEL_BYTES // (4 * N))   # a huge K (a vocabulary): panels of rows, products summed
+  step = max(MIN_PANEL_ROWS, PANEL_BYTES // (4 * N))   # a tall W: panels of rows, products summed
   part = None
   for r0 in range(0, K, step):
     r1 = min(K, r0 + step)
