@@ -4,8 +4,8 @@
    Every compiled loop has one signature, void fn(const intptr_t* args, long lo, long hi): its
    arguments (addresses and whole numbers) packed in an array, and the range [lo, hi) of its
    outermost loop that this call runs. PARTS_RUN(fn, args, cuts, parts) runs part 0,
-   [cuts[0], cuts[1]), on the calling thread and part i on worker i - 1, and returns when every
-   part is done (the caller waits spinning: it has nothing else to do).
+   [cuts[0], cuts[1]), on the calling thread and offers part i to worker i - 1; once its own part
+   is done the caller runs every part that no worker has started, then waits for the rest.
 
    Why not Python threads: handing a part to a sleeping thread through a queue and waking it
    took ~100 us on a 2-core VM, as long as a decode step's gemv itself. Here a worker keeps
@@ -26,7 +26,7 @@
 typedef void (*part_fn)(const intptr_t* args, long lo, long hi);
 
 typedef struct {
-  long go, done;                 /* job numbers: a worker runs job `go` once it differs from the last it ran, then sets done = go */
+  long go, claimed, done;        /* job numbers: the part of job `go` is run by whoever first moves `claimed` to it, who then sets done */
   part_fn fn;
   const intptr_t* args;
   long lo, hi;
@@ -53,6 +53,14 @@ static inline void relax(void) {
 #endif
 }
 
+/* Job `go`'s part, for whoever asks first: its worker, or the caller once its own part is done
+   (a worker that has no core, say while OpenBLAS's threads spin on both, costs no more than
+   running that part on the caller) */
+static int claim(worker* w, long go) {
+  long unclaimed = go - 1;
+  return __atomic_compare_exchange_n(&w->claimed, &unclaimed, go, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE);
+}
+
 static void* work(void* arg) {
   worker* w = arg;
   long seen = 0;
@@ -69,8 +77,10 @@ static void* work(void* arg) {
       }
     }
     seen = go;
-    w->fn(w->args, w->lo, w->hi);
-    __atomic_store_n(&w->done, go, __ATOMIC_RELEASE);
+    if (claim(w, go)) {
+      w->fn(w->args, w->lo, w->hi);
+      __atomic_store_n(&w->done, go, __ATOMIC_RELEASE);
+    }
   }
   return 0;
 }
@@ -113,9 +123,16 @@ int PARTS_RUN(part_fn fn, const intptr_t* args, const long* cuts, int parts) {
     }
   }
   fn(args, cuts[0], cuts[1]);
-  for (int i = helped + 1; i < parts; i++) fn(args, cuts[i], cuts[i + 1]);   /* the parts no worker took */
+  for (int i = helped + 1; i < parts; i++) fn(args, cuts[i], cuts[i + 1]);   /* the parts no worker was given */
+  for (int i = 0; i < helped; i++) {   /* parts not started yet: run here */
+    worker* w = &workers[i];
+    if (claim(w, w->go)) { fn(args, cuts[i + 1], cuts[i + 2]); __atomic_store_n(&w->done, w->go, __ATOMIC_RELEASE); }
+  }
   for (int i = 0; i < helped; i++)
-    while (__atomic_load_n(&workers[i].done, __ATOMIC_ACQUIRE) != workers[i].go) relax();
+    for (int n = 1; __atomic_load_n(&workers[i].done, __ATOMIC_ACQUIRE) != workers[i].go; n++) {
+      if (n < YIELD_AFTER) relax();
+      else sched_yield();   /* the worker running it may be waiting for this core */
+    }
   if (locked) pthread_mutex_unlock(&busy);
   return helped;
 }
