@@ -31,13 +31,14 @@ QFN float q_half(QPTR p) {
   uint h = (uint)p[0] | ((uint)p[1] << 8);
 #ifdef Q_HALF_BITS
   return Q_HALF_BITS(h);
-#endif
+#else
   uint e = (h >> 10) & 31u, m = h & 1023u;
   if (e == 0u) {   // zero or subnormal: m * 2^-24, exact in float
     float f = (float)m * 5.9604644775390625e-8f;
     return (h & 0x8000u) ? -f : f;
   }
   return Q_AS_FLOAT(((h & 0x8000u) << 16) | ((e == 31u ? 255u : e + 112u) << 23) | (m << 13));
+#endif
 }
 
 QFN float dq_q8_0_at(QPTR b, int j) { QNOCONTRACT return (float)(signed char)b[2 + j] * q_half(b); }

@@ -195,7 +195,7 @@ class Settings:
   lora_targets: tuple = None        # None: the architecture's default
   optimizer: str = "adamw"
   momentum: float = 0.0
-  grad_checkpoint: float = 0.0       # the fraction of blocks checkpointed (trainer.checkpointed_blocks)
+  grad_checkpoint: float = 0.0       # the fraction of blocks checkpointed (checkpointed_blocks)
   base_dtype: str = "float32"      # storage of the frozen weight matrices (a key of BASE_BYTES)
   shard_budget_mb: float = None     # None: no sharder
   shard_optimizer_only: bool = False

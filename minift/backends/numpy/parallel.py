@@ -9,6 +9,7 @@ the same way in any part, so the thread count ($MINIFT_THREADS) never changes a 
 """
 import ctypes, functools, hashlib, os
 from minift.helpers import read_kernel
+from minift.backends.numpy import cloops
 
 PARTS_FROM = 1 << 17   # elements a kernel reads or writes per part at least: below, one core is as fast
 LOOP_ARGTYPES = [ctypes.c_void_p, ctypes.c_long, ctypes.c_long]   # (args, lo, hi): every compiled loop's
@@ -31,7 +32,6 @@ def pack(args):
 @functools.lru_cache(maxsize=None)
 def _parts_run(signature):
   """kernels/parts.c's parts_run, built with the C loops' compiler (cached like them)."""
-  from minift.backends.numpy import cloops
   src = read_kernel("parts.c")
   name = "parts_run_" + hashlib.sha256((cloops.PRELUDE + src + signature).encode()).hexdigest()[:20]
   compiler = cloops.compiler
@@ -46,7 +46,6 @@ def call_in_parts(fn, out, args, outer, work):
   """The compiled loop fn on its output array `out` and further arguments `args` over [0, outer)
   of its outermost loop, cut into one part per thread when there is enough work (`work`
   elements read or written)."""
-  from minift.backends.numpy import cloops
   packed = pack([out.ctypes.data, *args])
   parts = min(thread_count(), outer, work // PARTS_FROM)
   if parts <= 1: return fn(packed, 0, outer)
